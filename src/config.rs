@@ -1,0 +1,596 @@
+//! Typed settings loaded from one TOML file plus `OUTBOX_RELAY__SECTION__KEY` environment
+//! overrides. Owns validation of everything a user can write; must not open connections.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Exit code for configuration errors (sysexits.h `EX_CONFIG`); the systemd unit does not restart on it.
+pub const EX_CONFIG: i32 = 78;
+
+/// Everything the relay reads from its config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub postgres: PostgresSettings,
+    pub rabbitmq: RabbitSettings,
+    #[serde(default)]
+    pub relay: RelaySettings,
+    #[serde(default)]
+    pub retry: RetrySettings,
+    #[serde(default)]
+    pub log: LogSettings,
+    pub outbox: Vec<OutboxSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/database`; the password never appears in logs.
+    pub url: SecretUrl,
+    /// Pool size for fetch, mark and status statements (the lock/LISTEN connection is extra).
+    #[serde(default = "defaults::pg_max_connections")]
+    pub max_connections: u32,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Server-side `statement_timeout` for the relay's sessions: a silent server is noticed.
+    #[serde(default = "defaults::statement_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitSettings {
+    /// `amqp://user:password@host:port/vhost` (or `amqps://`); the password never appears in logs.
+    pub url: SecretUrl,
+    /// Client-provided connection name, shown by `rabbitmqctl list_connections client_properties`.
+    #[serde(default = "defaults::connection_name")]
+    pub connection_name: String,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a publish may wait for the broker's confirm before the connection is presumed dead.
+    #[serde(default = "defaults::confirm_timeout", with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Messages larger than this are parked at once instead of being sent (RabbitMQ's
+    /// `max_message_size`; the relay also learns a lower limit from the broker's refusal).
+    #[serde(default = "defaults::max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// Rows fetched per statement.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: u32,
+    /// Safety-net poll when no notification arrives.
+    #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Unconfirmed publishes allowed at once per table (the confirm window).
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+    /// LISTEN for the insert trigger's NOTIFY; switch off for write-heavy databases.
+    #[serde(default = "defaults::yes")]
+    pub notify: bool,
+    /// How long SIGTERM waits for in-flight confirms before exiting.
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Cap of the reconnect backoff after a broker or database outage.
+    #[serde(default = "defaults::reconnect_max_delay", with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
+}
+
+/// Retry policy, global with optional per-table overrides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    #[serde(default = "defaults::initial_delay", with = "humantime_serde")]
+    pub initial_delay: Duration,
+    #[serde(default = "defaults::max_delay", with = "humantime_serde")]
+    pub max_delay: Duration,
+    #[serde(default = "defaults::multiplier")]
+    pub multiplier: f64,
+    /// Fraction of each delay that is randomised away (0 = none, 1 = full jitter).
+    #[serde(default = "defaults::jitter")]
+    pub jitter: f64,
+    /// Failed publishes before a row is parked.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub on_exhausted: OnExhausted,
+}
+
+/// The same keys as [`RetrySettings`], each optional, for `[outbox.retry]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryOverride {
+    #[serde(default, with = "humantime_serde")]
+    pub initial_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_delay: Option<Duration>,
+    pub multiplier: Option<f64>,
+    pub jitter: Option<f64>,
+    pub max_attempts: Option<u32>,
+    pub on_exhausted: Option<OnExhausted>,
+}
+
+/// What a parked row means for the rows behind it on the same ordering key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// Park the row and hold its key back until `retry` releases it (keeps order).
+    #[default]
+    HoldKey,
+    /// Park the row and let later rows of its key go on.
+    Skip,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `outbox_relay=debug`); `RUST_LOG` wins when set.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// `table` or `schema.table`.
+    pub table: TableName,
+    /// Exchange for rows whose `exchange` column is null.
+    pub exchange: String,
+    /// Declare the table's exchange at connect (otherwise it must exist).
+    pub declare_exchange: Option<ExchangeDeclaration>,
+    #[serde(default)]
+    pub retry: RetryOverride,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeDeclaration {
+    /// `direct`, `fanout`, `topic` or `headers`.
+    #[serde(rename = "type")]
+    pub kind: ExchangeType,
+    #[serde(default = "defaults::yes")]
+    pub durable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExchangeType {
+    Direct,
+    Fanout,
+    Topic,
+    Headers,
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn pg_max_connections() -> u32 {
+        4
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn statement_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn connection_name() -> String {
+        "outbox-relay".into()
+    }
+    pub fn confirm_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_message_bytes() -> usize {
+        128 * 1024 * 1024
+    }
+    pub fn batch_size() -> u32 {
+        1000
+    }
+    pub fn poll_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn max_in_flight() -> usize {
+        1000
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn reconnect_max_delay() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn initial_delay() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn max_delay() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn multiplier() -> f64 {
+        2.0
+    }
+    pub fn jitter() -> f64 {
+        0.2
+    }
+    pub fn max_attempts() -> u32 {
+        10
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            batch_size: defaults::batch_size(),
+            poll_interval: defaults::poll_interval(),
+            max_in_flight: defaults::max_in_flight(),
+            notify: true,
+            shutdown_timeout: defaults::shutdown_timeout(),
+            reconnect_max_delay: defaults::reconnect_max_delay(),
+        }
+    }
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            initial_delay: defaults::initial_delay(),
+            max_delay: defaults::max_delay(),
+            multiplier: defaults::multiplier(),
+            jitter: defaults::jitter(),
+            max_attempts: defaults::max_attempts(),
+            on_exhausted: OnExhausted::default(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: defaults::log_level(),
+        }
+    }
+}
+
+impl RetrySettings {
+    /// This policy with a table's overrides applied.
+    pub fn with_override(&self, o: &RetryOverride) -> RetrySettings {
+        RetrySettings {
+            initial_delay: o.initial_delay.unwrap_or(self.initial_delay),
+            max_delay: o.max_delay.unwrap_or(self.max_delay),
+            multiplier: o.multiplier.unwrap_or(self.multiplier),
+            jitter: o.jitter.unwrap_or(self.jitter),
+            max_attempts: o.max_attempts.unwrap_or(self.max_attempts),
+            on_exhausted: o.on_exhausted.unwrap_or(self.on_exhausted),
+        }
+    }
+
+    fn problems(&self, key: &str, out: &mut Vec<String>) {
+        if self.initial_delay.is_zero() {
+            out.push(format!("{key}.initial_delay: must be more than 0"));
+        }
+        if self.max_delay < self.initial_delay {
+            out.push(format!(
+                "{key}.max_delay: must be at least initial_delay ({})",
+                humantime::format_duration(self.initial_delay)
+            ));
+        }
+        if !(self.multiplier >= 1.0 && self.multiplier <= 100.0) {
+            out.push(format!("{key}.multiplier: expected 1.0 to 100.0, got {}", self.multiplier));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            out.push(format!("{key}.jitter: expected 0.0 to 1.0, got {}", self.jitter));
+        }
+        if self.max_attempts == 0 {
+            out.push(format!("{key}.max_attempts: must be at least 1"));
+        }
+    }
+}
+
+/// A connection URL whose password is redacted wherever it is printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The real URL, for handing to a client library. Never log this.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("***"));
+                }
+                url.to_string()
+            }
+            Err(_) => "<unparsable url>".into(),
+        }
+    }
+
+    fn scheme(&self) -> Option<String> {
+        url::Url::parse(&self.0).ok().map(|u| u.scheme().to_owned())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(SecretUrl)
+    }
+}
+
+/// A validated `schema.table` name. Only ever reaches SQL quoted, through [`TableName::quoted`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// Accepts `table` (schema `public`) or `schema.table`, each part a plain SQL identifier.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let (schema, name) = match parts.as_slice() {
+            [name] => ("public", *name),
+            [schema, name] => (*schema, *name),
+            _ => return Err(format!("{s:?} is not `table` or `schema.table`")),
+        };
+        for part in [schema, name] {
+            let valid_start = part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+            let valid_rest = part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_start || !valid_rest || part.len() > 63 {
+                return Err(format!(
+                    "{s:?}: {part:?} is not a plain identifier (letters, digits and _, not starting with a digit, at most 63 bytes)"
+                ));
+            }
+        }
+        Ok(Self {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// `"schema"."table"`, safe to paste into SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// A relay-owned object name derived from the table (`outbox_relay_<table>_<suffix>`),
+    /// within PostgreSQL's 63-byte identifier limit.
+    pub fn derived(&self, suffix: &str) -> String {
+        let full = format!("outbox_relay_{}_{}", self.name, suffix);
+        if full.len() <= 63 {
+            return full;
+        }
+        let hash = self
+            .to_string()
+            .bytes()
+            .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        format!("outbox_relay_{:016x}_{}", hash, suffix)
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+impl<'de> Deserialize<'de> for TableName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        TableName::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Double-quotes an identifier, doubling embedded quotes.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// RabbitMQ's rule for exchange names: at most 255 bytes of letters, digits, `-`, `_`, `.`, `:`.
+pub fn exchange_name_problem(name: &str) -> Option<String> {
+    if name.len() > 255 {
+        return Some(format!("exchange name is {} bytes; at most 255", name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Some(format!("exchange name {name:?} contains {c:?}; allowed are letters, digits, - _ . :"));
+    }
+    None
+}
+
+/// A configuration that could not be loaded: names the file and every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration in {}:\n  - {}", file.display(), problems.join("\n  - "))]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl Settings {
+    /// Loads `path` and the `OUTBOX_RELAY__SECTION__KEY` environment, then validates everything.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let fail = |problems: Vec<String>| ConfigError {
+            file: path.to_owned(),
+            problems,
+        };
+        if !path.is_file() {
+            return Err(fail(vec![format!(
+                "file not found (set --config or OUTBOX_RELAY_CONFIG)"
+            )]));
+        }
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("OUTBOX_RELAY")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|e| fail(vec![describe_config_error(e)]))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| fail(vec![describe_config_error(e)]))?;
+        let problems = settings.problems();
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(fail(problems))
+        }
+    }
+
+    /// Every semantic problem in the settings (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match self.postgres.url.scheme().as_deref() {
+            Some("postgres" | "postgresql") => {}
+            _ => out.push(format!(
+                "postgres.url: expected postgres://user@host:port/database, got {}",
+                self.postgres.url.redacted()
+            )),
+        }
+        match self.rabbitmq.url.scheme().as_deref() {
+            Some("amqp" | "amqps") => {}
+            _ => out.push(format!(
+                "rabbitmq.url: expected amqp://user:password@host:port/vhost, got {}",
+                self.rabbitmq.url.redacted()
+            )),
+        }
+        if self.postgres.max_connections < 1 {
+            out.push("postgres.max_connections: must be at least 1".into());
+        }
+        if self.rabbitmq.max_message_bytes < 1024 {
+            out.push("rabbitmq.max_message_bytes: must be at least 1024".into());
+        }
+        for (key, d) in [
+            ("postgres.connect_timeout", self.postgres.connect_timeout),
+            ("postgres.statement_timeout", self.postgres.statement_timeout),
+            ("rabbitmq.connect_timeout", self.rabbitmq.connect_timeout),
+            ("rabbitmq.confirm_timeout", self.rabbitmq.confirm_timeout),
+            ("relay.poll_interval", self.relay.poll_interval),
+            ("relay.reconnect_max_delay", self.relay.reconnect_max_delay),
+        ] {
+            if d.is_zero() {
+                out.push(format!("{key}: must be more than 0"));
+            }
+        }
+        if !(1..=10_000).contains(&self.relay.batch_size) {
+            out.push(format!("relay.batch_size: expected 1 to 10000, got {}", self.relay.batch_size));
+        }
+        if !(1..=65_535).contains(&self.relay.max_in_flight) {
+            out.push(format!(
+                "relay.max_in_flight: expected 1 to 65535, got {}",
+                self.relay.max_in_flight
+            ));
+        }
+        self.retry.problems("retry", &mut out);
+        if self.outbox.is_empty() {
+            out.push("outbox: at least one [[outbox]] table is required".into());
+        }
+        let mut seen = HashSet::new();
+        for (i, table) in self.outbox.iter().enumerate() {
+            let key = format!("outbox[{i}]");
+            if !seen.insert(&table.table) {
+                out.push(format!("{key}.table: {} is configured twice", table.table));
+            }
+            if let Some(p) = exchange_name_problem(&table.exchange) {
+                out.push(format!("{key}.exchange: {p}"));
+            }
+            if table.declare_exchange.is_some() && table.exchange.is_empty() {
+                out.push(format!("{key}.declare_exchange: the default exchange \"\" cannot be declared"));
+            }
+            self.retry
+                .with_override(&table.retry)
+                .problems(&format!("{key}.retry"), &mut out);
+        }
+        out
+    }
+}
+
+fn describe_config_error(e: config::ConfigError) -> String {
+    // The config crate appends the file path to some messages; the caller names the file itself.
+    let text = e.to_string();
+    match text.find(" in ") {
+        Some(at) if text[at + 4..].contains('/') || text[at + 4..].ends_with(".toml") => text[..at].to_owned(),
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_that_try_sql_injection_are_refused() {
+        assert!(TableName::parse("outbox; drop table users").is_err());
+        assert!(TableName::parse("a.b.c").is_err());
+        assert!(TableName::parse("\"x\"").is_err());
+        assert!(TableName::parse("1abc").is_err());
+        let t = TableName::parse("app.events_outbox").unwrap();
+        assert_eq!(t.quoted(), "\"app\".\"events_outbox\"");
+        assert_eq!(TableName::parse("outbox").unwrap().to_string(), "public.outbox");
+    }
+
+    #[test]
+    fn derived_names_fit_in_sixty_three_bytes() {
+        let t = TableName::parse(&"x".repeat(63)).unwrap();
+        assert!(t.derived("pending").len() <= 63);
+        assert_eq!(TableName::parse("outbox").unwrap().derived("due"), "outbox_relay_outbox_due");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let url = SecretUrl::new("amqp://guest:hunter2@127.0.0.1:5672/%2f");
+        assert!(!format!("{url:?} {url}").contains("hunter2"));
+        assert!(url.redacted().contains("guest:***@"));
+    }
+
+    #[test]
+    fn exchange_names_follow_rabbitmq_rules() {
+        assert!(exchange_name_problem("events.v1:orders-x_y").is_none());
+        assert!(exchange_name_problem("").is_none());
+        assert!(exchange_name_problem("bad name").is_some());
+        assert!(exchange_name_problem(&"e".repeat(256)).is_some());
+    }
+}

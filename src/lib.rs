@@ -1,0 +1,13 @@
+//! outbox-relay: publishes committed rows of PostgreSQL outbox tables to RabbitMQ, in order per
+//! ordering key, at least once, and marks them published only after the broker confirmed them.
+
+pub mod cli;
+pub mod config;
+pub mod message;
+pub mod publisher;
+pub mod relay;
+pub mod retry;
+pub mod service;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,69 @@
+//! The daemon: one relay task per configured table, systemd readiness (READY once every table
+//! is relaying or standing by), the watchdog fed from the relay loops, STOPPING at shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+use crate::config::Settings;
+use crate::relay::{Heartbeat, TableRelay};
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+
+/// Runs every table's relay until `shutdown`, then waits for them to drain.
+pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    // Lazy: a database that is down at start is retried by the relays, not fatal.
+    let store = Store::connect_lazy(&settings.postgres)?;
+    let mut tasks = Vec::new();
+    let mut beats = Vec::new();
+    for table in &settings.outbox {
+        let relay = TableRelay::new(settings.clone(), table.clone(), store.clone(), shutdown.clone());
+        beats.push(relay.heartbeat());
+        tasks.push(tokio::spawn(relay.run()));
+    }
+    tracing::info!(
+        tables = %settings.outbox.iter().map(|t| t.table.to_string()).collect::<Vec<_>>().join(", "),
+        postgres = %settings.postgres.url,
+        rabbitmq = %settings.rabbitmq.url,
+        "outbox-relay starting"
+    );
+    let notifier = tokio::spawn(notify_systemd(beats, shutdown.clone()));
+    for task in tasks {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "a relay task failed");
+        }
+    }
+    notifier.abort();
+    store.close().await;
+    Ok(())
+}
+
+/// READY=1 once every relay has connected; WATCHDOG=1 while every relay loop keeps turning;
+/// STOPPING=1 when shutdown begins. Does nothing outside systemd.
+async fn notify_systemd(beats: Vec<Arc<Heartbeat>>, shutdown: Shutdown) {
+    let mut watchdog_usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let watchdog_limit = Duration::from_micros(watchdog_usec);
+    let mut ready = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.stopping() => {
+                let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+                return;
+            }
+        }
+        if !ready && beats.iter().all(|b| b.is_ready()) {
+            ready = true;
+            let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status("relaying")]);
+        }
+        // A loop stuck longer than half the watchdog interval stops the feed; systemd then
+        // restarts the service.
+        if watchdog && beats.iter().all(|b| b.silence() < watchdog_limit / 2) {
+            let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+        }
+    }
+}

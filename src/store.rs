@@ -1,0 +1,516 @@
+//! All SQL: migrations, fetching due rows, marking them, status and retry, and the per-table
+//! advisory lock that keeps one relay active per table. Must not touch AMQP.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Row};
+
+use crate::config::{quote_ident, OnExhausted, PostgresSettings, TableName};
+use crate::message::OutboxRow;
+
+const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/0000_relay_schema.sql");
+
+/// Per-table migrations: (version, description, SQL template).
+const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "outbox table, indexes and order guard",
+    include_str!("../migrations/0001_outbox_table.sql"),
+)];
+
+/// The database side of the relay: a small pool for fetch, mark, status and retry.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects the pool. Sessions carry `application_name = outbox-relay` and the configured
+    /// `statement_timeout`, so a silent server fails a statement instead of hanging it.
+    pub async fn connect(settings: &PostgresSettings) -> anyhow::Result<Store> {
+        let options = connect_options(settings)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.connect_timeout)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", settings.url.redacted()))?;
+        Ok(Store { pool })
+    }
+
+    /// Builds the pool without connecting; connections are made on first use.
+    pub fn connect_lazy(settings: &PostgresSettings) -> anyhow::Result<Store> {
+        let options = connect_options(settings)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.connect_timeout)
+            .connect_lazy_with(options);
+        Ok(Store { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the relay's schema and every missing outbox table, applies pending per-table
+    /// migrations, and installs or drops the NOTIFY trigger to match `notify`.
+    pub async fn migrate(&self, tables: &[TableName], notify: bool) -> anyhow::Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        // Two `migrate` runs at once would race on CREATE OR REPLACE; serialize them.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('outbox_relay:migrate', 0))")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::raw_sql(RELAY_SCHEMA_SQL)
+            .execute(&mut *tx)
+            .await
+            .context("creating the outbox_relay schema")?;
+        let mut applied = Vec::new();
+        for table in tables {
+            let q = TableSql::new(table, OnExhausted::HoldKey);
+            sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&table.schema)))
+                .execute(&mut *tx)
+                .await?;
+            let done: Vec<i32> =
+                sqlx::query_scalar("SELECT version FROM outbox_relay.migrations WHERE table_name = $1")
+                    .bind(table.to_string())
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for (version, description, template) in TABLE_MIGRATIONS {
+                if done.contains(version) {
+                    continue;
+                }
+                sqlx::raw_sql(&q.render(template))
+                    .execute(&mut *tx)
+                    .await
+                    .with_context(|| format!("migration {version} ({description}) of {table}"))?;
+                sqlx::query(
+                    "INSERT INTO outbox_relay.migrations (table_name, version, description) VALUES ($1, $2, $3)",
+                )
+                .bind(table.to_string())
+                .bind(version)
+                .bind(description)
+                .execute(&mut *tx)
+                .await?;
+                applied.push(format!("{table}: {version} {description}"));
+            }
+            let trigger = quote_ident(&table.derived("notify"));
+            let mut sql = format!("DROP TRIGGER IF EXISTS {trigger} ON {};", table.quoted());
+            if notify {
+                sql += &format!(
+                    "CREATE TRIGGER {trigger} AFTER INSERT ON {} FOR EACH STATEMENT \
+                     EXECUTE FUNCTION outbox_relay.notify('{}');",
+                    table.quoted(),
+                    q.notify_channel
+                );
+            }
+            sqlx::raw_sql(&sql).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Fails with a clear message when `table` is missing or lacks the relay's columns.
+    pub async fn check_table(&self, table: &TableName) -> anyhow::Result<()> {
+        let sql = format!(
+            "SELECT id, dedup_key, ordering_key, routing_key, event_type, payload, headers, exchange, \
+             created_at, attempts, next_attempt_at, last_error, published_at, parked_at FROM {} LIMIT 0",
+            table.quoted()
+        );
+        sqlx::query(&sql).execute(&self.pool).await.map_err(|e| {
+            anyhow::anyhow!("outbox table {table} is not usable: {} (run `outbox-relay migrate`)", db_message(&e))
+        })?;
+        Ok(())
+    }
+
+    /// Due rows of `table` in id order that no earlier row of their key holds back.
+    pub async fn fetch_due(&self, q: &TableSql, lock: &LockGuard, limit: u32) -> sqlx::Result<Vec<OutboxRow>> {
+        let rows = sqlx::query(&q.fetch)
+            .bind(limit as i64)
+            .bind(lock.pid)
+            .bind(lock.classid)
+            .bind(lock.objid)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let payload: String = r.try_get("payload")?;
+                Ok(OutboxRow {
+                    id: r.try_get("id")?,
+                    dedup_key: r.try_get("dedup_key")?,
+                    ordering_key: r.try_get("ordering_key")?,
+                    routing_key: r.try_get("routing_key")?,
+                    event_type: r.try_get("event_type")?,
+                    payload: payload.into_bytes(),
+                    headers: r.try_get("headers")?,
+                    exchange: r.try_get("exchange")?,
+                    created_at: r.try_get("created_at")?,
+                    attempts: r.try_get("attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Marks confirmed rows published, in one statement.
+    pub async fn mark_published(&self, q: &TableSql, ids: &[i64]) -> sqlx::Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(&q.mark_published).bind(ids).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Records failed publishes in one statement: attempts + 1, the error, the next attempt
+    /// time, and `parked_at` for rows that are parked.
+    pub async fn record_failures(&self, q: &TableSql, failures: &[Failure]) -> sqlx::Result<()> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+        let delays: Vec<f64> = failures
+            .iter()
+            .map(|f| f.retry_after.map_or(0.0, |d| d.as_secs_f64() * 1000.0))
+            .collect();
+        let parks: Vec<bool> = failures.iter().map(|f| f.retry_after.is_none()).collect();
+        sqlx::query(&q.record_failures)
+            .bind(&ids)
+            .bind(&errors)
+            .bind(&delays)
+            .bind(&parks)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Counts for `outbox-relay status`.
+    pub async fn status(&self, table: &TableName) -> anyhow::Result<TableStatus> {
+        let sql = format!(
+            "SELECT count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL) AS pending, \
+                    count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL AND next_attempt_at <= now()) AS due, \
+                    count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NOT NULL) AS parked, \
+                    count(*) FILTER (WHERE published_at IS NOT NULL) AS published, \
+                    extract(epoch FROM now() - min(created_at) FILTER (WHERE published_at IS NULL AND parked_at IS NULL))::float8 AS oldest \
+             FROM {}",
+            table.quoted()
+        );
+        let row = sqlx::query(&sql)
+            .fetch_one(&self.pool)
+            .await
+            .with_context(|| format!("reading the status of {table}"))?;
+        Ok(TableStatus {
+            table: table.clone(),
+            pending: row.try_get("pending")?,
+            due: row.try_get("due")?,
+            parked: row.try_get("parked")?,
+            published: row.try_get("published")?,
+            oldest_pending: row
+                .try_get::<Option<f64>, _>("oldest")?
+                .map(|s| Duration::from_secs_f64(s.max(0.0))),
+        })
+    }
+
+    /// Parked rows with their errors, oldest first, for `status --parked`.
+    pub async fn parked_rows(&self, table: &TableName, limit: i64) -> anyhow::Result<Vec<ParkedRow>> {
+        let sql = format!(
+            "SELECT id, ordering_key, dedup_key, attempts, coalesce(last_error, '') AS last_error \
+             FROM {} WHERE published_at IS NULL AND parked_at IS NOT NULL ORDER BY id LIMIT $1",
+            table.quoted()
+        );
+        let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ParkedRow {
+                    id: r.try_get("id")?,
+                    ordering_key: r.try_get("ordering_key")?,
+                    dedup_key: r.try_get("dedup_key")?,
+                    attempts: r.try_get("attempts")?,
+                    last_error: r.try_get("last_error")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Un-parks the selected rows (attempts back to 0, due now) and wakes the relay.
+    pub async fn retry(&self, table: &TableName, selector: &RetrySelector) -> anyhow::Result<u64> {
+        let base = format!(
+            "UPDATE {} SET parked_at = NULL, attempts = 0, next_attempt_at = now() \
+             WHERE published_at IS NULL AND parked_at IS NOT NULL",
+            table.quoted()
+        );
+        let sql = match selector {
+            RetrySelector::All => format!("{base} RETURNING id"),
+            RetrySelector::Id(_) => format!("{base} AND id = $1 RETURNING id"),
+            RetrySelector::Key(_) => format!("{base} AND ordering_key = $1 RETURNING id"),
+        };
+        let query = sqlx::query_scalar::<_, i64>(&sql);
+        let query = match selector {
+            RetrySelector::All => query,
+            RetrySelector::Id(id) => query.bind(*id),
+            RetrySelector::Key(key) => query.bind(key.as_str()),
+        };
+        let mut tx = self.pool.begin().await?;
+        let ids = query
+            .fetch_all(&mut *tx)
+            .await
+            .with_context(|| format!("releasing parked rows of {table}"))?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(TableSql::notify_channel(table))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+
+    /// Opens the dedicated session that holds `table`'s advisory lock and LISTENs for its hint.
+    pub async fn open_lock(&self, table: &TableName, listen: bool) -> anyhow::Result<TableLock> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        // The pool may close while we wait; the lock session lives until the relay drops it.
+        listener.ignore_pool_close_event(true);
+        let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
+            .bind(format!("outbox_relay:{table}"))
+            .fetch_one(&mut listener)
+            .await?;
+        Ok(TableLock {
+            listener,
+            channel: listen.then(|| TableSql::notify_channel(table)),
+            key,
+            held: None,
+        })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn connect_options(settings: &PostgresSettings) -> anyhow::Result<PgConnectOptions> {
+    let options: PgConnectOptions = settings
+        .url
+        .expose()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("postgres.url is not a valid PostgreSQL URL: {}", settings.url.redacted()))?;
+    let timeout_ms = settings.statement_timeout.as_millis().to_string();
+    Ok(options
+        .application_name("outbox-relay")
+        .options([("statement_timeout", timeout_ms.as_str()), ("client_min_messages", "warning")])
+        .log_statements(tracing::log::LevelFilter::Trace))
+}
+
+/// The text of a database error, without the client library's wrapping.
+pub fn db_message(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_owned(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// A failed publish to record.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub id: i64,
+    pub error: String,
+    /// `None` parks the row.
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub enum RetrySelector {
+    All,
+    Id(i64),
+    Key(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TableStatus {
+    pub table: TableName,
+    pub pending: i64,
+    pub due: i64,
+    pub parked: i64,
+    pub published: i64,
+    pub oldest_pending: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParkedRow {
+    pub id: i64,
+    pub ordering_key: String,
+    pub dedup_key: String,
+    pub attempts: i32,
+    pub last_error: String,
+}
+
+/// The statements for one table, rendered once with its quoted name.
+#[derive(Debug, Clone)]
+pub struct TableSql {
+    table: TableName,
+    notify_channel: String,
+    fetch: String,
+    mark_published: String,
+    record_failures: String,
+}
+
+impl TableSql {
+    pub fn new(table: &TableName, on_exhausted: OnExhausted) -> Self {
+        let t = table.quoted();
+        // A row is held back by an earlier row of its key that waits for a retry, or (with
+        // hold_key) is parked. Such rows are few and sit in the small `failed` index, so the
+        // check is one probe of an almost empty index per candidate row.
+        let holds_back = match on_exhausted {
+            OnExhausted::HoldKey => "(e.parked_at IS NOT NULL OR e.next_attempt_at > now())",
+            OnExhausted::Skip => "(e.parked_at IS NULL AND e.next_attempt_at > now())",
+        };
+        let fetch = format!(
+            "SELECT o.id, o.dedup_key, o.ordering_key, o.routing_key, o.event_type, o.payload::text AS payload, \
+                    o.headers, o.exchange, o.created_at, o.attempts \
+             FROM {t} o \
+             WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
+               AND NOT EXISTS ( \
+                   SELECT 1 FROM {t} e \
+                   WHERE e.ordering_key = o.ordering_key AND e.id < o.id \
+                     AND e.published_at IS NULL AND (e.parked_at IS NOT NULL OR e.attempts > 0) \
+                     AND {holds_back}) \
+               AND EXISTS ( \
+                   SELECT 1 FROM pg_locks l \
+                   WHERE l.locktype = 'advisory' AND l.pid = $2 AND l.granted AND l.objsubid = 1 \
+                     AND l.classid::bigint = $3 AND l.objid::bigint = $4) \
+             ORDER BY o.id LIMIT $1"
+        );
+        let mark_published = format!(
+            "UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL"
+        );
+        let record_failures = format!(
+            "UPDATE {t} AS t SET attempts = t.attempts + 1, last_error = f.error, \
+                    next_attempt_at = now() + f.delay_ms * interval '1 millisecond', \
+                    parked_at = CASE WHEN f.park THEN now() END \
+             FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay_ms, park) \
+             WHERE t.id = f.id AND t.published_at IS NULL"
+        );
+        Self {
+            table: table.clone(),
+            notify_channel: Self::notify_channel(table),
+            fetch,
+            mark_published,
+            record_failures,
+        }
+    }
+
+    /// The LISTEN channel of `table`'s insert trigger.
+    pub fn notify_channel(table: &TableName) -> String {
+        table.derived("notify")
+    }
+
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    fn render(&self, template: &str) -> String {
+        let t = &self.table;
+        template
+            .replace("{table}", &t.quoted())
+            .replace("{due_index}", &quote_ident(&t.derived("due")))
+            .replace("{failed_index}", &quote_ident(&t.derived("failed")))
+            .replace("{dedup_index}", &quote_ident(&t.derived("dedup_key")))
+            .replace("{order_trigger}", &quote_ident(&t.derived("order")))
+    }
+}
+
+/// Identifies the lock holder's session for the fetch's guard.
+#[derive(Debug, Clone, Copy)]
+pub struct LockGuard {
+    pid: i32,
+    classid: i64,
+    objid: i64,
+}
+
+/// The dedicated session holding a table's advisory lock (one active relay per table) and
+/// LISTENing for its insert hint. If this session dies the lock is gone, and the fetch's guard
+/// returns nothing until the lock is taken again.
+pub struct TableLock {
+    listener: PgListener,
+    channel: Option<String>,
+    key: i64,
+    held: Option<LockGuard>,
+}
+
+/// What ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    Notified,
+    Timeout,
+}
+
+impl TableLock {
+    /// The guard while the lock is held.
+    pub fn held(&self) -> Option<LockGuard> {
+        self.held
+    }
+
+    /// Tries to take the table's lock (and LISTEN) without waiting; true when held.
+    pub async fn try_acquire(&mut self) -> sqlx::Result<bool> {
+        if self.held.is_some() {
+            return Ok(true);
+        }
+        let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS got, pg_backend_pid() AS pid")
+            .bind(self.key)
+            .fetch_one(&mut self.listener)
+            .await?;
+        if !row.try_get::<bool, _>("got")? {
+            return Ok(false);
+        }
+        if let Some(channel) = &self.channel {
+            self.listener.listen(channel).await?;
+        }
+        self.held = Some(LockGuard {
+            pid: row.try_get("pid")?,
+            classid: (self.key as u64 >> 32) as i64,
+            objid: (self.key as u64 & 0xffff_ffff) as i64,
+        });
+        Ok(true)
+    }
+
+    /// Waits for a notification or `timeout`. An error means the session died and the lock
+    /// with it; the next `try_acquire` reconnects.
+    pub async fn wait(&mut self, timeout: Duration) -> sqlx::Result<Wake> {
+        // Without LISTEN nothing arrives, but try_recv still returns when the session dies.
+        match tokio::time::timeout(timeout, self.listener.try_recv()).await {
+            Err(_) => Ok(Wake::Timeout),
+            Ok(Ok(Some(_))) => {
+                // Notifications that piled up while busy all mean the same thing.
+                while self.listener.next_buffered().is_some() {}
+                Ok(Wake::Notified)
+            }
+            Ok(Ok(None)) => {
+                self.held = None;
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the lock session was closed",
+                )))
+            }
+            Ok(Err(e)) => {
+                self.held = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets the lock after an error on its session (it is released when the session ends).
+    pub fn lost(&mut self) {
+        self.held = None;
+    }
+
+    /// Releases the lock by ending the session.
+    pub async fn release(self) {
+        let mut listener = self.listener;
+        let _ = listener.unlisten_all().await;
+        if self.held.is_some() {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(self.key)
+                .execute(&mut listener)
+                .await;
+        }
+    }
+}
