@@ -376,8 +376,9 @@ impl TableName {
             let valid_start = part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
             let valid_rest = part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid_start || !valid_rest || part.len() > 63 {
+                let what = if part == s { String::new() } else { format!(": {part:?}") };
                 return Err(format!(
-                    "{s:?}: {part:?} is not a plain identifier (letters, digits and _, not starting with a digit, at most 63 bytes)"
+                    "{s:?}{what} is not a plain identifier (letters, digits and _, not starting with a digit, at most 63 bytes)"
                 ));
             }
         }
@@ -469,9 +470,24 @@ impl Settings {
             )
             .build()
             .map_err(|e| fail(vec![describe_config_error(e)]))?;
-        let settings: Settings = raw
-            .try_deserialize()
-            .map_err(|e| fail(vec![describe_config_error(e)]))?;
+        // Missing sections are reported together with the first type error, which serde
+        // stops at; semantic problems below are all reported at once.
+        let mut problems: Vec<String> = ["postgres", "rabbitmq", "outbox"]
+            .iter()
+            .filter(|section| raw.get::<config::Value>(section).is_err())
+            .map(|section| format!("{section}: required section is missing"))
+            .collect();
+        let settings: Settings = match raw.try_deserialize() {
+            Ok(settings) if problems.is_empty() => settings,
+            Ok(_) => return Err(fail(problems)),
+            Err(e) => {
+                let text = describe_config_error(e);
+                if !text.starts_with("missing field") {
+                    problems.push(text);
+                }
+                return Err(fail(problems));
+            }
+        };
         let problems = settings.problems();
         if problems.is_empty() {
             Ok(settings)
@@ -549,12 +565,23 @@ impl Settings {
 }
 
 fn describe_config_error(e: config::ConfigError) -> String {
-    // The config crate appends the file path to some messages; the caller names the file itself.
-    let text = e.to_string();
-    match text.find(" in ") {
-        Some(at) if text[at + 4..].contains('/') || text[at + 4..].ends_with(".toml") => text[..at].to_owned(),
-        _ => text,
+    // The config crate appends the file path to some messages (the caller names the file
+    // itself) and writes array paths as `outbox[0]table`.
+    let mut text = e.to_string();
+    if let Some(at) = text.find(" in ") {
+        if text[at + 4..].contains('/') || text[at + 4..].ends_with(".toml") {
+            text.truncate(at);
+        }
     }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']' && chars.peek().is_some_and(|n| n.is_ascii_alphabetic()) {
+            out.push('.');
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -52,6 +52,8 @@ enum Health {
 /// Liveness for the systemd watchdog and readiness: set by the loop on every turn.
 #[derive(Default)]
 pub struct Heartbeat {
+    /// The relay's current state in words, for systemd's STATUS= line.
+    status: std::sync::Mutex<String>,
     /// Milliseconds since `started` of the last turn of the loop.
     last_beat_ms: AtomicU64,
     /// 1 once the relay has connected to both servers (relaying or standing by).
@@ -66,10 +68,22 @@ impl Heartbeat {
             .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn set_ready(&self) {
-        self.ready.store(1, Ordering::Relaxed);
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready as u64, Ordering::Relaxed);
     }
 
+    fn set_status(&self, status: String) {
+        if let Ok(mut s) = self.status.lock() {
+            *s = status;
+        }
+    }
+
+    /// The relay's current state in words.
+    pub fn status(&self) -> String {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// True while the relay is relaying or standing by (both servers reachable).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed) == 1
     }
@@ -147,10 +161,22 @@ impl TableRelay {
             Health::BrokerDown(e) => tracing::warn!(%table, error = %e, "RabbitMQ unavailable; retrying with backoff"),
             Health::Starting => {}
         }
-        if matches!(health, Health::Relaying | Health::Standby) {
+        let ready = matches!(health, Health::Relaying | Health::Standby);
+        if ready {
             self.outage_attempts = 0;
-            self.heartbeat.set_ready();
         }
+        self.heartbeat.set_ready(ready);
+        self.heartbeat.set_status(format!(
+            "{table}: {}",
+            match &health {
+                Health::Starting => "starting".to_owned(),
+                Health::Relaying => "relaying".to_owned(),
+                Health::Standby => "standby (another relay holds the lock)".to_owned(),
+                Health::Blocked => "paused: broker blocked the connection".to_owned(),
+                Health::DatabaseDown(e) => format!("not ready: PostgreSQL: {e}"),
+                Health::BrokerDown(e) => format!("not ready: RabbitMQ: {e}"),
+            }
+        ));
         self.health = health;
     }
 
@@ -343,6 +369,11 @@ impl TableRelay {
             let next = tokio::select! {
                 next = in_flight.next() => next,
                 _ = self.shutdown.aborted() => break,
+                // Confirms may legitimately take long (a blocked broker): the loop is alive.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    self.heartbeat.beat();
+                    continue;
+                }
             };
             let Some((slot, row, result)) = next else { break };
             match result {

@@ -1,5 +1,6 @@
 //! The daemon: one relay task per configured table, systemd readiness (READY once every table
-//! is relaying or standing by), the watchdog fed from the relay loops, STOPPING at shutdown.
+//! is relaying or standing by; STATUS= names any table that is not ready and why), the watchdog
+//! fed from the relay loops, STOPPING at shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,7 @@ async fn notify_systemd(beats: Vec<Arc<Heartbeat>>, shutdown: Shutdown) {
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     let watchdog_limit = Duration::from_micros(watchdog_usec);
     let mut ready = false;
+    let mut last_status = String::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -56,9 +58,14 @@ async fn notify_systemd(beats: Vec<Arc<Heartbeat>>, shutdown: Shutdown) {
                 return;
             }
         }
+        let status = beats.iter().map(|b| b.status()).collect::<Vec<_>>().join("; ");
         if !ready && beats.iter().all(|b| b.is_ready()) {
             ready = true;
-            let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status("relaying")]);
+            let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+        }
+        if status != last_status {
+            let _ = sd_notify::notify(false, &[NotifyState::Status(&status)]);
+            last_status = status;
         }
         // A loop stuck longer than half the watchdog interval stops the feed; systemd then
         // restarts the service.
