@@ -1,0 +1,378 @@
+//! The commented example config/outbox-relay.toml is the config reference: it must load, state
+//! the real defaults, and mention every setting the code knows. Environment overrides are
+//! checked in a child process (the environment is process-global and tests run in parallel
+//! threads) and through the real binary, so no test here changes this process's environment.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use outbox_relay::config::{ExchangeType, LogFormat, OnExhausted, Settings, TableName, EX_CONFIG};
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/outbox-relay.toml");
+const BINARY: &str = env!("CARGO_BIN_EXE_outbox-relay");
+const ENV_PREFIX: &str = "OUTBOX_RELAY__";
+/// Set only in the child process that `an_environment_variable_overrides_a_key_of_the_file` starts.
+const CHILD_MARKER: &str = "OUTBOX_RELAY_CONFIG_FILE_TEST_CHILD";
+
+/// Loads `path`, refusing to run when the environment already carries overrides that would
+/// make the assertions about the file meaningless.
+fn load(path: &Path) -> Settings {
+    let inherited: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(ENV_PREFIX))
+        .collect();
+    assert!(
+        inherited.is_empty() || std::env::var_os(CHILD_MARKER).is_some(),
+        "unset {inherited:?} to run these tests: they check what the file alone says"
+    );
+    Settings::load(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A file in the temp dir, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!(
+            "outbox-relay-config-file-{}-{name}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).expect("writing a temp config");
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn the_example_config_loads_with_the_values_it_states() {
+    let s = load(Path::new(EXAMPLE));
+
+    assert_eq!(
+        s.postgres.url.expose(),
+        "postgres://postgres@127.0.0.1:5432/app"
+    );
+    assert_eq!(s.postgres.max_connections, 4);
+    assert_eq!(s.postgres.connect_timeout, Duration::from_secs(10));
+    assert_eq!(s.postgres.statement_timeout, Duration::from_secs(30));
+
+    assert_eq!(
+        s.rabbitmq.url.expose(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f"
+    );
+    assert_eq!(s.rabbitmq.connection_name, "outbox-relay");
+    assert_eq!(s.rabbitmq.connect_timeout, Duration::from_secs(10));
+    assert_eq!(s.rabbitmq.confirm_timeout, Duration::from_secs(30));
+    assert_eq!(s.rabbitmq.max_message_bytes, 128 * 1024 * 1024);
+
+    assert_eq!(s.relay.batch_size, 1000);
+    assert_eq!(s.relay.poll_interval, Duration::from_secs(1));
+    assert_eq!(s.relay.max_in_flight, 1000);
+    assert!(s.relay.notify);
+    assert_eq!(s.relay.shutdown_timeout, Duration::from_secs(10));
+    assert_eq!(s.relay.reconnect_max_delay, Duration::from_secs(30));
+
+    assert_eq!(s.retry.initial_delay, Duration::from_secs(1));
+    assert_eq!(s.retry.max_delay, Duration::from_secs(300));
+    assert_eq!(s.retry.multiplier, 2.0);
+    assert_eq!(s.retry.jitter, 0.2);
+    assert_eq!(s.retry.max_attempts, 10);
+    assert_eq!(s.retry.on_exhausted, OnExhausted::HoldKey);
+
+    assert_eq!(s.log.format, LogFormat::Text);
+    assert_eq!(s.log.level, "info");
+
+    assert_eq!(s.outbox.len(), 1);
+    let table = &s.outbox[0];
+    assert_eq!(table.table, TableName::parse("public.outbox").unwrap());
+    assert_eq!(table.exchange, "events");
+    let declaration = table
+        .declare_exchange
+        .as_ref()
+        .expect("the example declares its exchange");
+    assert_eq!(declaration.kind, ExchangeType::Topic);
+    assert!(declaration.durable);
+    assert_eq!(table.retry.max_attempts, Some(10));
+    assert_eq!(table.retry.on_exhausted, Some(OnExhausted::HoldKey));
+}
+
+#[test]
+fn every_default_the_example_states_is_the_default_the_code_applies() {
+    let example = load(Path::new(EXAMPLE));
+    // Only the required keys: everything else comes from the code's defaults.
+    let minimal = TempFile::new(
+        "minimal",
+        r#"
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/app"
+
+[rabbitmq]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+
+[[outbox]]
+table = "public.outbox"
+exchange = "events"
+"#,
+    );
+    let defaults = load(&minimal.0);
+
+    let (e, d) = (&example.postgres, &defaults.postgres);
+    assert_eq!(
+        (e.max_connections, e.connect_timeout, e.statement_timeout),
+        (d.max_connections, d.connect_timeout, d.statement_timeout)
+    );
+    let (e, d) = (&example.rabbitmq, &defaults.rabbitmq);
+    assert_eq!(
+        (
+            &e.connection_name,
+            e.connect_timeout,
+            e.confirm_timeout,
+            e.max_message_bytes
+        ),
+        (
+            &d.connection_name,
+            d.connect_timeout,
+            d.confirm_timeout,
+            d.max_message_bytes
+        )
+    );
+    let (e, d) = (&example.relay, &defaults.relay);
+    assert_eq!(
+        (
+            e.batch_size,
+            e.poll_interval,
+            e.max_in_flight,
+            e.notify,
+            e.shutdown_timeout,
+            e.reconnect_max_delay
+        ),
+        (
+            d.batch_size,
+            d.poll_interval,
+            d.max_in_flight,
+            d.notify,
+            d.shutdown_timeout,
+            d.reconnect_max_delay
+        )
+    );
+    let (e, d) = (&example.retry, &defaults.retry);
+    assert_eq!(
+        (
+            e.initial_delay,
+            e.max_delay,
+            e.multiplier,
+            e.jitter,
+            e.max_attempts,
+            e.on_exhausted
+        ),
+        (
+            d.initial_delay,
+            d.max_delay,
+            d.multiplier,
+            d.jitter,
+            d.max_attempts,
+            d.on_exhausted
+        )
+    );
+    assert_eq!(
+        (example.log.format, &example.log.level),
+        (defaults.log.format, &defaults.log.level)
+    );
+
+    // The per-table override in the example restates the global policy, so it changes nothing.
+    let effective = example.retry.with_override(&example.outbox[0].retry);
+    assert_eq!(
+        (effective.max_attempts, effective.on_exhausted),
+        (d.max_attempts, d.on_exhausted)
+    );
+    // The declaration's `durable` defaults to true when left out.
+    let declared = TempFile::new(
+        "declared",
+        r#"
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/app"
+[rabbitmq]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+[[outbox]]
+table = "outbox"
+exchange = "events"
+declare_exchange = { type = "fanout" }
+"#,
+    );
+    let declared = load(&declared.0);
+    let declaration = declared.outbox[0].declare_exchange.as_ref().unwrap();
+    assert_eq!(declaration.kind, ExchangeType::Fanout);
+    assert!(declaration.durable);
+}
+
+#[test]
+fn the_example_config_mentions_every_setting_the_code_knows() {
+    let settings = load(Path::new(EXAMPLE));
+    let example = std::fs::read_to_string(EXAMPLE).unwrap();
+    // Uncommented lines only: a key that appears only in a comment is not shown in use.
+    let live: String = example
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // `Debug` of the settings names every field of every section, including the per-table
+    // overrides that are `None`; a field added to the code without a line in the example
+    // fails here.
+    let debug = format!("{settings:?}");
+    let mut missing = Vec::new();
+    for field in debug_field_names(&debug) {
+        let key = match field.as_str() {
+            // TableName's parts, written together as `table = "schema.table"`.
+            "schema" | "name" => continue,
+            // ExchangeDeclaration::kind is `type` in TOML.
+            "kind" => "type".to_owned(),
+            other => other.to_owned(),
+        };
+        let shown = live.contains(&format!("{key} ="))
+            || live.contains(&format!("[{key}]"))
+            || live.contains(&format!("[[{key}]]"))
+            || live.contains(&format!(".{key}]"));
+        if !shown && !missing.contains(&key) {
+            missing.push(key);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "settings missing from {EXAMPLE}: {missing:?}"
+    );
+}
+
+/// The identifiers directly before `: ` in a derived `Debug` text.
+fn debug_field_names(debug: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for (at, _) in debug.match_indices(": ") {
+        let before = &debug[..at];
+        let start = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(0, |i| i + 1);
+        let name = &before[start..];
+        if !name.is_empty() && !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+        }
+    }
+    names
+}
+
+#[test]
+fn an_environment_variable_overrides_a_key_of_the_file() {
+    // Run the ignored test below in a fresh process of this test binary, with the variable
+    // set there only.
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "the_example_config_with_an_override_in_the_environment",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_MARKER, "1")
+        .env("OUTBOX_RELAY__RELAY__BATCH_SIZE", "500")
+        .env("OUTBOX_RELAY__LOG__FORMAT", "json")
+        .env(
+            "OUTBOX_RELAY__RABBITMQ__URL",
+            "amqp://relay:s3cret@10.0.0.7:5672/prod",
+        );
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)) {
+        child.env_remove(key);
+    }
+    let out = child.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the child failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child test did not run:\n{stdout}"
+    );
+}
+
+#[test]
+#[ignore = "run in a child process by an_environment_variable_overrides_a_key_of_the_file"]
+fn the_example_config_with_an_override_in_the_environment() {
+    if std::env::var_os(CHILD_MARKER).is_none() {
+        eprintln!("skipped: only meaningful in the child process its parent test starts");
+        return;
+    }
+    let s = load(Path::new(EXAMPLE));
+    assert_eq!(s.relay.batch_size, 500);
+    assert_eq!(s.log.format, LogFormat::Json);
+    assert_eq!(
+        s.rabbitmq.url.expose(),
+        "amqp://relay:s3cret@10.0.0.7:5672/prod"
+    );
+    assert!(
+        !format!("{s:?}").contains("s3cret"),
+        "Debug of the settings shows the password"
+    );
+    // Keys not overridden still come from the file.
+    assert_eq!(s.relay.max_in_flight, 1000);
+    assert_eq!(
+        s.postgres.url.expose(),
+        "postgres://postgres@127.0.0.1:5432/app"
+    );
+    assert_eq!(s.outbox[0].exchange, "events");
+}
+
+/// Runs the real binary's `status` with `envs`; configuration errors stop it before it
+/// reaches any server.
+fn binary_status(config: Option<&str>, envs: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(BINARY);
+    if let Some(config) = config {
+        cmd.args(["--config", config]);
+    }
+    cmd.arg("status").env_remove("OUTBOX_RELAY_CONFIG");
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)) {
+        cmd.env_remove(key);
+    }
+    cmd.envs(envs.iter().copied());
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_binary_applies_an_environment_override_and_names_the_file_and_key_when_it_is_invalid() {
+    let (code, stderr) = binary_status(Some(EXAMPLE), &[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "0")]);
+    assert_eq!(code, EX_CONFIG, "{stderr}");
+    assert!(stderr.contains(EXAMPLE), "{stderr}");
+    assert!(stderr.contains("relay.batch_size"), "{stderr}");
+}
+
+#[test]
+fn the_binary_never_prints_a_password_from_an_overridden_url() {
+    let (code, stderr) = binary_status(
+        Some(EXAMPLE),
+        &[(
+            "OUTBOX_RELAY__POSTGRES__URL",
+            "mysql://app:hunter2@db.example:3306/app",
+        )],
+    );
+    assert_eq!(code, EX_CONFIG, "{stderr}");
+    assert!(stderr.contains("postgres.url"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn the_binary_finds_its_config_through_outbox_relay_config() {
+    let missing = std::env::temp_dir().join("outbox-relay-config-file-test-no-such-file.toml");
+    let missing = missing.to_str().unwrap();
+    let (code, stderr) = binary_status(None, &[("OUTBOX_RELAY_CONFIG", missing)]);
+    assert_eq!(code, EX_CONFIG, "{stderr}");
+    assert!(stderr.contains(missing), "{stderr}");
+    assert!(stderr.contains("file not found"), "{stderr}");
+}
