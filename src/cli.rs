@@ -77,7 +77,10 @@ pub fn main(cli: Cli) -> i32 {
         Err(e) => return config_failure(&e),
     };
     crate::telemetry::init(&settings.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("outbox-relay: cannot start the async runtime: {e}");
@@ -156,7 +159,10 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
                 s.parked,
                 s.published,
                 s.oldest_pending
-                    .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
+                    .map(
+                        |d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+                            .to_string()
+                    )
                     .unwrap_or_else(|| "-".into())
             );
         }
@@ -166,7 +172,12 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
             for row in store.parked_rows(&table.table, args.parked).await? {
                 println!(
                     "parked {} id={} key={:?} dedup_key={:?} attempts={}: {}",
-                    table.table, row.id, row.ordering_key, row.dedup_key, row.attempts, row.last_error
+                    table.table,
+                    row.id,
+                    row.ordering_key,
+                    row.dedup_key,
+                    row.attempts,
+                    row.last_error
                 );
             }
         }
@@ -201,12 +212,18 @@ async fn check_config(settings: &Settings, path: &std::path::Path) -> anyhow::Re
     println!("rabbitmq {}: reachable", settings.rabbitmq.url);
     for table in &settings.outbox {
         if table.declare_exchange.is_some() {
-            println!("exchange {:?}: declared by the relay at start", table.exchange);
+            println!(
+                "exchange {:?}: declared by the relay at start",
+                table.exchange
+            );
             continue;
         }
         match publisher.ensure_exchange(&table.exchange).await {
             Ok(()) => println!("exchange {:?}: exists", table.exchange),
-            Err(e) => println!("exchange {:?}: WARNING {e} (rows for it will be retried until it exists)", table.exchange),
+            Err(e) => println!(
+                "exchange {:?}: WARNING {e} (rows for it will be retried until it exists)",
+                table.exchange
+            ),
         }
     }
     publisher.close().await;
@@ -217,7 +234,11 @@ async fn retry(settings: &Settings, args: &RetryArgs) -> anyhow::Result<()> {
     let tables: Vec<&TableName> = match &args.table {
         Some(name) => {
             let wanted = TableName::parse(name).map_err(|e| anyhow::anyhow!("--table: {e}"))?;
-            let found = settings.outbox.iter().find(|t| t.table == wanted).map(|t| &t.table);
+            let found = settings
+                .outbox
+                .iter()
+                .find(|t| t.table == wanted)
+                .map(|t| &t.table);
             vec![found.with_context(|| format!("--table: {wanted} is not configured"))?]
         }
         None => settings.outbox.iter().map(|t| &t.table).collect(),
@@ -242,5 +263,9 @@ async fn retry(settings: &Settings, args: &RetryArgs) -> anyhow::Result<()> {
 }
 
 fn names(tables: &[TableName]) -> String {
-    tables.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+    tables
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -295,10 +295,16 @@ impl RetrySettings {
             ));
         }
         if !(self.multiplier >= 1.0 && self.multiplier <= 100.0) {
-            out.push(format!("{key}.multiplier: expected 1.0 to 100.0, got {}", self.multiplier));
+            out.push(format!(
+                "{key}.multiplier: expected 1.0 to 100.0, got {}",
+                self.multiplier
+            ));
         }
         if !(0.0..=1.0).contains(&self.jitter) {
-            out.push(format!("{key}.jitter: expected 0.0 to 1.0, got {}", self.jitter));
+            out.push(format!(
+                "{key}.jitter: expected 0.0 to 1.0, got {}",
+                self.jitter
+            ));
         }
         if self.max_attempts == 0 {
             out.push(format!("{key}.max_attempts: must be at least 1"));
@@ -373,10 +379,17 @@ impl TableName {
             _ => return Err(format!("{s:?} is not `table` or `schema.table`")),
         };
         for part in [schema, name] {
-            let valid_start = part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+            let valid_start = part
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
             let valid_rest = part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid_start || !valid_rest || part.len() > 63 {
-                let what = if part == s { String::new() } else { format!(": {part:?}") };
+                let what = if part == s {
+                    String::new()
+                } else {
+                    format!(": {part:?}")
+                };
                 return Err(format!(
                     "{s:?}{what} is not a plain identifier (letters, digits and _, not starting with a digit, at most 63 bytes)"
                 ));
@@ -403,7 +416,9 @@ impl TableName {
         let hash = self
             .to_string()
             .bytes()
-            .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+            .fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            });
         format!("outbox_relay_{:016x}_{}", hash, suffix)
     }
 }
@@ -429,13 +444,18 @@ pub fn quote_ident(ident: &str) -> String {
 /// RabbitMQ's rule for exchange names: at most 255 bytes of letters, digits, `-`, `_`, `.`, `:`.
 pub fn exchange_name_problem(name: &str) -> Option<String> {
     if name.len() > 255 {
-        return Some(format!("exchange name is {} bytes; at most 255", name.len()));
+        return Some(format!(
+            "exchange name is {} bytes; at most 255",
+            name.len()
+        ));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Some(format!("exchange name {name:?} contains {c:?}; allowed are letters, digits, - _ . :"));
+        return Some(format!(
+            "exchange name {name:?} contains {c:?}; allowed are letters, digits, - _ . :"
+        ));
     }
     None
 }
@@ -521,7 +541,10 @@ impl Settings {
         }
         for (key, d) in [
             ("postgres.connect_timeout", self.postgres.connect_timeout),
-            ("postgres.statement_timeout", self.postgres.statement_timeout),
+            (
+                "postgres.statement_timeout",
+                self.postgres.statement_timeout,
+            ),
             ("rabbitmq.connect_timeout", self.rabbitmq.connect_timeout),
             ("rabbitmq.confirm_timeout", self.rabbitmq.confirm_timeout),
             ("relay.poll_interval", self.relay.poll_interval),
@@ -532,7 +555,10 @@ impl Settings {
             }
         }
         if !(1..=10_000).contains(&self.relay.batch_size) {
-            out.push(format!("relay.batch_size: expected 1 to 10000, got {}", self.relay.batch_size));
+            out.push(format!(
+                "relay.batch_size: expected 1 to 10000, got {}",
+                self.relay.batch_size
+            ));
         }
         if !(1..=65_535).contains(&self.relay.max_in_flight) {
             out.push(format!(
@@ -554,7 +580,9 @@ impl Settings {
                 out.push(format!("{key}.exchange: {p}"));
             }
             if table.declare_exchange.is_some() && table.exchange.is_empty() {
-                out.push(format!("{key}.declare_exchange: the default exchange \"\" cannot be declared"));
+                out.push(format!(
+                    "{key}.declare_exchange: the default exchange \"\" cannot be declared"
+                ));
             }
             self.retry
                 .with_override(&table.retry)
@@ -596,14 +624,20 @@ mod tests {
         assert!(TableName::parse("1abc").is_err());
         let t = TableName::parse("app.events_outbox").unwrap();
         assert_eq!(t.quoted(), "\"app\".\"events_outbox\"");
-        assert_eq!(TableName::parse("outbox").unwrap().to_string(), "public.outbox");
+        assert_eq!(
+            TableName::parse("outbox").unwrap().to_string(),
+            "public.outbox"
+        );
     }
 
     #[test]
     fn derived_names_fit_in_sixty_three_bytes() {
         let t = TableName::parse(&"x".repeat(63)).unwrap();
         assert!(t.derived("pending").len() <= 63);
-        assert_eq!(TableName::parse("outbox").unwrap().derived("due"), "outbox_relay_outbox_due");
+        assert_eq!(
+            TableName::parse("outbox").unwrap().derived("due"),
+            "outbox_relay_outbox_due"
+        );
     }
 
     #[test]

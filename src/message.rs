@@ -115,18 +115,21 @@ fn amqp_value(value: &serde_json::Value) -> AMQPValue {
             None => AMQPValue::Double(n.as_f64().unwrap_or(f64::NAN)),
         },
         Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-        Value::Array(items) => {
-            AMQPValue::FieldArray(FieldArray::from(items.iter().map(amqp_value).collect::<Vec<_>>()))
-        }
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
+            items.iter().map(amqp_value).collect::<Vec<_>>(),
+        )),
         Value::Object(map) => {
             let mut table = FieldTable::default();
             for (k, v) in map {
                 // Nested names are short strings too; an over-long nested name is cut rather
                 // than dropping the whole message (top-level names are checked strictly).
-                let name: String = k.chars().scan(0, |n, c| {
-                    *n += c.len_utf8();
-                    (*n <= SHORT_STRING_MAX).then_some(c)
-                }).collect();
+                let name: String = k
+                    .chars()
+                    .scan(0, |n, c| {
+                        *n += c.len_utf8();
+                        (*n <= SHORT_STRING_MAX).then_some(c)
+                    })
+                    .collect();
                 table.insert(name.into(), amqp_value(v));
             }
             AMQPValue::FieldTable(table)
@@ -172,7 +175,10 @@ mod tests {
         assert_eq!(m.routing_key, "orders.created");
         let p = &m.properties;
         assert_eq!(p.delivery_mode(), &Some(2));
-        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("order-1-created"));
+        assert_eq!(
+            p.message_id().as_ref().map(|s| s.as_str()),
+            Some("order-1-created")
+        );
         assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some("OrderCreated"));
         assert_eq!(p.timestamp(), &Some(1_700_000_000));
         let h = p.headers().as_ref().unwrap().inner();
@@ -193,14 +199,26 @@ mod tests {
     fn rows_that_can_never_be_sent_say_why() {
         let mut r = row();
         r.dedup_key = "k".repeat(300);
-        assert!(build(&r, "t", "events", 1 << 20).unwrap_err().0.contains("dedup_key is 300 bytes"));
+        assert!(build(&r, "t", "events", 1 << 20)
+            .unwrap_err()
+            .0
+            .contains("dedup_key is 300 bytes"));
         let mut r = row();
         r.exchange = Some("no spaces".into());
-        assert!(build(&r, "t", "events", 1 << 20).unwrap_err().0.contains("exchange name"));
+        assert!(build(&r, "t", "events", 1 << 20)
+            .unwrap_err()
+            .0
+            .contains("exchange name"));
         let mut r = row();
         r.headers = json!([1, 2]);
-        assert!(build(&r, "t", "events", 1 << 20).unwrap_err().0.contains("an array"));
-        assert!(build(&row(), "t", "events", 4).unwrap_err().0.contains("at most 4"));
+        assert!(build(&r, "t", "events", 1 << 20)
+            .unwrap_err()
+            .0
+            .contains("an array"));
+        assert!(build(&row(), "t", "events", 4)
+            .unwrap_err()
+            .0
+            .contains("at most 4"));
     }
 
     #[test]

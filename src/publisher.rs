@@ -7,7 +7,10 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::AMQPErrorKind;
 use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind, PublisherConfirm};
+use lapin::{
+    Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind,
+    PublisherConfirm,
+};
 
 use crate::config::{ExchangeDeclaration, ExchangeType, RabbitSettings};
 use crate::message::OutboundMessage;
@@ -69,7 +72,8 @@ impl Publisher {
         connection_name: &str,
         declarations: &[(String, ExchangeDeclaration)],
     ) -> Result<Publisher, PublishError> {
-        let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+        let properties =
+            ConnectionProperties::default().with_connection_name(connection_name.into());
         let connect = Connection::connect(settings.url.expose(), properties);
         let connection = match tokio::time::timeout(settings.connect_timeout, connect).await {
             Err(_) => {
@@ -108,7 +112,11 @@ impl Publisher {
         Ok(publisher)
     }
 
-    async fn declare_exchange(&mut self, name: &str, d: &ExchangeDeclaration) -> Result<(), PublishError> {
+    async fn declare_exchange(
+        &mut self,
+        name: &str,
+        d: &ExchangeDeclaration,
+    ) -> Result<(), PublishError> {
         let kind = match d.kind {
             ExchangeType::Direct => ExchangeKind::Direct,
             ExchangeType::Fanout => ExchangeKind::Fanout,
@@ -120,7 +128,10 @@ impl Publisher {
             ..ExchangeDeclareOptions::default()
         };
         let probe = self.probe().await?;
-        match probe.exchange_declare(name.into(), kind, options, FieldTable::default()).await {
+        match probe
+            .exchange_declare(name.into(), kind, options, FieldTable::default())
+            .await
+        {
             Ok(()) => {
                 self.known_exchanges.insert(name.to_owned());
                 Ok(())
@@ -129,7 +140,10 @@ impl Publisher {
                 self.probe = None;
                 // A declaration that conflicts with the existing exchange is an operator's
                 // mistake, not an outage; it is reported like a refused row.
-                Err(PublishError::Rejected(format!("declaring exchange {name:?}: {}", describe(&e))))
+                Err(PublishError::Rejected(format!(
+                    "declaring exchange {name:?}: {}",
+                    describe(&e)
+                )))
             }
         }
     }
@@ -162,7 +176,12 @@ impl Publisher {
             ..ExchangeDeclareOptions::default()
         };
         match probe
-            .exchange_declare(exchange.into(), ExchangeKind::Direct, options, FieldTable::default())
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Direct,
+                options,
+                FieldTable::default(),
+            )
             .await
         {
             Ok(()) => {
@@ -173,11 +192,19 @@ impl Publisher {
                 self.probe = None;
                 match e.kind() {
                     ErrorKind::ProtocolError(amqp)
-                        if matches!(amqp.kind(), AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)) =>
+                        if matches!(
+                            amqp.kind(),
+                            AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+                        ) =>
                     {
-                        Err(PublishError::Rejected(format!("exchange {exchange:?} does not exist")))
+                        Err(PublishError::Rejected(format!(
+                            "exchange {exchange:?} does not exist"
+                        )))
                     }
-                    _ => Err(PublishError::from_lapin(&format!("checking exchange {exchange:?}"), &e)),
+                    _ => Err(PublishError::from_lapin(
+                        &format!("checking exchange {exchange:?}"),
+                        &e,
+                    )),
                 }
             }
         }
@@ -288,7 +315,9 @@ mod tests {
     #[test]
     fn the_brokers_size_limit_is_read_from_its_refusal() {
         assert_eq!(
-            learned_max_size("PRECONDITION_FAILED - message size 2000 is larger than configured max size 1024"),
+            learned_max_size(
+                "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1024"
+            ),
             Some(1024)
         );
         assert_eq!(learned_max_size("NOT_FOUND - no exchange 'x'"), None);

@@ -91,9 +91,9 @@ impl Heartbeat {
     /// How long since the loop last turned.
     pub fn silence(&self) -> Duration {
         let start = *self.started.get_or_init(Instant::now);
-        start
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_beat_ms.load(Ordering::Relaxed)))
+        start.elapsed().saturating_sub(Duration::from_millis(
+            self.last_beat_ms.load(Ordering::Relaxed),
+        ))
     }
 }
 
@@ -109,6 +109,8 @@ pub struct TableRelay {
     publisher: Option<Publisher>,
     /// Confirmed rows whose mark failed; marked before anything is fetched again.
     unmarked: Vec<i64>,
+    /// The mark of the previous batch, written while the next batch is published.
+    marking: Option<Marking>,
     /// Failures whose recording failed; recorded before anything is fetched again.
     unrecorded: Vec<Failure>,
     max_message_bytes: usize,
@@ -118,7 +120,12 @@ pub struct TableRelay {
 }
 
 impl TableRelay {
-    pub fn new(settings: Arc<Settings>, table: OutboxSettings, store: Store, shutdown: Shutdown) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        table: OutboxSettings,
+        store: Store,
+        shutdown: Shutdown,
+    ) -> Self {
         let retry = settings.retry.with_override(&table.retry);
         let policy = RetryPolicy::from(&retry);
         let sql = TableSql::new(&table.table, policy.on_exhausted);
@@ -133,6 +140,7 @@ impl TableRelay {
             lock: None,
             publisher: None,
             unmarked: Vec::new(),
+            marking: None,
             unrecorded: Vec::new(),
             max_message_bytes,
             health: Health::Starting,
@@ -155,10 +163,18 @@ impl TableRelay {
                 tracing::info!(%table, "relaying: holding the table's lock, connected to PostgreSQL and RabbitMQ")
             }
             Health::Relaying => tracing::info!(%table, "recovered: relaying again"),
-            Health::Standby => tracing::info!(%table, "standby: another relay holds this table's lock"),
-            Health::Blocked => tracing::warn!(%table, "RabbitMQ blocked the connection (resource alarm); fetching paused"),
-            Health::DatabaseDown(e) => tracing::warn!(%table, error = %e, "PostgreSQL unavailable; retrying with backoff"),
-            Health::BrokerDown(e) => tracing::warn!(%table, error = %e, "RabbitMQ unavailable; retrying with backoff"),
+            Health::Standby => {
+                tracing::info!(%table, "standby: another relay holds this table's lock")
+            }
+            Health::Blocked => {
+                tracing::warn!(%table, "RabbitMQ blocked the connection (resource alarm); fetching paused")
+            }
+            Health::DatabaseDown(e) => {
+                tracing::warn!(%table, error = %e, "PostgreSQL unavailable; retrying with backoff")
+            }
+            Health::BrokerDown(e) => {
+                tracing::warn!(%table, error = %e, "RabbitMQ unavailable; retrying with backoff")
+            }
             Health::Starting => {}
         }
         let ready = matches!(health, Health::Relaying | Health::Standby);
@@ -181,7 +197,10 @@ impl TableRelay {
     }
 
     fn database_down(&mut self, context: &str, e: &sqlx::Error) -> Step {
-        self.set_health(Health::DatabaseDown(format!("{context}: {}", db_message(e))));
+        self.set_health(Health::DatabaseDown(format!(
+            "{context}: {}",
+            db_message(e)
+        )));
         Step::Down
     }
 
@@ -203,14 +222,25 @@ impl TableRelay {
     /// publish it, and record the outcome. Never leaves a batch half-done: rows are either
     /// marked published (confirmed), recorded as failed, or left due to go out again.
     pub async fn step(&mut self) -> Step {
+        if self.marking.as_ref().is_some_and(|m| m.task.is_finished()) {
+            if let Err(e) = self.finish_marking().await {
+                return self.database_down("marking rows", &e);
+            }
+        }
         if let Err(e) = self.flush_outcomes().await {
             return self.database_down("marking rows", &e);
         }
         if self.lock.is_none() {
-            match self.store.open_lock(&self.table.table, self.settings.relay.notify).await {
+            match self
+                .store
+                .open_lock(&self.table.table, self.settings.relay.notify)
+                .await
+            {
                 Ok(lock) => self.lock = Some(lock),
                 Err(e) => {
-                    self.set_health(Health::DatabaseDown(format!("opening the lock session: {e:#}")));
+                    self.set_health(Health::DatabaseDown(format!(
+                        "opening the lock session: {e:#}"
+                    )));
                     return Step::Down;
                 }
             }
@@ -238,7 +268,10 @@ impl TableRelay {
                 .iter()
                 .map(|d| (self.table.exchange.clone(), d.clone()))
                 .collect();
-            let name = format!("{} {}", self.settings.rabbitmq.connection_name, self.table.table);
+            let name = format!(
+                "{} {}",
+                self.settings.rabbitmq.connection_name, self.table.table
+            );
             match Publisher::connect(&self.settings.rabbitmq, &name, &declarations).await {
                 Ok(p) => self.publisher = Some(p),
                 Err(e) => return self.broker_down(e.to_string()).await,
@@ -249,7 +282,12 @@ impl TableRelay {
             return Step::Paused;
         }
         let limit = self.settings.relay.batch_size;
-        let rows = match self.store.fetch_due(&self.sql, &guard, limit).await {
+        let marking_ids: &[i64] = self.marking.as_ref().map_or(&[], |m| &m.ids);
+        let rows = match self
+            .store
+            .fetch_due(&self.sql, &guard, limit, marking_ids)
+            .await
+        {
             Ok(rows) => rows,
             Err(e) => return self.database_down("fetching due rows", &e),
         };
@@ -261,10 +299,26 @@ impl TableRelay {
         let outcome = self.publish_batch(rows).await;
         let published = outcome.confirmed.len();
         let failed = outcome.failures.len();
-        let parked = outcome.failures.iter().filter(|f| f.retry_after.is_none()).count();
-        self.unmarked.extend(outcome.confirmed);
+        let parked = outcome
+            .failures
+            .iter()
+            .filter(|f| f.retry_after.is_none())
+            .count();
         self.unrecorded.extend(outcome.failures);
-        let flushed = self.flush_outcomes().await;
+        let mut flushed = self.flush_outcomes().await;
+        // The previous batch's mark has had a whole batch to finish; this batch's mark runs
+        // while the next batch is fetched (excluding these rows) and published.
+        if let Err(e) = self.finish_marking().await {
+            flushed = Err(e);
+        }
+        if !outcome.confirmed.is_empty() {
+            let (store, sql, ids) = (self.store.clone(), self.sql.clone(), outcome.confirmed);
+            let task_ids = ids.clone();
+            self.marking = Some(Marking {
+                ids,
+                task: tokio::spawn(async move { store.mark_published(&sql, &task_ids).await }),
+            });
+        }
         if let Some(e) = outcome.transport_error {
             return self.broker_down(e).await;
         }
@@ -279,6 +333,27 @@ impl TableRelay {
         }
     }
 
+    /// Waits for the background mark; on failure its rows join `unmarked` and are marked
+    /// (synchronously) before the next fetch.
+    async fn finish_marking(&mut self) -> Result<(), sqlx::Error> {
+        let Some(marking) = self.marking.take() else {
+            return Ok(());
+        };
+        match marking.task.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                self.unmarked.extend(marking.ids);
+                self.flush_outcomes().await.map_err(|_| e)
+            }
+            Err(join) => {
+                self.unmarked.extend(marking.ids);
+                self.flush_outcomes().await?;
+                tracing::error!(error = %join, "the mark task failed; its rows were marked again");
+                Ok(())
+            }
+        }
+    }
+
     /// Marks confirmed rows and records failures left from earlier turns, one statement each.
     async fn flush_outcomes(&mut self) -> Result<(), sqlx::Error> {
         if !self.unmarked.is_empty() {
@@ -286,7 +361,9 @@ impl TableRelay {
             self.unmarked.clear();
         }
         if !self.unrecorded.is_empty() {
-            self.store.record_failures(&self.sql, &self.unrecorded).await?;
+            self.store
+                .record_failures(&self.sql, &self.unrecorded)
+                .await?;
             for f in self.unrecorded.iter().filter(|f| f.retry_after.is_none()) {
                 tracing::warn!(table = %self.table.table, id = f.id, error = %f.error, "row parked");
             }
@@ -320,7 +397,8 @@ impl TableRelay {
             let verdict = if park_now {
                 Verdict::Park
             } else {
-                self.policy.after_failure(attempt, rand::rng().random::<f64>())
+                self.policy
+                    .after_failure(attempt, rand::rng().random::<f64>())
             };
             Failure {
                 id: row.id,
@@ -334,22 +412,35 @@ impl TableRelay {
 
         loop {
             // Fill the window from the ready keys, unless shutting down or broken.
-            while in_flight.len() < window && outcome.transport_error.is_none() && !self.shutdown.is_stopping() {
+            while in_flight.len() < window
+                && outcome.transport_error.is_none()
+                && !self.shutdown.is_stopping()
+            {
                 let Some(slot) = ready.pop_front() else { break };
-                let Some(row) = keys[slot].pop_front() else { continue };
-                let message = match message::build(row, &table, &self.table.exchange, self.max_message_bytes) {
-                    Ok(m) => m,
-                    Err(unpublishable) => {
-                        outcome.failures.push(failure_for(row, unpublishable.to_string(), true));
-                        if self.policy.on_exhausted == OnExhausted::Skip {
-                            ready.push_back(slot);
-                        }
-                        continue;
-                    }
+                let Some(row) = keys[slot].pop_front() else {
+                    continue;
                 };
+                let message =
+                    match message::build(row, &table, &self.table.exchange, self.max_message_bytes)
+                    {
+                        Ok(m) => m,
+                        Err(unpublishable) => {
+                            outcome.failures.push(failure_for(
+                                row,
+                                unpublishable.to_string(),
+                                true,
+                            ));
+                            if self.policy.on_exhausted == OnExhausted::Skip {
+                                ready.push_back(slot);
+                            }
+                            continue;
+                        }
+                    };
                 if let Err(e) = publisher.ensure_exchange(&message.exchange).await {
                     match e {
-                        PublishError::Rejected(reason) => outcome.failures.push(failure_for(row, reason, false)),
+                        PublishError::Rejected(reason) => {
+                            outcome.failures.push(failure_for(row, reason, false))
+                        }
                         PublishError::Transport(reason) => outcome.transport_error = Some(reason),
                     }
                     continue;
@@ -375,7 +466,9 @@ impl TableRelay {
                     continue;
                 }
             };
-            let Some((slot, row, result)) = next else { break };
+            let Some((slot, row, result)) = next else {
+                break;
+            };
             match result {
                 Ok(()) => {
                     outcome.confirmed.push(row.id);
@@ -448,7 +541,9 @@ impl TableRelay {
             // Sleep in short slices so the watchdog keeps seeing a live loop.
             let until = tokio::time::Instant::now() + pause;
             while tokio::time::Instant::now() < until && !self.shutdown.is_stopping() {
-                let slice = until.saturating_duration_since(tokio::time::Instant::now()).min(Duration::from_secs(1));
+                let slice = until
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(Duration::from_secs(1));
                 tokio::select! {
                     _ = tokio::time::sleep(slice) => {}
                     _ = self.shutdown.stopping() => {}
@@ -456,7 +551,7 @@ impl TableRelay {
                 self.heartbeat.beat();
             }
         }
-        if self.flush_outcomes().await.is_err() {
+        if self.finish_marking().await.is_err() || self.flush_outcomes().await.is_err() {
             tracing::warn!(table = %self.table.table, "could not mark the last confirmed rows; they will be published again (same message_id)");
         }
         if let Some(p) = self.publisher.take() {
@@ -467,6 +562,12 @@ impl TableRelay {
         }
         tracing::info!(table = %self.table.table, "relay stopped");
     }
+}
+
+/// A batch's mark being written in the background.
+struct Marking {
+    ids: Vec<i64>,
+    task: tokio::task::JoinHandle<sqlx::Result<u64>>,
 }
 
 #[derive(Default)]

@@ -20,7 +20,12 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
     for table in &settings.outbox {
-        let relay = TableRelay::new(settings.clone(), table.clone(), store.clone(), shutdown.clone());
+        let relay = TableRelay::new(
+            settings.clone(),
+            table.clone(),
+            store.clone(),
+            shutdown.clone(),
+        );
         beats.push(relay.heartbeat());
         tasks.push(tokio::spawn(relay.run()));
     }
@@ -58,7 +63,11 @@ async fn notify_systemd(beats: Vec<Arc<Heartbeat>>, shutdown: Shutdown) {
                 return;
             }
         }
-        let status = beats.iter().map(|b| b.status()).collect::<Vec<_>>().join("; ");
+        let status = beats
+            .iter()
+            .map(|b| b.status())
+            .collect::<Vec<_>>()
+            .join("; ");
         if !ready && beats.iter().all(|b| b.is_ready()) {
             ready = true;
             let _ = sd_notify::notify(false, &[NotifyState::Ready]);

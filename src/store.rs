@@ -35,7 +35,12 @@ impl Store {
             .acquire_timeout(settings.connect_timeout)
             .connect_with(options)
             .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {}", settings.url.redacted()))?;
+            .with_context(|| {
+                format!(
+                    "cannot connect to PostgreSQL at {}",
+                    settings.url.redacted()
+                )
+            })?;
         Ok(Store { pool })
     }
 
@@ -68,14 +73,18 @@ impl Store {
         let mut applied = Vec::new();
         for table in tables {
             let q = TableSql::new(table, OnExhausted::HoldKey);
-            sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&table.schema)))
-                .execute(&mut *tx)
-                .await?;
-            let done: Vec<i32> =
-                sqlx::query_scalar("SELECT version FROM outbox_relay.migrations WHERE table_name = $1")
-                    .bind(table.to_string())
-                    .fetch_all(&mut *tx)
-                    .await?;
+            sqlx::raw_sql(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_ident(&table.schema)
+            ))
+            .execute(&mut *tx)
+            .await?;
+            let done: Vec<i32> = sqlx::query_scalar(
+                "SELECT version FROM outbox_relay.migrations WHERE table_name = $1",
+            )
+            .bind(table.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
             for (version, description, template) in TABLE_MIGRATIONS {
                 if done.contains(version) {
                     continue;
@@ -118,18 +127,30 @@ impl Store {
             table.quoted()
         );
         sqlx::query(&sql).execute(&self.pool).await.map_err(|e| {
-            anyhow::anyhow!("outbox table {table} is not usable: {} (run `outbox-relay migrate`)", db_message(&e))
+            anyhow::anyhow!(
+                "outbox table {table} is not usable: {} (run `outbox-relay migrate`)",
+                db_message(&e)
+            )
         })?;
         Ok(())
     }
 
-    /// Due rows of `table` in id order that no earlier row of their key holds back.
-    pub async fn fetch_due(&self, q: &TableSql, lock: &LockGuard, limit: u32) -> sqlx::Result<Vec<OutboxRow>> {
+    /// Due rows of `table` in id order that no earlier row of their key holds back, except
+    /// `exclude` (confirmed rows whose mark is still being written). Returns nothing unless
+    /// `lock`'s session still holds the table's lock.
+    pub async fn fetch_due(
+        &self,
+        q: &TableSql,
+        lock: &LockGuard,
+        limit: u32,
+        exclude: &[i64],
+    ) -> sqlx::Result<Vec<OutboxRow>> {
         let rows = sqlx::query(&q.fetch)
             .bind(limit as i64)
             .bind(lock.pid)
             .bind(lock.classid)
             .bind(lock.objid)
+            .bind(exclude)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -156,7 +177,10 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(&q.mark_published).bind(ids).execute(&self.pool).await?;
+        let done = sqlx::query(&q.mark_published)
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -211,7 +235,11 @@ impl Store {
     }
 
     /// Parked rows with their errors, oldest first, for `status --parked`.
-    pub async fn parked_rows(&self, table: &TableName, limit: i64) -> anyhow::Result<Vec<ParkedRow>> {
+    pub async fn parked_rows(
+        &self,
+        table: &TableName,
+        limit: i64,
+    ) -> anyhow::Result<Vec<ParkedRow>> {
         let sql = format!(
             "SELECT id, ordering_key, dedup_key, attempts, coalesce(last_error, '') AS last_error \
              FROM {} WHERE published_at IS NULL AND parked_at IS NOT NULL ORDER BY id LIMIT $1",
@@ -285,15 +313,19 @@ impl Store {
 }
 
 fn connect_options(settings: &PostgresSettings) -> anyhow::Result<PgConnectOptions> {
-    let options: PgConnectOptions = settings
-        .url
-        .expose()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("postgres.url is not a valid PostgreSQL URL: {}", settings.url.redacted()))?;
+    let options: PgConnectOptions = settings.url.expose().parse().map_err(|_| {
+        anyhow::anyhow!(
+            "postgres.url is not a valid PostgreSQL URL: {}",
+            settings.url.redacted()
+        )
+    })?;
     let timeout_ms = settings.statement_timeout.as_millis().to_string();
     Ok(options
         .application_name("outbox-relay")
-        .options([("statement_timeout", timeout_ms.as_str()), ("client_min_messages", "warning")])
+        .options([
+            ("statement_timeout", timeout_ms.as_str()),
+            ("client_min_messages", "warning"),
+        ])
         .log_statements(tracing::log::LevelFilter::Trace))
 }
 
@@ -377,6 +409,7 @@ impl TableSql {
                    SELECT 1 FROM pg_locks l \
                    WHERE l.locktype = 'advisory' AND l.pid = $2 AND l.granted AND l.objsubid = 1 \
                      AND l.classid::bigint = $3 AND l.objid::bigint = $4) \
+               AND o.id <> ALL($5::bigint[]) \
              ORDER BY o.id LIMIT $1"
         );
         let mark_published = format!(
