@@ -1,0 +1,713 @@
+//! `outbox-relay-soak`: a seeded fault-injection soak. Runs real producers, the real relay
+//! binary (as child processes) and a real consumer against the local PostgreSQL and RabbitMQ,
+//! injects faults at seeded random times, checks the relay's promises continuously and against
+//! the table at the end, and prints one summary line (plus one line per fault kind).
+
+#[path = "outbox-relay-soak/checker.rs"]
+mod checker;
+#[path = "outbox-relay-soak/consumer.rs"]
+mod consumer;
+#[path = "outbox-relay-soak/faults.rs"]
+mod faults;
+#[path = "outbox-relay-soak/producers.rs"]
+mod producers;
+#[path = "outbox-relay-soak/proxy.rs"]
+mod proxy;
+#[path = "outbox-relay-soak/relays.rs"]
+mod relays;
+#[path = "outbox-relay-soak/setup.rs"]
+mod setup;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use sqlx::{Connection, Row};
+use tokio_util::sync::CancellationToken;
+
+use checker::{body_hash, Checker, CommittedRow};
+use faults::{FaultKind, FaultLog, Injector};
+use producers::{Load, ProducerLog, ProducerStats};
+use relays::Relays;
+use setup::{Servers, World};
+
+/// Seeded fault-injection soak for outbox-relay: producers, the relay binary and a consumer
+/// under real faults; prints `soak: seed=S produced=N delivered=N lost=N order_violations=N
+/// duplicates=N faults=N longest_recovery_ms=N` and exits non-zero if anything was lost, out
+/// of order, or delivered after a rollback.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay-soak", version)]
+struct Args {
+    /// Seed of the fault schedule and of the producers' choices (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How long producers write and faults are injected (then the relay drains).
+    #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Rows committed per second, over all producers.
+    #[arg(long, default_value_t = 200)]
+    events_per_second: u32,
+    /// Producer connections.
+    #[arg(long, default_value_t = 4)]
+    producers: u32,
+    /// Ordering keys the rows are spread over.
+    #[arg(long, default_value_t = 100)]
+    keys: u32,
+    /// Fault kinds, comma-separated, or `all` or `none`: relay-kill, two-relays, amqp-close,
+    /// broker-restart, broker-alarm, pg-terminate, pg-restart, net-reset, net-silent, net-latency.
+    #[arg(long, default_value = "all", value_delimiter = ',')]
+    faults: Vec<String>,
+    /// Leave out the whole-server faults (broker-restart, broker-alarm, pg-restart), e.g. when
+    /// other test runs share the servers.
+    #[arg(long)]
+    no_server_faults: bool,
+    /// Mean pause between two faults.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    fault_gap: Duration,
+    /// How long to wait after the run for every committed row to arrive before counting it lost.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
+    /// Also write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// The relay binary (default: `outbox-relay` next to this executable).
+    #[arg(long, value_name = "PATH")]
+    relay_bin: Option<PathBuf>,
+    /// PostgreSQL server (user and host; the soak creates its own database).
+    #[arg(
+        long,
+        env = "SOAK_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    postgres_url: url::Url,
+    /// RabbitMQ server (user and host; the soak creates its own vhost).
+    #[arg(
+        long,
+        env = "SOAK_RABBITMQ_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672"
+    )]
+    rabbitmq_url: url::Url,
+    /// Keep the database and vhost after the run (for inspection).
+    #[arg(long)]
+    keep: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("soak: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = match runtime.block_on(soak(args)) {
+        Ok(passed) if passed => 0,
+        Ok(_) => 1,
+        Err(e) => {
+            eprintln!("soak: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn fault_kinds(args: &Args) -> anyhow::Result<Vec<FaultKind>> {
+    let mut kinds = Vec::new();
+    for name in &args.faults {
+        match name.trim() {
+            "all" => kinds.extend(FaultKind::ALL),
+            "none" | "" => {}
+            other => kinds.push(FaultKind::parse(other).with_context(|| {
+                let names: Vec<_> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "--faults: unknown kind {other:?} (known: {})",
+                    names.join(", ")
+                )
+            })?),
+        }
+    }
+    kinds.sort();
+    kinds.dedup();
+    if args.no_server_faults {
+        kinds.retain(|k| !k.is_server_wide());
+    }
+    Ok(kinds)
+}
+
+/// Runs the whole soak; `Ok(true)` when every invariant held.
+async fn soak(args: Args) -> anyhow::Result<bool> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 % 1_000_000_000)
+            .unwrap_or(1)
+    });
+    let kinds = fault_kinds(&args)?;
+    let relay_bin = match &args.relay_bin {
+        Some(p) => p.clone(),
+        None => relays::locate_relay_binary()?,
+    };
+    let servers = Servers {
+        postgres: args.postgres_url.clone(),
+        rabbitmq: args.rabbitmq_url.clone(),
+    };
+    faults::restore_leftovers();
+    let lock = Arc::new(faults::ServerLock::shared().await?);
+    let broker = if kinds.contains(&FaultKind::BrokerAlarm) {
+        Some(faults::BrokerOriginals::read().await?)
+    } else {
+        None
+    };
+    let pg_cluster = faults::find_pg_cluster(servers.postgres.port().unwrap_or(5432)).await;
+    if kinds.contains(&FaultKind::PgRestart) && pg_cluster.is_none() {
+        anyhow::bail!(
+            "pg-restart needs pg_lsclusters to find the cluster serving {}",
+            servers.postgres
+        );
+    }
+
+    let run_id = format!("{seed}_{}", std::process::id());
+    let world = World::named(&run_id);
+    let names: Vec<_> = kinds.iter().map(|k| k.name()).collect();
+    eprintln!(
+        "soak: seed={seed} duration={} events_per_second={} faults={} logs in {}",
+        humantime::format_duration(args.duration),
+        args.events_per_second,
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(",")
+        },
+        world.dir.display()
+    );
+    world.create(&servers).await?;
+    let outcome = run(
+        &args, seed, kinds, &servers, &world, relay_bin, lock, broker, pg_cluster,
+    )
+    .await;
+    if !args.keep {
+        if let Err(e) = world.remove(&servers).await {
+            eprintln!(
+                "soak: cleaning up {} / {}: {e:#}",
+                world.database, world.vhost
+            );
+        }
+    }
+    let passed = outcome?;
+    if passed && !args.keep {
+        let _ = std::fs::remove_dir_all(&world.dir);
+    }
+    Ok(passed)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    args: &Args,
+    seed: u64,
+    kinds: Vec<FaultKind>,
+    servers: &Servers,
+    world: &World,
+    relay_bin: PathBuf,
+    lock: Arc<faults::ServerLock>,
+    broker: Option<faults::BrokerOriginals>,
+    pg_cluster: Option<(String, String)>,
+) -> anyhow::Result<bool> {
+    let stop_all = CancellationToken::new();
+    let pg_proxy = Arc::new(
+        proxy::Proxy::start("postgres", servers.postgres_addr()?, stop_all.clone()).await?,
+    );
+    let amqp_proxy = Arc::new(
+        proxy::Proxy::start("rabbitmq", servers.rabbitmq_addr()?, stop_all.clone()).await?,
+    );
+    let config = world.write_config(servers, pg_proxy.port, amqp_proxy.port)?;
+    setup::migrate(&relay_bin, &config).await?;
+
+    // Ctrl-C ends the run early; faults in progress restore the servers on the way out.
+    let stop_faults = CancellationToken::new();
+    let stop_producers = CancellationToken::new();
+    {
+        let (f, p) = (stop_faults.clone(), stop_producers.clone());
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("soak: interrupted; restoring servers and draining");
+                f.cancel();
+                p.cancel();
+            }
+        });
+    }
+
+    let checker = Arc::new(Mutex::new(Checker::default()));
+    let consumer_reconnects = Arc::new(AtomicU64::new(0));
+    let stop_consumer = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(
+        servers.rabbitmq_url(&world.vhost).to_string(),
+        checker.clone(),
+        stop_consumer.clone(),
+        consumer_reconnects.clone(),
+    ));
+
+    let relays = Arc::new(tokio::sync::Mutex::new(Relays::new(
+        relay_bin,
+        config,
+        world.dir.clone(),
+    )));
+    relays.lock().await.spawn()?;
+    // Keeps one relay running: a relay that exits by itself is recorded and replaced.
+    let stop_watch = CancellationToken::new();
+    let watcher = {
+        let (relays, stop) = (relays.clone(), stop_watch.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    _ = stop.cancelled() => break,
+                }
+                let mut r = relays.lock().await;
+                r.reap();
+                if r.running() == 0 {
+                    if let Err(e) = r.spawn() {
+                        eprintln!("soak: {e:#}");
+                    }
+                }
+            }
+        })
+    };
+
+    let stats = Arc::new(ProducerStats::default());
+    let load = Load {
+        rows_per_second: f64::from(args.events_per_second.max(1))
+            / f64::from(args.producers.max(1)),
+        keys: args.keys.max(1),
+    };
+    let producers: Vec<_> = (0..args.producers.max(1))
+        .map(|i| {
+            tokio::spawn(producers::run(
+                i,
+                seed,
+                servers.clone(),
+                world.database.clone(),
+                load,
+                stats.clone(),
+                stop_producers.clone(),
+            ))
+        })
+        .collect();
+
+    let fault_log = Arc::new(Mutex::new(FaultLog::default()));
+    let injector = Injector {
+        rng: Injector::new_rng(seed),
+        kinds: kinds.clone(),
+        mean_gap: args.fault_gap,
+        relays: relays.clone(),
+        pg_proxy: pg_proxy.clone(),
+        amqp_proxy: amqp_proxy.clone(),
+        servers: servers.clone(),
+        world: world.clone(),
+        lock,
+        broker,
+        pg_cluster,
+        stop: stop_faults.clone(),
+    };
+    let injector = tokio::spawn(injector.run(fault_log.clone()));
+
+    // The run: progress every 10 s until the duration is over or Ctrl-C.
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep(args.duration.saturating_sub(started.elapsed())) => break,
+            _ = stop_producers.cancelled() => break,
+        }
+        let delivered = checker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .delivered();
+        eprintln!(
+            "soak: t={}s committed={} delivered={} faults={} relays_started={}",
+            started.elapsed().as_secs(),
+            stats.committed_rows.load(Ordering::Relaxed),
+            delivered,
+            fault_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .records
+                .len(),
+            relays.lock().await.spawned()
+        );
+    }
+
+    // Faults end first (servers restored, network healed), then producers stop.
+    stop_faults.cancel();
+    if injector.await.is_err() {
+        eprintln!("soak: the fault injector panicked (servers restored by its guards)");
+    }
+    pg_proxy.heal();
+    amqp_proxy.heal();
+    stop_producers.cancel();
+    let mut logs = Vec::new();
+    for p in producers {
+        logs.push(p.await.unwrap_or_default());
+    }
+    let run_ended = Instant::now();
+
+    // Drain: wait for every committed row to arrive.
+    let committed = read_committed(servers, &world.database).await?;
+    let drain_started = Instant::now();
+    loop {
+        let missing = {
+            let c = checker.lock().unwrap_or_else(|e| e.into_inner());
+            committed.iter().filter(|r| !c.has(r.id)).count()
+        };
+        if missing == 0 || drain_started.elapsed() > args.drain_grace {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let drain_time = drain_started.elapsed();
+    // A little longer, so late duplicates are counted too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_watch.cancel();
+    let _ = watcher.await;
+    relays
+        .lock()
+        .await
+        .terminate_all(Duration::from_secs(10))
+        .await;
+    stop_consumer.cancel();
+    let _ = consumer.await;
+    stop_all.cancel();
+    let table = read_table_state(servers, &world.database)
+        .await
+        .unwrap_or_default();
+
+    let relays = relays.lock().await;
+    let checker = checker.lock().unwrap_or_else(|e| e.into_inner());
+    let fault_log = fault_log.lock().unwrap_or_else(|e| e.into_inner());
+    let report = Report::build(
+        seed,
+        &checker,
+        &committed,
+        &logs,
+        &fault_log,
+        &stats,
+        &relays,
+        &table,
+        drain_time,
+        run_ended,
+        consumer_reconnects.load(Ordering::Relaxed),
+    );
+    report.print();
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.passed {
+        eprintln!(
+            "soak: FAILED (seed {seed}); relay logs kept in {}: {}",
+            world.dir.display(),
+            relays
+                .logs()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(report.passed)
+}
+
+/// Every committed row, read once producers have stopped.
+async fn read_committed(servers: &Servers, database: &str) -> anyhow::Result<Vec<CommittedRow>> {
+    let mut conn = connect_with_retry(servers, database).await?;
+    let rows = sqlx::query(
+        "SELECT id, dedup_key, payload::text AS payload FROM public.outbox ORDER BY id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .context("reading the committed rows")?;
+    conn.close().await.ok();
+    rows.iter()
+        .map(|r| {
+            let payload: String = r.try_get("payload")?;
+            Ok(CommittedRow {
+                id: r.try_get("id")?,
+                dedup_key: r.try_get("dedup_key")?,
+                body_hash: body_hash(payload.as_bytes()),
+            })
+        })
+        .collect()
+}
+
+async fn connect_with_retry(
+    servers: &Servers,
+    database: &str,
+) -> anyhow::Result<sqlx::PgConnection> {
+    let mut last = None;
+    for _ in 0..60 {
+        match servers.connect_pg(database, "obr-soak-checker").await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("cannot connect")))
+    .context("connecting to the soak's database")
+}
+
+/// The rows' state at the end, as the relay left it.
+#[derive(Debug, Default)]
+struct TableState {
+    unpublished: i64,
+    parked: i64,
+    retried: i64,
+}
+
+async fn read_table_state(servers: &Servers, database: &str) -> anyhow::Result<TableState> {
+    let mut conn = connect_with_retry(servers, database).await?;
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE published_at IS NULL) AS unpublished, \
+                count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked, \
+                count(*) FILTER (WHERE attempts > 0) AS retried FROM public.outbox",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    conn.close().await.ok();
+    Ok(TableState {
+        unpublished: row.try_get("unpublished")?,
+        parked: row.try_get("parked")?,
+        retried: row.try_get("retried")?,
+    })
+}
+
+/// The figures of a run, as text lines and as JSON.
+struct Report {
+    lines: Vec<String>,
+    json: serde_json::Value,
+    passed: bool,
+}
+
+#[derive(Default)]
+struct KindFigures {
+    count: u64,
+    longest_recovery_ms: u64,
+    no_recovery: u64,
+    duplicates: u64,
+    max_duplicates_per_fault: u64,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        seed: u64,
+        checker: &Checker,
+        committed: &[CommittedRow],
+        logs: &[ProducerLog],
+        fault_log: &FaultLog,
+        stats: &ProducerStats,
+        relays: &Relays,
+        table: &TableState,
+        drain_time: Duration,
+        run_ended: Instant,
+        consumer_reconnects: u64,
+    ) -> Report {
+        let rolled_back: HashSet<String> = logs
+            .iter()
+            .flat_map(|l| l.rolled_back.iter().cloned())
+            .collect();
+        let verdict = checker.verdict(committed, &rolled_back);
+        let in_table: HashSet<&str> = committed.iter().map(|r| r.dedup_key.as_str()).collect();
+        let acknowledged_missing: Vec<&String> = logs
+            .iter()
+            .flat_map(|l| l.acknowledged.iter())
+            .filter(|k| !in_table.contains(k.as_str()))
+            .collect();
+        let uncertain: usize = logs.iter().map(|l| l.uncertain.len()).sum();
+
+        // Per kind: recovery (fault end to the next delivery) and the duplicates that arrived
+        // while it was the latest fault.
+        let mut kinds: BTreeMap<FaultKind, KindFigures> = BTreeMap::new();
+        let records = &fault_log.records;
+        let mut longest_recovery = Duration::ZERO;
+        let mut slow = Vec::new();
+        for r in records {
+            let k = kinds.entry(r.kind).or_default();
+            k.count += 1;
+            let recovery = match checker.recovery_after(r.ended) {
+                Some(d) => d,
+                None => {
+                    k.no_recovery += 1;
+                    run_ended.saturating_duration_since(r.ended)
+                }
+            };
+            k.longest_recovery_ms = k.longest_recovery_ms.max(recovery.as_millis() as u64);
+            longest_recovery = longest_recovery.max(recovery);
+            // Target: delivery resumes within the maximum reconnect backoff (2 s) + 2 s.
+            if recovery > Duration::from_secs(4) {
+                slow.push(format!(
+                    "{} ({}): {} ms",
+                    r.kind.name(),
+                    r.detail,
+                    recovery.as_millis()
+                ));
+            }
+        }
+        let mut per_fault = vec![0u64; records.len()];
+        for t in &checker.duplicate_times {
+            let i = records.partition_point(|r| r.started <= *t);
+            if i > 0 {
+                per_fault[i - 1] += 1;
+            }
+        }
+        for (r, dups) in records.iter().zip(&per_fault) {
+            let k = kinds.entry(r.kind).or_default();
+            k.duplicates += dups;
+            k.max_duplicates_per_fault = k.max_duplicates_per_fault.max(*dups);
+        }
+
+        let produced = committed.len() as u64;
+        let order_violations = checker.order_violations.len() as u64;
+        let mut lines = vec![format!(
+            "soak: seed={seed} produced={produced} delivered={} lost={} order_violations={order_violations} duplicates={} faults={} longest_recovery_ms={}",
+            checker.delivered(),
+            verdict.lost,
+            checker.duplicates,
+            records.len(),
+            longest_recovery.as_millis()
+        )];
+        for (kind, k) in &kinds {
+            lines.push(format!(
+                "fault kind={} count={} longest_recovery_ms={} duplicates={} max_duplicates_per_fault={}{}",
+                kind.name(),
+                k.count,
+                k.longest_recovery_ms,
+                k.duplicates,
+                k.max_duplicates_per_fault,
+                if k.no_recovery > 0 { format!(" no_delivery_after={}", k.no_recovery) } else { String::new() }
+            ));
+        }
+        for (kind, why) in &fault_log.skipped {
+            lines.push(format!("fault kind={} skipped: {why}", kind.name()));
+        }
+        lines.push(format!(
+            "producers: committed_txs={} rolled_back_txs={} rolled_back_rows={} rolled_back_delivered={} dedup_retries={} dedup_reinserted={} failed_attempts={} ambiguous_commits={} uncertain={uncertain} acknowledged_missing={}",
+            stats.committed_txs.load(Ordering::Relaxed),
+            stats.rolled_back_txs.load(Ordering::Relaxed),
+            stats.rolled_back_rows.load(Ordering::Relaxed),
+            verdict.rolled_back_delivered.len(),
+            stats.dedup_retries.load(Ordering::Relaxed),
+            stats.dedup_reinserted.load(Ordering::Relaxed),
+            stats.failed_attempts.load(Ordering::Relaxed),
+            stats.ambiguous_commits.load(Ordering::Relaxed),
+            acknowledged_missing.len()
+        ));
+        lines.push(format!(
+            "consumer: deliveries={} redeliveries={} duplicate_mismatches={} wrong_content={} unknown_delivered={} reconnects={consumer_reconnects}",
+            checker.deliveries,
+            checker.redeliveries,
+            checker.mismatches.len(),
+            verdict.wrong_content.len(),
+            verdict.unknown_delivered.len()
+        ));
+        lines.push(format!(
+            "relay: processes_started={} unexpected_exits={} rows_unpublished_at_end={} rows_parked={} rows_retried={} drain_ms={} slow_recoveries={}",
+            relays.spawned(),
+            relays.unexpected_exits.len(),
+            table.unpublished,
+            table.parked,
+            table.retried,
+            drain_time.as_millis(),
+            slow.len()
+        ));
+        let details = [
+            ("lost", &verdict.lost_examples),
+            ("order violation", &checker.order_violations),
+            ("rolled back but delivered", &verdict.rolled_back_delivered),
+            ("duplicate mismatch", &checker.mismatches),
+            ("wrong content", &verdict.wrong_content),
+            ("slow recovery", &slow),
+            ("relay exit", &relays.unexpected_exits),
+        ];
+        for (what, list) in details {
+            for item in list.iter().take(10) {
+                lines.push(format!("  {what}: {item}"));
+            }
+        }
+        let passed = verdict.lost == 0
+            && order_violations == 0
+            && verdict.rolled_back_delivered.is_empty()
+            && checker.mismatches.is_empty()
+            && verdict.wrong_content.is_empty()
+            && acknowledged_missing.is_empty()
+            && relays.unexpected_exits.is_empty();
+        let json = serde_json::json!({
+            "seed": seed,
+            "produced": produced,
+            "delivered": checker.delivered(),
+            "lost": verdict.lost,
+            "order_violations": order_violations,
+            "duplicates": checker.duplicates,
+            "faults": records.len(),
+            "longest_recovery_ms": longest_recovery.as_millis() as u64,
+            "passed": passed,
+            "faults_by_kind": kinds.iter().map(|(kind, k)| (kind.name().to_string(), serde_json::json!({
+                "count": k.count,
+                "longest_recovery_ms": k.longest_recovery_ms,
+                "duplicates": k.duplicates,
+                "max_duplicates_per_fault": k.max_duplicates_per_fault,
+                "no_delivery_after": k.no_recovery,
+            }))).collect::<serde_json::Map<_, _>>(),
+            "skipped_faults": fault_log.skipped.iter().map(|(k, why)| serde_json::json!({"kind": k.name(), "why": why})).collect::<Vec<_>>(),
+            "producers": {
+                "committed_txs": stats.committed_txs.load(Ordering::Relaxed),
+                "rolled_back_txs": stats.rolled_back_txs.load(Ordering::Relaxed),
+                "rolled_back_rows": stats.rolled_back_rows.load(Ordering::Relaxed),
+                "rolled_back_delivered": verdict.rolled_back_delivered.len(),
+                "dedup_retries": stats.dedup_retries.load(Ordering::Relaxed),
+                "dedup_reinserted": stats.dedup_reinserted.load(Ordering::Relaxed),
+                "failed_attempts": stats.failed_attempts.load(Ordering::Relaxed),
+                "ambiguous_commits": stats.ambiguous_commits.load(Ordering::Relaxed),
+                "acknowledged_missing": acknowledged_missing.len(),
+            },
+            "consumer": {
+                "deliveries": checker.deliveries,
+                "redeliveries": checker.redeliveries,
+                "duplicate_mismatches": checker.mismatches.len(),
+                "wrong_content": verdict.wrong_content.len(),
+                "unknown_delivered": verdict.unknown_delivered.len(),
+                "reconnects": consumer_reconnects,
+            },
+            "relay": {
+                "processes_started": relays.spawned(),
+                "unexpected_exits": relays.unexpected_exits.len(),
+                "rows_unpublished_at_end": table.unpublished,
+                "rows_parked": table.parked,
+                "rows_retried": table.retried,
+                "drain_ms": drain_time.as_millis() as u64,
+                "slow_recoveries": slow.len(),
+            },
+        });
+        Report {
+            lines,
+            json,
+            passed,
+        }
+    }
+
+    fn print(&self) {
+        for line in &self.lines {
+            println!("{line}");
+        }
+    }
+}

@@ -1,0 +1,554 @@
+//! The faults, injected for real at seeded random times: the relay SIGKILLed and restarted, a
+//! second relay on the same table, broker connections closed, the broker stopped and started,
+//! resource alarms, PostgreSQL sessions terminated and the server restarted, and network faults
+//! through the proxies. Whole-server faults hold the exclusive server-fault lock for their
+//! duration only and always restore the server (guards that restore from `Drop`, and a pending
+//! file that the next run restores from if this one was killed).
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sqlx::Connection;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
+use crate::relays::Relays;
+use crate::setup::{rabbitmqctl, run_tool, run_tool_blocking, Servers, World};
+
+/// Every kind of fault the soak injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FaultKind {
+    RelayKill,
+    TwoRelays,
+    AmqpClose,
+    BrokerRestart,
+    BrokerAlarm,
+    PgTerminate,
+    PgRestart,
+    NetReset,
+    NetSilent,
+    NetLatency,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 10] = [
+        FaultKind::RelayKill,
+        FaultKind::TwoRelays,
+        FaultKind::AmqpClose,
+        FaultKind::BrokerRestart,
+        FaultKind::BrokerAlarm,
+        FaultKind::PgTerminate,
+        FaultKind::PgRestart,
+        FaultKind::NetReset,
+        FaultKind::NetSilent,
+        FaultKind::NetLatency,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::RelayKill => "relay-kill",
+            FaultKind::TwoRelays => "two-relays",
+            FaultKind::AmqpClose => "amqp-close",
+            FaultKind::BrokerRestart => "broker-restart",
+            FaultKind::BrokerAlarm => "broker-alarm",
+            FaultKind::PgTerminate => "pg-terminate",
+            FaultKind::PgRestart => "pg-restart",
+            FaultKind::NetReset => "net-reset",
+            FaultKind::NetSilent => "net-silent",
+            FaultKind::NetLatency => "net-latency",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Faults that touch the whole server and so need the exclusive lock.
+    pub fn is_server_wide(self) -> bool {
+        matches!(
+            self,
+            FaultKind::BrokerRestart | FaultKind::BrokerAlarm | FaultKind::PgRestart
+        )
+    }
+}
+
+/// One injected fault.
+#[derive(Debug, Clone)]
+pub struct FaultRecord {
+    pub kind: FaultKind,
+    pub started: Instant,
+    /// When the fault condition was lifted (recovery is measured from here).
+    pub ended: Instant,
+    pub detail: String,
+}
+
+const LOCK_PATH: &str = "/tmp/obr-server-faults.lock";
+const PENDING_RESTORE: &str = "/tmp/obr-soak-pending-restore.json";
+
+/// `/tmp/obr-server-faults.lock`: held shared for the whole run (so nobody else's whole-server
+/// fault lands in the middle of the soak's figures) and converted to exclusive for the duration
+/// of each of the soak's own whole-server faults.
+pub struct ServerLock {
+    file: Arc<File>,
+}
+
+impl ServerLock {
+    pub async fn shared() -> anyhow::Result<ServerLock> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK_PATH)
+            .with_context(|| format!("opening {LOCK_PATH}"))?;
+        let file = Arc::new(file);
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || f.lock_shared())
+            .await?
+            .with_context(|| format!("taking {LOCK_PATH} shared"))?;
+        Ok(ServerLock { file })
+    }
+
+    /// Converts to exclusive, waiting at most `limit`; `None` when others kept it shared.
+    async fn exclusive(&self, limit: Duration) -> Option<ExclusiveLock> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let f = self.file.clone();
+            let got = tokio::task::spawn_blocking(move || {
+                // A failed conversion has dropped the shared lock: take it back before waiting.
+                let got = f.try_lock().is_ok();
+                if !got {
+                    let _ = f.lock_shared();
+                }
+                got
+            })
+            .await
+            .unwrap_or(false);
+            if got {
+                return Some(ExclusiveLock {
+                    file: self.file.clone(),
+                });
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Back to shared when dropped.
+struct ExclusiveLock {
+    file: Arc<File>,
+}
+
+impl Drop for ExclusiveLock {
+    fn drop(&mut self) {
+        let _ = self.file.lock_shared();
+    }
+}
+
+/// Restores a server when dropped unless [`Restore::done`] already did. The command is also
+/// written to a pending file, so a soak that was SIGKILLed is cleaned up by the next run.
+struct Restore {
+    command: Vec<String>,
+    armed: bool,
+}
+
+impl Restore {
+    fn arm(command: &[&str]) -> Restore {
+        let command: Vec<String> = command.iter().map(|s| s.to_string()).collect();
+        let _ = std::fs::write(
+            PENDING_RESTORE,
+            serde_json::to_string(&command).unwrap_or_default(),
+        );
+        Restore {
+            command,
+            armed: true,
+        }
+    }
+
+    async fn done(mut self) -> anyhow::Result<()> {
+        let args: Vec<&str> = self.command[1..].iter().map(String::as_str).collect();
+        run_tool(&self.command[0], &args, Duration::from_secs(120)).await?;
+        self.armed = false;
+        let _ = std::fs::remove_file(PENDING_RESTORE);
+        Ok(())
+    }
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if self.armed {
+            eprintln!("soak: restoring the server: {}", self.command.join(" "));
+            let args: Vec<&str> = self.command[1..].iter().map(String::as_str).collect();
+            if let Err(e) = run_tool_blocking(&self.command[0], &args) {
+                eprintln!(
+                    "soak: RESTORE FAILED, fix by hand: {} ({e:#})",
+                    self.command.join(" ")
+                );
+            }
+            let _ = std::fs::remove_file(PENDING_RESTORE);
+        }
+    }
+}
+
+/// Runs the restore command a killed soak left behind, if any.
+pub fn restore_leftovers() {
+    let Ok(text) = std::fs::read_to_string(PENDING_RESTORE) else {
+        return;
+    };
+    let command: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
+    if let Some((tool, args)) = command.split_first() {
+        eprintln!(
+            "soak: an earlier soak did not restore the server; running: {}",
+            command.join(" ")
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Err(e) = run_tool_blocking(tool, &args) {
+            eprintln!("soak: {e:#}");
+        }
+    }
+    let _ = std::fs::remove_file(PENDING_RESTORE);
+}
+
+/// The broker settings an alarm changes, read at start so they are restored exactly.
+#[derive(Debug, Clone)]
+pub struct BrokerOriginals {
+    memory_watermark: Vec<String>,
+    disk_free_limit: String,
+}
+
+impl BrokerOriginals {
+    pub async fn read() -> anyhow::Result<BrokerOriginals> {
+        let memory =
+            rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]).await?;
+        let memory = memory.trim();
+        let memory_watermark = if let Some(abs) = memory.strip_prefix("{absolute,") {
+            vec![
+                "absolute".to_string(),
+                abs.trim_end_matches('}').trim().to_string(),
+            ]
+        } else {
+            let fraction: f64 = memory
+                .parse()
+                .with_context(|| format!("unexpected memory watermark {memory:?}"))?;
+            if fraction < 0.01 {
+                anyhow::bail!(
+                    "the broker's memory watermark is {fraction}: an earlier alarm was not restored; \
+                     run `rabbitmqctl set_vm_memory_high_watermark 0.4` first"
+                );
+            }
+            vec![memory.to_string()]
+        };
+        let disk = rabbitmqctl(&["eval", "rabbit_disk_monitor:get_disk_free_limit()."]).await?;
+        let disk_free_limit = disk.trim().to_string();
+        disk_free_limit
+            .parse::<u64>()
+            .with_context(|| format!("unexpected disk free limit {disk_free_limit:?}"))?;
+        Ok(BrokerOriginals {
+            memory_watermark,
+            disk_free_limit,
+        })
+    }
+}
+
+/// Which proxy a network fault hits.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Postgres,
+    Rabbit,
+    Both,
+}
+
+/// Everything the faults act on.
+pub struct Injector {
+    pub rng: ChaCha8Rng,
+    pub kinds: Vec<FaultKind>,
+    pub mean_gap: Duration,
+    pub relays: Arc<Mutex<Relays>>,
+    pub pg_proxy: Arc<Proxy>,
+    pub amqp_proxy: Arc<Proxy>,
+    pub servers: Servers,
+    pub world: World,
+    pub lock: Arc<ServerLock>,
+    pub broker: Option<BrokerOriginals>,
+    /// (version, cluster) of the PostgreSQL cluster, for pg_ctlcluster.
+    pub pg_cluster: Option<(String, String)>,
+    pub stop: CancellationToken,
+}
+
+/// What the injector did.
+#[derive(Default)]
+pub struct FaultLog {
+    pub records: Vec<FaultRecord>,
+    /// Faults that could not be injected, and why.
+    pub skipped: Vec<(FaultKind, String)>,
+}
+
+impl Injector {
+    pub fn new_rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    /// Injects faults in rounds (every enabled kind once per round, in seeded random order)
+    /// with seeded random gaps, until `stop`.
+    pub async fn run(mut self, log: Arc<std::sync::Mutex<FaultLog>>) {
+        if self.kinds.is_empty() {
+            return;
+        }
+        loop {
+            let mut round = self.kinds.clone();
+            round.shuffle(&mut self.rng);
+            for kind in round {
+                let gap = self.mean_gap.mul_f64(self.rng.random_range(0.5..1.5));
+                if !self.hold(gap).await {
+                    return;
+                }
+                let started = Instant::now();
+                let outcome = self.inject(kind).await;
+                let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                match outcome {
+                    Ok((ended, detail)) => log.records.push(FaultRecord {
+                        kind,
+                        started,
+                        ended,
+                        detail,
+                    }),
+                    Err(e) => {
+                        eprintln!("soak: fault {} not injected: {e:#}", kind.name());
+                        log.skipped.push((kind, format!("{e:#}")));
+                    }
+                }
+                if self.stop.is_cancelled() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sleeps `d` unless stopped; false when stopped.
+    async fn hold(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.stop.cancelled() => false,
+        }
+    }
+
+    fn millis(&mut self, low: u64, high: u64) -> Duration {
+        Duration::from_millis(self.rng.random_range(low..=high))
+    }
+
+    fn target(&mut self) -> Target {
+        match self.rng.random_range(0..3) {
+            0 => Target::Postgres,
+            1 => Target::Rabbit,
+            _ => Target::Both,
+        }
+    }
+
+    fn proxies(&self, target: Target) -> Vec<&Proxy> {
+        match target {
+            Target::Postgres => vec![&*self.pg_proxy],
+            Target::Rabbit => vec![&*self.amqp_proxy],
+            Target::Both => vec![&*self.pg_proxy, &*self.amqp_proxy],
+        }
+    }
+
+    /// Injects one fault; returns when its condition was lifted, and what was done.
+    async fn inject(&mut self, kind: FaultKind) -> anyhow::Result<(Instant, String)> {
+        match kind {
+            FaultKind::RelayKill => {
+                let down = self.millis(0, 1500);
+                let relays = self.relays.clone();
+                let mut relays = relays.lock().await;
+                let killed = relays.running();
+                relays.kill_all().await;
+                self.hold(down).await;
+                relays.spawn()?;
+                Ok((
+                    Instant::now(),
+                    format!("SIGKILLed {killed} relay(s), restarted after {down:?}"),
+                ))
+            }
+            FaultKind::TwoRelays => {
+                let overlap = self.millis(1000, 4000);
+                let kill_newcomer = self.rng.random_bool(0.5);
+                self.relays.lock().await.spawn()?;
+                self.hold(overlap).await;
+                let mut relays = self.relays.lock().await;
+                let victim = if kill_newcomer {
+                    relays.running().saturating_sub(1)
+                } else {
+                    0
+                };
+                relays.kill(victim).await;
+                let which = if kill_newcomer {
+                    "the newcomer"
+                } else {
+                    "the older relay"
+                };
+                Ok((
+                    Instant::now(),
+                    format!("second relay for {overlap:?}, then SIGKILLed {which}"),
+                ))
+            }
+            FaultKind::AmqpClose => {
+                rabbitmqctl(&[
+                    "close_all_connections",
+                    "--vhost",
+                    &self.world.vhost,
+                    "soak",
+                ])
+                .await?;
+                Ok((
+                    Instant::now(),
+                    format!("closed every connection of vhost {}", self.world.vhost),
+                ))
+            }
+            FaultKind::BrokerRestart => {
+                let down = self.millis(500, 3000);
+                let _exclusive = self.exclusive().await?;
+                let restore = Restore::arm(&["rabbitmqctl", "start_app"]);
+                rabbitmqctl(&["stop_app"]).await?;
+                self.hold(down).await;
+                restore.done().await?;
+                Ok((
+                    Instant::now(),
+                    format!("stop_app, start_app after {down:?}"),
+                ))
+            }
+            FaultKind::BrokerAlarm => {
+                let held = self.millis(1000, 5000);
+                let memory = self.rng.random_bool(0.5);
+                let originals = self
+                    .broker
+                    .clone()
+                    .context("broker settings were not read")?;
+                let _exclusive = self.exclusive().await?;
+                let (raise, restore): (Vec<&str>, Vec<&str>) = if memory {
+                    let mut restore = vec!["rabbitmqctl", "set_vm_memory_high_watermark"];
+                    restore.extend(originals.memory_watermark.iter().map(String::as_str));
+                    (vec!["set_vm_memory_high_watermark", "0.0000001"], restore)
+                } else {
+                    (
+                        vec!["set_disk_free_limit", "1000000000000000"],
+                        vec![
+                            "rabbitmqctl",
+                            "set_disk_free_limit",
+                            &originals.disk_free_limit,
+                        ],
+                    )
+                };
+                let restore = Restore::arm(&restore);
+                rabbitmqctl(&raise).await?;
+                self.hold(held).await;
+                restore.done().await?;
+                let which = if memory { "memory" } else { "disk" };
+                Ok((Instant::now(), format!("{which} alarm for {held:?}")))
+            }
+            FaultKind::PgTerminate => {
+                let mut admin = self
+                    .servers
+                    .connect_pg("postgres", "obr-soak-admin")
+                    .await?;
+                let terminated: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE datname = $1 AND application_name = 'outbox-relay'",
+                )
+                .bind(&self.world.database)
+                .fetch_one(&mut admin)
+                .await?;
+                admin.close().await.ok();
+                Ok((
+                    Instant::now(),
+                    format!("terminated {terminated} relay session(s)"),
+                ))
+            }
+            FaultKind::PgRestart => {
+                let down = self.millis(200, 2000);
+                let (version, cluster) = self
+                    .pg_cluster
+                    .clone()
+                    .context("no PostgreSQL cluster found")?;
+                let _exclusive = self.exclusive().await?;
+                let ctl = [
+                    "pg_ctlcluster",
+                    "--skip-systemctl-redirect",
+                    version.as_str(),
+                    cluster.as_str(),
+                ];
+                let mut start = ctl.to_vec();
+                start.push("start");
+                let restore = Restore::arm(&start);
+                let mut stop = ctl[1..].to_vec();
+                stop.extend(["stop", "-m", "fast"]);
+                run_tool("pg_ctlcluster", &stop, Duration::from_secs(120)).await?;
+                self.hold(down).await;
+                restore.done().await?;
+                Ok((
+                    Instant::now(),
+                    format!("stopped (fast), started after {down:?}"),
+                ))
+            }
+            FaultKind::NetReset => {
+                let target = self.target();
+                for p in self.proxies(target) {
+                    p.reset();
+                }
+                Ok((Instant::now(), format!("reset {target:?} connections")))
+            }
+            FaultKind::NetSilent => {
+                let target = self.target();
+                let silent = self.millis(3500, 7000);
+                for p in self.proxies(target) {
+                    p.set_silent(true);
+                }
+                self.hold(silent).await;
+                for p in self.proxies(target) {
+                    p.heal();
+                }
+                Ok((Instant::now(), format!("{target:?} silent for {silent:?}")))
+            }
+            FaultKind::NetLatency => {
+                let target = self.target();
+                let latency = self.millis(20, 250);
+                let held = self.millis(2000, 6000);
+                for p in self.proxies(target) {
+                    p.set_latency(latency);
+                }
+                self.hold(held).await;
+                for p in self.proxies(target) {
+                    p.heal();
+                }
+                Ok((
+                    Instant::now(),
+                    format!("{target:?} +{latency:?} for {held:?}"),
+                ))
+            }
+        }
+    }
+
+    async fn exclusive(&self) -> anyhow::Result<ExclusiveLock> {
+        self.lock
+            .exclusive(Duration::from_secs(120))
+            .await
+            .context("other processes kept /tmp/obr-server-faults.lock shared for 2 minutes")
+    }
+}
+
+/// The cluster serving `port`, from `pg_lsclusters`.
+pub async fn find_pg_cluster(port: u16) -> Option<(String, String)> {
+    let out = run_tool("pg_lsclusters", &["--no-header"], Duration::from_secs(30))
+        .await
+        .ok()?;
+    out.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() >= 3 && f[2] == port.to_string()).then(|| (f[0].to_string(), f[1].to_string()))
+    })
+}

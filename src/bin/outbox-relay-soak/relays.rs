@@ -1,0 +1,161 @@
+//! The real relay binary as child processes: started, SIGKILLed and restarted by the faults,
+//! watched for exits nobody asked for, and stopped with SIGTERM at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+/// The relay processes of the run.
+pub struct Relays {
+    bin: PathBuf,
+    config: PathBuf,
+    dir: PathBuf,
+    children: Vec<RelayChild>,
+    spawned: u32,
+    /// Exits the soak did not cause, with the tail of the relay's log.
+    pub unexpected_exits: Vec<String>,
+}
+
+struct RelayChild {
+    number: u32,
+    child: Child,
+    log: PathBuf,
+}
+
+/// Finds `outbox-relay` next to the soak's own executable.
+pub fn locate_relay_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("finding the soak's own executable")?;
+    let dir = me
+        .parent()
+        .context("the soak's executable has no directory")?;
+    let relay = dir.join("outbox-relay");
+    if !relay.is_file() {
+        anyhow::bail!(
+            "the relay binary {} is missing: build both with `cargo build --release --bins` \
+             (or pass --relay-bin PATH)",
+            relay.display()
+        );
+    }
+    Ok(relay)
+}
+
+impl Relays {
+    pub fn new(bin: PathBuf, config: PathBuf, dir: PathBuf) -> Relays {
+        Relays {
+            bin,
+            config,
+            dir,
+            children: Vec::new(),
+            spawned: 0,
+            unexpected_exits: Vec::new(),
+        }
+    }
+
+    /// Starts one more relay process, logging to `relay-N.log` in the run's folder.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        self.spawned += 1;
+        let log = self.dir.join(format!("relay-{}.log", self.spawned));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.children.push(RelayChild {
+            number: self.spawned,
+            child,
+            log,
+        });
+        Ok(())
+    }
+
+    pub fn running(&self) -> usize {
+        self.children.len()
+    }
+
+    pub fn spawned(&self) -> u32 {
+        self.spawned
+    }
+
+    pub fn logs(&self) -> Vec<PathBuf> {
+        (1..=self.spawned)
+            .map(|n| self.dir.join(format!("relay-{n}.log")))
+            .collect()
+    }
+
+    /// SIGKILLs the relay at `index` (0 = the oldest running one).
+    pub async fn kill(&mut self, index: usize) {
+        if index >= self.children.len() {
+            return;
+        }
+        let mut c = self.children.remove(index);
+        let _ = c.child.start_kill();
+        let _ = c.child.wait().await;
+    }
+
+    pub async fn kill_all(&mut self) {
+        while !self.children.is_empty() {
+            self.kill(0).await;
+        }
+    }
+
+    /// Notices relays that exited on their own, records why, and forgets them.
+    pub fn reap(&mut self) {
+        let mut i = 0;
+        while i < self.children.len() {
+            match self.children[i].child.try_wait() {
+                Ok(Some(status)) => {
+                    let c = self.children.remove(i);
+                    let tail = log_tail(&c.log, 5);
+                    let exit = format!(
+                        "relay {} exited by itself ({status}); last log lines:\n{tail}",
+                        c.number
+                    );
+                    eprintln!("soak: {exit}");
+                    self.unexpected_exits.push(exit);
+                }
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// SIGTERM to every relay, then SIGKILL after `grace`.
+    pub async fn terminate_all(&mut self, grace: Duration) {
+        for c in &self.children {
+            if let Some(pid) = c.child.id() {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status()
+                    .await;
+            }
+        }
+        for mut c in self.children.drain(..) {
+            if tokio::time::timeout(grace, c.child.wait()).await.is_err() {
+                eprintln!(
+                    "soak: relay {} did not stop within {grace:?} of SIGTERM; killing it",
+                    c.number
+                );
+                let _ = c.child.start_kill();
+                let _ = c.child.wait().await;
+            }
+        }
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
