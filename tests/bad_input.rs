@@ -1,0 +1,323 @@
+//! Bad input: a broken config is refused with exit code 78, naming the file and the key,
+//! without a backtrace or a password; rows that can never be published are parked at once
+//! with a clear error while everything else keeps flowing.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use lapin::types::AMQPValue;
+use serde_json::json;
+
+const PG_PASSWORD: &str = "pg-s3cret-pw";
+const AMQP_PASSWORD: &str = "amqp-s3cret-pw";
+
+/// A config file in a fresh temp dir: valid sections with passwords in both URLs, plus `extra`.
+struct ConfigFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    fn new(text: &str) -> ConfigFile {
+        let dir = std::env::temp_dir().join(unique_name());
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("outbox-relay.toml");
+        std::fs::write(&path, text).unwrap();
+        ConfigFile { dir, path }
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn postgres_section() -> String {
+    format!("[postgres]\nurl = \"postgres://postgres:{PG_PASSWORD}@127.0.0.1:5432/app\"\n")
+}
+
+fn rabbitmq_section() -> String {
+    format!("[rabbitmq]\nurl = \"amqp://guest:{AMQP_PASSWORD}@127.0.0.1:5672/%2f\"\n")
+}
+
+const OUTBOX: &str = "[[outbox]]\ntable = \"public.outbox\"\nexchange = \"events\"\n";
+
+/// Runs `command` on a config and checks the contract of a config error: exit 78, the file
+/// and `key` named on stderr, no backtrace, no password anywhere. Returns stderr.
+async fn assert_config_error(text: &str, command: &str, key: &str) -> String {
+    let file = ConfigFile::new(text);
+    let out = run_cli(&file.path, &[command]).await;
+    assert_eq!(out.code, 78, "a config error exits with EX_CONFIG: {out:?}");
+    assert!(
+        out.stderr.contains(&file.path.display().to_string()),
+        "stderr names the file: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(key),
+        "stderr names the key {key:?}: {}",
+        out.stderr
+    );
+    for secret in [PG_PASSWORD, AMQP_PASSWORD] {
+        assert!(
+            !out.stderr.contains(secret) && !out.stdout.contains(secret),
+            "the password leaked: {out:?}"
+        );
+    }
+    for noise in ["panicked", "backtrace", "RUST_BACKTRACE", "stack backtrace"] {
+        assert!(
+            !out.stderr.contains(noise),
+            "no panic or backtrace: {}",
+            out.stderr
+        );
+    }
+    out.stderr
+}
+
+#[tokio::test]
+async fn an_unknown_key_is_a_config_error_naming_the_file_and_the_key() {
+    let text = format!(
+        "{}{}[relay]\nbatch_sise = 10\n{OUTBOX}",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    let stderr = assert_config_error(&text, "check-config", "batch_sise").await;
+    assert!(stderr.contains("relay"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_value_of_the_wrong_type_is_a_config_error_naming_the_key() {
+    let text = format!(
+        "{}{}[relay]\nbatch_size = \"many\"\n{OUTBOX}",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    assert_config_error(&text, "run", "relay.batch_size").await;
+    let text = format!(
+        "{}{}[retry]\ninitial_delay = \"soon\"\n{OUTBOX}",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    assert_config_error(&text, "check-config", "initial_delay").await;
+}
+
+#[tokio::test]
+async fn a_missing_required_key_is_a_config_error_naming_the_key() {
+    let text = format!(
+        "{}[rabbitmq]\nconnection_name = \"x\"\n{OUTBOX}",
+        postgres_section()
+    );
+    assert_config_error(&text, "run", "rabbitmq.url").await;
+    let text = format!(
+        "{}{}[[outbox]]\ntable = \"public.outbox\"\n",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    assert_config_error(&text, "check-config", "exchange").await;
+}
+
+#[tokio::test]
+async fn a_table_name_that_tries_sql_injection_is_refused() {
+    let text = format!(
+        "{}{}[[outbox]]\ntable = \"outbox; DROP TABLE users; --\"\nexchange = \"events\"\n",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    let stderr = assert_config_error(&text, "migrate", "outbox[0].table").await;
+    assert!(
+        stderr.contains("identifier"),
+        "says what a table name may be: {stderr}"
+    );
+    let text = format!(
+        "{}{}[[outbox]]\ntable = 'public.\"outbox\"'\nexchange = \"events\"\n",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    assert_config_error(&text, "migrate", "outbox[0].table").await;
+}
+
+#[tokio::test]
+async fn a_bad_url_is_a_config_error_that_does_not_print_the_password() {
+    let text = format!(
+        "[postgres]\nurl = \"mysql://root:{PG_PASSWORD}@127.0.0.1/app\"\n{}{OUTBOX}",
+        rabbitmq_section()
+    );
+    assert_config_error(&text, "check-config", "postgres.url").await;
+    let text = format!(
+        "{}[rabbitmq]\nurl = \"amqp://guest:{AMQP_PASSWORD}@127.0.0.1:notaport/%2f\"\n{OUTBOX}",
+        postgres_section()
+    );
+    assert_config_error(&text, "run", "rabbitmq.url").await;
+}
+
+#[tokio::test]
+async fn an_invalid_exchange_name_in_the_config_is_a_config_error() {
+    let text = format!(
+        "{}{}[[outbox]]\ntable = \"public.outbox\"\nexchange = \"bad name!\"\n",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    assert_config_error(&text, "check-config", "outbox[0].exchange").await;
+}
+
+#[tokio::test]
+async fn a_bad_value_from_the_environment_is_a_config_error_naming_the_key() {
+    let file = ConfigFile::new(&format!(
+        "{}{}{OUTBOX}",
+        postgres_section(),
+        rabbitmq_section()
+    ));
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&file.path)
+        .arg("check-config")
+        .env("OUTBOX_RELAY__RELAY__BATCH_SIZE", "0")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("relay.batch_size"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_exits_1_without_printing_the_password() {
+    let text = format!(
+        "[postgres]\nurl = \"postgres://postgres:{PG_PASSWORD}@127.0.0.1:1/app\"\nconnect_timeout = \"2s\"\n{}{OUTBOX}",
+        rabbitmq_section()
+    );
+    let file = ConfigFile::new(&text);
+    let out = run_cli(&file.path, &["check-config"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("127.0.0.1:1"),
+        "says which server: {}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains(PG_PASSWORD) && !out.stdout.contains(PG_PASSWORD),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_never_logs_the_passwords_in_its_urls() {
+    let env = TestEnv::new(Setup::new()).await;
+    // The same servers, reached with passwords in the URLs (trust auth ignores the PostgreSQL one).
+    let mut pg = url::Url::parse(&env.pg_url).unwrap();
+    pg.set_password(Some(PG_PASSWORD)).unwrap();
+    let config = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace(&env.pg_url, pg.as_str());
+    std::fs::write(&env.config_path, config).unwrap();
+    let relay = env.start_relay();
+    env.insert(&[NewRow::new("secret-1", "k")]).await;
+    env.consumer.wait_for(1).await;
+    relay.wait_for_log("relaying").await;
+    assert!(
+        relay.log().contains("***"),
+        "URLs are logged redacted: {}",
+        relay.log()
+    );
+    assert!(!relay.log().contains(PG_PASSWORD), "{}", relay.log());
+    let status = env.cli(&["check-config"]).await;
+    assert_eq!(status.code, 0, "{status:?}");
+    assert!(
+        !status.stdout.contains(PG_PASSWORD) && !status.stderr.contains(PG_PASSWORD),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_can_never_be_published_are_parked_at_once_and_other_keys_flow() {
+    let env = TestEnv::new(Setup::new().set("rabbitmq", "max_message_bytes", "2048")).await;
+    let _relay = env.start_relay();
+    let bad = vec![
+        NewRow::new("bad-headers", "bad-1").headers(json!([1])),
+        NewRow::new("bad-exchange", "bad-2").exchange("no spaces allowed!"),
+        NewRow::new("d".repeat(300), "bad-3"),
+        NewRow::new("too-big", "bad-4").payload(json!({ "blob": "x".repeat(4000) })),
+    ];
+    let expected_errors = [
+        "headers must be a JSON object",
+        "exchange name",
+        "dedup_key is 300 bytes",
+        "payload is",
+    ];
+    let mut rows = bad.clone();
+    // Good rows on other keys, and behind each bad row on its own key (held back: hold_key).
+    rows.extend((0..20).map(|i| NewRow::new(format!("good-{i}"), format!("good-{}", i % 5))));
+    let ids = env.insert(&rows).await;
+
+    let received = env.consumer.wait_for(20).await;
+    assert!(
+        received.iter().all(|m| m.message_id.starts_with("good-")),
+        "{received:#?}"
+    );
+    for (i, expected) in expected_errors.iter().enumerate() {
+        let r = env.row(ids[i]).await;
+        assert!(
+            r.parked_at.is_some(),
+            "{} is parked: {r:?}",
+            bad[i].dedup_key
+        );
+        assert_eq!(r.attempts, 1, "parked at once, not retried: {r:?}");
+        let error = r.last_error.clone().unwrap_or_default();
+        assert!(
+            error.contains(expected),
+            "last_error of {}: {error}",
+            r.ordering_key
+        );
+    }
+    let big = env.row(ids[3]).await;
+    assert!(
+        big.last_error.unwrap_or_default().contains("2048"),
+        "names the limit"
+    );
+    env.insert(&[NewRow::new("late-good", "good-0")]).await;
+    env.consumer.wait_for_id("late-good").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_header_objects_arrays_and_nulls_are_delivered() {
+    let env = TestEnv::new(Setup::new()).await;
+    let _relay = env.start_relay();
+    let headers = json!({
+        "nested": {"a": [1, null, "x"], "b": {"c": true}},
+        "list": [1.5, "two", false],
+        "nothing": null,
+        "big": 9_007_199_254_740_993i64,
+    });
+    env.insert(&[NewRow::new("nested-1", "k").headers(headers)])
+        .await;
+    let received = env.consumer.wait_for(1).await;
+    let h = &received[0].headers;
+    assert_eq!(h.get("nothing"), Some(&AMQPValue::Void));
+    assert_eq!(
+        h.get("big"),
+        Some(&AMQPValue::LongLongInt(9_007_199_254_740_993))
+    );
+    let Some(AMQPValue::FieldTable(nested)) = h.get("nested") else {
+        panic!("nested object is a table: {h:?}")
+    };
+    let Some(AMQPValue::FieldArray(a)) = nested.inner().get("a") else {
+        panic!("nested array: {nested:?}")
+    };
+    assert_eq!(a.as_slice()[0], AMQPValue::LongLongInt(1));
+    assert_eq!(a.as_slice()[1], AMQPValue::Void);
+    assert!(matches!(&a.as_slice()[2], AMQPValue::LongString(s) if s.as_bytes() == b"x"));
+    let Some(AMQPValue::FieldTable(b)) = nested.inner().get("b") else {
+        panic!("nested table: {nested:?}")
+    };
+    assert_eq!(b.inner().get("c"), Some(&AMQPValue::Boolean(true)));
+    let Some(AMQPValue::FieldArray(list)) = h.get("list") else {
+        panic!("array: {h:?}")
+    };
+    assert_eq!(list.as_slice()[0], AMQPValue::Double(1.5));
+    assert_eq!(list.as_slice()[2], AMQPValue::Boolean(false));
+    env.wait_all_marked().await;
+}

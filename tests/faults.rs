@@ -1,0 +1,191 @@
+//! Real faults under load: the relay SIGKILLed and restarted, its broker connections closed,
+//! its database sessions terminated, SIGTERM while busy, and a second relay on the same table.
+//! Each time nothing is lost, first deliveries keep per-key order, and duplicates (only from
+//! messages in flight when something broke) carry the same message_id.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+
+const BACKLOG: usize = 4000;
+const KEYS: usize = 40;
+
+/// Everything a fault test promises about the final state: all `expected` rows delivered at
+/// least once, per-key order of first deliveries, one message_id per row, every row marked.
+/// Returns the number of duplicate deliveries.
+async fn assert_nothing_lost(env: &TestEnv, expected: usize) -> usize {
+    let received = env.consumer.wait_for(expected).await;
+    env.wait_all_marked().await;
+    let received = {
+        let _ = received;
+        env.consumer.received()
+    };
+    let all: HashSet<i64> = sqlx::query_scalar::<_, i64>("SELECT id FROM public.outbox")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(all.len(), expected);
+    assert_eq!(
+        delivered_ids(&received),
+        all,
+        "every row delivered at least once"
+    );
+    assert_first_deliveries_in_id_order(&received);
+    assert_duplicates_share_message_id(&received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_batch_and_restarted_loses_nothing_and_keeps_key_order() {
+    let env = TestEnv::new(Setup::new().set("relay", "batch_size", "500")).await;
+    env.insert(&rows_over_keys("kill", KEYS, BACKLOG)).await;
+    let mut first = env.start_relay();
+    env.consumer.wait_for(600).await;
+    first.sigkill();
+    let at_kill = env.consumer.unique_count();
+    assert!(
+        at_kill < BACKLOG,
+        "killed while busy ({at_kill} of {BACKLOG} delivered)"
+    );
+
+    let _second = env.start_relay();
+    let duplicates = assert_nothing_lost(&env, BACKLOG).await;
+    eprintln!(
+        "killed after {at_kill} deliveries; {duplicates} duplicate deliveries after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_closed_under_load_lose_nothing() {
+    let env = TestEnv::new(Setup::new().own_vhost()).await;
+    let vhost = env.vhost.clone().unwrap();
+    let relay = env.start_relay();
+    let producer = Producer::start(&env, "amqp", KEYS, 25, Duration::from_millis(20));
+    env.consumer.wait_for(500).await;
+    // Closes the relay's and the consumer's connections: both are in this test's vhost only.
+    rabbitmqctl(&["close_all_connections", "--vhost", &vhost, "test"]);
+    let at_first = env.consumer.unique_count();
+    env.consumer.wait_for(at_first + 500).await;
+    rabbitmqctl(&["close_all_connections", "--vhost", &vhost, "test"]);
+    let at_second = env.consumer.unique_count();
+    relay.wait_for_log("RabbitMQ unavailable").await;
+    // The relay keeps running and delivers what was written during and after the outages.
+    env.consumer.wait_for(at_second + 500).await;
+    let written = producer.stop().await;
+    let duplicates = assert_nothing_lost(&env, written).await;
+    eprintln!("connections closed at {at_first} and {at_second} of {written} rows; {duplicates} duplicate deliveries");
+    let mut relay = relay;
+    assert!(relay.is_running(), "the daemon survives broker outages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_database_sessions_terminated_under_load_lose_nothing() {
+    let env = TestEnv::new(Setup::new()).await;
+    let relay = env.start_relay();
+    let producer = Producer::start(&env, "pg", KEYS, 25, Duration::from_millis(20));
+    env.consumer.wait_for(500).await;
+    let killed = env.terminate_relay_sessions().await;
+    assert!(killed >= 1, "the relay had sessions to terminate");
+    let at_first = env.consumer.unique_count();
+    env.consumer.wait_for(at_first + 500).await;
+    env.terminate_relay_sessions().await;
+    let at_second = env.consumer.unique_count();
+    relay.wait_for_log("PostgreSQL unavailable").await;
+    env.consumer.wait_for(at_second + 500).await;
+    let written = producer.stop().await;
+    let duplicates = assert_nothing_lost(&env, written).await;
+    eprintln!("sessions terminated at {at_first} and {at_second} of {written} rows; {duplicates} duplicate deliveries");
+    let mut relay = relay;
+    assert!(relay.is_running(), "the daemon survives database outages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_confirms_marks_them_and_exits_0() {
+    let env = TestEnv::new(Setup::new().set("relay", "batch_size", "1000").set(
+        "relay",
+        "max_in_flight",
+        "1000",
+    ))
+    .await;
+    env.insert(&rows_over_keys("term", KEYS, BACKLOG)).await;
+    let mut relay = env.start_relay();
+    env.consumer.wait_for(300).await;
+    relay.sigterm();
+    let status = relay.wait_exit().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a drained shutdown exits 0: {}",
+        relay.log()
+    );
+    assert!(relay.log().contains("relay stopped"), "{}", relay.log());
+
+    // Let every message the broker accepted reach the consumer.
+    eventually("the queue to be empty", || async {
+        env.queue_depth().await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = env.consumer.received();
+    let delivered = delivered_ids(&received);
+    let marked = env.published_ids().await;
+    eprintln!(
+        "SIGTERM: {} of {BACKLOG} delivered and {} marked at exit",
+        delivered.len(),
+        marked.len()
+    );
+    assert!(delivered.len() < BACKLOG, "stopped while busy");
+    let marked_not_received: Vec<_> = marked.difference(&delivered).collect();
+    assert!(
+        marked_not_received.is_empty(),
+        "rows marked but never received: {marked_not_received:?}"
+    );
+    let received_not_marked: Vec<_> = delivered.difference(&marked).collect();
+    assert!(
+        received_not_marked.is_empty(),
+        "confirmed rows left unmarked by the drain ({}): {:?}",
+        received_not_marked.len(),
+        &received_not_marked[..received_not_marked.len().min(20)]
+    );
+
+    let _again = env.start_relay();
+    let duplicates = assert_nothing_lost(&env, BACKLOG).await;
+    assert_eq!(
+        duplicates, 0,
+        "a drained shutdown leaves nothing to publish twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_the_same_table_stands_by_and_takes_over_in_order() {
+    const BATCH: usize = 200;
+    let env = TestEnv::new(Setup::new().set("relay", "batch_size", &BATCH.to_string())).await;
+    let mut active = env.start_relay();
+    active.wait_for_log("relaying").await;
+    let standby = env.start_relay();
+    standby.wait_for_log("standby").await;
+
+    env.insert(&rows_over_keys("two", KEYS, BACKLOG)).await;
+    env.consumer.wait_for(1000).await;
+    let before = env.consumer.received();
+    assert_eq!(
+        assert_duplicates_share_message_id(&before),
+        0,
+        "two relays at once never publish a row twice"
+    );
+    active.sigkill();
+    let duplicates = assert_nothing_lost(&env, BACKLOG).await;
+    assert!(
+        standby.log().contains("relaying"),
+        "the standby took over: {}",
+        standby.log()
+    );
+    assert!(
+        duplicates <= BATCH,
+        "only rows in flight at the kill (one batch at most) go out twice: {duplicates}"
+    );
+}
