@@ -1,0 +1,267 @@
+//! `outbox-relay-bench`: measures the real relay binary against the broker's own limit
+//! (raw lapin publishing) in the same run, plus latency, idle cost, history and the
+//! PostgreSQL-only ceiling. Thin: parses arguments, sets up and tears down the bench's own
+//! database, exchange and queue, runs the scenarios and prints the report.
+
+// A binary's root looks for modules beside itself; these live in the bench's own folder.
+#[path = "outbox-relay-bench/consumer.rs"]
+mod consumer;
+#[path = "outbox-relay-bench/env.rs"]
+mod env;
+#[path = "outbox-relay-bench/process.rs"]
+mod process;
+#[path = "outbox-relay-bench/proxy.rs"]
+mod proxy;
+#[path = "outbox-relay-bench/raw.rs"]
+mod raw;
+#[path = "outbox-relay-bench/report.rs"]
+mod report;
+#[path = "outbox-relay-bench/scenarios.rs"]
+mod scenarios;
+#[path = "outbox-relay-bench/workload.rs"]
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::env::BenchEnv;
+use crate::report::Report;
+
+const AFTER_HELP: &str = "\
+Scenarios (each measures the relay and its baseline in the same run, alternating rounds):
+  drain    backlog of --events rows (1 KiB JSON payloads, 1,000 ordering keys) drained to a
+           durable queue with a live consumer; time from relay start until every row is marked
+           published and received. Baseline: the same messages published from memory with lapin
+           (persistent, mandatory, message_id, headers, confirms, same in-flight window).
+  hot-key  --events/10 rows (at least 2,000) on ONE ordering key. Baseline: raw publishing with
+           one message in flight.
+  latency  --rate events/s (default 1,000) offered by --producers connections (single-row
+           transactions) for --latency-secs; commit->consumer latency p50/p95/p99/max.
+  idle     relay with nothing to do for --idle-secs: its CPU seconds and the statements it sends
+           to PostgreSQL, counted exactly by a protocol-counting TCP proxy in front of the server.
+  history  drain again with 10 x --events already-published rows in the table, alternating with
+           drain on an empty table; ratio history / empty.
+  pg-only  the relay's own fetch + mark statements (library calls) on a backlog of --events rows,
+           no broker: rows/s, i.e. the PostgreSQL ceiling.
+
+Defaults: full run = 100,000 events, 2 rounds, 20 s latency, 10 s idle. --quick = 10,000 events,
+1 round, 5 s latency, 3 s idle (fits in 2 minutes for CI).
+
+The relay binary is taken from the bench's own directory (build both with
+`cargo build --release --bins`). The bench creates a database, an exchange and a durable queue
+with unique names and removes them at the end, also after an error or Ctrl-C. Targets are
+printed next to the figures for information only; the exit code does not depend on them.";
+
+/// Benchmarks outbox-relay against raw publishing to the same RabbitMQ, in one run.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay-bench", version, after_long_help = AFTER_HELP)]
+struct Args {
+    /// PostgreSQL server (any database on it; the bench creates its own).
+    #[arg(
+        long,
+        env = "OBR_BENCH_PG_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pg_url: String,
+    /// RabbitMQ server (the vhost in the URL is used).
+    #[arg(
+        long,
+        env = "OBR_BENCH_AMQP_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// Which scenario to run.
+    #[arg(long, value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// Rows of the drain backlog; the other scenarios scale with it (hot-key /10, history x10).
+    #[arg(long, value_name = "N")]
+    events: Option<u64>,
+    /// Small sizes and short durations for CI (under 2 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Relay and baseline runs per scenario, alternating (default 2, --quick 1); medians are reported.
+    #[arg(long, value_name = "N")]
+    rounds: Option<u32>,
+    /// Offered load of the latency scenario, events per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Producer connections of the latency scenario.
+    #[arg(long, default_value_t = 4)]
+    producers: u32,
+    /// Duration of the latency scenario in seconds (default 20, --quick 5).
+    #[arg(long, value_name = "SECONDS")]
+    latency_secs: Option<u64>,
+    /// Duration of the idle scenario in seconds (default 10, --quick 3).
+    #[arg(long, value_name = "SECONDS")]
+    idle_secs: Option<u64>,
+    /// relay.batch_size given to the relay (and to pg-only).
+    #[arg(long, default_value_t = 1000)]
+    batch_size: u32,
+    /// relay.max_in_flight given to the relay; also the raw baseline's confirm window in drain.
+    #[arg(long, default_value_t = 1000)]
+    max_in_flight: usize,
+    /// The relay binary (default: `outbox-relay` next to this executable).
+    #[arg(long, value_name = "FILE")]
+    relay_bin: Option<PathBuf>,
+    /// Also write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Drain,
+    HotKey,
+    Latency,
+    Idle,
+    History,
+    PgOnly,
+    All,
+}
+
+/// Sizes and durations after --quick, --events and the explicit flags.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: u32,
+    pub drain_rows: u64,
+    pub hot_key_rows: u64,
+    pub history_rows: u64,
+    pub ordering_keys: u64,
+    pub rate: u32,
+    pub producers: u32,
+    pub latency: Duration,
+    pub idle: Duration,
+    pub batch_size: u32,
+    pub max_in_flight: usize,
+}
+
+impl Plan {
+    fn from(args: &Args) -> Plan {
+        let events = args
+            .events
+            .unwrap_or(if args.quick { 10_000 } else { 100_000 })
+            .max(1);
+        Plan {
+            quick: args.quick,
+            rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 2 }).max(1),
+            drain_rows: events,
+            hot_key_rows: (events / 10).max(2_000),
+            history_rows: events * 10,
+            ordering_keys: 1_000,
+            rate: args.rate.max(1),
+            producers: args.producers.max(1),
+            latency: Duration::from_secs(
+                args.latency_secs
+                    .unwrap_or(if args.quick { 5 } else { 20 })
+                    .max(1),
+            ),
+            idle: Duration::from_secs(
+                args.idle_secs
+                    .unwrap_or(if args.quick { 3 } else { 10 })
+                    .max(1),
+            ),
+            batch_size: args.batch_size.max(1),
+            max_in_flight: args.max_in_flight.max(1),
+        }
+    }
+}
+
+fn relay_binary(args: &Args) -> anyhow::Result<PathBuf> {
+    let path = match &args.relay_bin {
+        Some(p) => p.clone(),
+        None => {
+            let exe = std::env::current_exe()?;
+            let dir = exe
+                .parent()
+                .ok_or_else(|| anyhow::anyhow!("cannot tell the directory of {}", exe.display()))?;
+            dir.join("outbox-relay")
+        }
+    };
+    if !path.is_file() {
+        anyhow::bail!(
+            "the relay binary {} is missing: build it next to the bench with `cargo build --release --bins` \
+             (or pass --relay-bin FILE)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outbox-relay-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outbox-relay-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let relay_bin = relay_binary(&args)?;
+    let plan = Plan::from(&args);
+    let mut env = BenchEnv::new(&args.pg_url, &args.amqp_url, relay_bin)?;
+    eprintln!(
+        "outbox-relay-bench: PostgreSQL {}, RabbitMQ {}, database/exchange/queue {}",
+        env.pg_redacted(),
+        env.amqp_redacted(),
+        env.id
+    );
+    let outcome = tokio::select! {
+        outcome = measure(&mut env, &plan, args.scenario) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let kept_logs = outcome.is_err();
+    env.teardown(kept_logs).await;
+    let report = outcome?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.json())?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        eprintln!("outbox-relay-bench: figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+async fn measure(env: &mut BenchEnv, plan: &Plan, scenario: Scenario) -> anyhow::Result<Report> {
+    env.setup().await?;
+    let mut report = Report::new(plan.clone(), env.machine().await);
+    let wants = |s: Scenario| scenario == Scenario::All || scenario == s;
+    if wants(Scenario::Drain) {
+        report.drain = Some(scenarios::drain(env, plan).await?);
+    }
+    if wants(Scenario::HotKey) {
+        report.hot_key = Some(scenarios::hot_key(env, plan).await?);
+    }
+    if wants(Scenario::Latency) {
+        report.latency = Some(scenarios::latency(env, plan).await?);
+    }
+    if wants(Scenario::Idle) {
+        report.idle = Some(scenarios::idle(env, plan).await?);
+    }
+    if wants(Scenario::History) {
+        report.history = Some(scenarios::history(env, plan).await?);
+    }
+    if wants(Scenario::PgOnly) {
+        report.pg_only = Some(scenarios::pg_only(env, plan).await?);
+    }
+    Ok(report)
+}

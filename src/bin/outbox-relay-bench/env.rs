@@ -1,0 +1,358 @@
+//! The bench's own objects: a uniquely named database (with the bench's outbox tables, created
+//! by the relay's `migrate`), a durable exchange and queue, a scratch directory for relay
+//! configs and logs, and the live consumer. Everything made here is removed by `teardown`.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use outbox_relay::config::{quote_ident, SecretUrl, TableName};
+use serde::Serialize;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Connection as _, Executor, PgConnection};
+
+use crate::consumer::Consumer;
+use crate::process::{self, RelayConfig};
+use crate::workload::ROUTING_KEY;
+
+/// The bench's outbox tables, one per scenario so the relay under test only sees its own.
+pub const DRAIN_TABLE: &str = "bench.drain_outbox";
+pub const HOT_KEY_TABLE: &str = "bench.hot_key_outbox";
+pub const LATENCY_TABLE: &str = "bench.latency_outbox";
+pub const IDLE_TABLE: &str = "bench.idle_outbox";
+pub const HISTORY_TABLE: &str = "bench.history_outbox";
+const TABLES: [&str; 5] = [
+    DRAIN_TABLE,
+    HOT_KEY_TABLE,
+    LATENCY_TABLE,
+    IDLE_TABLE,
+    HISTORY_TABLE,
+];
+
+pub fn table(name: &str) -> TableName {
+    // The names above are constants known to be valid.
+    TableName::parse(name).unwrap_or_else(|e| unreachable!("bench table name {name}: {e}"))
+}
+
+pub struct BenchEnv {
+    /// Unique name of this run: the database, exchange and queue are named after it.
+    pub id: String,
+    admin_url: url::Url,
+    /// The bench database (carries the password of --pg-url, if any: never print it).
+    pub db_url: url::Url,
+    pub amqp_url: String,
+    pub exchange: String,
+    pub queue: String,
+    /// Scratch directory: relay configs (may hold passwords, so 0700) and relay logs.
+    pub dir: PathBuf,
+    pub relay_bin: PathBuf,
+    pool: Option<PgPool>,
+    amqp: Option<(Connection, Channel)>,
+    consumer: Option<Consumer>,
+    created_database: bool,
+}
+
+impl BenchEnv {
+    /// Names everything; creates nothing yet.
+    pub fn new(pg_url: &str, amqp_url: &str, relay_bin: PathBuf) -> anyhow::Result<BenchEnv> {
+        let admin_url = url::Url::parse(pg_url).map_err(|_| {
+            anyhow::anyhow!(
+                "--pg-url is not a valid URL: {}",
+                SecretUrl::new(pg_url).redacted()
+            )
+        })?;
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let id = format!("obr_bench_{}_{:x}", std::process::id(), millis);
+        let mut db_url = admin_url.clone();
+        db_url.set_path(&format!("/{id}"));
+        let name = id.replace('_', "-");
+        Ok(BenchEnv {
+            dir: std::env::temp_dir().join(&id),
+            id,
+            admin_url,
+            db_url,
+            amqp_url: amqp_url.to_owned(),
+            exchange: name.clone(),
+            queue: name,
+            relay_bin,
+            pool: None,
+            amqp: None,
+            consumer: None,
+            created_database: false,
+        })
+    }
+
+    pub fn pg_redacted(&self) -> String {
+        SecretUrl::new(self.admin_url.as_str()).redacted()
+    }
+
+    pub fn amqp_redacted(&self) -> String {
+        SecretUrl::new(self.amqp_url.as_str()).redacted()
+    }
+
+    /// Creates the database, the outbox tables (through the relay's own `migrate`), the
+    /// exchange, the queue and the live consumer.
+    pub async fn setup(&mut self) -> anyhow::Result<()> {
+        create_private_dir(&self.dir)?;
+        let mut admin = PgConnection::connect(self.admin_url.as_str())
+            .await
+            .with_context(|| format!("connecting to PostgreSQL at {}", self.pg_redacted()))?;
+        admin
+            .execute(format!("CREATE DATABASE {}", quote_ident(&self.id)).as_str())
+            .await
+            .context("creating the bench database")?;
+        self.created_database = true;
+        let _ = admin.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(self.db_url.as_str())
+            .await
+            .context("connecting to the bench database")?;
+        self.pool = Some(pool);
+
+        let connection = Connection::connect(
+            &self.amqp_url,
+            ConnectionProperties::default()
+                .with_connection_name(format!("{} admin", self.exchange).into()),
+        )
+        .await
+        .with_context(|| format!("connecting to RabbitMQ at {}", self.amqp_redacted()))?;
+        let channel = connection.create_channel().await?;
+        channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("declaring the bench exchange")?;
+        channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("declaring the bench queue")?;
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.amqp = Some((connection, channel));
+
+        let tables: Vec<TableName> = TABLES.iter().map(|t| table(t)).collect();
+        let config = RelayConfig::new(self, &tables).write(&self.dir.join("migrate.toml"))?;
+        process::migrate(&self.relay_bin, &config, &self.dir.join("migrate.log")).await?;
+        self.consumer = Some(Consumer::start(&self.amqp_url, &self.queue, &self.exchange).await?);
+        Ok(())
+    }
+
+    pub fn pool(&self) -> anyhow::Result<&PgPool> {
+        self.pool
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the bench database is not set up"))
+    }
+
+    pub fn consumer(&self) -> anyhow::Result<&Consumer> {
+        self.consumer
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the consumer is not running"))
+    }
+
+    /// Empties the queue between rounds (it should already be empty: the consumer is live).
+    pub async fn purge_queue(&self) -> anyhow::Result<()> {
+        let (_, channel) = self
+            .amqp
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("RabbitMQ is not set up"))?;
+        channel
+            .queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .context("purging the bench queue")?;
+        Ok(())
+    }
+
+    /// Removes everything `setup` made, as far as it got. Best effort: problems are printed.
+    pub async fn teardown(&mut self, keep_logs: bool) {
+        if let Some(consumer) = self.consumer.take() {
+            consumer.stop().await;
+        }
+        if let Some(pool) = self.pool.take() {
+            pool.close().await;
+        }
+        if let Some((connection, _)) = self.amqp.take() {
+            let _ = connection.close(200, "bench done".into()).await;
+        }
+        if let Err(e) = self.delete_broker_objects().await {
+            eprintln!(
+                "outbox-relay-bench: could not delete exchange/queue {}: {e:#}",
+                self.queue
+            );
+        }
+        if self.created_database {
+            if let Err(e) = self.drop_database().await {
+                eprintln!(
+                    "outbox-relay-bench: could not drop database {}: {e:#}",
+                    self.id
+                );
+            }
+        }
+        if keep_logs {
+            eprintln!(
+                "outbox-relay-bench: relay configs and logs kept in {}",
+                self.dir.display()
+            );
+        } else if self.dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn delete_broker_objects(&self) -> anyhow::Result<()> {
+        let connection = Connection::connect(
+            &self.amqp_url,
+            ConnectionProperties::default()
+                .with_connection_name(format!("{} cleanup", self.exchange).into()),
+        )
+        .await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await?;
+        let _ = connection.close(200, "bench cleanup".into()).await;
+        Ok(())
+    }
+
+    async fn drop_database(&self) -> anyhow::Result<()> {
+        let mut admin = PgConnection::connect(self.admin_url.as_str()).await?;
+        // FORCE ends the sessions of a relay that did not stop (only this run's database).
+        admin
+            .execute(
+                format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_ident(&self.id)
+                )
+                .as_str(),
+            )
+            .await?;
+        let _ = admin.close().await;
+        Ok(())
+    }
+
+    /// Transactions committed plus rolled back in the bench database, from the statistics
+    /// (read from the admin database so this reading does not count itself).
+    pub async fn database_transactions(&self) -> anyhow::Result<i64> {
+        let mut admin = PgConnection::connect(self.admin_url.as_str()).await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
+        )
+        .bind(&self.id)
+        .fetch_one(&mut admin)
+        .await?;
+        let _ = admin.close().await;
+        Ok(n)
+    }
+
+    /// What the figures were measured on.
+    pub async fn machine(&self) -> Machine {
+        let mut machine = Machine {
+            nproc: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            memory_gib: read_meminfo_kib("MemTotal").map(|k| k as f64 / 1024.0 / 1024.0),
+            cpu: std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_owned())
+            }),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .ok()
+                .map(|s| s.trim().to_owned()),
+            postgresql: None,
+            postgresql_settings: None,
+            rabbitmq: rabbitmq_version().await,
+        };
+        if let Ok(pool) = self.pool() {
+            machine.postgresql = sqlx::query_scalar("SHOW server_version")
+                .fetch_one(pool)
+                .await
+                .ok();
+            machine.postgresql_settings = sqlx::query_scalar(
+                "SELECT string_agg(name || '=' || setting || coalesce(unit, ''), ', ' ORDER BY name) FROM pg_settings \
+                 WHERE name IN ('synchronous_commit', 'fsync', 'shared_buffers', 'wal_level', 'max_wal_size')",
+            )
+            .fetch_one(pool)
+            .await
+            .ok();
+        }
+        machine
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub memory_gib: Option<f64>,
+    pub cpu: Option<String>,
+    pub kernel: Option<String>,
+    pub postgresql: Option<String>,
+    pub postgresql_settings: Option<String>,
+    pub rabbitmq: Option<String>,
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+fn read_meminfo_kib(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{key}:")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The broker's version via `rabbitmqctl version` (only meaningful for a local broker).
+async fn rabbitmq_version() -> Option<String> {
+    let run = tokio::process::Command::new("rabbitmqctl")
+        .arg("version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(15), run).await {
+        Ok(Ok(out)) if out.status.success() => {
+            Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()).filter(|s| !s.is_empty())
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,234 @@
+//! The real relay binary as a child process: its generated config file, `migrate`, `run`, and
+//! what the kernel says about it (CPU seconds from /proc/<pid>/stat, peak RSS from VmHWM).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use outbox_relay::config::TableName;
+use tokio::process::{Child, Command};
+
+use crate::env::BenchEnv;
+
+/// The relay's settings for one bench run (written as TOML).
+pub struct RelayConfig {
+    pg_url: String,
+    amqp_url: String,
+    connection_name: String,
+    exchange: String,
+    tables: Vec<TableName>,
+    batch_size: u32,
+    max_in_flight: usize,
+    poll_interval: Duration,
+}
+
+impl RelayConfig {
+    /// Defaults of the relay for everything the bench does not set.
+    pub fn new(env: &BenchEnv, tables: &[TableName]) -> RelayConfig {
+        RelayConfig {
+            pg_url: env.db_url.to_string(),
+            amqp_url: env.amqp_url.clone(),
+            connection_name: env.exchange.clone(),
+            exchange: env.exchange.clone(),
+            tables: tables.to_vec(),
+            batch_size: 1000,
+            max_in_flight: 1000,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+
+    pub fn window(mut self, batch_size: u32, max_in_flight: usize) -> Self {
+        self.batch_size = batch_size;
+        self.max_in_flight = max_in_flight;
+        self
+    }
+
+    pub fn pg_url(mut self, url: &url::Url) -> Self {
+        self.pg_url = url.to_string();
+        self
+    }
+
+    pub fn poll_interval(&self) -> Duration {
+        self.poll_interval
+    }
+
+    /// Writes the file (mode 0600: it may carry passwords) and returns its path.
+    pub fn write(&self, path: &Path) -> anyhow::Result<PathBuf> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // JSON string literals are valid TOML basic strings.
+        let s = |v: &str| serde_json::Value::String(v.to_owned()).to_string();
+        let mut text = format!(
+            "[postgres]\nurl = {}\n\n[rabbitmq]\nurl = {}\nconnection_name = {}\n\n\
+             [relay]\nbatch_size = {}\nmax_in_flight = {}\npoll_interval = \"{}ms\"\nnotify = true\n\n\
+             [log]\nlevel = \"info\"\n",
+            s(&self.pg_url),
+            s(&self.amqp_url),
+            s(&self.connection_name),
+            self.batch_size,
+            self.max_in_flight,
+            self.poll_interval.as_millis()
+        );
+        for table in &self.tables {
+            text += &format!(
+                "\n[[outbox]]\ntable = {}\nexchange = {}\n",
+                s(&table.to_string()),
+                s(&self.exchange)
+            );
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        file.write_all(text.as_bytes())?;
+        Ok(path.to_owned())
+    }
+}
+
+/// Runs `outbox-relay --config FILE migrate` and fails with its output when it fails.
+pub async fn migrate(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<()> {
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("migrate")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut text = out.stdout.clone();
+    text.extend_from_slice(&out.stderr);
+    let _ = std::fs::write(log, &text);
+    if !out.status.success() {
+        anyhow::bail!(
+            "`outbox-relay migrate` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&text).trim()
+        );
+    }
+    Ok(())
+}
+
+/// CPU time and memory of a process, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// utime + stime, seconds.
+    pub cpu_s: f64,
+    /// VmHWM: the peak resident set size, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// A running `outbox-relay run`.
+pub struct RelayProcess {
+    child: Child,
+    pid: u32,
+    log: PathBuf,
+    pub started: Instant,
+}
+
+impl RelayProcess {
+    /// Starts the relay with `config`; its stdout and stderr go to `log`.
+    pub fn start(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<RelayProcess> {
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = file.try_clone()?;
+        let started = Instant::now();
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("the relay exited at once; see {}", log.display()))?;
+        Ok(RelayProcess {
+            child,
+            pid,
+            log: log.to_owned(),
+            started,
+        })
+    }
+
+    /// Fails (with the end of its log) if the relay has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            anyhow::bail!("the relay exited early ({status}): {}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// CPU seconds and peak RSS so far.
+    pub fn usage(&self) -> anyhow::Result<Usage> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .with_context(|| format!("reading /proc/{}/stat", self.pid))?;
+        // Fields after the command name (which may contain spaces) start with the state, so
+        // utime and stime (fields 14 and 15 of proc(5)) are the 12th and 13th after it.
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| anyhow::anyhow!("unexpected /proc/{}/stat", self.pid))?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu_s = (ticks(11) + ticks(12)) as f64 / per_second;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let hwm_kib = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(Usage {
+            cpu_s,
+            peak_rss_mib: hwm_kib as f64 / 1024.0,
+        })
+    }
+
+    /// Reads the usage, then stops the relay with SIGTERM as systemd would, and checks that it
+    /// drained and exited cleanly.
+    pub async fn stop(mut self) -> anyhow::Result<Usage> {
+        self.check_alive()?;
+        let usage = self.usage()?;
+        // SAFETY: signalling our own child, whose pid is still ours (it has not been reaped).
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(usage),
+            Ok(Ok(status)) => anyhow::bail!(
+                "the relay exited with {status} after SIGTERM: {}",
+                self.log_tail()
+            ),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                anyhow::bail!(
+                    "the relay did not stop within 30 s of SIGTERM: {}",
+                    self.log_tail()
+                )
+            }
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+        format!("{} (log {})", tail.trim(), self.log.display())
+    }
+}

@@ -1,0 +1,551 @@
+//! The six scenarios. Each prepares its table, runs the relay (a child process) and its
+//! baseline in alternating rounds, and returns the raw figures; `report` turns them into
+//! medians and ratios.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use outbox_relay::config::{OnExhausted, PostgresSettings, SecretUrl, TableName};
+use outbox_relay::message;
+use outbox_relay::store::{Store, TableSql};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::oneshot;
+
+use crate::env::{self, BenchEnv};
+use crate::process::{RelayConfig, RelayProcess};
+use crate::proxy::CountingProxy;
+use crate::report::{Comparison, History, Idle, Latency, PgOnly, PgOnlyRun, Run};
+use crate::workload::{self, EVENT_TYPE, ROUTING_KEY};
+use crate::{raw, Plan};
+
+/// Backlog drained by the relay versus the same messages published raw with the same window.
+pub async fn drain(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Comparison> {
+    let table = env::table(env::DRAIN_TABLE);
+    compare(
+        env,
+        plan,
+        "drain",
+        &table,
+        plan.drain_rows,
+        plan.ordering_keys,
+        plan.max_in_flight,
+    )
+    .await
+}
+
+/// One ordering key: the relay may only have one message in flight; so has the baseline.
+pub async fn hot_key(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Comparison> {
+    let table = env::table(env::HOT_KEY_TABLE);
+    compare(env, plan, "hot-key", &table, plan.hot_key_rows, 1, 1).await
+}
+
+async fn compare(
+    env: &BenchEnv,
+    plan: &Plan,
+    name: &str,
+    table: &TableName,
+    rows: u64,
+    keys: u64,
+    raw_window: usize,
+) -> anyhow::Result<Comparison> {
+    let mut result = Comparison {
+        rows,
+        keys,
+        raw_window,
+        relay: Vec::new(),
+        raw: Vec::new(),
+    };
+    for round in 1..=plan.rounds {
+        let tag = format!("{name}{round}raw");
+        prepare_backlog(env, table, &tag, rows, keys).await?;
+        let raw = raw_round(env, table, &tag, rows, raw_window).await?;
+        progress(name, round, plan.rounds, "raw", &raw);
+        result.raw.push(raw);
+
+        let tag = format!("{name}{round}relay");
+        prepare_backlog(env, table, &tag, rows, keys).await?;
+        let relay = relay_round(env, plan, table, &tag, rows).await?;
+        progress(name, round, plan.rounds, "relay", &relay);
+        result.relay.push(relay);
+    }
+    Ok(result)
+}
+
+fn progress(name: &str, round: u32, rounds: u32, who: &str, run: &Run) {
+    let usage = run
+        .usage
+        .map(|u| {
+            format!(
+                ", relay cpu {:.2} s, peak RSS {:.1} MiB",
+                u.cpu_s, u.peak_rss_mib
+            )
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "  {name} round {round}/{rounds}: {who:<7} {:>9.0} events/s ({:.2} s{usage})",
+        run.events_per_s, run.seconds
+    );
+}
+
+/// An empty table with `rows` fresh pending rows, vacuumed and analyzed.
+async fn prepare_backlog(
+    env: &BenchEnv,
+    table: &TableName,
+    tag: &str,
+    rows: u64,
+    keys: u64,
+) -> anyhow::Result<()> {
+    let pool = env.pool()?;
+    workload::truncate(pool, table).await?;
+    workload::seed(pool, table, tag, rows, keys, false).await?;
+    workload::vacuum_analyze(pool, table).await
+}
+
+/// Publishes the table's pending rows from memory with lapin (built by the relay's own
+/// message code, so properties and headers are identical), `window` confirms in flight.
+async fn raw_round(
+    env: &BenchEnv,
+    table: &TableName,
+    tag: &str,
+    rows: u64,
+    window: usize,
+) -> anyhow::Result<Run> {
+    let pending = workload::load_pending(env.pool()?, table).await?;
+    let table_name = table.to_string();
+    let messages = pending
+        .iter()
+        .map(|row| message::build(row, &table_name, &env.exchange, usize::MAX))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("building the raw messages: {e}"))?;
+    drop(pending);
+    env.purge_queue().await?;
+    let consumer = env.consumer()?;
+    let all_received = consumer.expect(tag, rows as usize, false);
+    let started = Instant::now();
+    raw::publish_all(
+        &env.amqp_url,
+        &format!("{} raw", env.exchange),
+        &messages,
+        window,
+    )
+    .await?;
+    wait_for_consumer(env, None, Some(table), all_received, rows, deadline(rows)).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let got = consumer.finish();
+    Ok(Run {
+        events_per_s: rows as f64 / seconds,
+        seconds,
+        startup_ms: got
+            .first
+            .map(|f| f.duration_since(started).as_secs_f64() * 1000.0),
+        usage: None,
+        duplicates: got.duplicates,
+    })
+}
+
+/// Starts the relay on the table's backlog and times it from start until every row is
+/// received by the consumer and marked published.
+async fn relay_round(
+    env: &BenchEnv,
+    plan: &Plan,
+    table: &TableName,
+    tag: &str,
+    rows: u64,
+) -> anyhow::Result<Run> {
+    env.purge_queue().await?;
+    let consumer = env.consumer()?;
+    let all_received = consumer.expect(tag, rows as usize, false);
+    let config = RelayConfig::new(env, std::slice::from_ref(table))
+        .window(plan.batch_size, plan.max_in_flight)
+        .write(&env.dir.join(format!("{tag}.toml")))?;
+    let mut relay =
+        RelayProcess::start(&env.relay_bin, &config, &env.dir.join(format!("{tag}.log")))?;
+    let started = relay.started;
+    wait_for_consumer(
+        env,
+        Some(&mut relay),
+        Some(table),
+        all_received,
+        rows,
+        deadline(rows),
+    )
+    .await?;
+    let pool = env.pool()?;
+    while !workload::all_published(pool, table).await? {
+        relay.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let usage = relay.stop().await?;
+    let got = consumer.finish();
+    Ok(Run {
+        events_per_s: rows as f64 / seconds,
+        seconds,
+        startup_ms: got
+            .first
+            .map(|f| f.duration_since(started).as_secs_f64() * 1000.0),
+        usage: Some(usage),
+        duplicates: got.duplicates,
+    })
+}
+
+/// Generous: a minute plus 5 ms per row.
+fn deadline(rows: u64) -> Duration {
+    Duration::from_secs(60) + Duration::from_millis(5 * rows)
+}
+
+/// Waits until the consumer has every message of the round, watching the relay (if any)
+/// and failing clearly on a timeout.
+async fn wait_for_consumer(
+    env: &BenchEnv,
+    mut relay: Option<&mut RelayProcess>,
+    table: Option<&TableName>,
+    all_received: oneshot::Receiver<Instant>,
+    expected: u64,
+    timeout: Duration,
+) -> anyhow::Result<Instant> {
+    let until = tokio::time::Instant::now() + timeout;
+    tokio::pin!(all_received);
+    loop {
+        tokio::select! {
+            done = &mut all_received => {
+                return done.map_err(|_| anyhow::anyhow!("the consumer stopped"));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                if let Some(relay) = relay.as_deref_mut() {
+                    relay.check_alive()?;
+                }
+                if tokio::time::Instant::now() >= until {
+                    let received = env.consumer()?.progress();
+                    let rows = match table {
+                        Some(t) => match workload::pending_count(env.pool()?, t).await {
+                            Ok((pending, failed)) => format!("; {t} has {pending} unpublished rows, {failed} failed or parked"),
+                            Err(e) => format!("; counting the rows of {t} failed: {e:#}"),
+                        },
+                        None => String::new(),
+                    };
+                    anyhow::bail!(
+                        "only {received} of {expected} messages arrived within {} s{rows}",
+                        timeout.as_secs()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Steady offered load from several producer connections; commit-to-consumer latency.
+pub async fn latency(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Latency> {
+    let table = env::table(env::LATENCY_TABLE);
+    let config = RelayConfig::new(env, std::slice::from_ref(&table))
+        .window(plan.batch_size, plan.max_in_flight)
+        .write(&env.dir.join("latency.toml"))?;
+    let mut relay = RelayProcess::start(&env.relay_bin, &config, &env.dir.join("latency.log"))?;
+    warm_up(env, &mut relay, &table, "latwarm").await?;
+
+    let total = (plan.rate as u64 * plan.latency.as_secs()) as usize;
+    let consumer = env.consumer()?;
+    let all_received = consumer.expect("lat", total, true);
+    let mut producers = Vec::new();
+    let period = Duration::from_secs_f64(1.0 / plan.rate as f64);
+    let base = Instant::now() + Duration::from_millis(200);
+    for p in 0..plan.producers as usize {
+        let mut connection = PgConnection::connect(env.db_url.as_str())
+            .await
+            .context("connecting a producer")?;
+        let sql = format!(
+            "INSERT INTO {} (dedup_key, ordering_key, routing_key, event_type, payload) VALUES ($1, $2, $3, $4, $5::jsonb)",
+            table.quoted()
+        );
+        let (step, keys) = (plan.producers as usize, plan.ordering_keys);
+        producers.push(tokio::spawn(async move {
+            let mut commits = Vec::with_capacity(total / step + 1);
+            let mut late = Duration::ZERO;
+            for i in (p..total).step_by(step) {
+                let due = base + period * i as u32;
+                tokio::time::sleep_until(due.into()).await;
+                late = late.max(Instant::now().saturating_duration_since(due));
+                // One row, one transaction (autocommit): the commit is acknowledged when
+                // execute returns.
+                sqlx::query(&sql)
+                    .bind(format!("lat-{i}"))
+                    .bind(workload::ordering_key(i as u64, keys))
+                    .bind(ROUTING_KEY)
+                    .bind(EVENT_TYPE)
+                    .bind(workload::payload(i as u64))
+                    .execute(&mut connection)
+                    .await?;
+                commits.push((i, Instant::now()));
+            }
+            let _ = connection.close().await;
+            Ok::<_, sqlx::Error>((commits, late))
+        }));
+    }
+    let mut commits = Vec::with_capacity(total);
+    let mut most_late = Duration::ZERO;
+    for producer in producers {
+        let (mine, late) = producer.await?.context("a producer's insert failed")?;
+        commits.extend(mine);
+        most_late = most_late.max(late);
+    }
+    wait_for_consumer(
+        env,
+        Some(&mut relay),
+        Some(&table),
+        all_received,
+        total as u64,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let got = consumer.finish();
+    let usage = relay.stop().await?;
+
+    let times = got.times.unwrap_or_default();
+    let mut micros = Vec::with_capacity(total);
+    let mut before_ack = 0;
+    for (i, committed) in &commits {
+        let Some(Some(received)) = times.get(*i) else {
+            continue;
+        };
+        if received < committed {
+            before_ack += 1;
+        }
+        micros.push(received.saturating_duration_since(*committed).as_micros() as u64);
+    }
+    micros.sort_unstable();
+    let first = commits.iter().map(|(_, t)| *t).min();
+    let last = commits.iter().map(|(_, t)| *t).max();
+    let span = match (first, last) {
+        (Some(f), Some(l)) if l > f => l.duration_since(f).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok(Latency {
+        offered_rate: plan.rate,
+        producers: plan.producers,
+        seconds: plan.latency.as_secs(),
+        events: total as u64,
+        committed_rate: if span > 0.0 {
+            (commits.len() - 1) as f64 / span
+        } else {
+            0.0
+        },
+        producer_most_late_ms: most_late.as_secs_f64() * 1000.0,
+        micros,
+        received_before_commit_ack: before_ack,
+        duplicates: got.duplicates,
+        usage,
+    })
+}
+
+/// Inserts one row and waits until the consumer has it and the relay marked it: the relay is
+/// connected, listening and idle afterwards.
+async fn warm_up(
+    env: &BenchEnv,
+    relay: &mut RelayProcess,
+    table: &TableName,
+    tag: &str,
+) -> anyhow::Result<()> {
+    let consumer = env.consumer()?;
+    let received = consumer.expect(tag, 1, false);
+    let pool = env.pool()?;
+    workload::seed(pool, table, tag, 1, 1, false).await?;
+    wait_for_consumer(
+        env,
+        Some(relay),
+        Some(table),
+        received,
+        1,
+        Duration::from_secs(60),
+    )
+    .await?;
+    consumer.finish();
+    while !workload::all_published(pool, table).await? {
+        relay.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// The relay with nothing to do: CPU and the statements it sends, counted by a proxy.
+pub async fn idle(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Idle> {
+    let table = env::table(env::IDLE_TABLE);
+    let host = env
+        .db_url
+        .host_str()
+        .ok_or_else(|| anyhow::anyhow!("the idle scenario needs a TCP host in --pg-url"))?;
+    let upstream = format!("{}:{}", host, env.db_url.port().unwrap_or(5432));
+    let proxy = CountingProxy::start(upstream).await?;
+    let mut proxied = env.db_url.clone();
+    let _ = proxied.set_host(Some("127.0.0.1"));
+    let _ = proxied.set_port(Some(proxy.port));
+    let query: Vec<(String, String)> = proxied
+        .query_pairs()
+        .filter(|(k, _)| k != "sslmode")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    proxied
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(query)
+        .append_pair("sslmode", "disable");
+
+    let config = RelayConfig::new(env, std::slice::from_ref(&table))
+        .window(plan.batch_size, plan.max_in_flight)
+        .pg_url(&proxied);
+    let poll = config.poll_interval();
+    let path = config.write(&env.dir.join("idle.toml"))?;
+    let mut relay = RelayProcess::start(&env.relay_bin, &path, &env.dir.join("idle.log"))?;
+    warm_up(env, &mut relay, &table, "idlewarm").await?;
+    // Let the relay finish the turn after the warm-up batch and settle into waiting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (count0, usage0, xacts0) = (
+        proxy.counted(),
+        relay.usage()?,
+        env.database_transactions().await?,
+    );
+    let started = Instant::now();
+    tokio::time::sleep(plan.idle).await;
+    let (count1, usage1, xacts1) = (
+        proxy.counted(),
+        relay.usage()?,
+        env.database_transactions().await?,
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    let usage = relay.stop().await?;
+    proxy.stop();
+
+    let counted = count1 - count0;
+    let statements_per_s = counted.statements as f64 / seconds;
+    Ok(Idle {
+        seconds,
+        cpu_s: usage1.cpu_s - usage0.cpu_s,
+        statements: counted.statements,
+        statements_per_s,
+        statements_per_poll_interval: statements_per_s * poll.as_secs_f64(),
+        round_trips_per_s: counted.round_trips as f64 / seconds,
+        transactions_per_s: (xacts1 - xacts0) as f64 / seconds,
+        poll_interval_s: poll.as_secs_f64(),
+        usage,
+    })
+}
+
+/// Drain with already-published history in the table versus drain on an empty table.
+pub async fn history(env: &BenchEnv, plan: &Plan) -> anyhow::Result<History> {
+    let empty = env::table(env::DRAIN_TABLE);
+    let hist = env::table(env::HISTORY_TABLE);
+    let pool = env.pool()?;
+    let seeded = workload::seed(
+        pool,
+        &hist,
+        "history",
+        plan.history_rows,
+        plan.ordering_keys,
+        true,
+    )
+    .await?;
+    workload::vacuum_analyze(pool, &hist).await?;
+    eprintln!(
+        "  history: {} published rows inserted in {:.1} s",
+        plan.history_rows,
+        seeded.as_secs_f64()
+    );
+    let mut result = History {
+        history_rows: plan.history_rows,
+        rows: plan.drain_rows,
+        empty: Vec::new(),
+        history: Vec::new(),
+    };
+    for round in 1..=plan.rounds {
+        let tag = format!("hempty{round}");
+        prepare_backlog(env, &empty, &tag, plan.drain_rows, plan.ordering_keys).await?;
+        let run = relay_round(env, plan, &empty, &tag, plan.drain_rows).await?;
+        progress("history", round, plan.rounds, "empty", &run);
+        result.empty.push(run);
+
+        let tag = format!("hbacklog{round}");
+        workload::delete_tag_prefix(pool, &hist, "hbacklog").await?;
+        workload::seed(
+            pool,
+            &hist,
+            &tag,
+            plan.drain_rows,
+            plan.ordering_keys,
+            false,
+        )
+        .await?;
+        workload::vacuum_analyze(pool, &hist).await?;
+        let run = relay_round(env, plan, &hist, &tag, plan.drain_rows).await?;
+        progress("history", round, plan.rounds, "history", &run);
+        result.history.push(run);
+    }
+    Ok(result)
+}
+
+/// The relay's own fetch and mark statements on a backlog, through the library, no broker.
+pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
+    let table = env::table(env::DRAIN_TABLE);
+    let settings = PostgresSettings {
+        url: SecretUrl::new(env.db_url.as_str()),
+        max_connections: 4,
+        connect_timeout: Duration::from_secs(10),
+        statement_timeout: Duration::from_secs(30),
+    };
+    let mut result = PgOnly {
+        rows: plan.drain_rows,
+        batch_size: plan.batch_size,
+        runs: Vec::new(),
+    };
+    for round in 1..=plan.rounds {
+        prepare_backlog(
+            env,
+            &table,
+            &format!("pgonly{round}"),
+            plan.drain_rows,
+            plan.ordering_keys,
+        )
+        .await?;
+        let store = Store::connect(&settings).await?;
+        let sql = TableSql::new(&table, OnExhausted::HoldKey);
+        let mut lock = store.open_lock(&table, false).await?;
+        if !lock.try_acquire().await? {
+            anyhow::bail!("pg-only: the table lock of {table} is held by someone else");
+        }
+        let guard = lock
+            .held()
+            .ok_or_else(|| anyhow::anyhow!("pg-only: the lock was not held"))?;
+        let (mut fetch, mut mark, mut done) = (Duration::ZERO, Duration::ZERO, 0u64);
+        let started = Instant::now();
+        loop {
+            let t = Instant::now();
+            let rows = store.fetch_due(&sql, &guard, plan.batch_size, &[]).await?;
+            fetch += t.elapsed();
+            if rows.is_empty() {
+                break;
+            }
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let t = Instant::now();
+            store.mark_published(&sql, &ids).await?;
+            mark += t.elapsed();
+            done += ids.len() as u64;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        lock.release().await;
+        store.close().await;
+        if done != plan.drain_rows {
+            anyhow::bail!("pg-only: fetched {done} rows of {}", plan.drain_rows);
+        }
+        let run = PgOnlyRun {
+            rows_per_s: done as f64 / seconds,
+            seconds,
+            fetch_s: fetch.as_secs_f64(),
+            mark_s: mark.as_secs_f64(),
+        };
+        eprintln!(
+            "  pg-only round {round}/{}: {:>9.0} rows/s (fetch {:.2} s, mark {:.2} s)",
+            plan.rounds, run.rows_per_s, run.fetch_s, run.mark_s
+        );
+        result.runs.push(run);
+    }
+    Ok(result)
+}
