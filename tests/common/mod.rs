@@ -106,6 +106,7 @@ pub struct Setup {
     table: String,
     vhost: bool,
     relay_declares_exchange: bool,
+    migrate: bool,
     bindings: Vec<String>,
     /// (section, key, TOML value) written into the config, overriding the defaults below.
     settings: Vec<(String, String, String)>,
@@ -123,6 +124,7 @@ impl Setup {
             table: "public.outbox".into(),
             vhost: false,
             relay_declares_exchange: false,
+            migrate: true,
             bindings: vec!["#".into()],
             settings: Vec::new(),
         }
@@ -144,6 +146,12 @@ impl Setup {
     /// the queue with [`TestEnv::bind_when_declared`] once the relay has run.
     pub fn relay_declares_exchange(mut self) -> Self {
         self.relay_declares_exchange = true;
+        self
+    }
+
+    /// Leave the database empty: the test runs `outbox-relay migrate` itself.
+    pub fn without_migrate(mut self) -> Self {
+        self.migrate = false;
         self
     }
 
@@ -251,8 +259,10 @@ impl TestEnv {
         }
         let _ = channel.close(200, "setup done".into()).await;
 
-        let migrated = env.cli(&["migrate"]).await;
-        assert_eq!(migrated.code, 0, "migrate failed: {migrated:?}");
+        if setup.migrate {
+            let migrated = env.cli(&["migrate"]).await;
+            assert_eq!(migrated.code, 0, "migrate failed: {migrated:?}");
+        }
         let mut env = env;
         env.consumer = Consumer::start(env.amqp_url.clone(), env.queue.clone()).await;
         env
@@ -362,6 +372,16 @@ impl TestEnv {
             .await
             .expect("declare an exchange");
         self.exchanges.lock().unwrap().push(name.to_owned());
+        let _ = channel.close(200, "done".into()).await;
+    }
+
+    /// Deletes an exchange (as an operator might while the relay runs).
+    pub async fn delete_exchange(&self, name: &str) {
+        let channel = self.channel().await;
+        channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await
+            .expect("delete an exchange");
         let _ = channel.close(200, "done".into()).await;
     }
 
@@ -525,6 +545,20 @@ impl TestEnv {
             self.unpublished_count().await == 0
         })
         .await;
+    }
+
+    /// Terminates only the session holding the table's advisory lock (the relay's lock and
+    /// LISTEN session); returns how many were terminated.
+    pub async fn terminate_lock_session(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
+             JOIN pg_database d ON d.oid = l.database \
+             WHERE d.datname = $1 AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1",
+        )
+        .bind(&self.db)
+        .fetch_one(&self.pool)
+        .await
+        .expect("terminate the lock session")
     }
 
     /// Terminates this test database's sessions opened by the relay (never the test's own).
@@ -844,9 +878,16 @@ impl Producer {
     }
 
     /// Stops producing; returns how many rows were written.
-    pub async fn stop(self) -> usize {
+    pub async fn stop(mut self) -> usize {
         self.stop.cancel();
-        self.task.await.expect("producer task")
+        (&mut self.task).await.expect("producer task")
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // A failed test drops the producer early: stop writing into a database about to go.
+        self.task.abort();
     }
 }
 
@@ -1133,6 +1174,14 @@ pub fn assert_first_deliveries_in_id_order(received: &[Received]) {
 /// Asserts that every redelivered row carries the same message_id (and that distinct rows do
 /// not share one). Returns the number of duplicate deliveries.
 pub fn assert_duplicates_share_message_id(received: &[Received]) -> usize {
+    if std::env::var("OBR_TEST_DEBUG").is_ok() {
+        let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+        for r in received {
+            *counts.entry(r.outbox_id()).or_default() += 1;
+        }
+        let dups: Vec<(i64, usize)> = counts.into_iter().filter(|(_, n)| *n > 1).collect();
+        eprintln!("duplicated rows (id, deliveries): {dups:?}");
+    }
     let mut by_id: HashMap<i64, &str> = HashMap::new();
     let mut by_message: HashMap<&str, i64> = HashMap::new();
     for r in received {
@@ -1150,6 +1199,27 @@ pub fn assert_duplicates_share_message_id(received: &[Received]) -> usize {
         );
     }
     received.len() - by_id.len()
+}
+
+/// For the key whose deliveries (duplicates included) restart the most, that key and how many
+/// times its id sequence went backwards. A relay that restarts once re-sends from its oldest
+/// unmarked row: one restart per key. Two relays publishing the same key at once interleave
+/// two sequences: many restarts.
+pub fn most_restarts_of_a_key(received: &[Received]) -> (String, usize) {
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut restarts: HashMap<String, usize> = HashMap::new();
+    for r in received {
+        let id = r.outbox_id();
+        if let Some(prev) = last.insert(r.ordering_key(), id) {
+            if id <= prev {
+                *restarts.entry(r.ordering_key()).or_default() += 1;
+            }
+        }
+    }
+    restarts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .unwrap_or_default()
 }
 
 /// Ids of the rows delivered at least once.
