@@ -236,35 +236,46 @@ async fn the_relay_never_logs_the_passwords_in_its_urls() {
 async fn rows_that_can_never_be_published_are_parked_at_once_and_other_keys_flow() {
     let env = TestEnv::new(Setup::new().set("rabbitmq", "max_message_bytes", "2048")).await;
     let _relay = env.start_relay();
+    let long_name = "h".repeat(256);
     let bad = vec![
         NewRow::new("bad-headers", "bad-1").headers(json!([1])),
         NewRow::new("bad-exchange", "bad-2").exchange("no spaces allowed!"),
         NewRow::new("d".repeat(300), "bad-3"),
         NewRow::new("too-big", "bad-4").payload(json!({ "blob": "x".repeat(4000) })),
+        NewRow::new("é".repeat(128), "bad-5"),
+        NewRow::new("long-routing-key", "bad-6").routing_key(&"r".repeat(256)),
+        NewRow::new("long-type", "bad-7").event_type(&"t".repeat(256)),
+        NewRow::new("long-header-name", "bad-8").headers(json!({ long_name: 1 })),
+        NewRow::new("string-headers", "bad-9").headers(json!("tenant=acme")),
     ];
     let expected_errors = [
         "headers must be a JSON object",
         "exchange name",
         "dedup_key is 300 bytes",
         "payload is",
+        "dedup_key is 256 bytes",
+        "routing_key is 256 bytes",
+        "event_type is 256 bytes",
+        "header name is 256 bytes",
+        "headers must be a JSON object",
     ];
     let mut rows = bad.clone();
-    // Good rows on other keys, and behind each bad row on its own key (held back: hold_key).
+    // At the limits, still publishable.
+    rows.push(NewRow::new("d".repeat(255), "edge-1").routing_key(&"r".repeat(255)));
+    rows.push(NewRow::new("edge-2", "edge-2").payload(json!({ "blob": "x".repeat(1900) })));
     rows.extend((0..20).map(|i| NewRow::new(format!("good-{i}"), format!("good-{}", i % 5))));
     let ids = env.insert(&rows).await;
 
-    let received = env.consumer.wait_for(20).await;
+    let received = env.consumer.wait_for(22).await;
     assert!(
-        received.iter().all(|m| m.message_id.starts_with("good-")),
+        received
+            .iter()
+            .all(|m| m.message_id.starts_with("good-") || m.ordering_key().starts_with("edge-")),
         "{received:#?}"
     );
     for (i, expected) in expected_errors.iter().enumerate() {
         let r = env.row(ids[i]).await;
-        assert!(
-            r.parked_at.is_some(),
-            "{} is parked: {r:?}",
-            bad[i].dedup_key
-        );
+        assert!(r.parked_at.is_some(), "{} is parked: {r:?}", r.ordering_key);
         assert_eq!(r.attempts, 1, "parked at once, not retried: {r:?}");
         let error = r.last_error.clone().unwrap_or_default();
         assert!(
@@ -280,6 +291,14 @@ async fn rows_that_can_never_be_published_are_parked_at_once_and_other_keys_flow
     );
     env.insert(&[NewRow::new("late-good", "good-0")]).await;
     env.consumer.wait_for_id("late-good").await;
+    let status = env.cli(&["status", "--json"]).await;
+    let json: serde_json::Value =
+        serde_json::from_str(&status.stdout).expect("status --json prints JSON");
+    assert_eq!(
+        json[0]["parked"].as_i64(),
+        Some(expected_errors.len() as i64),
+        "{json}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -252,3 +252,42 @@ fn status_line<'a>(stdout: &'a str, table: &str) -> Vec<&'a str> {
         .find(|f| f.first() == Some(&table))
         .unwrap_or_else(|| panic!("no line for {table} in:\n{stdout}"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_larger_than_one_amqp_frame_arrives_intact() {
+    let env = TestEnv::new(Setup::new()).await;
+    let _relay = env.start_relay();
+    let blob: String = (0..1_000_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let payload = json!({ "blob": blob, "tail": "end" });
+    env.insert(&[NewRow::new("big-1", "k").payload(payload.clone())])
+        .await;
+    let received = env.consumer.wait_for(1).await;
+    assert_eq!(received[0].body_json(), payload);
+    env.wait_all_marked().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_before_migrate_keeps_running_and_relays_once_the_table_exists() {
+    let env = TestEnv::new(Setup::new().without_migrate()).await;
+    let mut relay = env.start_relay();
+    relay.wait_for_log("does not exist").await;
+    assert!(
+        relay.is_running(),
+        "a missing table is waited for, not fatal"
+    );
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(migrated.code, 0, "{migrated:?}");
+    assert!(migrated.stdout.contains("applied"), "{}", migrated.stdout);
+    let again = env.cli(&["migrate"]).await;
+    assert!(
+        again.code == 0 && again.stdout.contains("up to date"),
+        "migrate is idempotent: {again:?}"
+    );
+
+    let ids = env.insert(&rows_over_keys("m", 2, 6)).await;
+    let received = env.consumer.wait_for(6).await;
+    assert_eq!(delivered_ids(&received), ids.into_iter().collect());
+    assert_first_deliveries_in_id_order(&received);
+}

@@ -165,3 +165,48 @@ async fn a_key_held_back_by_a_failing_row_does_not_starve_the_other_keys() {
     );
     env.wait_all_marked().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_late_still_arrives_before_later_rows_of_its_key() {
+    let env = TestEnv::new(Setup::new()).await;
+    let _relay = env.start_relay();
+
+    // A producer writes key k and keeps its transaction open.
+    let mut slow = env.pool.begin().await.unwrap();
+    let first = insert_rows(&mut slow, &env.table, &[NewRow::new("slow-1", "k")])
+        .await
+        .unwrap()[0];
+    // Another producer writes the same key and tries to commit first.
+    let pool = env.pool.clone();
+    let table = env.table.clone();
+    let fast = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        let id = insert_rows(&mut tx, &table, &[NewRow::new("fast-1", "k")])
+            .await
+            .unwrap()[0];
+        tx.commit().await.unwrap();
+        id
+    });
+    // Other keys are not held up by the open transaction.
+    env.insert(&[NewRow::new("other-1", "other")]).await;
+    env.consumer.wait_for_id("other-1").await;
+    assert!(
+        !fast.is_finished(),
+        "a second writer of key k waits for the first to commit"
+    );
+
+    slow.commit().await.unwrap();
+    let second = fast.await.unwrap();
+    let received = env.consumer.wait_for(3).await;
+    let order: Vec<i64> = first_deliveries(&received)
+        .iter()
+        .filter(|m| m.ordering_key() == "k")
+        .map(|m| m.outbox_id())
+        .collect();
+    assert_eq!(
+        order,
+        [first, second],
+        "the row written first arrives first"
+    );
+    assert!(first < second);
+}

@@ -303,3 +303,41 @@ async fn retry_releases_parked_rows_by_id_by_key_and_all_in_order() {
     );
     env.wait_all_marked().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_deleted_while_the_relay_runs_makes_its_rows_retry_until_it_returns() {
+    let env = TestEnv::new(Setup::new()).await;
+    let side = format!("{}_side", env.name);
+    env.declare_exchange(&side).await;
+    env.bind(&side, "#").await;
+    let _relay = env.start_relay();
+    env.insert(&[NewRow::new("side-1", "k").exchange(&side)])
+        .await;
+    env.consumer.wait_for_id("side-1").await;
+
+    env.delete_exchange(&side).await;
+    let ids = env
+        .insert(&[
+            NewRow::new("side-2", "k").exchange(&side),
+            NewRow::new("main-2", "k"),
+        ])
+        .await;
+    let failing = wait_row(&env, ids[0], "a failed attempt", |r| r.attempts >= 1).await;
+    assert!(
+        failing.last_error.as_deref().unwrap_or("").contains(&side),
+        "{failing:?}"
+    );
+    assert!(failing.published_at.is_none());
+    sentinel(&env, "sentinel").await;
+    assert_eq!(
+        delivered_of_key(&env.consumer.received(), "k").len(),
+        1,
+        "the key waits"
+    );
+
+    env.declare_exchange(&side).await;
+    env.bind(&side, "#").await;
+    let received = env.consumer.wait_for(4).await;
+    assert_eq!(delivered_of_key(&received, "k")[1..], ids);
+    env.wait_all_marked().await;
+}
