@@ -291,3 +291,109 @@ async fn a_relay_started_before_migrate_keeps_running_and_relays_once_the_table_
     assert_eq!(delivered_ids(&received), ids.into_iter().collect());
     assert_first_deliveries_in_id_order(&received);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_while_the_relay_is_idle_wake_it_through_notify() {
+    // A poll interval of an hour: only the insert trigger's NOTIFY (and `retry`'s) can wake it.
+    let env = TestEnv::new(
+        Setup::new()
+            .table("Sales.OrderEvents")
+            .set("relay", "poll_interval", "\"1h\"")
+            .set("retry", "max_attempts", "1"),
+    )
+    .await;
+    let relay = env.start_relay();
+    relay.wait_for_log("relaying").await;
+    let late = format!("{}_late", env.name);
+    let ids = env
+        .insert(&[
+            NewRow::new("n-1", "k"),
+            NewRow::new("n-2", "j").exchange(&late),
+        ])
+        .await;
+    let received = env.consumer.wait_for_id("n-1").await;
+    assert_eq!(
+        received[0].header_str("x-outbox-table").as_deref(),
+        Some("Sales.OrderEvents")
+    );
+    eventually("the row for the missing exchange to be parked", || async {
+        env.row(ids[1]).await.parked_at.is_some()
+    })
+    .await;
+
+    env.declare_exchange(&late).await;
+    env.bind(&late, "#").await;
+    let out = env.cli(&["retry", "--key", "j"]).await;
+    assert!(
+        out.code == 0 && out.stdout.contains("released 1"),
+        "{out:?}"
+    );
+    env.consumer.wait_for_id("n-2").await;
+    env.wait_all_marked().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tables_in_one_config_are_relayed_side_by_side() {
+    let env = TestEnv::new(Setup::new()).await;
+    let mut config = std::fs::read_to_string(&env.config_path).unwrap();
+    config += &format!(
+        "\n[[outbox]]\ntable = \"app.second\"\nexchange = \"{}\"\n",
+        env.exchange
+    );
+    std::fs::write(&env.config_path, config).unwrap();
+    let migrated = env.cli(&["migrate"]).await;
+    assert!(
+        migrated.code == 0 && migrated.stdout.contains("app.second"),
+        "{migrated:?}"
+    );
+    let _relay = env.start_relay();
+
+    let first = env.insert(&rows_over_keys("one", 3, 30)).await;
+    let mut tx = env.pool.begin().await.unwrap();
+    let second = insert_rows(&mut tx, "app.second", &rows_over_keys("two", 3, 30))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let received = env.consumer.wait_for(60).await;
+    for m in first_deliveries(&received) {
+        let table = m.header_str("x-outbox-table").unwrap();
+        let ids = if m.message_id.starts_with("one-") {
+            &first
+        } else {
+            &second
+        };
+        let expected = if m.message_id.starts_with("one-") {
+            "public.outbox"
+        } else {
+            "app.second"
+        };
+        assert_eq!(table, expected);
+        assert!(ids.contains(&m.outbox_id()));
+    }
+    // Ids are per table, so order is checked per table.
+    let (one, two): (Vec<Received>, Vec<Received>) = received
+        .into_iter()
+        .partition(|m| m.message_id.starts_with("one-"));
+    assert_first_deliveries_in_id_order(&one);
+    assert_first_deliveries_in_id_order(&two);
+
+    let status = env.cli(&["status", "--json"]).await;
+    let json: Value = serde_json::from_str(&status.stdout).unwrap();
+    let tables: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(tables, ["public.outbox", "app.second"]);
+    let ambiguous = env.cli(&["retry", "--id", "1"]).await;
+    assert_eq!(ambiguous.code, 1, "{ambiguous:?}");
+    assert!(ambiguous.stderr.contains("--table"), "{}", ambiguous.stderr);
+    let scoped = env
+        .cli(&["retry", "--id", "1", "--table", "app.second"])
+        .await;
+    assert!(
+        scoped.code == 0 && scoped.stdout.contains("app.second: released 0"),
+        "{scoped:?}"
+    );
+}

@@ -216,15 +216,20 @@ async fn with_on_exhausted_skip_later_rows_of_a_parked_key_go_on() {
             NewRow::new("skip-1", "skip").exchange(&late),
             NewRow::new("skip-2", "skip"),
             NewRow::new("skip-3", "skip"),
+            // Unpublishable: parked at once, and its key goes on in the same turn.
+            NewRow::new("bad-1", "bad").headers(serde_json::json!([1])),
+            NewRow::new("bad-2", "bad"),
         ])
         .await;
 
-    let received = env.consumer.wait_for(2).await;
+    let received = env.consumer.wait_for(3).await;
     assert_eq!(
         delivered_of_key(&received, "skip"),
-        ids[1..],
+        ids[1..3],
         "the key goes on without the parked row"
     );
+    assert_eq!(delivered_of_key(&received, "bad"), ids[4..]);
+    assert!(env.row(ids[3]).await.parked_at.is_some());
     let parked = env.row(ids[0]).await;
     assert!(
         parked.parked_at.is_some() && parked.attempts == 2,
@@ -234,11 +239,19 @@ async fn with_on_exhausted_skip_later_rows_of_a_parked_key_go_on() {
 
     env.declare_exchange(&late).await;
     env.bind(&late, "#").await;
-    let released = env.cli(&["retry", "--all"]).await;
+    let released = env.cli(&["retry", "--key", "skip"]).await;
     assert!(released.stdout.contains("released 1"), "{released:?}");
-    let received = env.consumer.wait_for(3).await;
+    let received = env.consumer.wait_for(4).await;
     assert_eq!(received.last().unwrap().message_id, "skip-1");
-    env.wait_all_marked().await;
+    eventually("skip-1 to be marked", || async {
+        env.row(ids[0]).await.published_at.is_some()
+    })
+    .await;
+    assert_eq!(
+        env.unpublished_count().await,
+        1,
+        "only the unpublishable row is left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,6 +308,13 @@ async fn retry_releases_parked_rows_by_id_by_key_and_all_in_order() {
     let received = env.consumer.wait_for(11).await;
     assert_eq!(delivered_of_key(&received, "c"), ids[6..9]);
     assert_first_deliveries_in_id_order(&received);
+
+    // --table only narrows a selection; on its own it must not release everything.
+    let unselected = env.cli(&["retry", "--table", "public.outbox"]).await;
+    assert_eq!(
+        unselected.code, 2,
+        "retry needs --id, --key or --all: {unselected:?}"
+    );
 
     let nothing = env.cli(&["retry", "--all"]).await;
     assert!(
