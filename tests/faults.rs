@@ -241,3 +241,110 @@ async fn a_relay_that_loses_its_lock_session_stops_publishing_before_the_standby
         "two relays published key {key} at once: its deliveries went back {restarts} times"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_reach_rabbitmq_retries_logs_once_and_stops_on_sigterm() {
+    let env = TestEnv::new(Setup::new()).await;
+    // A vhost that does not exist: every connection attempt is refused.
+    let nowhere = amqp_url(Some(&format!("{}_nowhere", env.name)));
+    let config = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace(&env.amqp_url, &nowhere);
+    std::fs::write(&env.config_path, config).unwrap();
+    env.insert(&rows_over_keys("wait", 2, 10)).await;
+    let mut relay = env.start_relay();
+    relay.wait_for_log("RabbitMQ unavailable").await;
+    // Several reconnect attempts (200 ms backoff doubling to the 1 s cap).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        relay.is_running(),
+        "an unreachable broker is waited for, not fatal"
+    );
+    let log = relay.log();
+    assert_eq!(
+        log.matches("RabbitMQ unavailable").count(),
+        1,
+        "logged once per state change:\n{log}"
+    );
+    assert_eq!(env.unpublished_count().await, 10);
+    let rows =
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM public.outbox WHERE attempts > 0")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0, "an outage does not count as failed attempts");
+
+    relay.sigterm();
+    assert_eq!(relay.wait_exit().await.code(), Some(0), "{}", relay.log());
+    // Not three ERROR lines per reconnect attempt from the AMQP client library either.
+    let noisy: Vec<&str> = log.lines().filter(|l| l.contains("not found")).collect();
+    assert!(
+        noisy.len() <= 1,
+        "the outage's cause is logged {} times in 3 s:\n{}",
+        noisy.len(),
+        noisy.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_before_its_database_exists_recovers_once_it_does() {
+    /// Drops the late database even when the test fails.
+    struct LateDb(String);
+    impl Drop for LateDb {
+        fn drop(&mut self) {
+            let db = self.0.clone();
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&pg_url("postgres")).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                                .execute(&mut c)
+                                .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    let env = TestEnv::new(Setup::new()).await;
+    let late = LateDb(format!("{}_later", env.db));
+    let config = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace(&env.pg_url, &pg_url(&late.0));
+    std::fs::write(&env.config_path, config).unwrap();
+    let mut relay = env.start_relay();
+    relay.wait_for_log("PostgreSQL unavailable").await;
+    assert!(
+        relay.is_running(),
+        "a missing database is waited for, not fatal"
+    );
+
+    sqlx::query(&format!("CREATE DATABASE \"{}\"", late.0))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(migrated.code, 0, "{migrated:?}");
+    let pool = sqlx::PgPool::connect(&pg_url(&late.0)).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let ids = insert_rows(&mut conn, &env.table, &rows_over_keys("late", 2, 10))
+        .await
+        .unwrap();
+    drop(conn);
+    let received = env.consumer.wait_for(10).await;
+    assert_eq!(delivered_ids(&received), ids.into_iter().collect());
+    assert!(
+        relay.log().contains("recovered") || relay.log().contains("relaying"),
+        "{}",
+        relay.log()
+    );
+    pool.close().await;
+    relay.sigterm();
+    assert_eq!(relay.wait_exit().await.code(), Some(0));
+}
