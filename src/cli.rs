@@ -53,16 +53,16 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false, id = "which")]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "key", "all"])))]
 pub struct RetryArgs {
     /// Release the parked row with this id.
-    #[arg(long, group = "which")]
+    #[arg(long)]
     pub id: Option<i64>,
     /// Release every parked row of this ordering key.
-    #[arg(long, group = "which")]
+    #[arg(long)]
     pub key: Option<String>,
     /// Release every parked row.
-    #[arg(long, group = "which")]
+    #[arg(long)]
     pub all: bool,
     /// Only this table (`schema.table`); required with --id when several tables are configured.
     #[arg(long)]

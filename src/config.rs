@@ -566,6 +566,12 @@ impl Settings {
                 self.relay.max_in_flight
             ));
         }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            out.push(format!(
+                "log.level: {:?} is not a level or filter (e.g. \"info\", \"outbox_relay=debug\")",
+                self.log.level
+            ));
+        }
         self.retry.problems("retry", &mut out);
         if self.outbox.is_empty() {
             out.push("outbox: at least one [[outbox]] table is required".into());

@@ -15,7 +15,7 @@ use crate::message::{self, OutboxRow};
 use crate::publisher::{learned_max_size, PublishError, Publisher};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
-use crate::store::{db_message, Failure, Store, TableLock, TableSql, Wake};
+use crate::store::{db_message, Failure, LockSession, Store, TableLock, TableSql};
 
 /// What one [`TableRelay::step`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +106,8 @@ pub struct TableRelay {
     store: Store,
     shutdown: Shutdown,
     lock: Option<TableLock>,
+    /// The lock session of a standby, tried again every poll interval.
+    standby: Option<LockSession>,
     publisher: Option<Publisher>,
     /// Confirmed rows whose mark failed; marked before anything is fetched again.
     unmarked: Vec<i64>,
@@ -138,6 +140,7 @@ impl TableRelay {
             store,
             shutdown,
             lock: None,
+            standby: None,
             publisher: None,
             unmarked: Vec::new(),
             marking: None,
@@ -230,34 +233,37 @@ impl TableRelay {
         if let Err(e) = self.flush_outcomes().await {
             return self.database_down("marking rows", &e);
         }
+        if self.lock.as_ref().is_some_and(|l| l.is_lost()) {
+            // Its session died: another relay may already hold the lock. Stop, then try again.
+            self.lock = None;
+            self.set_health(Health::DatabaseDown(
+                "the table lock's session ended".into(),
+            ));
+            return Step::Down;
+        }
         if self.lock.is_none() {
-            match self
-                .store
-                .open_lock(&self.table.table, self.settings.relay.notify)
-                .await
-            {
-                Ok(lock) => self.lock = Some(lock),
-                Err(e) => {
-                    self.set_health(Health::DatabaseDown(format!(
-                        "opening the lock session: {e:#}"
-                    )));
-                    return Step::Down;
+            let session = match self.standby.take() {
+                Some(session) => session,
+                None => match self
+                    .store
+                    .open_lock(&self.table.table, self.settings.relay.notify)
+                    .await
+                {
+                    Ok(session) => session,
+                    Err(e) => return self.database_down("opening the lock session", &e),
+                },
+            };
+            match session.try_acquire().await {
+                Ok(Ok(lock)) => self.lock = Some(lock),
+                Ok(Err(session)) => {
+                    self.standby = Some(session);
+                    self.set_health(Health::Standby);
+                    return Step::Standby;
                 }
+                Err(e) => return self.database_down("taking the table lock", &e),
             }
         }
-        let lock = self.lock.as_mut().expect("lock session opened above");
-        match lock.try_acquire().await {
-            Ok(true) => {}
-            Ok(false) => {
-                self.set_health(Health::Standby);
-                return Step::Standby;
-            }
-            Err(e) => {
-                self.lock = None;
-                return self.database_down("taking the table lock", &e);
-            }
-        }
-        let guard = lock.held().expect("lock acquired above");
+        let guard = self.lock.as_ref().expect("lock taken above").guard();
         if self.publisher.as_ref().is_none_or(|p| !p.is_healthy()) {
             if let Some(p) = self.publisher.take() {
                 p.close().await;
@@ -379,6 +385,8 @@ impl TableRelay {
         let publisher = self.publisher.as_mut().expect("connected before fetching");
         let table = self.table.table.to_string();
         let window = self.settings.relay.max_in_flight;
+        let lock = self.lock.as_ref().expect("held before fetching");
+        let lock_lost = || lock.is_lost();
 
         // Rows grouped by key, keys in order of their first row: the ready queue.
         let mut slots: HashMap<&str, usize> = HashMap::new();
@@ -412,9 +420,11 @@ impl TableRelay {
 
         loop {
             // Fill the window from the ready keys, unless shutting down or broken.
+            // A relay whose lock session died stops at once: a standby may be taking over.
             while in_flight.len() < window
                 && outcome.transport_error.is_none()
                 && !self.shutdown.is_stopping()
+                && !lock_lost()
             {
                 let Some(slot) = ready.pop_front() else { break };
                 let Some(row) = keys[slot].pop_front() else {
@@ -512,14 +522,11 @@ impl TableRelay {
             let pause = match step {
                 Step::Batch { .. } => continue,
                 Step::Idle => {
-                    let lock = self.lock.as_mut().expect("held while idle");
-                    let waited = tokio::select! {
-                        w = lock.wait(poll) => w,
-                        _ = self.shutdown.stopping() => Ok(Wake::Timeout),
-                    };
-                    if let Err(e) = waited {
-                        self.lock = None;
-                        self.database_down("the lock session", &e);
+                    if let Some(lock) = &self.lock {
+                        tokio::select! {
+                            _ = lock.wait(poll) => {}
+                            _ = self.shutdown.stopping() => {}
+                        }
                     }
                     continue;
                 }

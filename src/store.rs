@@ -1,11 +1,14 @@
 //! All SQL: migrations, fetching due rows, marking them, status and retry, and the per-table
 //! advisory lock that keeps one relay active per table. Must not touch AMQP.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{quote_ident, OnExhausted, PostgresSettings, TableName};
 use crate::message::OutboxRow;
@@ -290,8 +293,8 @@ impl Store {
         Ok(ids.len() as u64)
     }
 
-    /// Opens the dedicated session that holds `table`'s advisory lock and LISTENs for its hint.
-    pub async fn open_lock(&self, table: &TableName, listen: bool) -> anyhow::Result<TableLock> {
+    /// Opens the dedicated session that may hold `table`'s advisory lock and LISTEN for its hint.
+    pub async fn open_lock(&self, table: &TableName, listen: bool) -> sqlx::Result<LockSession> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         // The pool may close while we wait; the lock session lives until the relay drops it.
         listener.ignore_pool_close_event(true);
@@ -299,11 +302,10 @@ impl Store {
             .bind(format!("outbox_relay:{table}"))
             .fetch_one(&mut listener)
             .await?;
-        Ok(TableLock {
+        Ok(LockSession {
             listener,
             channel: listen.then(|| TableSql::notify_channel(table)),
             key,
-            held: None,
         })
     }
 
@@ -459,14 +461,88 @@ pub struct LockGuard {
     objid: i64,
 }
 
-/// The dedicated session holding a table's advisory lock (one active relay per table) and
-/// LISTENing for its insert hint. If this session dies the lock is gone, and the fetch's guard
-/// returns nothing until the lock is taken again.
-pub struct TableLock {
+/// A dedicated session that may take a table's advisory lock (one active relay per table).
+/// A standby keeps it and tries again every poll interval.
+pub struct LockSession {
     listener: PgListener,
     channel: Option<String>,
     key: i64,
-    held: Option<LockGuard>,
+}
+
+impl LockSession {
+    /// Tries to take the lock without waiting. On success the session is handed to a watcher
+    /// task that LISTENs for the insert hint and notices at once when the session dies.
+    pub async fn try_acquire(mut self) -> sqlx::Result<Result<TableLock, LockSession>> {
+        let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS got, pg_backend_pid() AS pid")
+            .bind(self.key)
+            .fetch_one(&mut self.listener)
+            .await?;
+        if !row.try_get::<bool, _>("got")? {
+            return Ok(Err(self));
+        }
+        if let Some(channel) = &self.channel {
+            self.listener.listen(channel).await?;
+        }
+        let guard = LockGuard {
+            pid: row.try_get("pid")?,
+            classid: (self.key as u64 >> 32) as i64,
+            objid: (self.key as u64 & 0xffff_ffff) as i64,
+        };
+        let wake = Arc::new(Notify::new());
+        let lost = CancellationToken::new();
+        let release = CancellationToken::new();
+        let watcher = tokio::spawn(watch_lock_session(
+            self.listener,
+            self.key,
+            wake.clone(),
+            lost.clone(),
+            release.clone(),
+        ));
+        Ok(Ok(TableLock {
+            guard,
+            wake,
+            lost,
+            release,
+            watcher,
+        }))
+    }
+}
+
+/// Owns the lock session: turns notifications into wake-ups and the session's end into `lost`.
+async fn watch_lock_session(
+    mut listener: PgListener,
+    key: i64,
+    wake: Arc<Notify>,
+    lost: CancellationToken,
+    release: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            received = listener.try_recv() => match received {
+                // Notifications that pile up while the relay is busy collapse into one wake-up.
+                Ok(Some(_)) => wake.notify_one(),
+                // The session died and the lock with it; try_recv would reconnect, we don't.
+                Ok(None) | Err(_) => {
+                    lost.cancel();
+                    return;
+                }
+            },
+            _ = release.cancelled() => {
+                let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut listener).await;
+                return;
+            }
+        }
+    }
+}
+
+/// A held table lock. If its session ends, [`TableLock::is_lost`] turns true at once and the
+/// fetch's guard returns nothing, so a relay that lost its lock stops publishing.
+pub struct TableLock {
+    guard: LockGuard,
+    wake: Arc<Notify>,
+    lost: CancellationToken,
+    release: CancellationToken,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 /// What ended a wait.
@@ -474,76 +550,31 @@ pub struct TableLock {
 pub enum Wake {
     Notified,
     Timeout,
+    /// The lock session died; the lock is gone.
+    Lost,
 }
 
 impl TableLock {
-    /// The guard while the lock is held.
-    pub fn held(&self) -> Option<LockGuard> {
-        self.held
+    pub fn guard(&self) -> LockGuard {
+        self.guard
     }
 
-    /// Tries to take the table's lock (and LISTEN) without waiting; true when held.
-    pub async fn try_acquire(&mut self) -> sqlx::Result<bool> {
-        if self.held.is_some() {
-            return Ok(true);
-        }
-        let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS got, pg_backend_pid() AS pid")
-            .bind(self.key)
-            .fetch_one(&mut self.listener)
-            .await?;
-        if !row.try_get::<bool, _>("got")? {
-            return Ok(false);
-        }
-        if let Some(channel) = &self.channel {
-            self.listener.listen(channel).await?;
-        }
-        self.held = Some(LockGuard {
-            pid: row.try_get("pid")?,
-            classid: (self.key as u64 >> 32) as i64,
-            objid: (self.key as u64 & 0xffff_ffff) as i64,
-        });
-        Ok(true)
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
     }
 
-    /// Waits for a notification or `timeout`. An error means the session died and the lock
-    /// with it; the next `try_acquire` reconnects.
-    pub async fn wait(&mut self, timeout: Duration) -> sqlx::Result<Wake> {
-        // Without LISTEN nothing arrives, but try_recv still returns when the session dies.
-        match tokio::time::timeout(timeout, self.listener.try_recv()).await {
-            Err(_) => Ok(Wake::Timeout),
-            Ok(Ok(Some(_))) => {
-                // Notifications that piled up while busy all mean the same thing.
-                while self.listener.next_buffered().is_some() {}
-                Ok(Wake::Notified)
-            }
-            Ok(Ok(None)) => {
-                self.held = None;
-                Err(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "the lock session was closed",
-                )))
-            }
-            Ok(Err(e)) => {
-                self.held = None;
-                Err(e)
-            }
+    /// Waits for an insert notification, the lock's loss, or `timeout`.
+    pub async fn wait(&self, timeout: Duration) -> Wake {
+        tokio::select! {
+            _ = self.wake.notified() => Wake::Notified,
+            _ = self.lost.cancelled() => Wake::Lost,
+            _ = tokio::time::sleep(timeout) => Wake::Timeout,
         }
     }
 
-    /// Forgets the lock after an error on its session (it is released when the session ends).
-    pub fn lost(&mut self) {
-        self.held = None;
-    }
-
-    /// Releases the lock by ending the session.
+    /// Releases the lock and ends the session.
     pub async fn release(self) {
-        let mut listener = self.listener;
-        let _ = listener.unlisten_all().await;
-        if self.held.is_some() {
-            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(self.key)
-                .execute(&mut listener)
-                .await;
-        }
+        self.release.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.watcher).await;
     }
 }

@@ -7,9 +7,11 @@ use crate::config::{LogFormat, LogSettings};
 
 /// Installs the global subscriber; safe to call once per process.
 pub fn init(settings: &LogSettings) {
+    // The AMQP client logs every failed reconnect at ERROR; the relay already logs each
+    // outage once with its cause, so lapin is quiet unless RUST_LOG asks for it.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(format!("{},lapin=off", settings.level)))
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
