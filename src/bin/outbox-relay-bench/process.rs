@@ -125,7 +125,7 @@ pub struct Usage {
 /// A running `outbox-relay run`.
 pub struct RelayProcess {
     child: Child,
-    pid: u32,
+    pub pid: u32,
     log: PathBuf,
     pub started: Instant,
 }
@@ -230,5 +230,118 @@ impl RelayProcess {
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(10)..].join("\n");
         format!("{} (log {})", tail.trim(), self.log.display())
+    }
+}
+
+/// Busy and total CPU time of the whole machine so far (jiffies, from /proc/stat), to tell a
+/// CPU-bound run (every core busy) from one that waits on round trips.
+#[derive(Debug, Clone, Copy)]
+pub struct HostCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl HostCpu {
+    pub fn now() -> Option<HostCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        Some(HostCpu {
+            busy: total.saturating_sub(idle),
+            total,
+        })
+    }
+
+    /// Fraction of all CPUs that were busy since `earlier` (0 to 1).
+    pub fn busy_since(&self, earlier: &HostCpu) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        self.busy.saturating_sub(earlier.busy) as f64 / total as f64
+    }
+}
+
+/// CPU seconds per kind of process, to see where a run's CPU went on a shared machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSplit {
+    pub relay_s: f64,
+    /// This bench: the raw publisher and the consumer.
+    pub bench_s: f64,
+    /// Every `beam.smp` process (RabbitMQ).
+    pub rabbitmq_s: f64,
+    /// Every `postgres` process (all sessions, also other users').
+    pub postgresql_s: f64,
+    pub other_s: f64,
+}
+
+/// utime + stime of every process, by pid, at one moment.
+pub struct ProcessCpu {
+    ticks: std::collections::HashMap<u32, (String, u64)>,
+}
+
+impl ProcessCpu {
+    pub fn now() -> ProcessCpu {
+        let mut ticks = std::collections::HashMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    continue;
+                };
+                let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                    continue;
+                };
+                let comm = stat[open + 1..close].to_owned();
+                let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+                let t = |i: usize| {
+                    fields
+                        .get(i)
+                        .and_then(|f| f.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                ticks.insert(pid, (comm, t(11) + t(12)));
+            }
+        }
+        ProcessCpu { ticks }
+    }
+
+    /// CPU used since `earlier`, split by kind; `relay` is the relay's pid, if one ran.
+    /// Processes that started in between count from zero; ones that ended are lost.
+    pub fn since(&self, earlier: &ProcessCpu, relay: Option<u32>) -> CpuSplit {
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let me = std::process::id();
+        let mut split = CpuSplit::default();
+        for (pid, (comm, now)) in &self.ticks {
+            let before = earlier.ticks.get(pid).map_or(0, |(_, t)| *t);
+            let s = now.saturating_sub(before) as f64 / per_second;
+            let slot = if Some(*pid) == relay {
+                &mut split.relay_s
+            } else if *pid == me {
+                &mut split.bench_s
+            } else if comm == "beam.smp" {
+                &mut split.rabbitmq_s
+            } else if comm == "postgres" {
+                &mut split.postgresql_s
+            } else {
+                &mut split.other_s
+            };
+            *slot += s;
+        }
+        split
     }
 }

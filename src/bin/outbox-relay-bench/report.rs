@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::env::Machine;
-use crate::process::Usage;
+use crate::process::{CpuSplit, Usage};
 use crate::Plan;
 
 /// One timed run of the relay or of its baseline.
@@ -17,6 +17,10 @@ pub struct Run {
     /// The relay process's CPU and peak RSS (relay runs only).
     pub usage: Option<Usage>,
     pub duplicates: u64,
+    /// Fraction of the machine's CPUs busy during the run (every process, not only ours).
+    pub host_cpu_busy: Option<f64>,
+    /// Where the machine's CPU went during the run.
+    pub cpu_split: Option<CpuSplit>,
 }
 
 /// Relay runs and baseline runs of one scenario.
@@ -52,7 +56,7 @@ pub struct Idle {
     pub statements_per_s: f64,
     pub statements_per_poll_interval: f64,
     pub round_trips_per_s: f64,
-    pub transactions_per_s: f64,
+    pub database_transactions_per_s: f64,
     pub poll_interval_s: f64,
     pub usage: Usage,
 }
@@ -144,6 +148,14 @@ fn runs_json(runs: &[Run]) -> Value {
                     "cpu_s": r.usage.map(|u| round(u.cpu_s, 2)),
                     "peak_rss_mib": r.usage.map(|u| round(u.peak_rss_mib, 1)),
                     "duplicates": r.duplicates,
+                    "host_cpu_busy": r.host_cpu_busy.map(|b| round(b, 2)),
+                    "cpu_s_by_process": r.cpu_split.map(|c| json!({
+                        "relay": round(c.relay_s, 2),
+                        "bench": round(c.bench_s, 2),
+                        "rabbitmq": round(c.rabbitmq_s, 2),
+                        "postgresql": round(c.postgresql_s, 2),
+                        "other": round(c.other_s, 2),
+                    })),
                 })
             })
             .collect(),
@@ -275,10 +287,12 @@ impl Report {
                     "poll_interval_s": i.poll_interval_s,
                     "statements": i.statements,
                     "round_trips_per_s": round(i.round_trips_per_s, 2),
-                    "transactions_per_s": round(i.transactions_per_s, 2),
+                    "database_transactions_per_s": round(i.database_transactions_per_s, 2),
                     "seconds": round(i.seconds, 2),
-                    "counting": "exact: a TCP proxy in front of PostgreSQL counts the relay's Query and Execute messages; \
-                                 transactions_per_s is the pg_stat_database delta (xact_commit + xact_rollback) of the bench database",
+                    "counting": "statements: exact, a TCP proxy in front of PostgreSQL counts the relay's Query and Execute messages; \
+                                 round trips: Query and Sync messages (sqlx's pool pings on acquire and on release); \
+                                 database_transactions_per_s: pg_stat_database xact_commit + xact_rollback of the bench database, \
+                                 which also counts autovacuum and lags up to a second",
                     "peak_rss_mib": round(i.usage.peak_rss_mib, 1),
                 }),
             );

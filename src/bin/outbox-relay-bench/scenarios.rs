@@ -12,7 +12,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 
 use crate::env::{self, BenchEnv};
-use crate::process::{RelayConfig, RelayProcess};
+use crate::process::{HostCpu, ProcessCpu, RelayConfig, RelayProcess};
 use crate::proxy::CountingProxy;
 use crate::report::{Comparison, History, Idle, Latency, PgOnly, PgOnlyRun, Run};
 use crate::workload::{self, EVENT_TYPE, ROUTING_KEY};
@@ -71,6 +71,10 @@ async fn compare(
     Ok(result)
 }
 
+fn busy_since(earlier: Option<HostCpu>) -> Option<f64> {
+    Some(HostCpu::now()?.busy_since(&earlier?))
+}
+
 fn progress(name: &str, round: u32, rounds: u32, who: &str, run: &Run) {
     let usage = run
         .usage
@@ -81,8 +85,21 @@ fn progress(name: &str, round: u32, rounds: u32, who: &str, run: &Run) {
             )
         })
         .unwrap_or_default();
+    let busy = run
+        .host_cpu_busy
+        .map(|b| format!(", machine CPU {:.0}% busy", b * 100.0))
+        .unwrap_or_default();
+    let split = run
+        .cpu_split
+        .map(|c| {
+            format!(
+                "\n      CPU s: relay {:.2}, bench {:.2}, rabbitmq {:.2}, postgresql {:.2}, other {:.2}",
+                c.relay_s, c.bench_s, c.rabbitmq_s, c.postgresql_s, c.other_s
+            )
+        })
+        .unwrap_or_default();
     eprintln!(
-        "  {name} round {round}/{rounds}: {who:<7} {:>9.0} events/s ({:.2} s{usage})",
+        "  {name} round {round}/{rounds}: {who:<7} {:>9.0} events/s ({:.2} s{usage}{busy}){split}",
         run.events_per_s, run.seconds
     );
 }
@@ -121,6 +138,8 @@ async fn raw_round(
     env.purge_queue().await?;
     let consumer = env.consumer()?;
     let all_received = consumer.expect(tag, rows as usize, false);
+    let cpu = HostCpu::now();
+    let processes = ProcessCpu::now();
     let started = Instant::now();
     raw::publish_all(
         &env.amqp_url,
@@ -131,6 +150,7 @@ async fn raw_round(
     .await?;
     wait_for_consumer(env, None, Some(table), all_received, rows, deadline(rows)).await?;
     let seconds = started.elapsed().as_secs_f64();
+    let split = ProcessCpu::now().since(&processes, None);
     let got = consumer.finish();
     Ok(Run {
         events_per_s: rows as f64 / seconds,
@@ -140,6 +160,8 @@ async fn raw_round(
             .map(|f| f.duration_since(started).as_secs_f64() * 1000.0),
         usage: None,
         duplicates: got.duplicates,
+        host_cpu_busy: busy_since(cpu),
+        cpu_split: Some(split),
     })
 }
 
@@ -158,6 +180,8 @@ async fn relay_round(
     let config = RelayConfig::new(env, std::slice::from_ref(table))
         .window(plan.batch_size, plan.max_in_flight)
         .write(&env.dir.join(format!("{tag}.toml")))?;
+    let cpu = HostCpu::now();
+    let processes = ProcessCpu::now();
     let mut relay =
         RelayProcess::start(&env.relay_bin, &config, &env.dir.join(format!("{tag}.log")))?;
     let started = relay.started;
@@ -176,6 +200,7 @@ async fn relay_round(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let split = ProcessCpu::now().since(&processes, Some(relay.pid));
     let usage = relay.stop().await?;
     let got = consumer.finish();
     Ok(Run {
@@ -186,6 +211,8 @@ async fn relay_round(
             .map(|f| f.duration_since(started).as_secs_f64() * 1000.0),
         usage: Some(usage),
         duplicates: got.duplicates,
+        host_cpu_busy: busy_since(cpu),
+        cpu_split: Some(split),
     })
 }
 
@@ -424,7 +451,7 @@ pub async fn idle(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Idle> {
         statements_per_s,
         statements_per_poll_interval: statements_per_s * poll.as_secs_f64(),
         round_trips_per_s: counted.round_trips as f64 / seconds,
-        transactions_per_s: (xacts1 - xacts0) as f64 / seconds,
+        database_transactions_per_s: (xacts1 - xacts0) as f64 / seconds,
         poll_interval_s: poll.as_secs_f64(),
         usage,
     })
