@@ -160,7 +160,7 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         rabbitmq: args.rabbitmq_url.clone(),
     };
     faults::restore_leftovers();
-    let lock = Arc::new(faults::ServerLock::shared().await?);
+    let lock = Arc::new(faults::ServerLock::shared(Duration::from_secs(60)).await?);
     let broker = if kinds.contains(&FaultKind::BrokerAlarm) {
         Some(faults::BrokerOriginals::read().await?)
     } else {
@@ -389,6 +389,11 @@ async fn run(
     let table = read_table_state(servers, &world.database)
         .await
         .unwrap_or_default();
+    write_fault_log(
+        world,
+        started,
+        &fault_log.lock().unwrap_or_else(|e| e.into_inner()),
+    );
 
     let relays = relays.lock().await;
     let checker = checker.lock().unwrap_or_else(|e| e.into_inner());
@@ -424,6 +429,21 @@ async fn run(
         );
     }
     Ok(report.passed)
+}
+
+/// One line per injected fault, kept with the relay logs for a failure's diagnosis.
+fn write_fault_log(world: &World, started: Instant, log: &FaultLog) {
+    let mut text = String::new();
+    for r in &log.records {
+        text += &format!(
+            "t={:.3}s..{:.3}s {} {}\n",
+            r.started.duration_since(started).as_secs_f64(),
+            r.ended.duration_since(started).as_secs_f64(),
+            r.kind.name(),
+            r.detail
+        );
+    }
+    let _ = std::fs::write(world.dir.join("faults.log"), text);
 }
 
 /// Every committed row, read once producers have stopped.

@@ -99,7 +99,9 @@ pub struct ServerLock {
 }
 
 impl ServerLock {
-    pub async fn shared() -> anyhow::Result<ServerLock> {
+    /// Takes the lock shared, waiting at most `limit`; after that the run goes on without it
+    /// (with a warning), since a lock that nobody releases must not stall the soak forever.
+    pub async fn shared(limit: Duration) -> anyhow::Result<ServerLock> {
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -107,15 +109,27 @@ impl ServerLock {
             .open(LOCK_PATH)
             .with_context(|| format!("opening {LOCK_PATH}"))?;
         let file = Arc::new(file);
-        let f = file.clone();
-        tokio::task::spawn_blocking(move || f.lock_shared())
-            .await?
-            .with_context(|| format!("taking {LOCK_PATH} shared"))?;
+        let deadline = Instant::now() + limit;
+        loop {
+            let f = file.clone();
+            if tokio::task::spawn_blocking(move || f.try_lock_shared().is_ok()).await? {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "soak: WARNING: {LOCK_PATH} stayed locked exclusively for {limit:?}; running without \
+                     the shared lock (whole-server faults will be skipped while it stays locked)"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         Ok(ServerLock { file })
     }
 
-    /// Converts to exclusive, waiting at most `limit`; `None` when others kept it shared.
-    async fn exclusive(&self, limit: Duration) -> Option<ExclusiveLock> {
+    /// Converts to exclusive, waiting at most `limit` (or until `stop`); `None` when others
+    /// kept it shared.
+    async fn exclusive(&self, limit: Duration, stop: &CancellationToken) -> Option<ExclusiveLock> {
         let deadline = Instant::now() + limit;
         loop {
             let f = self.file.clone();
@@ -134,7 +148,7 @@ impl ServerLock {
                     file: self.file.clone(),
                 });
             }
-            if Instant::now() > deadline {
+            if Instant::now() > deadline || stop.is_cancelled() {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -536,9 +550,11 @@ impl Injector {
 
     async fn exclusive(&self) -> anyhow::Result<ExclusiveLock> {
         self.lock
-            .exclusive(Duration::from_secs(120))
+            .exclusive(Duration::from_secs(120), &self.stop)
             .await
-            .context("other processes kept /tmp/obr-server-faults.lock shared for 2 minutes")
+            .context(
+                "other processes kept /tmp/obr-server-faults.lock shared (waited up to 2 minutes)",
+            )
     }
 }
 

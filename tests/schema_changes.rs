@@ -1,0 +1,235 @@
+//! The database changing under a running relay: the outbox table dropped, a column renamed, the
+//! relay's role losing a privilege. Each time the relay must log a clear error naming the
+//! table, keep running and retrying with backoff (not exit, not spin), and deliver everything
+//! once the schema is fixed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    assert_duplicates_share_message_id, assert_first_deliveries_in_id_order, rows_over_keys, Relay,
+    Setup, TestEnv,
+};
+
+/// How long the relay is watched while it cannot work.
+const WATCH: Duration = Duration::from_secs(6);
+/// Statements a relay backing off (capped at 1 s here) may fail within [`WATCH`]; a relay that
+/// retried in a tight loop would fail thousands.
+const MAX_FAILED_STATEMENTS: i64 = 60;
+/// CPU a backing-off relay may burn within [`WATCH`] (clock ticks, normally 100 per second).
+const MAX_CPU_TICKS: u64 = 150;
+
+/// The relay's CPU time so far, in clock ticks (utime + stime from /proc).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the relay's /proc entry");
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(')').expect("a /proc stat line") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Transactions that ended in an error in the test's database (each failed relay statement is one).
+async fn failed_statements(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT xact_rollback FROM pg_stat_database WHERE datname = $1")
+        .bind(&env.db)
+        .fetch_one(&env.pool)
+        .await
+        .expect("read pg_stat_database")
+}
+
+/// Watches the failing relay for [`WATCH`]: it keeps running, retries (at least one more failed
+/// statement) and backs off (few failed statements, little CPU).
+async fn assert_backs_off_without_exiting(env: &TestEnv, relay: &mut Relay) {
+    let (statements_before, cpu_before) = (failed_statements(env).await, cpu_ticks(relay.pid()));
+    let started = Instant::now();
+    tokio::time::sleep(WATCH).await;
+    // Statistics reach pg_stat_database within a second of a backend going idle.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let statements = failed_statements(env).await - statements_before;
+    let cpu = cpu_ticks(relay.pid()) - cpu_before;
+    assert!(relay.is_running(), "the relay exited:\n{}", relay.log());
+    assert!(
+        statements >= 1,
+        "the relay stopped retrying: no failed statement in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        statements <= MAX_FAILED_STATEMENTS,
+        "the relay retried {statements} times in {:?}: it spins instead of backing off",
+        started.elapsed()
+    );
+    assert!(
+        cpu <= MAX_CPU_TICKS,
+        "the relay burned {cpu} CPU ticks in {:?} while failing",
+        started.elapsed()
+    );
+}
+
+/// The log line that reports `needle`, which must name the table.
+fn assert_logged_naming_the_table(relay: &Relay, env: &TestEnv, needle: &str) {
+    let log = relay.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no log line mentions {needle:?}:\n{log}"));
+    assert!(
+        line.contains(&env.table),
+        "the error does not name the table {}: {line}",
+        env.table
+    );
+}
+
+async fn execute(env: &TestEnv, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(&env.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+fn setup() -> Setup {
+    Setup::new().set("relay", "reconnect_max_delay", "\"1s\"")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_outbox_table_is_reported_retried_with_backoff_and_recovered_by_migrate() {
+    let env = TestEnv::new(setup()).await;
+    let mut relay = env.start_relay();
+    env.insert(&rows_over_keys("before", 3, 9)).await;
+    env.consumer.wait_for(9).await;
+
+    execute(&env, "DROP TABLE public.outbox").await;
+    relay.wait_for_log("does not exist").await;
+    assert_logged_naming_the_table(&relay, &env, "does not exist");
+    assert_backs_off_without_exiting(&env, &mut relay).await;
+
+    // The fix a user would reach for: `migrate` creates the missing table again.
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(
+        migrated.code, 0,
+        "migrate could not recreate the dropped table: {migrated:?}"
+    );
+    env.insert(&rows_over_keys("after", 3, 9)).await;
+    let received = env.consumer.wait_for(18).await;
+    env.wait_all_marked().await;
+    relay.wait_for_log("recovered").await;
+    assert!(relay.is_running());
+    assert_first_deliveries_in_id_order(&received);
+    assert_duplicates_share_message_id(&received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_column_is_reported_retried_with_backoff_and_rows_written_meanwhile_arrive_once_it_is_renamed_back(
+) {
+    let env = TestEnv::new(setup()).await;
+    let mut relay = env.start_relay();
+    env.insert(&rows_over_keys("before", 3, 6)).await;
+    env.consumer.wait_for(6).await;
+
+    execute(
+        &env,
+        "ALTER TABLE public.outbox RENAME COLUMN routing_key TO route",
+    )
+    .await;
+    // The application goes on writing (with the column's new name) while the relay cannot read.
+    for i in 0..6 {
+        sqlx::query(
+            "INSERT INTO public.outbox (dedup_key, ordering_key, route, event_type, payload) \
+             VALUES ($1, $2, 'test.renamed', 'TestEvent', '{}')",
+        )
+        .bind(format!("during-{i}"))
+        .bind(format!("during-k{}", i % 2))
+        .execute(&env.pool)
+        .await
+        .expect("insert with the renamed column");
+    }
+    relay.wait_for_log("routing_key does not exist").await;
+    assert_logged_naming_the_table(&relay, &env, "routing_key does not exist");
+    assert_backs_off_without_exiting(&env, &mut relay).await;
+    assert_eq!(
+        env.consumer.unique_count(),
+        6,
+        "rows were published while the column was missing"
+    );
+
+    execute(
+        &env,
+        "ALTER TABLE public.outbox RENAME COLUMN route TO routing_key",
+    )
+    .await;
+    let received = env.consumer.wait_for(12).await;
+    env.wait_all_marked().await;
+    assert!(relay.is_running());
+    assert_first_deliveries_in_id_order(&received);
+    assert_duplicates_share_message_id(&received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_marks_everything_once_granted_again(
+) {
+    let env = TestEnv::new(setup()).await;
+    // A dedicated role for the relay, with only what it needs on the outbox table.
+    let role = format!("{}_relay", env.name);
+    execute(
+        &env,
+        &format!(
+            "CREATE ROLE \"{role}\" LOGIN; GRANT USAGE ON SCHEMA public TO \"{role}\"; \
+             GRANT SELECT, UPDATE ON public.outbox TO \"{role}\";"
+        ),
+    )
+    .await;
+    let mut role_url = url::Url::parse(&env.pg_url).unwrap();
+    role_url.set_username(&role).unwrap();
+    let config = std::fs::read_to_string(&env.config_path).unwrap();
+    let config = config.replace(&format!("\"{}\"", env.pg_url), &format!("\"{role_url}\""));
+    assert!(
+        config.contains(role.as_str()),
+        "the config's postgres.url was not switched to the role"
+    );
+    std::fs::write(&env.config_path, config).unwrap();
+
+    let mut relay = env.start_relay();
+    env.insert(&rows_over_keys("before", 3, 6)).await;
+    env.consumer.wait_for(6).await;
+    env.wait_all_marked().await;
+
+    execute(
+        &env,
+        &format!("REVOKE UPDATE ON public.outbox FROM \"{role}\""),
+    )
+    .await;
+    env.insert(&rows_over_keys("revoked", 3, 6)).await;
+    relay.wait_for_log("permission denied").await;
+    assert_logged_naming_the_table(&relay, &env, "permission denied");
+    assert_backs_off_without_exiting(&env, &mut relay).await;
+    assert_eq!(
+        env.unpublished_count().await,
+        6,
+        "rows were marked without the UPDATE privilege"
+    );
+
+    execute(
+        &env,
+        &format!("GRANT UPDATE ON public.outbox TO \"{role}\""),
+    )
+    .await;
+    env.wait_all_marked().await;
+    env.insert(&rows_over_keys("granted", 3, 6)).await;
+    let received = env.consumer.wait_for(18).await;
+    env.wait_all_marked().await;
+    assert!(relay.is_running());
+    assert_first_deliveries_in_id_order(&received);
+    assert_duplicates_share_message_id(&received);
+
+    drop(relay);
+    execute(
+        &env,
+        &format!(
+            "REVOKE ALL ON public.outbox FROM \"{role}\"; REVOKE USAGE ON SCHEMA public FROM \"{role}\"; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+             DROP ROLE \"{role}\";"
+        ),
+    )
+    .await;
+}
