@@ -352,7 +352,7 @@ pub async fn latency(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Latency> {
         seconds: plan.latency.as_secs(),
         events: total as u64,
         committed_rate: if span > 0.0 {
-            (commits.len() - 1) as f64 / span
+            commits.len().saturating_sub(1) as f64 / span
         } else {
             0.0
         },
@@ -534,13 +534,11 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
         .await?;
         let store = Store::connect(&settings).await?;
         let sql = TableSql::new(&table, OnExhausted::HoldKey);
-        let mut lock = store.open_lock(&table, false).await?;
-        if !lock.try_acquire().await? {
+        let session = store.open_lock(&table, false).await?;
+        let Ok(lock) = session.try_acquire().await? else {
             anyhow::bail!("pg-only: the table lock of {table} is held by someone else");
-        }
-        let guard = lock
-            .held()
-            .ok_or_else(|| anyhow::anyhow!("pg-only: the lock was not held"))?;
+        };
+        let guard = lock.guard();
         let (mut fetch, mut mark, mut done) = (Duration::ZERO, Duration::ZERO, 0u64);
         let started = Instant::now();
         loop {
