@@ -444,3 +444,24 @@ impl Report {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median([]), 0.0);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank_over_every_sample() {
+        let micros: Vec<u64> = (1..=100).map(|ms| ms * 1000).collect();
+        assert_eq!(percentile_ms(&micros, 50.0), 50.0);
+        assert_eq!(percentile_ms(&micros, 99.0), 99.0);
+        assert_eq!(percentile_ms(&micros, 100.0), 100.0);
+        assert_eq!(percentile_ms(&[], 99.0), 0.0);
+    }
+}
