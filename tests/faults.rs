@@ -210,7 +210,7 @@ async fn a_second_relay_on_the_same_table_stands_by_and_takes_over_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_loses_its_lock_session_stops_publishing_before_the_standby_takes_over() {
-    let env = TestEnv::new(Setup::new().set("relay", "batch_size", "2000").set(
+    let env = TestEnv::new(Setup::new().set("relay", "batch_size", "4000").set(
         "relay",
         "max_in_flight",
         "20",
@@ -221,8 +221,10 @@ async fn a_relay_that_loses_its_lock_session_stops_publishing_before_the_standby
     let standby = env.start_relay();
     standby.wait_for_log("standby").await;
 
-    env.insert(&rows_over_keys("lock", 10, BACKLOG)).await;
-    env.consumer.wait_for(300).await;
+    // Few keys and one batch for the whole backlog: the active relay is busy with that batch,
+    // one confirm per key at a time, for a while.
+    env.insert(&rows_over_keys("lock", 4, BACKLOG)).await;
+    env.consumer.wait_for(100).await;
     // Only the active relay's lock session: its lock passes to the standby, while the active
     // relay is still busy with its batch.
     assert_eq!(env.terminate_lock_session().await, 1);
