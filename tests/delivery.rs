@@ -397,3 +397,30 @@ async fn two_tables_in_one_config_are_relayed_side_by_side() {
         "{scoped:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_for_the_default_exchange_goes_straight_to_the_queue_its_routing_key_names() {
+    let env = TestEnv::new(Setup::new()).await;
+    let _relay = env.start_relay();
+    let payload_text = r#"{"amount": 123456789012345678901234567890.5, "name": "Ærøskøbing ✓"}"#;
+    // Written as SQL text: the test's own JSON library would round the number.
+    sqlx::query(
+        "INSERT INTO public.outbox (dedup_key, ordering_key, routing_key, event_type, payload, exchange) \
+         VALUES ('direct-1', 'ключ-1', $1, 'Direct', $2::jsonb, '')",
+    )
+    .bind(&env.queue)
+    .bind(payload_text)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let received = env.consumer.wait_for(1).await;
+    let m = &received[0];
+    assert_eq!(m.exchange, "", "published to the default exchange");
+    assert_eq!(m.routing_key, env.queue);
+    assert_eq!(m.ordering_key(), "ключ-1");
+    let body = std::str::from_utf8(&m.body).expect("UTF-8 body");
+    assert!(
+        body.contains("123456789012345678901234567890.5") && body.contains("Ærøskøbing ✓"),
+        "numbers keep their digits and text its characters: {body}"
+    );
+}
