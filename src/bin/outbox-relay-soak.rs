@@ -201,9 +201,14 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
             );
         }
     }
-    let passed = outcome?;
-    if passed && !args.keep {
+    let (passed, clean) = outcome?;
+    if clean && !args.keep {
         let _ = std::fs::remove_dir_all(&world.dir);
+    } else {
+        eprintln!(
+            "soak: relay logs and faults.log kept in {}",
+            world.dir.display()
+        );
     }
     Ok(passed)
 }
@@ -219,7 +224,7 @@ async fn run(
     lock: Arc<faults::ServerLock>,
     broker: Option<faults::BrokerOriginals>,
     pg_cluster: Option<(String, String)>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<(bool, bool)> {
     let stop_all = CancellationToken::new();
     let pg_proxy = Arc::new(
         proxy::Proxy::start("postgres", servers.postgres_addr()?, stop_all.clone()).await?,
@@ -428,7 +433,7 @@ async fn run(
                 .join(" ")
         );
     }
-    Ok(report.passed)
+    Ok((report.passed, report.passed && report.slow_recoveries == 0))
 }
 
 /// One line per injected fault, kept with the relay logs for a failure's diagnosis.
@@ -516,6 +521,7 @@ struct Report {
     lines: Vec<String>,
     json: serde_json::Value,
     passed: bool,
+    slow_recoveries: usize,
 }
 
 #[derive(Default)]
@@ -722,6 +728,7 @@ impl Report {
             lines,
             json,
             passed,
+            slow_recoveries: slow.len(),
         }
     }
 
