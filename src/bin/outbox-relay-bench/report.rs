@@ -175,6 +175,20 @@ impl Comparison {
     fn relay_cpu_s(&self) -> f64 {
         median(self.relay.iter().filter_map(|r| r.usage.map(|u| u.cpu_s)))
     }
+    /// Median CPU microseconds per event of everything on the delivery path (relay or raw
+    /// publisher, consumer, RabbitMQ, PostgreSQL), excluding other processes.
+    fn path_cpu_us(&self, runs: &[Run]) -> f64 {
+        median(runs.iter().filter_map(|r| {
+            r.cpu_split.map(|c| {
+                (c.relay_s + c.bench_s + c.rabbitmq_s + c.postgresql_s) * 1e6 / self.rows as f64
+            })
+        }))
+    }
+    /// raw CPU per event / relay CPU per event: the ratio a CPU-bound machine allows, and
+    /// much less disturbed by other processes than the throughput ratio.
+    pub fn cpu_ratio(&self) -> f64 {
+        ratio(self.path_cpu_us(&self.raw), self.path_cpu_us(&self.relay))
+    }
     fn json(&self) -> Value {
         json!({
             "relay_events_per_s": round(self.relay_events_per_s(), 1),
@@ -184,6 +198,9 @@ impl Comparison {
             "ordering_keys": self.keys,
             "raw_window": self.raw_window,
             "relay_cpu_s": round(self.relay_cpu_s(), 2),
+            "relay_path_cpu_us_per_event": round(self.path_cpu_us(&self.relay), 1),
+            "raw_path_cpu_us_per_event": round(self.path_cpu_us(&self.raw), 1),
+            "cpu_ratio": round(self.cpu_ratio(), 3),
             "relay_cpu_us_per_event": round(self.relay_cpu_s() * 1e6 / self.rows as f64, 1),
             "peak_rss_mib": round(peak_rss(&self.relay), 1),
             "relay_runs": runs_json(&self.relay),
@@ -249,6 +266,33 @@ impl Report {
             history: None,
             pg_only: None,
         }
+    }
+
+    /// Every timed relay and baseline run.
+    fn timed_runs(&self) -> Vec<&Run> {
+        let mut runs: Vec<&Run> = Vec::new();
+        for c in [&self.drain, &self.hot_key].into_iter().flatten() {
+            runs.extend(c.relay.iter().chain(&c.raw));
+        }
+        if let Some(h) = &self.history {
+            runs.extend(h.empty.iter().chain(&h.history));
+        }
+        runs
+    }
+
+    /// Share of the machine's CPU taken by processes that are not on the delivery path
+    /// (other users of a shared machine) during the timed runs.
+    fn other_cpu_share(&self) -> Option<f64> {
+        let runs = self.timed_runs();
+        let other: f64 = runs
+            .iter()
+            .filter_map(|r| r.cpu_split.map(|c| c.other_s))
+            .sum();
+        let available: f64 = runs
+            .iter()
+            .map(|r| r.seconds * self.machine.nproc.max(1) as f64)
+            .sum();
+        (available > 0.0).then(|| other / available)
     }
 
     /// The largest VmHWM of any relay process of the run.
@@ -330,6 +374,9 @@ impl Report {
         if let Some(peak) = self.peak_rss_mib() {
             out.insert("peak_rss_mib".into(), json!(round(peak, 1)));
         }
+        if let Some(share) = self.other_cpu_share() {
+            out.insert("other_processes_cpu_share".into(), json!(round(share, 3)));
+        }
         out.insert(
             "run".into(),
             json!({
@@ -371,6 +418,14 @@ impl Report {
                 d.raw_events_per_s(),
                 d.ratio(),
                 verdict(d.ratio() >= 0.85)
+            );
+            s += &format!(
+                "{:<9} {:<44} {:>10.1} {:>10.1} {:>6.2}\n",
+                "",
+                "  CPU us/event on the delivery path",
+                d.path_cpu_us(&d.relay),
+                d.path_cpu_us(&d.raw),
+                d.cpu_ratio()
             );
         }
         if let Some(h) = &self.hot_key {
@@ -431,6 +486,7 @@ impl Report {
                 p.rows_per_s()
             );
         }
+        let noise = self.other_cpu_share();
         if let Some(peak) = self.peak_rss_mib() {
             s += &format!(
                 "{:<9} {:<44} {:>10.1}   {:>20}   <= 64 MiB {}\n",
@@ -439,6 +495,17 @@ impl Report {
                 peak,
                 "",
                 verdict(peak <= 64.0)
+            );
+        }
+        if let Some(share) = noise {
+            s += &format!(
+                "\nOther processes took {:.0}% of the machine's CPU during the timed runs{}.\n",
+                share * 100.0,
+                if share > 0.1 {
+                    " (a busy machine: expect noisy figures)"
+                } else {
+                    ""
+                }
             );
         }
         s
