@@ -583,7 +583,6 @@ impl Drop for TestEnv {
         let exchanges =
             std::mem::take(&mut *self.exchanges.lock().unwrap_or_else(|e| e.into_inner()));
         let dir = self.dir.clone();
-        let keep = std::thread::panicking();
         // Drop cannot await and may run inside the test's runtime: clean up on a thread with a
         // runtime of its own.
         let cleanup = std::thread::spawn(move || {
@@ -630,9 +629,8 @@ impl Drop for TestEnv {
                     }
                 }
             });
-            if !keep {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
+            // A failed test has already printed its relays' logs (see `Relay`'s drop).
+            let _ = std::fs::remove_dir_all(&dir);
         });
         let _ = cleanup.join();
     }
