@@ -77,7 +77,7 @@ pub fn main(cli: Cli) -> i32 {
         Err(e) => return config_failure(&e),
     };
     crate::telemetry::init(&settings.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -143,8 +143,26 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
         all.push(store.status(&table.table).await?);
     }
     if args.json {
-        let json: Vec<_> = all.iter().map(status_json).collect();
+        let mut json = Vec::new();
+        for (s, table) in all.iter().zip(&settings.outbox) {
+            let mut object = status_json(s);
+            if args.parked > 0 {
+                let parked = store.parked_rows(&table.table, args.parked).await?;
+                object["parked_rows"] = parked
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "id": r.id, "ordering_key": r.ordering_key, "dedup_key": r.dedup_key,
+                            "attempts": r.attempts, "last_error": r.last_error,
+                        })
+                    })
+                    .collect();
+            }
+            json.push(object);
+        }
         println!("{}", serde_json::to_string_pretty(&json)?);
+        store.close().await;
+        return Ok(());
     } else {
         println!(
             "{:<32} {:>10} {:>10} {:>8} {:>12}  OLDEST PENDING",

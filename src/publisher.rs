@@ -231,11 +231,12 @@ impl Publisher {
             )
             .await
             .map_err(|e| PublishError::from_lapin("publishing", &e))?;
-        Ok(PendingConfirm {
-            confirm,
-            timeout: self.confirm_timeout,
-            connection: self.connection.status().clone(),
-        })
+        Ok(PendingConfirm { confirm })
+    }
+
+    /// How long a connection may stay silent with confirms outstanding before it is presumed dead.
+    pub fn confirm_timeout(&self) -> Duration {
+        self.confirm_timeout
     }
 
     /// True while the broker has blocked this connection (a memory or disk alarm).
@@ -260,50 +261,25 @@ impl Publisher {
 /// The broker's answer to one publish, still to come.
 pub struct PendingConfirm {
     confirm: PublisherConfirm,
-    timeout: Duration,
-    connection: lapin::ConnectionStatus,
 }
 
 impl PendingConfirm {
     /// Waits for the confirm. An `Ack` is success only when the message was routed; a returned
-    /// message or a `Nack` is a rejection; a channel error or silence past the confirm timeout
-    /// is a transport failure. While the broker blocks the connection the timeout is suspended:
-    /// a resource alarm pauses the relay, it does not fail rows.
+    /// message or a `Nack` is a rejection; a channel or connection error is a transport
+    /// failure. The caller bounds the wait (the relay treats a silent connection as dead after
+    /// the confirm timeout, except while the broker blocks it).
     pub async fn wait(self) -> Result<(), PublishError> {
-        let PendingConfirm {
-            confirm,
-            timeout,
-            connection,
-        } = self;
-        tokio::pin!(confirm);
-        let mut waited = Duration::ZERO;
-        let tick = Duration::from_millis(250).min(timeout);
-        loop {
-            match tokio::time::timeout(tick, &mut confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => return Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                    return Err(PublishError::Rejected(format!(
-                        "unroutable: the broker returned the message ({} {}) from exchange {:?} with routing key {:?}",
-                        returned.reply_code, returned.reply_text, returned.delivery.exchange.as_str(),
-                        returned.delivery.routing_key.as_str()
-                    )))
-                }
-                Ok(Ok(Confirmation::Nack(_))) => {
-                    return Err(PublishError::Rejected("the broker nacked the message".into()))
-                }
-                Ok(Err(e)) => return Err(PublishError::from_lapin("waiting for the confirm", &e)),
-                Err(_) => {
-                    if !connection.blocked() {
-                        waited += tick;
-                    }
-                    if waited >= timeout {
-                        return Err(PublishError::Transport(format!(
-                            "no confirm from the broker within {}",
-                            humantime::format_duration(timeout)
-                        )));
-                    }
-                }
-            }
+        match self.confirm.await {
+            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+            Ok(Confirmation::Ack(Some(returned))) => Err(PublishError::Rejected(format!(
+                "unroutable: the broker returned the message ({} {}) from exchange {:?} with routing key {:?}",
+                returned.reply_code,
+                returned.reply_text,
+                returned.delivery.exchange.as_str(),
+                returned.delivery.routing_key.as_str()
+            ))),
+            Ok(Confirmation::Nack(_)) => Err(PublishError::Rejected("the broker nacked the message".into())),
+            Err(e) => Err(PublishError::from_lapin("waiting for the confirm", &e)),
         }
     }
 }

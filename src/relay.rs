@@ -11,7 +11,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 
 use crate::config::{OnExhausted, OutboxSettings, Settings};
-use crate::message::{self, OutboxRow};
+use crate::message::{self, OutboundMessage, OutboxRow};
 use crate::publisher::{learned_max_size, PublishError, Publisher};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
@@ -266,6 +266,11 @@ impl TableRelay {
         let guard = self.lock.as_ref().expect("lock taken above").guard();
         if self.publisher.as_ref().is_none_or(|p| !p.is_healthy()) {
             if let Some(p) = self.publisher.take() {
+                // Found dead between batches (closed by the broker, an operator or the
+                // network): say so once; the reconnect below logs the recovery.
+                self.set_health(Health::BrokerDown(
+                    "the connection was closed (by the broker, an operator or the network); reconnecting".into(),
+                ));
                 p.close().await;
             }
             let declarations: Vec<_> = self
@@ -418,10 +423,16 @@ impl TableRelay {
             }
         };
 
+        let confirm_timeout = publisher.confirm_timeout();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When a confirm last arrived (or the window last went from empty to busy).
+        let mut last_progress = Instant::now();
         loop {
-            // Fill the window from the ready keys, unless shutting down or broken.
-            // A relay whose lock session died stops at once: a standby may be taking over.
-            while in_flight.len() < window
+            // Fill the window from the ready keys, unless shutting down or broken. A relay
+            // whose lock session died stops at once: a standby may be taking over.
+            let mut sends: Vec<(usize, &OutboxRow, OutboundMessage)> = Vec::new();
+            while in_flight.len() + sends.len() < window
                 && outcome.transport_error.is_none()
                 && !self.shutdown.is_stopping()
                 && !lock_lost()
@@ -455,13 +466,32 @@ impl TableRelay {
                     }
                     continue;
                 }
-                let sent = tokio::select! {
-                    sent = publisher.publish(&message) => sent,
-                    _ = self.shutdown.aborted() => Err(PublishError::Transport("shutdown: gave up sending".into())),
+                sends.push((slot, row, message));
+            }
+            if !sends.is_empty() {
+                if in_flight.is_empty() {
+                    last_progress = Instant::now();
+                }
+                // Hand the whole group to the client at once: its I/O thread writes the frames
+                // together instead of waking once per message. Frames (and delivery tags) keep
+                // the order of `sends`, and a key has at most one message in the group.
+                let publishing =
+                    futures::future::join_all(sends.iter().map(|(_, _, m)| publisher.publish(m)));
+                let results = tokio::select! {
+                    results = publishing => results,
+                    _ = self.shutdown.aborted() => break,
                 };
-                match sent {
-                    Ok(pending) => in_flight.push(async move { (slot, row, pending.wait().await) }),
-                    Err(e) => outcome.transport_error = Some(e.to_string()),
+                for ((slot, row, _), sent) in sends.into_iter().zip(results) {
+                    match sent {
+                        Ok(pending) => {
+                            in_flight.push(async move { (slot, row, pending.wait().await) })
+                        }
+                        Err(e) => {
+                            if outcome.transport_error.is_none() {
+                                outcome.transport_error = Some(e.to_string());
+                            }
+                        }
+                    }
                 }
             }
             if in_flight.is_empty() {
@@ -470,15 +500,27 @@ impl TableRelay {
             let next = tokio::select! {
                 next = in_flight.next() => next,
                 _ = self.shutdown.aborted() => break,
-                // Confirms may legitimately take long (a blocked broker): the loop is alive.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                _ = tick.tick() => {
+                    // Confirms may legitimately take long while the broker blocks us (resource
+                    // alarm): the loop is alive and the silence clock stops. Otherwise a
+                    // connection that stays silent past the confirm timeout is presumed dead.
                     self.heartbeat.beat();
+                    if publisher.is_blocked() {
+                        last_progress = Instant::now();
+                    } else if last_progress.elapsed() >= confirm_timeout {
+                        outcome.transport_error = Some(format!(
+                            "no confirm from the broker within {}",
+                            humantime::format_duration(confirm_timeout)
+                        ));
+                        break;
+                    }
                     continue;
                 }
             };
             let Some((slot, row, result)) = next else {
                 break;
             };
+            last_progress = Instant::now();
             match result {
                 Ok(()) => {
                     outcome.confirmed.push(row.id);

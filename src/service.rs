@@ -36,13 +36,20 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         "outbox-relay starting"
     );
     let notifier = tokio::spawn(notify_systemd(beats, shutdown.clone()));
+    let mut crashed = 0;
     for task in tasks {
         if let Err(e) = task.await {
-            tracing::error!(error = %e, "a relay task failed");
+            // Exit non-zero so systemd's Restart=on-failure brings the relay back.
+            tracing::error!(error = %e, "a relay task crashed");
+            shutdown.stop();
+            crashed += 1;
         }
     }
     notifier.abort();
     store.close().await;
+    if crashed > 0 {
+        anyhow::bail!("{crashed} relay task(s) crashed");
+    }
     Ok(())
 }
 

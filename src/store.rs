@@ -328,7 +328,8 @@ fn connect_options(settings: &PostgresSettings) -> anyhow::Result<PgConnectOptio
             ("statement_timeout", timeout_ms.as_str()),
             ("client_min_messages", "warning"),
         ])
-        .log_statements(tracing::log::LevelFilter::Trace))
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1)))
 }
 
 /// The text of a database error, without the client library's wrapping.
