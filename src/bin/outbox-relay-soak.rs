@@ -235,17 +235,20 @@ async fn run(
     let config = world.write_config(servers, pg_proxy.port, amqp_proxy.port)?;
     setup::migrate(&relay_bin, &config).await?;
 
-    // Ctrl-C ends the run early; faults in progress restore the servers on the way out.
+    // Ctrl-C or SIGTERM ends the run early; faults in progress restore the servers on the way out.
     let stop_faults = CancellationToken::new();
     let stop_producers = CancellationToken::new();
     {
         let (f, p) = (stop_faults.clone(), stop_producers.clone());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("soak: interrupted; restoring servers and draining");
-                f.cancel();
-                p.cancel();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
+            eprintln!("soak: interrupted; restoring servers and draining");
+            f.cancel();
+            p.cancel();
         });
     }
 
@@ -337,17 +340,17 @@ async fn run(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .delivered();
+        // No std guard may live across an await: read each figure on its own.
+        let faults = fault_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .len();
+        let spawned = relays.lock().await.spawned();
         eprintln!(
-            "soak: t={}s committed={} delivered={} faults={} relays_started={}",
+            "soak: t={}s committed={} delivered={delivered} faults={faults} relays_started={spawned}",
             started.elapsed().as_secs(),
             stats.committed_rows.load(Ordering::Relaxed),
-            delivered,
-            fault_log
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .records
-                .len(),
-            relays.lock().await.spawned()
         );
     }
 
