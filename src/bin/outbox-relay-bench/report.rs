@@ -43,6 +43,10 @@ pub struct Latency {
     pub producer_most_late_ms: f64,
     /// Commit acknowledged to the producer -> received by the consumer, sorted.
     pub micros: Vec<u64>,
+    /// The same from just before the INSERT was sent (an upper bound: includes insert and commit).
+    pub from_insert_micros: Vec<u64>,
+    /// Messages the consumer had before the producer saw its commit acknowledged (their
+    /// latency counts as 0: the producer task woke late).
     pub received_before_commit_ack: u64,
     pub duplicates: u64,
     pub usage: Usage,
@@ -222,6 +226,11 @@ impl Latency {
             "p99_ms": round(percentile_ms(&self.micros, 99.0), 2),
             "max_ms": round(percentile_ms(&self.micros, 100.0), 2),
             "mean_ms": round(mean, 2),
+            "from_insert_start": {
+                "p50_ms": round(percentile_ms(&self.from_insert_micros, 50.0), 2),
+                "p99_ms": round(percentile_ms(&self.from_insert_micros, 99.0), 2),
+                "max_ms": round(percentile_ms(&self.from_insert_micros, 100.0), 2),
+            },
             "offered_events_per_s": self.offered_rate,
             "committed_events_per_s": round(self.committed_rate, 1),
             "producers": self.producers,

@@ -291,7 +291,8 @@ pub async fn latency(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Latency> {
             for i in (p..total).step_by(step) {
                 let due = base + period * i as u32;
                 tokio::time::sleep_until(due.into()).await;
-                late = late.max(Instant::now().saturating_duration_since(due));
+                let sent = Instant::now();
+                late = late.max(sent.saturating_duration_since(due));
                 // One row, one transaction (autocommit): the commit is acknowledged when
                 // execute returns.
                 sqlx::query(&sql)
@@ -302,7 +303,7 @@ pub async fn latency(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Latency> {
                     .bind(workload::payload(i as u64))
                     .execute(&mut connection)
                     .await?;
-                commits.push((i, Instant::now()));
+                commits.push((i, sent, Instant::now()));
             }
             let _ = connection.close().await;
             Ok::<_, sqlx::Error>((commits, late))
@@ -329,8 +330,9 @@ pub async fn latency(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Latency> {
 
     let times = got.times.unwrap_or_default();
     let mut micros = Vec::with_capacity(total);
+    let mut from_insert = Vec::with_capacity(total);
     let mut before_ack = 0;
-    for (i, committed) in &commits {
+    for (i, sent, committed) in &commits {
         let Some(Some(received)) = times.get(*i) else {
             continue;
         };
@@ -338,10 +340,12 @@ pub async fn latency(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Latency> {
             before_ack += 1;
         }
         micros.push(received.saturating_duration_since(*committed).as_micros() as u64);
+        from_insert.push(received.saturating_duration_since(*sent).as_micros() as u64);
     }
     micros.sort_unstable();
-    let first = commits.iter().map(|(_, t)| *t).min();
-    let last = commits.iter().map(|(_, t)| *t).max();
+    from_insert.sort_unstable();
+    let first = commits.iter().map(|(_, _, t)| *t).min();
+    let last = commits.iter().map(|(_, _, t)| *t).max();
     let span = match (first, last) {
         (Some(f), Some(l)) if l > f => l.duration_since(f).as_secs_f64(),
         _ => 0.0,
@@ -358,6 +362,7 @@ pub async fn latency(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Latency> {
         },
         producer_most_late_ms: most_late.as_secs_f64() * 1000.0,
         micros,
+        from_insert_micros: from_insert,
         received_before_commit_ack: before_ack,
         duplicates: got.duplicates,
         usage,
