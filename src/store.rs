@@ -35,6 +35,9 @@ impl Store {
         let options = connect_options(settings)?;
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
+            // No ping before each statement: a dead connection fails the statement, which the
+            // relay handles like any database error (retry with backoff).
+            .test_before_acquire(false)
             .acquire_timeout(settings.connect_timeout)
             .connect_with(options)
             .await
@@ -52,6 +55,9 @@ impl Store {
         let options = connect_options(settings)?;
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
+            // No ping before each statement: a dead connection fails the statement, which the
+            // relay handles like any database error (retry with backoff).
+            .test_before_acquire(false)
             .acquire_timeout(settings.connect_timeout)
             .connect_lazy_with(options);
         Ok(Store { pool })
@@ -154,6 +160,8 @@ impl Store {
             .bind(lock.classid)
             .bind(lock.objid)
             .bind(exclude)
+            // Rows above every excluded id skip the (linear, in a generic plan) array check.
+            .bind(exclude.iter().copied().max().unwrap_or(i64::MIN))
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -412,7 +420,7 @@ impl TableSql {
                    SELECT 1 FROM pg_locks l \
                    WHERE l.locktype = 'advisory' AND l.pid = $2 AND l.granted AND l.objsubid = 1 \
                      AND l.classid::bigint = $3 AND l.objid::bigint = $4) \
-               AND o.id <> ALL($5::bigint[]) \
+               AND (o.id > $6 OR o.id <> ALL($5::bigint[])) \
              ORDER BY o.id LIMIT $1"
         );
         let mark_published = format!(
