@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod message;
 pub mod publisher;
 pub mod relay;

@@ -1,5 +1,10 @@
 //! The `outbox-relay` binary: parse arguments, run the command, map the outcome to an exit code.
 
+// The relay allocates and frees a row, its strings and its message body per event; glibc's
+// malloc showed up at ~15% of the relay's CPU in perf, mimalloc is made for this pattern.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = <outbox_relay::cli::Cli as clap::Parser>::parse();
     std::process::exit(outbox_relay::cli::main(cli));

@@ -51,8 +51,9 @@ fn short(field: &str, value: &str) -> Result<ShortString, Unpublishable> {
 
 /// Builds the message for `row`: its exchange (else `default_exchange`), routing key, body and
 /// the contract's properties and headers. `max_bytes` is the largest body the broker accepts.
+/// The payload moves into the message (the row keeps what settling it needs).
 pub fn build(
-    row: &OutboxRow,
+    row: &mut OutboxRow,
     table: &str,
     default_exchange: &str,
     max_bytes: usize,
@@ -96,10 +97,11 @@ pub fn build(
         .with_content_type("application/json".into())
         .with_timestamp(row.created_at.timestamp().max(0) as u64)
         .with_headers(headers);
+    let routing_key = short("routing_key", &row.routing_key)?.to_string();
     Ok(OutboundMessage {
         exchange: exchange.to_owned(),
-        routing_key: short("routing_key", &row.routing_key)?.to_string(),
-        body: row.payload.clone(),
+        routing_key,
+        body: std::mem::take(&mut row.payload),
         properties,
     })
 }
@@ -170,7 +172,7 @@ mod tests {
 
     #[test]
     fn a_row_becomes_a_persistent_message_with_the_contract_properties() {
-        let m = build(&row(), "public.outbox", "events", 1 << 20).unwrap();
+        let m = build(&mut row(), "public.outbox", "events", 1 << 20).unwrap();
         assert_eq!(m.exchange, "events");
         assert_eq!(m.routing_key, "orders.created");
         let p = &m.properties;
@@ -192,30 +194,33 @@ mod tests {
     fn the_rows_exchange_overrides_the_tables() {
         let mut r = row();
         r.exchange = Some("audit".into());
-        assert_eq!(build(&r, "t", "events", 1 << 20).unwrap().exchange, "audit");
+        assert_eq!(
+            build(&mut r, "t", "events", 1 << 20).unwrap().exchange,
+            "audit"
+        );
     }
 
     #[test]
     fn rows_that_can_never_be_sent_say_why() {
         let mut r = row();
         r.dedup_key = "k".repeat(300);
-        assert!(build(&r, "t", "events", 1 << 20)
+        assert!(build(&mut r, "t", "events", 1 << 20)
             .unwrap_err()
             .0
             .contains("dedup_key is 300 bytes"));
         let mut r = row();
         r.exchange = Some("no spaces".into());
-        assert!(build(&r, "t", "events", 1 << 20)
+        assert!(build(&mut r, "t", "events", 1 << 20)
             .unwrap_err()
             .0
             .contains("exchange name"));
         let mut r = row();
         r.headers = json!([1, 2]);
-        assert!(build(&r, "t", "events", 1 << 20)
+        assert!(build(&mut r, "t", "events", 1 << 20)
             .unwrap_err()
             .0
             .contains("an array"));
-        assert!(build(&row(), "t", "events", 4)
+        assert!(build(&mut row(), "t", "events", 4)
             .unwrap_err()
             .0
             .contains("at most 4"));
@@ -225,7 +230,7 @@ mod tests {
     fn nested_headers_arrays_and_nulls_are_represented() {
         let mut r = row();
         r.headers = json!({"nested": {"a": [1, null, "x"]}, "nothing": null});
-        let m = build(&r, "t", "events", 1 << 20).unwrap();
+        let m = build(&mut r, "t", "events", 1 << 20).unwrap();
         let h = m.properties.headers().as_ref().unwrap().inner();
         assert_eq!(h.get("nothing"), Some(&AMQPValue::Void));
         assert!(matches!(h.get("nested"), Some(AMQPValue::FieldTable(_))));

@@ -2,7 +2,6 @@
 //! confirms (one unconfirmed message per ordering key), mark what was confirmed, record what
 //! failed. Joins the store and the publisher; has no SQL and no AMQP of its own.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 
 use crate::config::{OnExhausted, OutboxSettings, Settings};
+use crate::dispatch::KeyQueues;
 use crate::message::{self, OutboundMessage, OutboxRow};
 use crate::publisher::{learned_max_size, PublishError, Publisher};
 use crate::retry::{RetryPolicy, Verdict};
@@ -20,8 +20,8 @@ use crate::store::{db_message, Failure, LockSession, Store, TableLock, TableSql}
 /// What one [`TableRelay::step`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// A batch went out: `published` rows confirmed and marked, `failed` recorded for retry
-    /// (of which `parked` were parked). `full` when the fetch filled the batch.
+    /// Rows went out: `published` confirmed (and being marked), `failed` recorded for retry
+    /// (of which `parked` were parked). `full` when the last fetch filled its batch.
     Batch {
         published: usize,
         failed: usize,
@@ -109,6 +109,17 @@ pub struct TableRelay {
     /// The lock session of a standby, tried again every poll interval.
     standby: Option<LockSession>,
     publisher: Option<Publisher>,
+    /// Fetched rows by ordering key, and the confirms in flight: kept across fetches so the
+    /// confirm window stays full from one batch to the next.
+    queues: KeyQueues,
+    in_flight: InFlight,
+    /// The last fetch filled its batch: more rows are probably due.
+    more_waiting: bool,
+    /// When a confirm last arrived (or the window last went from empty to busy): a connection
+    /// silent for longer than the confirm timeout is presumed dead.
+    last_progress: Instant,
+    /// Confirmed rows not yet handed to a mark.
+    confirmed: Vec<i64>,
     /// Confirmed rows whose mark failed; marked before anything is fetched again.
     unmarked: Vec<i64>,
     /// The mark of the previous batch, written while the next batch is published.
@@ -142,6 +153,11 @@ impl TableRelay {
             lock: None,
             standby: None,
             publisher: None,
+            queues: KeyQueues::default(),
+            in_flight: FuturesUnordered::new(),
+            more_waiting: false,
+            last_progress: Instant::now(),
+            confirmed: Vec::new(),
             unmarked: Vec::new(),
             marking: None,
             unrecorded: Vec::new(),
@@ -234,8 +250,10 @@ impl TableRelay {
             return self.database_down("marking rows", &e);
         }
         if self.lock.as_ref().is_some_and(|l| l.is_lost()) {
-            // Its session died: another relay may already hold the lock. Stop, then try again.
+            // Its session died: another relay may already hold the lock. Stop, forget what is
+            // in memory (the new holder sends it), then try again.
             self.lock = None;
+            self.forget_unsettled();
             self.set_health(Health::DatabaseDown(
                 "the table lock's session ended".into(),
             ));
@@ -266,6 +284,7 @@ impl TableRelay {
         let guard = self.lock.as_ref().expect("lock taken above").guard();
         if self.publisher.as_ref().is_none_or(|p| !p.is_healthy()) {
             if let Some(p) = self.publisher.take() {
+                self.forget_unsettled();
                 // Found dead between batches (closed by the broker, an operator or the
                 // network): say so once; the reconnect below logs the recovery.
                 self.set_health(Health::BrokerDown(
@@ -292,56 +311,91 @@ impl TableRelay {
             self.set_health(Health::Blocked);
             return Step::Paused;
         }
+        let window = self.settings.relay.max_in_flight;
         let limit = self.settings.relay.batch_size;
-        let marking_ids: &[i64] = self.marking.as_ref().map_or(&[], |m| &m.ids);
-        let rows = match self
-            .store
-            .fetch_due(&self.sql, &guard, limit, marking_ids)
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) => return self.database_down("fetching due rows", &e),
-        };
-        self.set_health(Health::Relaying);
-        if rows.is_empty() {
-            return Step::Idle;
+        // Fetch when nothing fetched can be sent right now and a whole batch fits beside the
+        // window: the next batch is read while the previous one's confirms still arrive.
+        if !self.queues.has_ready() && self.queues.held() <= window {
+            let exclude: Vec<i64> = self
+                .queues
+                .held_ids()
+                .chain(self.confirmed.iter().copied())
+                .chain(self.marking.iter().flat_map(|m| m.ids.iter().copied()))
+                .collect();
+            let rows = match self
+                .store
+                .fetch_due(&self.sql, &guard, limit, &exclude)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => return self.database_down("fetching due rows", &e),
+            };
+            self.set_health(Health::Relaying);
+            self.more_waiting = rows.len() as u32 == limit;
+            if rows.is_empty() && self.queues.held() == 0 {
+                return Step::Idle;
+            }
+            self.queues.add(rows);
         }
-        let full = rows.len() as u32 == limit;
-        let outcome = self.publish_batch(rows).await;
-        let published = outcome.confirmed.len();
+        let outcome = self.drive().await;
         let failed = outcome.failures.len();
         let parked = outcome
             .failures
             .iter()
             .filter(|f| f.retry_after.is_none())
             .count();
+        // Failures are recorded before the next fetch, so the rows they hold back stay back.
         self.unrecorded.extend(outcome.failures);
         let mut flushed = self.flush_outcomes().await;
-        // The previous batch's mark has had a whole batch to finish; this batch's mark runs
-        // while the next batch is fetched (excluding these rows) and published.
-        if let Err(e) = self.finish_marking().await {
-            flushed = Err(e);
-        }
-        if !outcome.confirmed.is_empty() {
-            let (store, sql, ids) = (self.store.clone(), self.sql.clone(), outcome.confirmed);
-            let task_ids = ids.clone();
-            self.marking = Some(Marking {
-                ids,
-                task: tokio::spawn(async move { store.mark_published(&sql, &task_ids).await }),
-            });
+        if self.confirmed.len() >= limit as usize || self.in_flight.is_empty() {
+            if let Err(e) = self.start_marking().await {
+                flushed = Err(e);
+            }
         }
         if let Some(e) = outcome.transport_error {
-            return self.broker_down(e).await;
+            // Nothing in memory is trusted after the connection broke: unconfirmed rows stay
+            // due and go out again (same message_id) after the reconnect.
+            self.forget_unsettled();
+            if let Err(e) = self.start_marking().await {
+                flushed = Err(e);
+            }
+            let step = self.broker_down(e).await;
+            if let Err(e) = flushed {
+                return self.database_down("marking rows", &e);
+            }
+            return step;
         }
         if let Err(e) = flushed {
             return self.database_down("marking rows", &e);
         }
         Step::Batch {
-            published,
+            published: outcome.confirmed,
             failed,
             parked,
-            full,
+            full: self.more_waiting,
         }
+    }
+
+    /// Drops queued rows and unconfirmed publishes from memory: they stay due in the table and
+    /// go out again (with the same message_id) once the relay is back.
+    fn forget_unsettled(&mut self) {
+        self.queues.clear();
+        self.in_flight = FuturesUnordered::new();
+    }
+
+    /// Waits for the previous background mark, then starts marking the confirmed rows
+    /// collected since; the next fetch excludes them until the mark is written.
+    async fn start_marking(&mut self) -> Result<(), sqlx::Error> {
+        let finished = self.finish_marking().await;
+        if !self.confirmed.is_empty() {
+            let ids = std::mem::take(&mut self.confirmed);
+            let (store, sql, task_ids) = (self.store.clone(), self.sql.clone(), ids.clone());
+            self.marking = Some(Marking {
+                ids,
+                task: tokio::spawn(async move { store.mark_published(&sql, &task_ids).await }),
+            });
+        }
+        finished
     }
 
     /// Waits for the background mark; on failure its rows join `unmarked` and are marked
@@ -383,35 +437,25 @@ impl TableRelay {
         Ok(())
     }
 
-    /// Publishes `rows` (in id order) keeping at most one unconfirmed message per ordering key
-    /// and at most `max_in_flight` overall. A key whose row fails goes no further this batch.
-    async fn publish_batch(&mut self, rows: Vec<OutboxRow>) -> BatchOutcome {
-        let mut outcome = BatchOutcome::default();
-        let publisher = self.publisher.as_mut().expect("connected before fetching");
+    /// Sends ready rows (at most one unconfirmed message per ordering key, at most
+    /// `max_in_flight` overall) and settles confirms as they arrive. Returns when nothing is in
+    /// flight, or early, with confirms outstanding, when more rows wait in the table and the
+    /// queues have room for them. A key whose row fails goes no further until the failure is
+    /// recorded and the row is due again.
+    async fn drive(&mut self) -> DriveOutcome {
+        let mut outcome = DriveOutcome::default();
+        let publisher = self.publisher.as_mut().expect("connected before driving");
+        let lock = self.lock.as_ref();
+        let lock_lost = || lock.is_none_or(|l| l.is_lost());
         let table = self.table.table.to_string();
         let window = self.settings.relay.max_in_flight;
-        let lock = self.lock.as_ref().expect("held before fetching");
-        let lock_lost = || lock.is_lost();
-
-        // Rows grouped by key, keys in order of their first row: the ready queue.
-        let mut slots: HashMap<&str, usize> = HashMap::new();
-        let mut keys: Vec<VecDeque<&OutboxRow>> = Vec::new();
-        for row in &rows {
-            let slot = *slots.entry(row.ordering_key.as_str()).or_insert_with(|| {
-                keys.push(VecDeque::new());
-                keys.len() - 1
-            });
-            keys[slot].push_back(row);
-        }
-        let mut ready: VecDeque<usize> = (0..keys.len()).collect();
-        let mut in_flight = FuturesUnordered::new();
+        let policy = &self.policy;
         let failure_for = |row: &OutboxRow, error: String, park_now: bool| {
             let attempt = row.attempts.max(0) as u32 + 1;
             let verdict = if park_now {
                 Verdict::Park
             } else {
-                self.policy
-                    .after_failure(attempt, rand::rng().random::<f64>())
+                policy.after_failure(attempt, rand::rng().random::<f64>())
             };
             Failure {
                 id: row.id,
@@ -422,70 +466,70 @@ impl TableRelay {
                 },
             }
         };
-
         let confirm_timeout = publisher.confirm_timeout();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When a confirm last arrived (or the window last went from empty to busy).
-        let mut last_progress = Instant::now();
         loop {
             // Fill the window from the ready keys, unless shutting down or broken. A relay
             // whose lock session died stops at once: a standby may be taking over.
-            let mut sends: Vec<(usize, &OutboxRow, OutboundMessage)> = Vec::new();
-            while in_flight.len() + sends.len() < window
+            let mut sends: Vec<(OutboxRow, OutboundMessage)> = Vec::new();
+            while self.in_flight.len() + sends.len() < window
                 && outcome.transport_error.is_none()
                 && !self.shutdown.is_stopping()
                 && !lock_lost()
             {
-                let Some(slot) = ready.pop_front() else { break };
-                let Some(row) = keys[slot].pop_front() else {
-                    continue;
+                let Some(mut row) = self.queues.next() else {
+                    break;
                 };
-                let message =
-                    match message::build(row, &table, &self.table.exchange, self.max_message_bytes)
-                    {
-                        Ok(m) => m,
-                        Err(unpublishable) => {
-                            outcome.failures.push(failure_for(
-                                row,
-                                unpublishable.to_string(),
-                                true,
-                            ));
-                            if self.policy.on_exhausted == OnExhausted::Skip {
-                                ready.push_back(slot);
-                            }
-                            continue;
+                let message = match message::build(
+                    &mut row,
+                    &table,
+                    &self.table.exchange,
+                    self.max_message_bytes,
+                ) {
+                    Ok(m) => m,
+                    Err(unpublishable) => {
+                        outcome
+                            .failures
+                            .push(failure_for(&row, unpublishable.to_string(), true));
+                        if policy.on_exhausted == OnExhausted::Skip {
+                            self.queues.release(&row);
+                        } else {
+                            self.queues.stop_key(&row);
                         }
-                    };
+                        continue;
+                    }
+                };
                 if let Err(e) = publisher.ensure_exchange(&message.exchange).await {
+                    self.queues.stop_key(&row);
                     match e {
                         PublishError::Rejected(reason) => {
-                            outcome.failures.push(failure_for(row, reason, false))
+                            outcome.failures.push(failure_for(&row, reason, false))
                         }
                         PublishError::Transport(reason) => outcome.transport_error = Some(reason),
                     }
                     continue;
                 }
-                sends.push((slot, row, message));
+                sends.push((row, message));
             }
             if !sends.is_empty() {
-                if in_flight.is_empty() {
-                    last_progress = Instant::now();
+                if self.in_flight.is_empty() {
+                    self.last_progress = Instant::now();
                 }
                 // Hand the whole group to the client at once: its I/O thread writes the frames
                 // together instead of waking once per message. Frames (and delivery tags) keep
                 // the order of `sends`, and a key has at most one message in the group.
                 let publishing =
-                    futures::future::join_all(sends.iter().map(|(_, _, m)| publisher.publish(m)));
+                    futures::future::join_all(sends.iter().map(|(_, m)| publisher.publish(m)));
                 let results = tokio::select! {
                     results = publishing => results,
                     _ = self.shutdown.aborted() => break,
                 };
-                for ((slot, row, _), sent) in sends.into_iter().zip(results) {
+                for ((row, _), sent) in sends.into_iter().zip(results) {
                     match sent {
-                        Ok(pending) => {
-                            in_flight.push(async move { (slot, row, pending.wait().await) })
-                        }
+                        Ok(pending) => self
+                            .in_flight
+                            .push(Box::pin(async move { (row, pending.wait().await) })),
                         Err(e) => {
                             if outcome.transport_error.is_none() {
                                 outcome.transport_error = Some(e.to_string());
@@ -494,11 +538,19 @@ impl TableRelay {
                     }
                 }
             }
-            if in_flight.is_empty() {
+            if self.in_flight.is_empty() || outcome.transport_error.is_some() {
+                break;
+            }
+            // Go and fetch while these confirms are on their way.
+            if self.more_waiting
+                && !self.queues.has_ready()
+                && self.queues.held() <= window
+                && !self.shutdown.is_stopping()
+            {
                 break;
             }
             let next = tokio::select! {
-                next = in_flight.next() => next,
+                next = self.in_flight.next() => next,
                 _ = self.shutdown.aborted() => break,
                 _ = tick.tick() => {
                     // Confirms may legitimately take long while the broker blocks us (resource
@@ -506,8 +558,8 @@ impl TableRelay {
                     // connection that stays silent past the confirm timeout is presumed dead.
                     self.heartbeat.beat();
                     if publisher.is_blocked() {
-                        last_progress = Instant::now();
-                    } else if last_progress.elapsed() >= confirm_timeout {
+                        self.last_progress = Instant::now();
+                    } else if self.last_progress.elapsed() >= confirm_timeout {
                         outcome.transport_error = Some(format!(
                             "no confirm from the broker within {}",
                             humantime::format_duration(confirm_timeout)
@@ -517,18 +569,20 @@ impl TableRelay {
                     continue;
                 }
             };
-            let Some((slot, row, result)) = next else {
+            let Some((row, result)) = next else {
                 break;
             };
-            last_progress = Instant::now();
+            self.last_progress = Instant::now();
             match result {
                 Ok(()) => {
-                    outcome.confirmed.push(row.id);
-                    ready.push_back(slot);
+                    self.confirmed.push(row.id);
+                    outcome.confirmed += 1;
+                    self.queues.release(&row);
                 }
                 Err(PublishError::Rejected(reason)) => {
                     tracing::debug!(%table, id = row.id, %reason, "publish rejected");
-                    outcome.failures.push(failure_for(row, reason, false));
+                    outcome.failures.push(failure_for(&row, reason, false));
+                    self.queues.stop_key(&row);
                 }
                 Err(PublishError::Transport(reason)) => {
                     if outcome.transport_error.is_none() {
@@ -600,7 +654,16 @@ impl TableRelay {
                 self.heartbeat.beat();
             }
         }
-        if self.finish_marking().await.is_err() || self.flush_outcomes().await.is_err() {
+        // Drain: no new sends (stopping), wait for what is in flight until the abort.
+        if !self.in_flight.is_empty() && self.publisher.is_some() {
+            let outcome = self.drive().await;
+            self.unrecorded.extend(outcome.failures);
+        }
+        let marked = self.start_marking().await;
+        if marked.is_err()
+            || self.finish_marking().await.is_err()
+            || self.flush_outcomes().await.is_err()
+        {
             tracing::warn!(table = %self.table.table, "could not mark the last confirmed rows; they will be published again (same message_id)");
         }
         if let Some(p) = self.publisher.take() {
@@ -619,9 +682,16 @@ struct Marking {
     task: tokio::task::JoinHandle<sqlx::Result<u64>>,
 }
 
+/// What one [`TableRelay::drive`] settled.
 #[derive(Default)]
-struct BatchOutcome {
-    confirmed: Vec<i64>,
+struct DriveOutcome {
+    confirmed: usize,
     failures: Vec<Failure>,
     transport_error: Option<String>,
 }
+
+type InFlight = FuturesUnordered<
+    std::pin::Pin<
+        Box<dyn std::future::Future<Output = (OutboxRow, Result<(), PublishError>)> + Send>,
+    >,
+>;

@@ -130,11 +130,10 @@ async fn raw_round(
     let pending = workload::load_pending(env.pool()?, table).await?;
     let table_name = table.to_string();
     let messages = pending
-        .iter()
-        .map(|row| message::build(row, &table_name, &env.exchange, usize::MAX))
+        .into_iter()
+        .map(|mut row| message::build(&mut row, &table_name, &env.exchange, usize::MAX))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("building the raw messages: {e}"))?;
-    drop(pending);
     env.purge_queue().await?;
     let consumer = env.consumer()?;
     let all_received = consumer.expect(tag, rows as usize, false);
