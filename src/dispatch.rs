@@ -44,7 +44,7 @@ impl KeyQueues {
 
     /// The next row to send: the head of the first ready key. Its key is in flight until
     /// [`KeyQueues::release`] or [`KeyQueues::stop_key`].
-    pub fn next(&mut self) -> Option<OutboxRow> {
+    pub fn next_to_send(&mut self) -> Option<OutboxRow> {
         while let Some(key) = self.ready.pop_front() {
             let Some(state) = self.keys.get_mut(&key) else {
                 continue;
@@ -105,7 +105,7 @@ impl KeyQueues {
         self.held.len()
     }
 
-    /// Rows fetched and not yet handed out by [`KeyQueues::next`].
+    /// Rows fetched and not yet handed out by [`KeyQueues::next_to_send`].
     pub fn queued(&self) -> usize {
         self.queued
     }
@@ -140,7 +140,7 @@ mod tests {
     }
 
     fn drain_ready(q: &mut KeyQueues) -> Vec<i64> {
-        std::iter::from_fn(|| q.next()).map(|r| r.id).collect()
+        std::iter::from_fn(|| q.next_to_send()).map(|r| r.id).collect()
     }
 
     #[test]

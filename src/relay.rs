@@ -478,7 +478,7 @@ impl TableRelay {
                 && !self.shutdown.is_stopping()
                 && !lock_lost()
             {
-                let Some(mut row) = self.queues.next() else {
+                let Some(mut row) = self.queues.next_to_send() else {
                     break;
                 };
                 let message = match message::build(
