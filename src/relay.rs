@@ -541,17 +541,21 @@ impl TableRelay {
             if self.in_flight.is_empty() || outcome.transport_error.is_some() {
                 break;
             }
-            // Go and fetch while these confirms are on their way.
-            if self.more_waiting
-                && !self.queues.has_ready()
+            // Go and fetch while these confirms are on their way: at once when the last fetch
+            // was full, or as soon as new rows are announced.
+            let room_to_fetch = !self.queues.has_ready()
                 && self.queues.held() <= window
-                && !self.shutdown.is_stopping()
-            {
+                && !self.shutdown.is_stopping();
+            if room_to_fetch && self.more_waiting {
                 break;
             }
             let next = tokio::select! {
                 next = self.in_flight.next() => next,
                 _ = self.shutdown.aborted() => break,
+                _ = async { lock.expect("checked by room_to_fetch").notified().await }, if room_to_fetch && lock.is_some() => {
+                    self.more_waiting = true;
+                    break;
+                }
                 _ = tick.tick() => {
                     // Confirms may legitimately take long while the broker blocks us (resource
                     // alarm): the loop is alive and the silence clock stops. Otherwise a

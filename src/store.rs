@@ -581,6 +581,11 @@ impl TableLock {
         }
     }
 
+    /// Resolves on the next insert notification (or at once if one arrived unseen).
+    pub async fn notified(&self) {
+        self.wake.notified().await
+    }
+
     /// Releases the lock and ends the session.
     pub async fn release(self) {
         self.release.cancel();
