@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Row};
+use sqlx::{ConnectOptions, FromRow, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -164,23 +164,7 @@ impl Store {
             .bind(exclude.iter().copied().max().unwrap_or(i64::MIN))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                let payload: String = r.try_get("payload")?;
-                Ok(OutboxRow {
-                    id: r.try_get("id")?,
-                    dedup_key: r.try_get("dedup_key")?,
-                    ordering_key: r.try_get("ordering_key")?,
-                    routing_key: r.try_get("routing_key")?,
-                    event_type: r.try_get("event_type")?,
-                    payload: payload.into_bytes(),
-                    headers: r.try_get("headers")?,
-                    exchange: r.try_get("exchange")?,
-                    created_at: r.try_get("created_at")?,
-                    attempts: r.try_get("attempts")?,
-                })
-            })
-            .collect()
+        rows.iter().map(OutboxRow::from_row).collect()
     }
 
     /// Marks confirmed rows published, in one statement.
@@ -348,6 +332,25 @@ pub fn db_message(e: &sqlx::Error) -> String {
             None => db.message().to_owned(),
         },
         other => other.to_string(),
+    }
+}
+
+/// Decodes a row selected with the columns of the fetch (`payload` as text).
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
+    fn from_row(r: &'r sqlx::postgres::PgRow) -> sqlx::Result<Self> {
+        let payload: String = r.try_get("payload")?;
+        Ok(OutboxRow {
+            id: r.try_get("id")?,
+            dedup_key: r.try_get("dedup_key")?,
+            ordering_key: r.try_get("ordering_key")?,
+            routing_key: r.try_get("routing_key")?,
+            event_type: r.try_get("event_type")?,
+            payload: payload.into_bytes(),
+            headers: r.try_get("headers")?,
+            exchange: r.try_get("exchange")?,
+            created_at: r.try_get("created_at")?,
+            attempts: r.try_get("attempts")?,
+        })
     }
 }
 

@@ -115,24 +115,8 @@ pub async fn load_pending(pool: &PgPool, table: &TableName) -> anyhow::Result<Ve
          FROM {} WHERE published_at IS NULL ORDER BY id",
         table.quoted()
     );
-    let rows = sqlx::query(&sql).fetch_all(pool).await?;
-    rows.iter()
-        .map(|r| {
-            let payload: String = r.try_get("payload")?;
-            Ok(OutboxRow {
-                id: r.try_get("id")?,
-                dedup_key: r.try_get("dedup_key")?,
-                ordering_key: r.try_get("ordering_key")?,
-                routing_key: r.try_get("routing_key")?,
-                event_type: r.try_get("event_type")?,
-                payload: payload.into_bytes(),
-                headers: r.try_get("headers")?,
-                exchange: r.try_get("exchange")?,
-                created_at: r.try_get("created_at")?,
-                attempts: r.try_get("attempts")?,
-            })
-        })
-        .collect()
+    // Decoded exactly as the relay's fetch decodes them.
+    Ok(sqlx::query_as::<_, OutboxRow>(&sql).fetch_all(pool).await?)
 }
 
 /// True once no row of the table waits to be published.
