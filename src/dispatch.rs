@@ -140,7 +140,9 @@ mod tests {
     }
 
     fn drain_ready(q: &mut KeyQueues) -> Vec<i64> {
-        std::iter::from_fn(|| q.next_to_send()).map(|r| r.id).collect()
+        std::iter::from_fn(|| q.next_to_send())
+            .map(|r| r.id)
+            .collect()
     }
 
     #[test]
