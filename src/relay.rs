@@ -308,6 +308,8 @@ impl TableRelay {
             }
         }
         if self.publisher.as_ref().is_some_and(|p| p.is_blocked()) {
+            // Confirms cannot come while blocked: the silence clock stops.
+            self.last_progress = Instant::now();
             self.set_health(Health::Blocked);
             return Step::Paused;
         }
