@@ -188,7 +188,11 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         },
         world.dir.display()
     );
-    world.create(&servers).await?;
+    if let Err(e) = world.create(&servers).await {
+        // A half-made world (database without vhost, say) is not left behind.
+        let _ = world.remove(&servers).await;
+        return Err(e);
+    }
     let outcome = run(
         &args, seed, kinds, &servers, &world, relay_bin, lock, broker, pg_cluster,
     )
