@@ -88,6 +88,14 @@ impl Store {
             ))
             .execute(&mut *tx)
             .await?;
+            // A table dropped since its last migrate starts over from version 1.
+            sqlx::query(
+                "DELETE FROM outbox_relay.migrations WHERE table_name = $1 AND to_regclass($2) IS NULL",
+            )
+            .bind(table.to_string())
+            .bind(table.quoted())
+            .execute(&mut *tx)
+            .await?;
             let done: Vec<i32> = sqlx::query_scalar(
                 "SELECT version FROM outbox_relay.migrations WHERE table_name = $1",
             )
