@@ -194,7 +194,7 @@ mod tests {
         let mut c = Checker::default();
         c.observe(d(1, "a", false));
         c.observe(d(3, "a", false));
-        c.observe(d(2, "b", false));
+        c.observe(d(4, "b", false));
         c.observe(d(1, "a", false));
         assert!(c.order_violations.is_empty());
         assert_eq!(c.duplicates, 1);
