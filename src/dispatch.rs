@@ -136,6 +136,7 @@ mod tests {
             exchange: None,
             created_at: chrono::DateTime::from_timestamp(0, 0).unwrap(),
             attempts: 0,
+            table_oid: 0,
         }
     }
 

@@ -20,6 +20,9 @@ pub struct OutboxRow {
     pub exchange: Option<String>,
     pub created_at: DateTime<Utc>,
     pub attempts: i32,
+    /// The oid of the table the row was read from: a table dropped and created again reuses
+    /// ids, so marks name the table instance too.
+    pub table_oid: i64,
 }
 
 /// A message ready for `basic_publish`.
@@ -167,6 +170,7 @@ mod tests {
             exchange: None,
             created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             attempts: 0,
+            table_oid: 0,
         }
     }
 

@@ -120,6 +120,8 @@ pub struct TableRelay {
     last_progress: Instant,
     /// Confirmed rows not yet handed to a mark.
     confirmed: Vec<i64>,
+    /// The oid of the table the held rows were read from (0 before the first fetch).
+    table_oid: i64,
     /// Confirmed rows whose mark failed; marked before anything is fetched again.
     unmarked: Vec<i64>,
     /// The mark of the previous batch, written while the next batch is published.
@@ -158,6 +160,7 @@ impl TableRelay {
             more_waiting: false,
             last_progress: Instant::now(),
             confirmed: Vec::new(),
+            table_oid: 0,
             unmarked: Vec::new(),
             marking: None,
             unrecorded: Vec::new(),
@@ -333,6 +336,18 @@ impl TableRelay {
                 Err(e) => return self.database_down("fetching due rows", &e),
             };
             self.set_health(Health::Relaying);
+            if let Some(oid) = rows.first().map(|r| r.table_oid) {
+                if oid != self.table_oid {
+                    // The table was dropped and created again (ids start over): nothing held
+                    // for the old one may be marked in the new one.
+                    if self.table_oid != 0 {
+                        tracing::warn!(table = %self.table.table, "the outbox table was created anew; forgetting the old table's unsettled rows");
+                    }
+                    self.forget_unsettled();
+                    self.confirmed.clear();
+                    self.table_oid = oid;
+                }
+            }
             self.more_waiting = rows.len() as u32 == limit;
             if rows.is_empty() && self.queues.held() == 0 {
                 return Step::Idle;
@@ -392,9 +407,10 @@ impl TableRelay {
         if !self.confirmed.is_empty() {
             let ids = std::mem::take(&mut self.confirmed);
             let (store, sql, task_ids) = (self.store.clone(), self.sql.clone(), ids.clone());
+            let oid = self.table_oid;
             self.marking = Some(Marking {
                 ids,
-                task: tokio::spawn(async move { store.mark_published(&sql, &task_ids).await }),
+                task: tokio::spawn(async move { store.mark_published(&sql, &task_ids, oid).await }),
             });
         }
         finished
@@ -424,12 +440,14 @@ impl TableRelay {
     /// Marks confirmed rows and records failures left from earlier turns, one statement each.
     async fn flush_outcomes(&mut self) -> Result<(), sqlx::Error> {
         if !self.unmarked.is_empty() {
-            self.store.mark_published(&self.sql, &self.unmarked).await?;
+            self.store
+                .mark_published(&self.sql, &self.unmarked, self.table_oid)
+                .await?;
             self.unmarked.clear();
         }
         if !self.unrecorded.is_empty() {
             self.store
-                .record_failures(&self.sql, &self.unrecorded)
+                .record_failures(&self.sql, &self.unrecorded, self.table_oid)
                 .await?;
             for f in self.unrecorded.iter().filter(|f| f.retry_after.is_none()) {
                 tracing::warn!(table = %self.table.table, id = f.id, error = %f.error, "row parked");

@@ -176,12 +176,18 @@ impl Store {
     }
 
     /// Marks confirmed rows published, in one statement.
-    pub async fn mark_published(&self, q: &TableSql, ids: &[i64]) -> sqlx::Result<u64> {
+    pub async fn mark_published(
+        &self,
+        q: &TableSql,
+        ids: &[i64],
+        table_oid: i64,
+    ) -> sqlx::Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
         let done = sqlx::query(&q.mark_published)
             .bind(ids)
+            .bind(table_oid)
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
@@ -189,7 +195,12 @@ impl Store {
 
     /// Records failed publishes in one statement: attempts + 1, the error, the next attempt
     /// time, and `parked_at` for rows that are parked.
-    pub async fn record_failures(&self, q: &TableSql, failures: &[Failure]) -> sqlx::Result<()> {
+    pub async fn record_failures(
+        &self,
+        q: &TableSql,
+        failures: &[Failure],
+        table_oid: i64,
+    ) -> sqlx::Result<()> {
         if failures.is_empty() {
             return Ok(());
         }
@@ -205,6 +216,7 @@ impl Store {
             .bind(&errors)
             .bind(&delays)
             .bind(&parks)
+            .bind(table_oid)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -358,6 +370,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
             exchange: r.try_get("exchange")?,
             created_at: r.try_get("created_at")?,
             attempts: r.try_get("attempts")?,
+            table_oid: r.try_get("table_oid").unwrap_or(0),
         })
     }
 }
@@ -419,7 +432,7 @@ impl TableSql {
         };
         let fetch = format!(
             "SELECT o.id, o.dedup_key, o.ordering_key, o.routing_key, o.event_type, o.payload::text AS payload, \
-                    o.headers, o.exchange, o.created_at, o.attempts \
+                    o.headers, o.exchange, o.created_at, o.attempts, o.tableoid::bigint AS table_oid \
              FROM {t} o \
              WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
                AND NOT EXISTS ( \
@@ -435,14 +448,14 @@ impl TableSql {
              ORDER BY o.id LIMIT $1"
         );
         let mark_published = format!(
-            "UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL"
+            "UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2"
         );
         let record_failures = format!(
             "UPDATE {t} AS t SET attempts = t.attempts + 1, last_error = f.error, \
                     next_attempt_at = now() + f.delay_ms * interval '1 millisecond', \
                     parked_at = CASE WHEN f.park THEN now() END \
              FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay_ms, park) \
-             WHERE t.id = f.id AND t.published_at IS NULL"
+             WHERE t.id = f.id AND t.published_at IS NULL AND t.tableoid::bigint = $5"
         );
         Self {
             table: table.clone(),

@@ -554,7 +554,8 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
             }
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
             let t = Instant::now();
-            store.mark_published(&sql, &ids).await?;
+            let oid = rows.first().map_or(0, |r| r.table_oid);
+            store.mark_published(&sql, &ids, oid).await?;
             mark += t.elapsed();
             done += ids.len() as u64;
         }
