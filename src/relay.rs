@@ -583,6 +583,13 @@ impl TableRelay {
                     self.heartbeat.beat();
                     if publisher.is_blocked() {
                         self.last_progress = Instant::now();
+                        if self.health != Health::Blocked {
+                            // A block that starts mid-batch, logged once like one found before
+                            // a fetch; the next fetch after it logs the recovery.
+                            tracing::warn!(%table, "RabbitMQ blocked the connection (resource alarm); waiting for confirms, fetching paused");
+                            self.heartbeat.set_status(format!("{table}: paused: broker blocked the connection"));
+                            self.health = Health::Blocked;
+                        }
                     } else if self.last_progress.elapsed() >= confirm_timeout {
                         outcome.transport_error = Some(format!(
                             "no confirm from the broker within {}",
