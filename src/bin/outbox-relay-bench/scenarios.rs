@@ -11,8 +11,9 @@ use outbox_relay::store::{Store, TableSql};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 
+use crate::consumer::Received;
 use crate::env::{self, BenchEnv};
-use crate::process::{HostCpu, ProcessCpu, RelayConfig, RelayProcess};
+use crate::process::{CpuSplit, HostCpu, ProcessCpu, RelayConfig, RelayProcess, Usage};
 use crate::proxy::CountingProxy;
 use crate::report::{Comparison, History, Idle, Latency, PgOnly, PgOnlyRun, Run};
 use crate::workload::{self, EVENT_TYPE, ROUTING_KEY};
@@ -73,6 +74,29 @@ async fn compare(
 
 fn busy_since(earlier: Option<HostCpu>) -> Option<f64> {
     Some(HostCpu::now()?.busy_since(&earlier?))
+}
+
+/// One timed drain of `rows` events, relay or raw, as the report shows it.
+fn timed_run(
+    rows: u64,
+    started: Instant,
+    seconds: f64,
+    got: Received,
+    usage: Option<Usage>,
+    cpu: Option<HostCpu>,
+    split: CpuSplit,
+) -> Run {
+    Run {
+        events_per_s: rows as f64 / seconds,
+        seconds,
+        startup_ms: got
+            .first
+            .map(|f| f.duration_since(started).as_secs_f64() * 1000.0),
+        usage,
+        duplicates: got.duplicates,
+        host_cpu_busy: busy_since(cpu),
+        cpu_split: Some(split),
+    }
 }
 
 fn progress(name: &str, round: u32, rounds: u32, who: &str, run: &Run) {
@@ -150,18 +174,15 @@ async fn raw_round(
     wait_for_consumer(env, None, Some(table), all_received, rows, deadline(rows)).await?;
     let seconds = started.elapsed().as_secs_f64();
     let split = ProcessCpu::now().since(&processes, None);
-    let got = consumer.finish();
-    Ok(Run {
-        events_per_s: rows as f64 / seconds,
+    Ok(timed_run(
+        rows,
+        started,
         seconds,
-        startup_ms: got
-            .first
-            .map(|f| f.duration_since(started).as_secs_f64() * 1000.0),
-        usage: None,
-        duplicates: got.duplicates,
-        host_cpu_busy: busy_since(cpu),
-        cpu_split: Some(split),
-    })
+        consumer.finish(),
+        None,
+        cpu,
+        split,
+    ))
 }
 
 /// Starts the relay on the table's backlog and times it from start until every row is
@@ -201,18 +222,15 @@ async fn relay_round(
     let seconds = started.elapsed().as_secs_f64();
     let split = ProcessCpu::now().since(&processes, Some(relay.pid));
     let usage = relay.stop().await?;
-    let got = consumer.finish();
-    Ok(Run {
-        events_per_s: rows as f64 / seconds,
+    Ok(timed_run(
+        rows,
+        started,
         seconds,
-        startup_ms: got
-            .first
-            .map(|f| f.duration_since(started).as_secs_f64() * 1000.0),
-        usage: Some(usage),
-        duplicates: got.duplicates,
-        host_cpu_busy: busy_since(cpu),
-        cpu_split: Some(split),
-    })
+        consumer.finish(),
+        Some(usage),
+        cpu,
+        split,
+    ))
 }
 
 /// Generous: a minute plus 5 ms per row.
