@@ -69,7 +69,8 @@ pub struct RelaySettings {
     /// Safety-net poll when no notification arrives.
     #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// Unconfirmed publishes allowed at once per table (the confirm window).
+    /// Messages per table published but not yet marked (unconfirmed, or confirmed with the mark
+    /// not written yet): the most a crash or a broken connection can send twice.
     #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: usize,
     /// LISTEN for the insert trigger's NOTIFY; switch off for write-heavy databases.

@@ -15,7 +15,7 @@ use crate::message::{self, OutboundMessage, OutboxRow};
 use crate::publisher::{learned_max_size, PublishError, Publisher};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
-use crate::store::{db_message, Failure, LockSession, Store, TableLock, TableSql};
+use crate::store::{db_message, is_schema_error, Failure, LockSession, Store, TableLock, TableSql};
 
 /// What one [`TableRelay::step`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +46,9 @@ enum Health {
     Standby,
     Blocked,
     DatabaseDown(String),
+    /// PostgreSQL answers but refuses the relay's statements: the table was dropped or
+    /// altered, or a privilege was revoked. Retried with backoff like an outage.
+    TableUnusable(String),
     BrokerDown(String),
 }
 
@@ -194,6 +197,9 @@ impl TableRelay {
             Health::DatabaseDown(e) => {
                 tracing::warn!(%table, error = %e, "PostgreSQL unavailable; retrying with backoff")
             }
+            Health::TableUnusable(e) => {
+                tracing::warn!(%table, error = %e, "cannot use the outbox table (dropped, altered, or a privilege revoked); retrying with backoff")
+            }
             Health::BrokerDown(e) => {
                 tracing::warn!(%table, error = %e, "RabbitMQ unavailable; retrying with backoff")
             }
@@ -212,6 +218,7 @@ impl TableRelay {
                 Health::Standby => "standby (another relay holds the lock)".to_owned(),
                 Health::Blocked => "paused: broker blocked the connection".to_owned(),
                 Health::DatabaseDown(e) => format!("not ready: PostgreSQL: {e}"),
+                Health::TableUnusable(e) => format!("not ready: outbox table: {e}"),
                 Health::BrokerDown(e) => format!("not ready: RabbitMQ: {e}"),
             }
         ));
@@ -219,10 +226,13 @@ impl TableRelay {
     }
 
     fn database_down(&mut self, context: &str, e: &sqlx::Error) -> Step {
-        self.set_health(Health::DatabaseDown(format!(
-            "{context}: {}",
-            db_message(e)
-        )));
+        self.store.distrust_connections();
+        let error = format!("{context}: {}", db_message(e));
+        self.set_health(if is_schema_error(e) {
+            Health::TableUnusable(error)
+        } else {
+            Health::DatabaseDown(error)
+        });
         Step::Down
     }
 
@@ -257,6 +267,7 @@ impl TableRelay {
             // in memory (the new holder sends it), then try again.
             self.lock = None;
             self.forget_unsettled();
+            self.store.distrust_connections();
             self.set_health(Health::DatabaseDown(
                 "the table lock's session ended".into(),
             ));
@@ -364,7 +375,7 @@ impl TableRelay {
         // Failures are recorded before the next fetch, so the rows they hold back stay back.
         self.unrecorded.extend(outcome.failures);
         let mut flushed = self.flush_outcomes().await;
-        if self.confirmed.len() >= limit as usize || self.in_flight.is_empty() {
+        if self.confirmed.len() >= self.mark_chunk() || self.in_flight.is_empty() {
             if let Err(e) = self.start_marking().await {
                 flushed = Err(e);
             }
@@ -391,6 +402,12 @@ impl TableRelay {
             parked,
             full: self.more_waiting,
         }
+    }
+
+    /// How many confirmed rows one mark writes: half the window, so one half can be marked
+    /// while the other is published, and at most a batch.
+    fn mark_chunk(&self) -> usize {
+        (self.settings.relay.max_in_flight / 2).clamp(1, self.settings.relay.batch_size as usize)
     }
 
     /// Drops queued rows and unconfirmed publishes from memory: they stay due in the table and
@@ -458,12 +475,14 @@ impl TableRelay {
     }
 
     /// Sends ready rows (at most one unconfirmed message per ordering key, at most
-    /// `max_in_flight` overall) and settles confirms as they arrive. Returns when nothing is in
+    /// `max_in_flight` overall counting the confirmed rows whose mark is not written yet, so
+    /// a crash resends no more than that) and settles confirms as they arrive. Returns when nothing is in
     /// flight, or early, with confirms outstanding, when more rows wait in the table and the
     /// queues have room for them. A key whose row fails goes no further until the failure is
     /// recorded and the row is due again.
     async fn drive(&mut self) -> DriveOutcome {
         let mut outcome = DriveOutcome::default();
+        let mark_chunk = self.mark_chunk();
         let publisher = self.publisher.as_mut().expect("connected before driving");
         let lock = self.lock.as_ref();
         let lock_lost = || lock.is_none_or(|l| l.is_lost());
@@ -492,8 +511,13 @@ impl TableRelay {
         loop {
             // Fill the window from the ready keys, unless shutting down or broken. A relay
             // whose lock session died stops at once: a standby may be taking over.
+            // The window counts every message that would go out again after a crash: the
+            // unconfirmed ones and the confirmed ones whose mark is not written yet.
+            let unmarked = self.confirmed.len()
+                + self.marking.as_ref().map_or(0, |m| m.ids.len())
+                + self.unmarked.len();
             let mut sends: Vec<(OutboxRow, OutboundMessage)> = Vec::new();
-            while self.in_flight.len() + sends.len() < window
+            while self.in_flight.len() + unmarked + sends.len() < window
                 && outcome.transport_error.is_none()
                 && !self.shutdown.is_stopping()
                 && !lock_lost()
@@ -609,6 +633,13 @@ impl TableRelay {
                     self.confirmed.push(row.id);
                     outcome.confirmed += 1;
                     self.queues.release(&row);
+                    // Enough confirmed to mark, and no mark running: back to `step` to start
+                    // one, so the window reopens while the rest of the confirms arrive.
+                    if self.confirmed.len() >= mark_chunk
+                        && self.marking.as_ref().is_none_or(|m| m.task.is_finished())
+                    {
+                        break;
+                    }
                 }
                 Err(PublishError::Rejected(reason)) => {
                     tracing::debug!(%table, id = row.id, %reason, "publish rejected");

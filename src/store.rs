@@ -26,20 +26,17 @@ const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[(
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Until when pooled connections are pinged before use (see [`Store::distrust_connections`]).
+    ping_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Store {
     /// Connects the pool. Sessions carry `application_name = outbox-relay` and the configured
     /// `statement_timeout`, so a silent server fails a statement instead of hanging it.
     pub async fn connect(settings: &PostgresSettings) -> anyhow::Result<Store> {
-        let options = connect_options(settings)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            // No ping before each statement: a dead connection fails the statement, which the
-            // relay handles like any database error (retry with backoff).
-            .test_before_acquire(false)
-            .acquire_timeout(settings.connect_timeout)
-            .connect_with(options)
+        let (options, ping_until) = pool_options(settings);
+        let pool = options
+            .connect_with(connect_options(settings)?)
             .await
             .with_context(|| {
                 format!(
@@ -47,20 +44,24 @@ impl Store {
                     settings.url.redacted()
                 )
             })?;
-        Ok(Store { pool })
+        Ok(Store { pool, ping_until })
     }
 
     /// Builds the pool without connecting; connections are made on first use.
     pub fn connect_lazy(settings: &PostgresSettings) -> anyhow::Result<Store> {
-        let options = connect_options(settings)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            // No ping before each statement: a dead connection fails the statement, which the
-            // relay handles like any database error (retry with backoff).
-            .test_before_acquire(false)
-            .acquire_timeout(settings.connect_timeout)
-            .connect_lazy_with(options);
-        Ok(Store { pool })
+        let (options, ping_until) = pool_options(settings);
+        let pool = options.connect_lazy_with(connect_options(settings)?);
+        Ok(Store { pool, ping_until })
+    }
+
+    /// After a database error: for the next few seconds, ping each pooled connection before
+    /// using it and replace the ones that fail. One terminated session or server restart
+    /// leaves every idle connection dead; without this each would fail one statement, and
+    /// the relay's backoff would grow with every one of them.
+    pub fn distrust_connections(&self) {
+        if let Ok(mut until) = self.ping_until.lock() {
+            *until = Some(std::time::Instant::now() + Duration::from_secs(5));
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -326,6 +327,31 @@ impl Store {
     }
 }
 
+/// The pool's options. No ping before each statement in normal operation (it would cost a
+/// round trip per statement); only while [`Store::distrust_connections`] asks for it.
+fn pool_options(
+    settings: &PostgresSettings,
+) -> (
+    PgPoolOptions,
+    Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+) {
+    let ping_until = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let until = ping_until.clone();
+    let options = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .test_before_acquire(false)
+        .before_acquire(move |conn, _| {
+            let ping = until
+                .lock()
+                .ok()
+                .and_then(|u| *u)
+                .is_some_and(|u| std::time::Instant::now() < u);
+            Box::pin(async move { Ok(!ping || sqlx::Connection::ping(conn).await.is_ok()) })
+        })
+        .acquire_timeout(settings.connect_timeout);
+    (options, ping_until)
+}
+
 fn connect_options(settings: &PostgresSettings) -> anyhow::Result<PgConnectOptions> {
     let options: PgConnectOptions = settings.url.expose().parse().map_err(|_| {
         anyhow::anyhow!(
@@ -353,6 +379,13 @@ pub fn db_message(e: &sqlx::Error) -> String {
         },
         other => other.to_string(),
     }
+}
+
+/// True for errors a reconnect does not fix: the table, a column, a schema or a privilege the
+/// relay needs is missing (SQLSTATE classes 42 and 3F), as opposed to a server that is down.
+pub fn is_schema_error(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c.starts_with("42") || c.starts_with("3F")))
 }
 
 /// Decodes a row selected with the columns of the fetch (`payload` as text).

@@ -67,7 +67,7 @@ async fn assert_backs_off_without_exiting(env: &TestEnv, relay: &mut Relay) {
     );
 }
 
-/// The log line that reports `needle`, which must name the table.
+/// The log line that reports `needle`, which must name the table and blame it (not the server).
 fn assert_logged_naming_the_table(relay: &Relay, env: &TestEnv, needle: &str) {
     let log = relay.log();
     let line = log
@@ -78,6 +78,11 @@ fn assert_logged_naming_the_table(relay: &Relay, env: &TestEnv, needle: &str) {
         line.contains(&env.table),
         "the error does not name the table {}: {line}",
         env.table
+    );
+    // The server is up: the log must say the table is the problem, not the server.
+    assert!(
+        line.contains("cannot use the outbox table"),
+        "the error does not say the table is unusable: {line}"
     );
 }
 
