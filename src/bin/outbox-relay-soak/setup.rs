@@ -15,6 +15,8 @@ use sqlx::{ConnectOptions, Connection as _, PgConnection};
 pub const EXCHANGE: &str = "soak.events";
 pub const QUEUE: &str = "soak.deliveries";
 pub const TABLE: &str = "public.outbox";
+/// The relay's `reconnect_max_delay` in the soak: recoveries are measured against it + 2 s.
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Where the servers are (without the soak's database or vhost).
 #[derive(Debug, Clone)]
@@ -172,6 +174,7 @@ impl World {
             .map_err(|_| anyhow::anyhow!("cannot set the port"))?;
         amqp.set_port(Some(amqp_port))
             .map_err(|_| anyhow::anyhow!("cannot set the port"))?;
+        let reconnect_max_delay = humantime::format_duration(RECONNECT_MAX_DELAY);
         let config = format!(
             r#"# Written by outbox-relay-soak: the relay reaches both servers through the soak's proxies.
 [postgres]
@@ -191,7 +194,7 @@ batch_size = 200
 max_in_flight = 100
 poll_interval = "1s"
 shutdown_timeout = "3s"
-reconnect_max_delay = "2s"
+reconnect_max_delay = "{reconnect_max_delay}"
 
 [retry]
 initial_delay = "200ms"
