@@ -23,7 +23,17 @@ pub struct Settings {
     pub retry: RetrySettings,
     #[serde(default)]
     pub log: LogSettings,
+    #[serde(default)]
+    pub health: HealthSettings,
     pub outbox: Vec<OutboxSettings>,
+}
+
+/// The optional HTTP health endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// `host:port` to serve `/ready` and `/live` on; unset, no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod health;
 pub mod message;
 pub mod publisher;
 pub mod relay;

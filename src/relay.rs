@@ -612,6 +612,7 @@ impl TableRelay {
                             // a fetch; the next fetch after it logs the recovery.
                             tracing::warn!(%table, "RabbitMQ blocked the connection (resource alarm); waiting for confirms, fetching paused");
                             self.heartbeat.set_status(format!("{table}: paused: broker blocked the connection"));
+                            self.heartbeat.set_ready(false);
                             self.health = Health::Blocked;
                         }
                     } else if self.last_progress.elapsed() >= confirm_timeout {

@@ -1,4 +1,4 @@
-//! The daemon: one relay task per configured table, systemd readiness (READY once every table
+//! The daemon: one relay task per configured table, the optional health endpoint, systemd readiness (READY once every table
 //! is relaying or standing by; STATUS= names any table that is not ready and why), the watchdog
 //! fed from the relay loops, STOPPING at shutdown.
 
@@ -15,6 +15,11 @@ use crate::store::Store;
 /// Runs every table's relay until `shutdown`, then waits for them to drain.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
+    // Bound before anything starts: an address in use is a start failure, not a log line.
+    let health = match settings.health.listen {
+        Some(addr) => Some(crate::health::bind(addr).await?),
+        None => None,
+    };
     // Lazy: a database that is down at start is retried by the relays, not fatal.
     let store = Store::connect_lazy(&settings.postgres)?;
     let mut tasks = Vec::new();
@@ -35,6 +40,27 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         rabbitmq = %settings.rabbitmq.url,
         "outbox-relay starting"
     );
+    let health = match health {
+        Some(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "health endpoint listening: GET /ready, GET /live");
+            }
+            let probe = crate::health::Probe {
+                tables: settings
+                    .outbox
+                    .iter()
+                    .map(|t| t.table.to_string())
+                    .zip(beats.iter().cloned())
+                    .collect(),
+                shutdown: shutdown.clone(),
+            };
+            Some(tokio::spawn(crate::health::serve(
+                listener,
+                Arc::new(probe),
+            )))
+        }
+        None => None,
+    };
     let notifier = tokio::spawn(notify_systemd(beats, shutdown.clone()));
     let mut crashed = 0;
     for task in tasks {
@@ -46,6 +72,9 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         }
     }
     notifier.abort();
+    if let Some(health) = health {
+        health.abort();
+    }
     store.close().await;
     if crashed > 0 {
         anyhow::bail!("{crashed} relay task(s) crashed");

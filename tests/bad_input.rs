@@ -184,6 +184,37 @@ async fn a_bad_value_from_the_environment_is_a_config_error_naming_the_key() {
 }
 
 #[tokio::test]
+async fn a_health_address_that_is_not_host_and_port_is_a_config_error_naming_the_key() {
+    let text = format!(
+        "{}{}[health]\nlisten = \"localhost\"\n{OUTBOX}",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    assert_config_error(&text, "run", "health.listen").await;
+}
+
+#[tokio::test]
+async fn a_health_address_in_use_stops_run_at_once_with_exit_1_naming_the_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let text = format!(
+        "{}{}[health]\nlisten = \"{addr}\"\n{OUTBOX}",
+        postgres_section(),
+        rabbitmq_section()
+    );
+    let file = ConfigFile::new(&text);
+    let out = run_cli(&file.path, &["run"]).await;
+    assert_eq!(out.code, 1, "a start failure, not a config error: {out:?}");
+    assert!(
+        out.stderr
+            .contains(&format!("health.listen: cannot listen on {addr}")),
+        "names the key and the address: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[tokio::test]
 async fn an_unreachable_server_exits_1_without_printing_the_password() {
     let text = format!(
         "[postgres]\nurl = \"postgres://postgres:{PG_PASSWORD}@127.0.0.1:1/app\"\nconnect_timeout = \"2s\"\n{}{OUTBOX}",

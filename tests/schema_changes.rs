@@ -1,7 +1,7 @@
 //! The database changing under a running relay: the outbox table dropped, a column renamed, the
 //! relay's role losing a privilege. Each time the relay must log a clear error naming the
-//! table, keep running and retrying with backoff (not exit, not spin), and deliver everything
-//! once the schema is fixed.
+//! table, report not ready on its health endpoint, keep running and retrying with backoff (not
+//! exit, not spin), and deliver everything and report ready again once the schema is fixed.
 
 mod common;
 
@@ -94,19 +94,91 @@ async fn execute(env: &TestEnv, sql: &str) {
 }
 
 fn setup() -> Setup {
-    Setup::new().set("relay", "reconnect_max_delay", "\"1s\"")
+    Setup::new()
+        .set("relay", "reconnect_max_delay", "\"1s\"")
+        .set("health", "listen", "\"127.0.0.1:0\"")
+}
+
+/// The relay's health endpoint (`health.listen` port 0), from its start-up log line.
+async fn health_addr(relay: &Relay) -> String {
+    relay.wait_for_log("health endpoint listening").await;
+    let log = relay.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("health endpoint listening"))
+        .expect("the line waited for");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr= in {line}"))
+        .to_string()
+}
+
+/// `GET /ready` on the health endpoint: the HTTP status and the JSON body.
+async fn get_ready(addr: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the health endpoint");
+    stream
+        .write_all(b"GET /ready HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status line: {response:?}"));
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json = serde_json::from_str(body.trim())
+        .unwrap_or_else(|e| panic!("the body is not JSON ({e}): {response:?}"));
+    (status, json)
+}
+
+/// Waits until `/ready` answers `status`; returns its body.
+async fn wait_for_readiness(addr: &str, status: u16) -> serde_json::Value {
+    let mut last = (0, serde_json::Value::Null);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        last = get_ready(addr).await;
+        if last.0 == status {
+            return last.1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "/ready never answered {status}; last: {} {}",
+        last.0, last.1
+    );
+}
+
+/// `/ready` says 503 and blames the outbox table (not the server) for the table's relay.
+async fn assert_not_ready_blaming_the_table(addr: &str, env: &TestEnv, needle: &str) {
+    let body = wait_for_readiness(addr, 503).await;
+    let table = &body["tables"][0];
+    assert_eq!(table["table"], env.table.as_str(), "{body}");
+    assert_eq!(table["ready"], false, "{body}");
+    let state = table["state"].as_str().unwrap_or_default();
+    assert!(
+        state.starts_with("not ready: outbox table:") && state.contains(needle),
+        "the state does not name the table problem ({needle}): {body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_outbox_table_is_reported_retried_with_backoff_and_recovered_by_migrate() {
     let env = TestEnv::new(setup()).await;
     let mut relay = env.start_relay();
+    let health = health_addr(&relay).await;
     env.insert(&rows_over_keys("before", 3, 9)).await;
     env.consumer.wait_for(9).await;
+    wait_for_readiness(&health, 200).await;
 
     execute(&env, "DROP TABLE public.outbox").await;
     relay.wait_for_log("does not exist").await;
     assert_logged_naming_the_table(&relay, &env, "does not exist");
+    assert_not_ready_blaming_the_table(&health, &env, "does not exist").await;
     assert_backs_off_without_exiting(&env, &mut relay).await;
 
     // The fix a user would reach for: `migrate` creates the missing table again.
@@ -119,6 +191,7 @@ async fn a_dropped_outbox_table_is_reported_retried_with_backoff_and_recovered_b
     let received = env.consumer.wait_for(18).await;
     env.wait_all_marked().await;
     relay.wait_for_log("recovered").await;
+    wait_for_readiness(&health, 200).await;
     assert!(relay.is_running());
     // The new table's ids start again at 1, so each table's deliveries are checked apart.
     let (before, after): (Vec<_>, Vec<_>) = received
@@ -135,6 +208,7 @@ async fn a_renamed_column_is_reported_retried_with_backoff_and_rows_written_mean
 ) {
     let env = TestEnv::new(setup()).await;
     let mut relay = env.start_relay();
+    let health = health_addr(&relay).await;
     env.insert(&rows_over_keys("before", 3, 6)).await;
     env.consumer.wait_for(6).await;
 
@@ -157,6 +231,7 @@ async fn a_renamed_column_is_reported_retried_with_backoff_and_rows_written_mean
     }
     relay.wait_for_log("routing_key does not exist").await;
     assert_logged_naming_the_table(&relay, &env, "routing_key does not exist");
+    assert_not_ready_blaming_the_table(&health, &env, "routing_key does not exist").await;
     assert_backs_off_without_exiting(&env, &mut relay).await;
     assert_eq!(
         env.consumer.unique_count(),
@@ -171,6 +246,7 @@ async fn a_renamed_column_is_reported_retried_with_backoff_and_rows_written_mean
     .await;
     let received = env.consumer.wait_for(12).await;
     env.wait_all_marked().await;
+    wait_for_readiness(&health, 200).await;
     assert!(relay.is_running());
     assert_first_deliveries_in_id_order(&received);
     assert_duplicates_share_message_id(&received);
@@ -201,6 +277,7 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
     std::fs::write(&env.config_path, config).unwrap();
 
     let mut relay = env.start_relay();
+    let health = health_addr(&relay).await;
     env.insert(&rows_over_keys("before", 3, 6)).await;
     env.consumer.wait_for(6).await;
     env.wait_all_marked().await;
@@ -213,6 +290,7 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
     env.insert(&rows_over_keys("revoked", 3, 6)).await;
     relay.wait_for_log("permission denied").await;
     assert_logged_naming_the_table(&relay, &env, "permission denied");
+    assert_not_ready_blaming_the_table(&health, &env, "permission denied").await;
     assert_backs_off_without_exiting(&env, &mut relay).await;
     assert_eq!(
         env.unpublished_count().await,
@@ -229,6 +307,7 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
     env.insert(&rows_over_keys("granted", 3, 6)).await;
     let received = env.consumer.wait_for(18).await;
     env.wait_all_marked().await;
+    wait_for_readiness(&health, 200).await;
     assert!(relay.is_running());
     assert_first_deliveries_in_id_order(&received);
     assert_duplicates_share_message_id(&received);

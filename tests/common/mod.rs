@@ -314,6 +314,7 @@ impl TestEnv {
                 ],
             ),
             ("outbox.retry", vec![]),
+            ("health", vec![]),
         ];
         if setup.relay_declares_exchange {
             sections[5].1.push((
@@ -332,7 +333,7 @@ impl TestEnv {
         }
         let mut text = String::new();
         for (section, entries) in sections {
-            if section == "outbox.retry" && entries.is_empty() {
+            if section != "outbox" && entries.is_empty() {
                 continue;
             }
             text += &match section {

@@ -1,0 +1,129 @@
+//! The optional health endpoint (`[health] listen`): `GET /ready` answers 200 while every
+//! table's relay is relaying or standing by and 503 otherwise (a server down, the outbox table
+//! unusable, the broker blocking, shutting down); `GET /live` answers 200 while every relay loop
+//! keeps turning. Both return each table's state as JSON. Reads the relays' heartbeats only.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::relay::Heartbeat;
+use crate::shutdown::Shutdown;
+
+/// A relay loop that has not turned for this long is reported as not live (the loops turn at
+/// least once a second while busy, waiting or backing off, and once per poll interval idle).
+pub const LIVE_LIMIT: Duration = Duration::from_secs(15);
+
+/// What the endpoint reports on: each table's heartbeat.
+pub struct Probe {
+    pub tables: Vec<(String, Arc<Heartbeat>)>,
+    pub shutdown: Shutdown,
+}
+
+impl Probe {
+    fn ready(&self) -> bool {
+        !self.shutdown.is_stopping() && self.tables.iter().all(|(_, b)| b.is_ready())
+    }
+
+    fn live(&self) -> bool {
+        self.tables.iter().all(|(_, b)| b.silence() < LIVE_LIMIT)
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let tables: Vec<_> = self
+            .tables
+            .iter()
+            .map(|(table, beat)| {
+                let status = beat.status();
+                let state = status
+                    .strip_prefix(&format!("{table}: "))
+                    .unwrap_or(&status);
+                serde_json::json!({
+                    "table": table,
+                    "ready": beat.is_ready(),
+                    "state": if state.is_empty() { "starting" } else { state },
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "ready": self.ready(),
+            "live": self.live(),
+            "stopping": self.shutdown.is_stopping(),
+            "tables": tables,
+        })
+    }
+}
+
+/// Binds the endpoint's address; the error names the config key.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("health.listen: cannot listen on {addr}"))
+}
+
+/// Serves probes until shutdown begins.
+pub async fn serve(listener: TcpListener, probe: Arc<Probe>) {
+    let shutdown = probe.shutdown.clone();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "health endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.aborted() => return,
+        };
+        let probe = probe.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = respond(&probe, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            // A client that hangs up early is not worth a log line.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond<B>(probe: &Probe, request: &Request<B>) -> Response<Full<Bytes>> {
+    let ok = match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/ready") => probe.ready(),
+        (&Method::GET | &Method::HEAD, "/live") => probe.live(),
+        _ => {
+            return Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from_static(
+                    b"outbox-relay health endpoint: GET /ready or GET /live\n",
+                )))
+                .expect("a static response is valid");
+        }
+    };
+    let mut body = probe.report().to_string();
+    body.push('\n');
+    Response::builder()
+        .status(if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        })
+        .header("content-type", "application/json")
+        .header("cache-control", "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a JSON response is valid")
+}
