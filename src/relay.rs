@@ -226,11 +226,11 @@ impl TableRelay {
     }
 
     fn database_down(&mut self, context: &str, e: &sqlx::Error) -> Step {
-        self.store.distrust_connections();
         let error = format!("{context}: {}", db_message(e));
         self.set_health(if is_schema_error(e) {
             Health::TableUnusable(error)
         } else {
+            self.store.distrust_connections();
             Health::DatabaseDown(error)
         });
         Step::Down
@@ -476,9 +476,10 @@ impl TableRelay {
 
     /// Sends ready rows (at most one unconfirmed message per ordering key, at most
     /// `max_in_flight` overall counting the confirmed rows whose mark is not written yet, so
-    /// a crash resends no more than that) and settles confirms as they arrive. Returns when nothing is in
-    /// flight, or early, with confirms outstanding, when more rows wait in the table and the
-    /// queues have room for them. A key whose row fails goes no further until the failure is
+    /// a crash resends no more than that) and settles confirms as they arrive. Returns when
+    /// nothing is in flight; early, with confirms outstanding, when more rows wait in the
+    /// table and the queues have room for them, or when enough confirmed rows wait to be
+    /// marked and no mark is running. A key whose row fails goes no further until the failure is
     /// recorded and the row is due again.
     async fn drive(&mut self) -> DriveOutcome {
         let mut outcome = DriveOutcome::default();

@@ -22,12 +22,14 @@ const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[(
     include_str!("../migrations/0001_outbox_table.sql"),
 )];
 
+type PingUntil = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+
 /// The database side of the relay: a small pool for fetch, mark, status and retry.
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
     /// Until when pooled connections are pinged before use (see [`Store::distrust_connections`]).
-    ping_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    ping_until: PingUntil,
 }
 
 impl Store {
@@ -329,13 +331,8 @@ impl Store {
 
 /// The pool's options. No ping before each statement in normal operation (it would cost a
 /// round trip per statement); only while [`Store::distrust_connections`] asks for it.
-fn pool_options(
-    settings: &PostgresSettings,
-) -> (
-    PgPoolOptions,
-    Arc<std::sync::Mutex<Option<std::time::Instant>>>,
-) {
-    let ping_until = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+fn pool_options(settings: &PostgresSettings) -> (PgPoolOptions, PingUntil) {
+    let ping_until = PingUntil::default();
     let until = ping_until.clone();
     let options = PgPoolOptions::new()
         .max_connections(settings.max_connections)
