@@ -379,3 +379,25 @@ async fn nested_header_objects_arrays_and_nulls_are_delivered() {
     assert_eq!(list.as_slice()[2], AMQPValue::Boolean(false));
     env.wait_all_marked().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_routing_key_is_published_as_it_is_between_rows_of_its_key() {
+    let env = TestEnv::new(Setup::new()).await;
+    let _relay = env.start_relay();
+    let rows = [
+        NewRow::new("empty-rk-0", "k").routing_key("x.y"),
+        NewRow::new("empty-rk-1", "k").routing_key(""),
+        NewRow::new("empty-rk-2", "k").routing_key("x.y"),
+    ];
+    env.insert(&rows).await;
+    // The test queue is bound with `#`, which matches the empty routing key too.
+    let received = env.consumer.wait_for(3).await;
+    assert_first_deliveries_in_id_order(&received);
+    let empty = received
+        .iter()
+        .find(|m| m.message_id == "empty-rk-1")
+        .expect("the row with an empty routing key arrived");
+    assert_eq!(empty.routing_key, "", "{empty:?}");
+    env.wait_all_marked().await;
+    assert_eq!(env.unpublished_count().await, 0);
+}
