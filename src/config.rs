@@ -46,7 +46,8 @@ pub struct PostgresSettings {
     pub max_connections: u32,
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Server-side `statement_timeout` for the relay's sessions: a silent server is noticed.
+    /// Server-side `statement_timeout` for the relay's sessions; the relay's own deadline is
+    /// 2 s later, so a silent network is noticed too.
     #[serde(default = "defaults::statement_timeout", with = "humantime_serde")]
     pub statement_timeout: Duration,
 }

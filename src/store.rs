@@ -30,6 +30,8 @@ pub struct Store {
     pool: PgPool,
     /// Until when pooled connections are pinged before use (see [`Store::distrust_connections`]).
     ping_until: PingUntil,
+    /// How long the relay's statements may wait for an answer (see [`answered_within`]).
+    answer_within: Duration,
 }
 
 impl Store {
@@ -46,14 +48,22 @@ impl Store {
                     settings.url.redacted()
                 )
             })?;
-        Ok(Store { pool, ping_until })
+        Ok(Store {
+            pool,
+            ping_until,
+            answer_within: answer_deadline(settings),
+        })
     }
 
     /// Builds the pool without connecting; connections are made on first use.
     pub fn connect_lazy(settings: &PostgresSettings) -> anyhow::Result<Store> {
         let (options, ping_until) = pool_options(settings);
         let pool = options.connect_lazy_with(connect_options(settings)?);
-        Ok(Store { pool, ping_until })
+        Ok(Store {
+            pool,
+            ping_until,
+            answer_within: answer_deadline(settings),
+        })
     }
 
     /// After a database error: for the next few seconds, ping each pooled connection before
@@ -165,16 +175,15 @@ impl Store {
         limit: u32,
         exclude: &[i64],
     ) -> sqlx::Result<Vec<OutboxRow>> {
-        let rows = sqlx::query(&q.fetch)
+        let query = sqlx::query(&q.fetch)
             .bind(limit as i64)
             .bind(lock.pid)
             .bind(lock.classid)
             .bind(lock.objid)
             .bind(exclude)
             // Rows above every excluded id skip the (linear, in a generic plan) array check.
-            .bind(exclude.iter().copied().max().unwrap_or(i64::MIN))
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(exclude.iter().copied().max().unwrap_or(i64::MIN));
+        let rows = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
         rows.iter().map(OutboxRow::from_row).collect()
     }
 
@@ -188,11 +197,8 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(&q.mark_published)
-            .bind(ids)
-            .bind(table_oid)
-            .execute(&self.pool)
-            .await?;
+        let query = sqlx::query(&q.mark_published).bind(ids).bind(table_oid);
+        let done = answered_within(self.answer_within, query.execute(&self.pool)).await?;
         Ok(done.rows_affected())
     }
 
@@ -214,14 +220,13 @@ impl Store {
             .map(|f| f.retry_after.map_or(0.0, |d| d.as_secs_f64() * 1000.0))
             .collect();
         let parks: Vec<bool> = failures.iter().map(|f| f.retry_after.is_none()).collect();
-        sqlx::query(&q.record_failures)
+        let query = sqlx::query(&q.record_failures)
             .bind(&ids)
             .bind(&errors)
             .bind(&delays)
             .bind(&parks)
-            .bind(table_oid)
-            .execute(&self.pool)
-            .await?;
+            .bind(table_oid);
+        answered_within(self.answer_within, query.execute(&self.pool)).await?;
         Ok(())
     }
 
@@ -310,22 +315,52 @@ impl Store {
 
     /// Opens the dedicated session that may hold `table`'s advisory lock and LISTEN for its hint.
     pub async fn open_lock(&self, table: &TableName, listen: bool) -> sqlx::Result<LockSession> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        // The pool may close while we wait; the lock session lives until the relay drops it.
-        listener.ignore_pool_close_event(true);
-        let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
-            .bind(format!("outbox_relay:{table}"))
-            .fetch_one(&mut listener)
-            .await?;
-        Ok(LockSession {
-            listener,
-            channel: listen.then(|| TableSql::notify_channel(table)),
-            key,
-        })
+        let open = async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            // The pool may close while we wait; the lock session lives until the relay drops it.
+            listener.ignore_pool_close_event(true);
+            let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
+                .bind(format!("outbox_relay:{table}"))
+                .fetch_one(&mut listener)
+                .await?;
+            Ok(LockSession {
+                listener,
+                channel: listen.then(|| TableSql::notify_channel(table)),
+                key,
+                answer_within: self.answer_within,
+            })
+        };
+        answered_within(self.answer_within, open).await
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// The client's own deadline for a statement's answer: `statement_timeout` plus 2 s for the
+/// server's cancellation to arrive.
+fn answer_deadline(settings: &PostgresSettings) -> Duration {
+    settings.statement_timeout + Duration::from_secs(2)
+}
+
+/// Bounds a statement by the client's clock. `statement_timeout` works only while the server
+/// hears the client: over a network that went silent (connection open, nothing arriving) a
+/// statement would wait for TCP to give up, many minutes. Past the deadline it fails like a
+/// lost connection, and the relay backs off and reconnects.
+async fn answered_within<T>(
+    deadline: Duration,
+    statement: impl std::future::Future<Output = sqlx::Result<T>>,
+) -> sqlx::Result<T> {
+    match tokio::time::timeout(deadline, statement).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer from PostgreSQL within {} (statement_timeout + 2s): the server or the network is silent",
+                humantime::format_duration(deadline)
+            ),
+        ))),
     }
 }
 
@@ -530,21 +565,21 @@ pub struct LockSession {
     listener: PgListener,
     channel: Option<String>,
     key: i64,
+    answer_within: Duration,
 }
 
 impl LockSession {
     /// Tries to take the lock without waiting. On success the session is handed to a watcher
     /// task that LISTENs for the insert hint and notices at once when the session dies.
     pub async fn try_acquire(mut self) -> sqlx::Result<Result<TableLock, LockSession>> {
-        let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS got, pg_backend_pid() AS pid")
-            .bind(self.key)
-            .fetch_one(&mut self.listener)
-            .await?;
+        let query = sqlx::query("SELECT pg_try_advisory_lock($1) AS got, pg_backend_pid() AS pid")
+            .bind(self.key);
+        let row = answered_within(self.answer_within, query.fetch_one(&mut self.listener)).await?;
         if !row.try_get::<bool, _>("got")? {
             return Ok(Err(self));
         }
         if let Some(channel) = &self.channel {
-            self.listener.listen(channel).await?;
+            answered_within(self.answer_within, self.listener.listen(channel)).await?;
         }
         let guard = LockGuard {
             pid: row.try_get("pid")?,

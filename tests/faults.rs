@@ -385,3 +385,26 @@ async fn a_relay_started_before_its_database_exists_recovers_once_it_does() {
     relay.sigterm();
     assert_eq!(relay.wait_exit().await.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_goes_silent_is_noticed_by_the_statement_deadline_and_nothing_is_lost() {
+    let env = TestEnv::new(Setup::new().set("postgres", "statement_timeout", "\"1s\"")).await;
+    let mut relay = env.start_relay();
+    env.insert(&rows_over_keys("before", 4, 40)).await;
+    env.consumer.wait_for(40).await;
+    env.wait_all_marked().await;
+
+    // The relay's sessions stay open and answer nothing: only the client's own deadline
+    // (statement_timeout + 2 s) can notice; without it the relay would wait for TCP.
+    let frozen = env.freeze_relay_sessions().await;
+    assert!(!frozen.pids.is_empty(), "the relay had sessions to freeze");
+    env.insert(&rows_over_keys("during", 4, 40)).await;
+    relay
+        .wait_for_log("no answer from PostgreSQL within 3s")
+        .await;
+    assert!(relay.is_running(), "{}", relay.log());
+
+    drop(frozen);
+    let duplicates = assert_nothing_lost(&env, 80).await;
+    eprintln!("{duplicates} duplicate deliveries after the silence");
+}

@@ -575,6 +575,52 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// Freezes (SIGSTOP) the backends of the relay's sessions in the test's database: their
+    /// sockets stay open and nothing comes back, like a network that went silent. They are
+    /// thawed (SIGCONT) when the returned guard drops, also when the test fails.
+    pub async fn freeze_relay_sessions(&self) -> FrozenBackends {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'outbox-relay' AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.db)
+        .fetch_all(&self.pool)
+        .await
+        .expect("list the relay's sessions");
+        let frozen = FrozenBackends { pids };
+        for pid in &frozen.pids {
+            frozen.signal("-STOP", *pid);
+        }
+        frozen
+    }
+}
+
+/// Backends stopped by [`TestEnv::freeze_relay_sessions`]; continued when dropped.
+pub struct FrozenBackends {
+    pub pids: Vec<i32>,
+}
+
+impl FrozenBackends {
+    fn signal(&self, signal: &str, pid: i32) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+}
+
+impl Drop for FrozenBackends {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
         self.consumer.stop();
