@@ -69,20 +69,17 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("health.listen: cannot listen on {addr}"))
 }
 
-/// Serves probes until shutdown begins.
+/// Serves probes until the task is aborted (by the service, once the relays have stopped),
+/// so `/ready` answers 503 while they drain.
 pub async fn serve(listener: TcpListener, probe: Arc<Probe>) {
-    let shutdown = probe.shutdown.clone();
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "health endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.aborted() => return,
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "health endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let probe = probe.clone();
         tokio::spawn(async move {

@@ -588,9 +588,10 @@ impl TestEnv {
         .fetch_all(&self.pool)
         .await
         .expect("list the relay's sessions");
+        // The guard exists before the first SIGSTOP, so a failure below still thaws them.
         let frozen = FrozenBackends { pids };
         for pid in &frozen.pids {
-            frozen.signal("-STOP", *pid);
+            assert!(signal("-STOP", *pid), "kill -STOP {pid} failed");
         }
         frozen
     }
@@ -601,24 +602,20 @@ pub struct FrozenBackends {
     pub pids: Vec<i32>,
 }
 
-impl FrozenBackends {
-    fn signal(&self, signal: &str, pid: i32) {
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} {pid} failed");
-    }
-}
-
 impl Drop for FrozenBackends {
     fn drop(&mut self) {
         for pid in &self.pids {
-            let _ = std::process::Command::new("kill")
-                .args(["-CONT", &pid.to_string()])
-                .status();
+            signal("-CONT", *pid);
         }
     }
+}
+
+/// `kill SIGNAL PID`; true when it succeeded.
+fn signal(signal: &str, pid: i32) -> bool {
+    std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Drop for TestEnv {
