@@ -42,6 +42,8 @@ impl Store {
         let pool = options
             .connect_with(connect_options(settings)?)
             .await
+            // The server's words once, with their SQLSTATE (sqlx's own text repeats them).
+            .map_err(|e| anyhow::anyhow!(db_message(&e)))
             .with_context(|| {
                 format!(
                     "cannot connect to PostgreSQL at {}",

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::*;
 use lapin::types::AMQPValue;
@@ -233,6 +234,67 @@ async fn an_unreachable_server_exits_1_without_printing_the_password() {
         "{out:?}"
     );
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn a_postgresql_role_that_does_not_exist_exits_1_naming_the_server_and_the_role() {
+    let text = format!(
+        "[postgres]\nurl = \"postgres://obr_no_such_role:{PG_PASSWORD}@127.0.0.1:5432/postgres\"\n{}{OUTBOX}",
+        rabbitmq_section()
+    );
+    let file = ConfigFile::new(&text);
+    let out = run_cli(&file.path, &["check-config"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("cannot connect to PostgreSQL at")
+            && out.stderr.contains("127.0.0.1:5432")
+            && out
+                .stderr
+                .contains("role \"obr_no_such_role\" does not exist"),
+        "names the server and the role: {}",
+        out.stderr
+    );
+    assert_eq!(
+        out.stderr.matches("does not exist").count(),
+        1,
+        "the server's words once: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains(PG_PASSWORD), "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_rabbitmq_password_exits_1_naming_the_server_without_printing_it() {
+    let env = TestEnv::new(Setup::new()).await;
+    let config = std::fs::read_to_string(&env.config_path).unwrap();
+    let wrong = config.replace("guest:guest@", &format!("guest:{AMQP_PASSWORD}@"));
+    assert_ne!(config, wrong, "the config's rabbitmq.url has guest:guest");
+    std::fs::write(&env.config_path, wrong).unwrap();
+
+    let out = env.cli(&["check-config"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:5672")
+            && out.stderr.contains("ACCESS_REFUSED"),
+        "names the server and the refusal: {}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains(AMQP_PASSWORD) && !out.stdout.contains(AMQP_PASSWORD),
+        "{out:?}"
+    );
+
+    // `run` keeps retrying (a password can be fixed without a restart) and says why, once.
+    let mut relay = env.start_relay();
+    relay.wait_for_log("ACCESS_REFUSED").await;
+    // Several reconnects later (backoff from 200 ms), still one line.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = relay.log();
+    assert!(relay.is_running(), "{log}");
+    assert_eq!(log.matches("ACCESS_REFUSED").count(), 1, "{log}");
+    assert!(!log.contains(AMQP_PASSWORD), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
