@@ -24,32 +24,28 @@ pub const LIVE_LIMIT: Duration = Duration::from_secs(15);
 
 /// What the endpoint reports on: each table's heartbeat.
 pub struct Probe {
-    pub tables: Vec<(String, Arc<Heartbeat>)>,
+    pub beats: Vec<Arc<Heartbeat>>,
     pub shutdown: Shutdown,
 }
 
 impl Probe {
     fn ready(&self) -> bool {
-        !self.shutdown.is_stopping() && self.tables.iter().all(|(_, b)| b.is_ready())
+        !self.shutdown.is_stopping() && self.beats.iter().all(|b| b.is_ready())
     }
 
     fn live(&self) -> bool {
-        self.tables.iter().all(|(_, b)| b.silence() < LIVE_LIMIT)
+        self.beats.iter().all(|b| b.silence() < LIVE_LIMIT)
     }
 
     fn report(&self) -> serde_json::Value {
         let tables: Vec<_> = self
-            .tables
+            .beats
             .iter()
-            .map(|(table, beat)| {
-                let status = beat.status();
-                let state = status
-                    .strip_prefix(&format!("{table}: "))
-                    .unwrap_or(&status);
+            .map(|beat| {
                 serde_json::json!({
-                    "table": table,
+                    "table": beat.table(),
                     "ready": beat.is_ready(),
-                    "state": if state.is_empty() { "starting" } else { state },
+                    "state": beat.state(),
                 })
             })
             .collect();

@@ -52,11 +52,13 @@ enum Health {
     BrokerDown(String),
 }
 
+const BLOCKED_STATE: &str = "paused: broker blocked the connection";
+
 /// Liveness for the systemd watchdog and readiness: set by the loop on every turn.
-#[derive(Default)]
 pub struct Heartbeat {
-    /// The relay's current state in words, for systemd's STATUS= line.
-    status: std::sync::Mutex<String>,
+    table: String,
+    /// The relay's current state in words, for systemd's STATUS= line and the health endpoint.
+    state: std::sync::Mutex<String>,
     /// Milliseconds since `started` of the last turn of the loop.
     last_beat_ms: AtomicU64,
     /// 1 once the relay has connected to both servers (relaying or standing by).
@@ -65,6 +67,16 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    fn new(table: String) -> Self {
+        Self {
+            table,
+            state: std::sync::Mutex::new("starting".to_owned()),
+            last_beat_ms: AtomicU64::new(0),
+            ready: AtomicU64::new(0),
+            started: std::sync::OnceLock::new(),
+        }
+    }
+
     fn beat(&self) {
         let start = *self.started.get_or_init(Instant::now);
         self.last_beat_ms
@@ -75,15 +87,20 @@ impl Heartbeat {
         self.ready.store(ready as u64, Ordering::Relaxed);
     }
 
-    fn set_status(&self, status: String) {
-        if let Ok(mut s) = self.status.lock() {
-            *s = status;
+    fn set_state(&self, state: String) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = state;
         }
     }
 
-    /// The relay's current state in words.
-    pub fn status(&self) -> String {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    /// The table this relay serves.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The relay's current state in words (`relaying`, `not ready: RabbitMQ: ...`).
+    pub fn state(&self) -> String {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// True while the relay is relaying or standing by (both servers reachable).
@@ -148,6 +165,7 @@ impl TableRelay {
         let policy = RetryPolicy::from(&retry);
         let sql = TableSql::new(&table.table, policy.on_exhausted);
         let max_message_bytes = settings.rabbitmq.max_message_bytes;
+        let heartbeat = Arc::new(Heartbeat::new(table.table.to_string()));
         Self {
             settings,
             table,
@@ -170,7 +188,7 @@ impl TableRelay {
             max_message_bytes,
             health: Health::Starting,
             outage_attempts: 0,
-            heartbeat: Arc::new(Heartbeat::default()),
+            heartbeat,
         }
     }
 
@@ -210,18 +228,15 @@ impl TableRelay {
             self.outage_attempts = 0;
         }
         self.heartbeat.set_ready(ready);
-        self.heartbeat.set_status(format!(
-            "{table}: {}",
-            match &health {
-                Health::Starting => "starting".to_owned(),
-                Health::Relaying => "relaying".to_owned(),
-                Health::Standby => "standby (another relay holds the lock)".to_owned(),
-                Health::Blocked => "paused: broker blocked the connection".to_owned(),
-                Health::DatabaseDown(e) => format!("not ready: PostgreSQL: {e}"),
-                Health::TableUnusable(e) => format!("not ready: outbox table: {e}"),
-                Health::BrokerDown(e) => format!("not ready: RabbitMQ: {e}"),
-            }
-        ));
+        self.heartbeat.set_state(match &health {
+            Health::Starting => "starting".to_owned(),
+            Health::Relaying => "relaying".to_owned(),
+            Health::Standby => "standby (another relay holds the lock)".to_owned(),
+            Health::Blocked => BLOCKED_STATE.to_owned(),
+            Health::DatabaseDown(e) => format!("not ready: PostgreSQL: {e}"),
+            Health::TableUnusable(e) => format!("not ready: outbox table: {e}"),
+            Health::BrokerDown(e) => format!("not ready: RabbitMQ: {e}"),
+        });
         self.health = health;
     }
 
@@ -612,7 +627,7 @@ impl TableRelay {
                             // A block that starts mid-batch, logged once like one found before
                             // a fetch; the next fetch after it logs the recovery.
                             tracing::warn!(%table, "RabbitMQ blocked the connection (resource alarm); waiting for confirms, fetching paused");
-                            self.heartbeat.set_status(format!("{table}: paused: broker blocked the connection"));
+                            self.heartbeat.set_state(BLOCKED_STATE.to_owned());
                             self.heartbeat.set_ready(false);
                             self.health = Health::Blocked;
                         }

@@ -1,6 +1,6 @@
-//! The daemon: one relay task per configured table, the optional health endpoint, systemd readiness (READY once every table
-//! is relaying or standing by; STATUS= names any table that is not ready and why), the watchdog
-//! fed from the relay loops, STOPPING at shutdown.
+//! The daemon: one relay task per configured table, the optional health endpoint, systemd
+//! readiness (READY once every table is relaying or standing by; STATUS= names any table that
+//! is not ready and why), the watchdog fed from the relay loops, STOPPING at shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,12 +46,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
                 tracing::info!(%addr, "health endpoint listening: GET /ready, GET /live");
             }
             let probe = crate::health::Probe {
-                tables: settings
-                    .outbox
-                    .iter()
-                    .map(|t| t.table.to_string())
-                    .zip(beats.iter().cloned())
-                    .collect(),
+                beats: beats.clone(),
                 shutdown: shutdown.clone(),
             };
             Some(tokio::spawn(crate::health::serve(
@@ -101,7 +96,7 @@ async fn notify_systemd(beats: Vec<Arc<Heartbeat>>, shutdown: Shutdown) {
         }
         let status = beats
             .iter()
-            .map(|b| b.status())
+            .map(|b| format!("{}: {}", b.table(), b.state()))
             .collect::<Vec<_>>()
             .join("; ");
         if !ready && beats.iter().all(|b| b.is_ready()) {
