@@ -3,22 +3,13 @@
 //! PostgreSQL-only ceiling. Thin: parses arguments, sets up and tears down the bench's own
 //! database, exchange and queue, runs the scenarios and prints the report.
 
-// A binary's root looks for modules beside itself; these live in the bench's own folder.
-#[path = "outbox-relay-bench/consumer.rs"]
 mod consumer;
-#[path = "outbox-relay-bench/env.rs"]
 mod env;
-#[path = "outbox-relay-bench/process.rs"]
 mod process;
-#[path = "outbox-relay-bench/proxy.rs"]
 mod proxy;
-#[path = "outbox-relay-bench/raw.rs"]
 mod raw;
-#[path = "outbox-relay-bench/report.rs"]
 mod report;
-#[path = "outbox-relay-bench/scenarios.rs"]
 mod scenarios;
-#[path = "outbox-relay-bench/workload.rs"]
 mod workload;
 
 use std::path::PathBuf;
@@ -51,9 +42,10 @@ Defaults: full run = 100,000 events, 2 rounds, 20 s latency, 10 s idle. --quick 
 1 round, 5 s latency, 3 s idle (fits in 2 minutes for CI).
 
 The relay binary is taken from the bench's own directory (build both with
-`cargo build --release --bins`). The bench creates a database, an exchange and a durable queue
-with unique names and removes them at the end, also after an error or Ctrl-C. Targets are
-printed next to the figures for information only; the exit code does not depend on them.";
+`cargo build --release --workspace --bins`). The bench creates a database, an exchange and a
+durable queue with unique names and removes them at the end, also after an error or Ctrl-C.
+Targets are printed next to the figures for information only; the exit code does not depend on
+them.";
 
 /// Benchmarks outbox-relay against raw publishing to the same RabbitMQ, in one run.
 #[derive(Debug, Parser)]
@@ -185,7 +177,7 @@ fn relay_binary(args: &Args) -> anyhow::Result<PathBuf> {
     };
     if !path.is_file() {
         anyhow::bail!(
-            "the relay binary {} is missing: build it next to the bench with `cargo build --release --bins` \
+            "the relay binary {} is missing: build it next to the bench with `cargo build --release --workspace --bins` \
              (or pass --relay-bin FILE)",
             path.display()
         );

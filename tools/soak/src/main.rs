@@ -3,19 +3,12 @@
 //! injects faults at seeded random times, checks the relay's promises continuously and against
 //! the table at the end, and prints one summary line (plus one line per fault kind).
 
-#[path = "outbox-relay-soak/checker.rs"]
 mod checker;
-#[path = "outbox-relay-soak/consumer.rs"]
 mod consumer;
-#[path = "outbox-relay-soak/faults.rs"]
 mod faults;
-#[path = "outbox-relay-soak/producers.rs"]
 mod producers;
-#[path = "outbox-relay-soak/proxy.rs"]
 mod proxy;
-#[path = "outbox-relay-soak/relays.rs"]
 mod relays;
-#[path = "outbox-relay-soak/setup.rs"]
 mod setup;
 
 use std::collections::{BTreeMap, HashSet};

@@ -34,7 +34,7 @@ pub fn locate_relay_binary() -> anyhow::Result<PathBuf> {
     let relay = dir.join("outbox-relay");
     if !relay.is_file() {
         anyhow::bail!(
-            "the relay binary {} is missing: build both with `cargo build --release --bins` \
+            "the relay binary {} is missing: build both with `cargo build --release --workspace --bins` \
              (or pass --relay-bin PATH)",
             relay.display()
         );
