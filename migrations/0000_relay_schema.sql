@@ -32,3 +32,39 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- Ordering keys held back by a failed row (parked under hold_key, or waiting for its retry
+-- delay), per table instance (`table_oid`, so a table dropped and created again starts clean).
+-- `holder` is the failed row; the key's later rows carry `held = true` and stay out of the due
+-- index until the holder is published (or parked under skip), so however many rows queue
+-- behind a held key, the fetch never reads them. Written only by the relay, under the same
+-- per-key advisory lock the order guard takes.
+CREATE TABLE IF NOT EXISTS outbox_relay.held_keys (
+    table_oid    bigint      NOT NULL,
+    ordering_key text        NOT NULL,
+    holder       bigint      NOT NULL,
+    held_since   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_oid, ordering_key)
+);
+CREATE INDEX IF NOT EXISTS held_keys_holder ON outbox_relay.held_keys (table_oid, holder);
+
+-- Version 2 of the order guard (tables at migration 2 and later): as order_guard, and a row of
+-- a held key starts out held. The advisory lock orders the check with the relay's hold and
+-- release of the key (both take it), so under READ COMMITTED (PostgreSQL's default) the check
+-- is exact. A producer in REPEATABLE READ or SERIALIZABLE may see an older held_keys; its row
+-- then starts out not held, where the fetch still holds it back by its key (order is kept, the
+-- row only costs the fetch a probe). SECURITY DEFINER: producers need no privilege on
+-- held_keys (nor on the id sequence).
+CREATE OR REPLACE FUNCTION outbox_relay.order_guard_v2() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(
+        hashtext(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME),
+        hashtext(NEW.ordering_key));
+    NEW.id := nextval(pg_get_serial_sequence(format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), 'id'));
+    NEW.held := current_setting('transaction_isolation') = 'read committed'
+        AND EXISTS (SELECT 1 FROM outbox_relay.held_keys
+                    WHERE table_oid = TG_RELID::bigint AND ordering_key = NEW.ordering_key);
+    RETURN NEW;
+END
+$$;

@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, Settings, TableName, EX_CONFIG};
-use crate::publisher::Publisher;
+use crate::publisher::Broker;
 use crate::shutdown::Shutdown;
-use crate::store::{RetrySelector, Store, TableStatus};
+use crate::store::{Published, RetrySelector, Store, TableStatus};
 
 /// Publishes PostgreSQL outbox rows to RabbitMQ, in order per key, at least once.
 #[derive(Debug, Parser)]
@@ -169,13 +169,17 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
             "TABLE", "PENDING", "DUE", "PARKED", "PUBLISHED"
         );
         for s in &all {
+            let published = match s.published {
+                Published::Exact(n) => n.to_string(),
+                Published::Estimated(n) => format!("~{n}"),
+            };
             println!(
                 "{:<32} {:>10} {:>10} {:>8} {:>12}  {}",
                 s.table.to_string(),
                 s.pending,
                 s.due,
                 s.parked,
-                s.published,
+                published,
                 s.oldest_pending
                     .map(
                         |d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
@@ -210,7 +214,11 @@ fn status_json(s: &TableStatus) -> serde_json::Value {
         "pending": s.pending,
         "due": s.due,
         "parked": s.parked,
-        "published": s.published,
+        "held": s.held,
+        "published": match s.published {
+            Published::Exact(n) | Published::Estimated(n) => n,
+        },
+        "published_is_estimate": matches!(s.published, Published::Estimated(_)),
         "oldest_pending_s": s.oldest_pending.map(|d| d.as_secs_f64()),
     })
 }
@@ -224,7 +232,9 @@ async fn check_config(settings: &Settings, path: &std::path::Path) -> anyhow::Re
         println!("outbox table {}: ready", table.table);
     }
     store.close().await;
-    let mut publisher = Publisher::connect(&settings.rabbitmq, "outbox-relay check-config", &[])
+    let broker = Broker::new(&settings.rabbitmq);
+    let mut publisher = broker
+        .publisher(&[])
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("rabbitmq {}: reachable", settings.rabbitmq.url);
@@ -245,6 +255,7 @@ async fn check_config(settings: &Settings, path: &std::path::Path) -> anyhow::Re
         }
     }
     publisher.close().await;
+    broker.close().await;
     Ok(())
 }
 

@@ -1,8 +1,9 @@
-//! All AMQP: one connection and confirm-mode channel per table relay, exchange checks and
-//! declarations, publishing and judging confirms. Must not touch PostgreSQL.
+//! All AMQP: one connection per relay process with a confirm-mode channel per table, exchange
+//! checks and declarations, publishing and judging confirms. Must not touch PostgreSQL.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::AMQPErrorKind;
@@ -16,12 +17,20 @@ use crate::config::{ExchangeDeclaration, ExchangeType, RabbitSettings};
 use crate::message::OutboundMessage;
 
 /// Why a publish did not end in a clean confirm.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     /// The broker refused this message (nack, unroutable, missing exchange): the row is retried
     /// with backoff and its attempts count.
     #[error("{0}")]
-    Rejected(String),
+    Refused(String),
+    /// The broker refused a message as larger than its `max_message_size` (`limit` bytes) and
+    /// closed the channel: rows above the limit are parked from now on, the others go again.
+    #[error("the broker refused a message as larger than its limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    /// Declaring the table's exchange conflicts with the exchange the broker has (another type
+    /// or durability): an operator's mistake in the config or the broker, not an outage.
+    #[error("{0}")]
+    Misdeclared(String),
     /// The connection or channel failed or went silent: nothing is known about the message.
     /// The row stays due, the relay reconnects, and the message goes out again with the same
     /// `message_id`. Attempts do not count, so an outage never parks rows.
@@ -30,16 +39,30 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// A failure of the client library: the broker's size refusal becomes [`TooLarge`] with
+    /// its limit (the broker states it only in its reply text), anything else is transport.
+    ///
+    /// [`TooLarge`]: PublishError::TooLarge
     fn from_lapin(context: &str, e: &lapin::Error) -> Self {
+        if let ErrorKind::ProtocolError(amqp) = e.kind() {
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+            ) {
+                if let Some(limit) = size_limit_in(amqp.get_message().as_str()) {
+                    return PublishError::TooLarge { limit };
+                }
+            }
+        }
         PublishError::Transport(format!("{context}: {}", describe(e)))
     }
 }
 
-/// The broker limit learned from a refusal such as "message size 2000 is larger than
-/// configured max size 1024".
-pub fn learned_max_size(error_text: &str) -> Option<usize> {
-    let at = error_text.find("configured max size")?;
-    error_text[at + "configured max size".len()..]
+/// The broker limit stated in a refusal such as "message size 2000 is larger than configured
+/// max size 1024".
+fn size_limit_in(reply_text: &str) -> Option<usize> {
+    let at = reply_text.find("configured max size")?;
+    reply_text[at + "configured max size".len()..]
         .split(|c: char| !c.is_ascii_digit())
         .find(|s| !s.is_empty())?
         .parse()
@@ -55,42 +78,42 @@ pub fn describe(e: &lapin::Error) -> String {
     }
 }
 
-/// A live connection with one confirm-mode channel for publishing and one for exchange checks
-/// (a failed passive declare closes the channel it ran on, so it must not be the publishing one).
-pub struct Publisher {
-    connection: Connection,
-    channel: Channel,
-    probe: Option<Channel>,
-    known_exchanges: HashSet<String>,
-    confirm_timeout: Duration,
+/// The relay process's one AMQP connection, shared by every table: each table publishes on a
+/// channel of its own ([`Broker::publisher`]), so a channel error stays that table's while the
+/// connection count stays one, whatever the number of tables. Reconnects on demand, once for
+/// all tables: the first table that finds the connection dead opens a new one, the others
+/// open their channels on it.
+pub struct Broker {
+    settings: RabbitSettings,
+    connection: tokio::sync::Mutex<Link>,
 }
 
-impl Publisher {
-    /// Connects, opens the channels, enables confirms and declares the configured exchanges.
-    pub async fn connect(
-        settings: &RabbitSettings,
-        connection_name: &str,
+#[derive(Default)]
+struct Link {
+    connection: Option<Arc<Connection>>,
+    /// The last failed connect: tables that ask again within [`RECONNECT_QUIET`] get the same
+    /// answer instead of a connect attempt each.
+    failed: Option<(Instant, PublishError)>,
+}
+
+/// How long a failed connect answers for every table.
+const RECONNECT_QUIET: Duration = Duration::from_millis(500);
+
+impl Broker {
+    pub fn new(settings: &RabbitSettings) -> Broker {
+        Broker {
+            settings: settings.clone(),
+            connection: tokio::sync::Mutex::new(Link::default()),
+        }
+    }
+
+    /// A publisher for one table on the shared connection (connecting first when there is no
+    /// live connection): a confirm-mode channel, and `declarations` declared.
+    pub async fn publisher(
+        &self,
         declarations: &[(String, ExchangeDeclaration)],
     ) -> Result<Publisher, PublishError> {
-        let properties =
-            ConnectionProperties::default().with_connection_name(connection_name.into());
-        let connect = Connection::connect(settings.url.expose(), properties);
-        let connection = match tokio::time::timeout(settings.connect_timeout, connect).await {
-            Err(_) => {
-                return Err(PublishError::Transport(format!(
-                    "connecting to RabbitMQ at {} timed out after {}",
-                    settings.url.redacted(),
-                    humantime::format_duration(settings.connect_timeout)
-                )))
-            }
-            Ok(Err(e)) => {
-                return Err(PublishError::from_lapin(
-                    &format!("cannot connect to RabbitMQ at {}", settings.url.redacted()),
-                    &e,
-                ))
-            }
-            Ok(Ok(c)) => c,
-        };
+        let connection = self.connection().await?;
         let channel = connection
             .create_channel()
             .await
@@ -104,14 +127,93 @@ impl Publisher {
             channel,
             probe: None,
             known_exchanges: HashSet::new(),
-            confirm_timeout: settings.confirm_timeout,
+            confirm_timeout: self.settings.confirm_timeout,
         };
         for (name, declaration) in declarations {
-            publisher.declare_exchange(name, declaration).await?;
+            if let Err(e) = publisher.declare_exchange(name, declaration).await {
+                publisher.close().await;
+                return Err(e);
+            }
         }
         Ok(publisher)
     }
 
+    async fn connection(&self) -> Result<Arc<Connection>, PublishError> {
+        let mut link = self.connection.lock().await;
+        if let Some(c) = &link.connection {
+            if c.status().connected() {
+                return Ok(c.clone());
+            }
+        }
+        if let Some((at, e)) = &link.failed {
+            if at.elapsed() < RECONNECT_QUIET {
+                return Err(e.clone());
+            }
+        }
+        if let Some(old) = link.connection.take() {
+            close_connection(&old).await;
+        }
+        match self.connect().await {
+            Ok(c) => {
+                let c = Arc::new(c);
+                link.connection = Some(c.clone());
+                link.failed = None;
+                Ok(c)
+            }
+            Err(e) => {
+                link.failed = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, PublishError> {
+        let settings = &self.settings;
+        let properties = ConnectionProperties::default()
+            .with_connection_name(settings.connection_name.as_str().into());
+        let connect = Connection::connect(settings.url.expose(), properties);
+        match tokio::time::timeout(settings.connect_timeout, connect).await {
+            Err(_) => Err(PublishError::Transport(format!(
+                "connecting to RabbitMQ at {} timed out after {}",
+                settings.url.redacted(),
+                humantime::format_duration(settings.connect_timeout)
+            ))),
+            Ok(Err(e)) => Err(PublishError::Transport(format!(
+                "cannot connect to RabbitMQ at {}: {}",
+                settings.url.redacted(),
+                describe(&e)
+            ))),
+            Ok(Ok(c)) => Ok(c),
+        }
+    }
+
+    /// Closes the connection politely (at shutdown, after every table closed its channel).
+    pub async fn close(&self) {
+        if let Some(c) = self.connection.lock().await.connection.take() {
+            close_connection(&c).await;
+        }
+    }
+}
+
+async fn close_connection(connection: &Connection) {
+    if connection.status().connected() {
+        let close = connection.close(200, "outbox-relay closing".into());
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    }
+}
+
+/// One table's channels on the shared connection: a confirm-mode channel for publishing and
+/// one for exchange checks (a failed passive declare closes the channel it ran on, so it must
+/// not be the publishing one).
+pub struct Publisher {
+    connection: Arc<Connection>,
+    channel: Channel,
+    probe: Option<Channel>,
+    known_exchanges: HashSet<String>,
+    confirm_timeout: Duration,
+}
+
+impl Publisher {
     async fn declare_exchange(
         &mut self,
         name: &str,
@@ -138,12 +240,25 @@ impl Publisher {
             }
             Err(e) => {
                 self.probe = None;
-                // A declaration that conflicts with the existing exchange is an operator's
-                // mistake, not an outage; it is reported like a refused row.
-                Err(PublishError::Rejected(format!(
-                    "declaring exchange {name:?}: {}",
-                    describe(&e)
-                )))
+                match e.kind() {
+                    // A declaration that conflicts with the existing exchange is an operator's
+                    // mistake, not an outage.
+                    ErrorKind::ProtocolError(amqp)
+                        if matches!(
+                            amqp.kind(),
+                            AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+                        ) =>
+                    {
+                        Err(PublishError::Misdeclared(format!(
+                            "declaring exchange {name:?} (declare_exchange): {}",
+                            describe(&e)
+                        )))
+                    }
+                    _ => Err(PublishError::from_lapin(
+                        &format!("declaring exchange {name:?}"),
+                        &e,
+                    )),
+                }
             }
         }
     }
@@ -197,7 +312,7 @@ impl Publisher {
                             AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
                         ) =>
                     {
-                        Err(PublishError::Rejected(format!(
+                        Err(PublishError::Refused(format!(
                             "exchange {exchange:?} does not exist"
                         )))
                     }
@@ -249,11 +364,13 @@ impl Publisher {
         self.connection.status().connected() && self.channel.status().connected()
     }
 
-    /// Closes the connection politely (used at shutdown and before reconnecting).
+    /// Closes this table's channels (the connection stays, for the other tables).
     pub async fn close(self) {
-        if self.connection.status().connected() {
-            let close = self.connection.close(200, "outbox-relay closing".into());
-            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+        for channel in std::iter::once(&self.channel).chain(self.probe.as_ref()) {
+            if channel.status().connected() {
+                let close = channel.close(200, "outbox-relay closing".into());
+                let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+            }
         }
     }
 }
@@ -271,14 +388,14 @@ impl PendingConfirm {
     pub async fn wait(self) -> Result<(), PublishError> {
         match self.confirm.await {
             Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-            Ok(Confirmation::Ack(Some(returned))) => Err(PublishError::Rejected(format!(
+            Ok(Confirmation::Ack(Some(returned))) => Err(PublishError::Refused(format!(
                 "unroutable: the broker returned the message ({} {}) from exchange {:?} with routing key {:?}",
                 returned.reply_code,
                 returned.reply_text,
                 returned.delivery.exchange.as_str(),
                 returned.delivery.routing_key.as_str()
             ))),
-            Ok(Confirmation::Nack(_)) => Err(PublishError::Rejected("the broker nacked the message".into())),
+            Ok(Confirmation::Nack(_)) => Err(PublishError::Refused("the broker nacked the message".into())),
             Err(e) => Err(PublishError::from_lapin("waiting for the confirm", &e)),
         }
     }
@@ -291,11 +408,11 @@ mod tests {
     #[test]
     fn the_brokers_size_limit_is_read_from_its_refusal() {
         assert_eq!(
-            learned_max_size(
+            size_limit_in(
                 "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1024"
             ),
             Some(1024)
         );
-        assert_eq!(learned_max_size("NOT_FOUND - no exchange 'x'"), None);
+        assert_eq!(size_limit_in("NOT_FOUND - no exchange 'x'"), None);
     }
 }

@@ -39,6 +39,19 @@ impl From<&RetrySettings> for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The reconnect backoff after a broker or database outage: 200 ms doubling up to
+    /// `max_delay` (`relay.reconnect_max_delay`), up to half of each delay jittered away.
+    pub fn outage(max_delay: Duration) -> RetryPolicy {
+        RetryPolicy {
+            initial_delay: Duration::from_millis(200).min(max_delay),
+            max_delay,
+            multiplier: 2.0,
+            jitter: 0.5,
+            max_attempts: u32::MAX,
+            on_exhausted: OnExhausted::HoldKey,
+        }
+    }
+
     /// The un-jittered delay after `attempt` failures (1 = the first failure), capped at `max_delay`.
     pub fn base_delay(&self, attempt: u32) -> Duration {
         let exponent = attempt.saturating_sub(1).min(1000) as i32;

@@ -1,4 +1,5 @@
-//! The daemon: one relay task per configured table, the optional health endpoint, systemd
+//! The daemon: one relay task per configured table over one coordination session and one
+//! broker connection shared by all of them, the optional health endpoint, systemd
 //! readiness (READY once every table is relaying or standing by; STATUS= names any table that
 //! is not ready and why), the watchdog fed from the relay loops, STOPPING at shutdown.
 
@@ -8,9 +9,10 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 use crate::config::Settings;
+use crate::publisher::Broker;
 use crate::relay::{Heartbeat, TableRelay};
 use crate::shutdown::Shutdown;
-use crate::store::Store;
+use crate::store::{Coordination, Store, TableSql};
 
 /// Runs every table's relay until `shutdown`, then waits for them to drain.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -22,13 +24,32 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     // Lazy: a database that is down at start is retried by the relays, not fatal.
     let store = Store::connect_lazy(&settings.postgres)?;
+    // One coordination session and one broker connection for all tables.
+    let sqls: Vec<TableSql> = settings
+        .outbox
+        .iter()
+        .map(|t| {
+            let retry = settings.retry.with_override(&t.retry);
+            TableSql::new(&t.table, retry.on_exhausted)
+        })
+        .collect();
+    let coordination = Coordination::start(
+        &settings.postgres,
+        &sqls,
+        settings.relay.notify,
+        settings.relay.poll_interval,
+        settings.relay.reconnect_max_delay,
+    )?;
+    let broker = Arc::new(Broker::new(&settings.rabbitmq));
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
-    for table in &settings.outbox {
+    for (index, table) in settings.outbox.iter().enumerate() {
         let relay = TableRelay::new(
             settings.clone(),
             table.clone(),
             store.clone(),
+            coordination.lock(index),
+            broker.clone(),
             shutdown.clone(),
         );
         beats.push(relay.heartbeat());
@@ -70,6 +91,10 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     if let Some(health) = health {
         health.abort();
     }
+    // Shutdown order: the relays have settled and closed their channels; then the broker
+    // connection, the locks and LISTEN (the coordination session), the pool.
+    broker.close().await;
+    coordination.close().await;
     store.close().await;
     if crashed > 0 {
         anyhow::bail!("{crashed} relay task(s) crashed");

@@ -1,14 +1,13 @@
-//! All SQL: migrations, fetching due rows, marking them, status and retry, and the per-table
-//! advisory lock that keeps one relay active per table. Must not touch AMQP.
+//! All SQL: migrations, fetching due rows, marking them, recording failures, holding and
+//! releasing keys, status and retry; the coordination session (every table's lock, LISTEN and
+//! poll) is in [`coordination`]. Must not touch AMQP.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, FromRow, Row};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{quote_ident, OnExhausted, PostgresSettings, TableName};
 use crate::message::OutboxRow;
@@ -16,13 +15,69 @@ use crate::message::OutboxRow;
 const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/0000_relay_schema.sql");
 
 /// Per-table migrations: (version, description, SQL template).
-const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "outbox table, indexes and order guard",
-    include_str!("../migrations/0001_outbox_table.sql"),
-)];
+const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "outbox table, indexes and order guard",
+        include_str!("../migrations/0001_outbox_table.sql"),
+    ),
+    (
+        2,
+        "rows behind held keys leave the due index",
+        include_str!("../migrations/0002_held_keys.sql"),
+    ),
+];
 
-type PingUntil = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+mod coordination;
+pub use coordination::{Coordination, LockGuard, LockState, TableLock};
+
+/// Why a statement failed, as the relay decides on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    /// The server is down, unreachable, silent, or dropped the session: retried with backoff.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The server refuses the relay's statements: the table, a column, a schema or a privilege
+    /// is missing (SQLSTATE classes 42 and 3F), or a row does not decode. A reconnect does not
+    /// fix it; an operator does.
+    #[error("{0}")]
+    Refused(String),
+    /// The server is a read-only standby (SQLSTATE 25006), e.g. after a failover that left the
+    /// relay's address on the old primary.
+    #[error("{0}")]
+    ReadOnly(String),
+}
+
+impl DbError {
+    /// The same failure with `what` the relay was doing in front of its text.
+    pub fn context(self, what: &str) -> DbError {
+        match self {
+            DbError::Unavailable(e) => DbError::Unavailable(format!("{what}: {e}")),
+            DbError::Refused(e) => DbError::Refused(format!("{what}: {e}")),
+            DbError::ReadOnly(e) => DbError::ReadOnly(format!("{what}: {e}")),
+        }
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        let text = db_message(&e);
+        match &e {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some(c) if c.starts_with("42") || c.starts_with("3F") => DbError::Refused(text),
+                Some("25006") => DbError::ReadOnly(text),
+                _ => DbError::Unavailable(text),
+            },
+            sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::TypeNotFound { .. }
+            | sqlx::Error::Decode(_) => DbError::Refused(text),
+            _ => DbError::Unavailable(text),
+        }
+    }
+}
+
+pub(crate) type PingUntil = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
 
 /// The database side of the relay: a small pool for fetch, mark, status and retry.
 #[derive(Clone)]
@@ -142,7 +197,7 @@ impl Store {
                     "CREATE TRIGGER {trigger} AFTER INSERT ON {} FOR EACH STATEMENT \
                      EXECUTE FUNCTION outbox_relay.notify('{}');",
                     table.quoted(),
-                    q.notify_channel
+                    TableSql::notify_channel(table)
                 );
             }
             sqlx::raw_sql(&sql).execute(&mut *tx).await?;
@@ -155,7 +210,7 @@ impl Store {
     pub async fn check_table(&self, table: &TableName) -> anyhow::Result<()> {
         let sql = format!(
             "SELECT id, dedup_key, ordering_key, routing_key, event_type, payload, headers, exchange, \
-             created_at, attempts, next_attempt_at, last_error, published_at, parked_at FROM {} LIMIT 0",
+             created_at, attempts, next_attempt_at, last_error, published_at, parked_at, held FROM {} LIMIT 0",
             table.quoted()
         );
         sqlx::query(&sql).execute(&self.pool).await.map_err(|e| {
@@ -168,15 +223,16 @@ impl Store {
     }
 
     /// Due rows of `table` in id order that no earlier row of their key holds back, except
-    /// `exclude` (confirmed rows whose mark is still being written). Returns nothing unless
-    /// `lock`'s session still holds the table's lock.
+    /// `exclude` (rows the relay holds in memory: queued, in flight, or confirmed with the
+    /// mark not written yet). Returns nothing unless `lock`'s session still holds the table's
+    /// lock. Reads the due index only: rows behind held keys are not in it.
     pub async fn fetch_due(
         &self,
         q: &TableSql,
         lock: &LockGuard,
         limit: u32,
         exclude: &[i64],
-    ) -> sqlx::Result<Vec<OutboxRow>> {
+    ) -> Result<Vec<OutboxRow>, DbError> {
         let query = sqlx::query(&q.fetch)
             .bind(limit as i64)
             .bind(lock.pid)
@@ -186,22 +242,27 @@ impl Store {
             // Rows above every excluded id skip the (linear, in a generic plan) array check.
             .bind(exclude.iter().copied().max().unwrap_or(i64::MIN));
         let rows = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
-        rows.iter().map(OutboxRow::from_row).collect()
+        Ok(rows
+            .iter()
+            .map(OutboxRow::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
-    /// Marks confirmed rows published, in one statement.
+    /// Marks confirmed rows published, in one statement. Returns the keys whose holder was
+    /// among them: the relay releases those keys next ([`Store::release_keys`]).
     pub async fn mark_published(
         &self,
         q: &TableSql,
         ids: &[i64],
         table_oid: i64,
-    ) -> sqlx::Result<u64> {
+    ) -> Result<Vec<String>, DbError> {
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let query = sqlx::query(&q.mark_published).bind(ids).bind(table_oid);
-        let done = answered_within(self.answer_within, query.execute(&self.pool)).await?;
-        Ok(done.rows_affected())
+        let query = sqlx::query_scalar(&q.mark_published)
+            .bind(ids)
+            .bind(table_oid);
+        Ok(answered_within(self.answer_within, query.fetch_all(&self.pool)).await?)
     }
 
     /// Records failed publishes in one statement: attempts + 1, the error, the next attempt
@@ -211,7 +272,7 @@ impl Store {
         q: &TableSql,
         failures: &[Failure],
         table_oid: i64,
-    ) -> sqlx::Result<()> {
+    ) -> Result<(), DbError> {
         if failures.is_empty() {
             return Ok(());
         }
@@ -232,27 +293,125 @@ impl Store {
         Ok(())
     }
 
-    /// Counts for `outbox-relay status`.
+    /// Holds keys back behind their failed row (`(key, holder id)`): the key's later pending
+    /// rows leave the due index, and rows inserted for it later start out held. Each key is
+    /// taken under its order-guard lock without waiting; returns the keys that a producer's
+    /// open transaction kept locked (hold them again later; until then the fetch's per-key
+    /// check keeps them back, at the cost of reading them).
+    pub async fn hold_keys(
+        &self,
+        q: &TableSql,
+        holds: &[(String, i64)],
+        table_oid: i64,
+    ) -> Result<Vec<String>, DbError> {
+        if holds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (keys, holders): (Vec<&str>, Vec<i64>) =
+            holds.iter().map(|(k, h)| (k.as_str(), *h)).unzip();
+        let query = sqlx::query_scalar(&q.hold_keys)
+            .bind(&keys)
+            .bind(&holders)
+            .bind(q.table.to_string())
+            .bind(table_oid);
+        let held: Vec<String> =
+            answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        Ok(keys
+            .into_iter()
+            .filter(|k| !held.iter().any(|h| h == k))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Releases held keys: their rows return to the due index, in id order, and the fetch
+    /// sends them behind nothing. Like [`Store::hold_keys`], returns the keys a producer's open
+    /// transaction kept locked (release them again later).
+    pub async fn release_keys(
+        &self,
+        q: &TableSql,
+        keys: &[String],
+        table_oid: i64,
+    ) -> Result<Vec<String>, DbError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query = sqlx::query_scalar(&q.release_keys)
+            .bind(keys)
+            .bind(q.table.to_string())
+            .bind(table_oid);
+        let released: Vec<String> =
+            answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        Ok(keys
+            .iter()
+            .filter(|k| !released.contains(k))
+            .cloned()
+            .collect())
+    }
+
+    /// Held keys of the table whose holder no longer holds them (published, deleted by hand,
+    /// or parked under `skip`: a relay stopped between the mark and the release), and how many
+    /// keys are held in all.
+    pub async fn stale_holds(
+        &self,
+        q: &TableSql,
+        table_oid: i64,
+    ) -> Result<(Vec<String>, i64), DbError> {
+        let query = sqlx::query(&q.stale_holds).bind(table_oid);
+        let rows = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        let mut stale = Vec::new();
+        let mut held = 0;
+        for row in rows {
+            held += 1;
+            if row.try_get::<bool, _>("stale")? {
+                stale.push(row.try_get("ordering_key")?);
+            }
+        }
+        Ok((stale, held))
+    }
+
+    /// Counts for `outbox-relay status`, in time that does not grow with the published
+    /// history: pending, due, held and parked rows are counted on the partial indexes (which
+    /// hold unpublished rows only); published rows are counted up to [`PUBLISHED_COUNT_CAP`],
+    /// and past that estimated from PostgreSQL's live-row count.
     pub async fn status(&self, table: &TableName) -> anyhow::Result<TableStatus> {
+        let t = table.quoted();
         let sql = format!(
-            "SELECT count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL) AS pending, \
-                    count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL AND next_attempt_at <= now()) AS due, \
-                    count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NOT NULL) AS parked, \
-                    count(*) FILTER (WHERE published_at IS NOT NULL) AS published, \
-                    extract(epoch FROM now() - min(created_at) FILTER (WHERE published_at IS NULL AND parked_at IS NULL))::float8 AS oldest \
-             FROM {}",
-            table.quoted()
+            "SELECT (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND NOT held) AS ready, \
+                    (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()) AS due, \
+                    (SELECT count(*) FROM {t} WHERE published_at IS NULL AND held) AS held, \
+                    (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NOT NULL) AS parked, \
+                    (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE published_at IS NOT NULL LIMIT {PUBLISHED_COUNT_CAP}) p) AS published, \
+                    greatest(pg_stat_get_live_tuples('{t}'::regclass), 0) AS live, \
+                    extract(epoch FROM now() - least( \
+                        (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY id LIMIT 1), \
+                        (SELECT min(f.created_at) FROM outbox_relay.held_keys h CROSS JOIN LATERAL ( \
+                             SELECT created_at FROM {t} WHERE ordering_key = h.ordering_key AND held AND published_at IS NULL \
+                             ORDER BY id LIMIT 1) f \
+                         WHERE h.table_oid = '{t}'::regclass::oid::bigint)))::float8 AS oldest"
         );
         let row = sqlx::query(&sql)
             .fetch_one(&self.pool)
             .await
-            .with_context(|| format!("reading the status of {table}"))?;
+            .with_context(|| {
+                format!("reading the status of {table} (run `outbox-relay migrate`?)")
+            })?;
+        let ready: i64 = row.try_get("ready")?;
+        let held: i64 = row.try_get("held")?;
+        let parked: i64 = row.try_get("parked")?;
+        let live: i64 = row.try_get("live")?;
+        let counted: i64 = row.try_get("published")?;
+        let published = if counted < PUBLISHED_COUNT_CAP {
+            Published::Exact(counted)
+        } else {
+            Published::Estimated((live - ready - held - parked).max(PUBLISHED_COUNT_CAP))
+        };
         Ok(TableStatus {
             table: table.clone(),
-            pending: row.try_get("pending")?,
+            pending: ready + held,
             due: row.try_get("due")?,
-            parked: row.try_get("parked")?,
-            published: row.try_get("published")?,
+            held,
+            parked,
+            published,
             oldest_pending: row
                 .try_get::<Option<f64>, _>("oldest")?
                 .map(|s| Duration::from_secs_f64(s.max(0.0))),
@@ -313,26 +472,6 @@ impl Store {
             .await?;
         tx.commit().await?;
         Ok(ids.len() as u64)
-    }
-
-    /// Opens the dedicated session that may hold `table`'s advisory lock and LISTEN for its hint.
-    pub async fn open_lock(&self, table: &TableName, listen: bool) -> sqlx::Result<LockSession> {
-        let open = async {
-            let mut listener = PgListener::connect_with(&self.pool).await?;
-            // The pool may close while we wait; the lock session lives until the relay drops it.
-            listener.ignore_pool_close_event(true);
-            let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
-                .bind(format!("outbox_relay:{table}"))
-                .fetch_one(&mut listener)
-                .await?;
-            Ok(LockSession {
-                listener,
-                channel: listen.then(|| TableSql::notify_channel(table)),
-                key,
-                answer_within: self.answer_within,
-            })
-        };
-        answered_within(self.answer_within, open).await
     }
 
     pub async fn close(&self) {
@@ -415,13 +554,6 @@ pub fn db_message(e: &sqlx::Error) -> String {
     }
 }
 
-/// True for errors a reconnect does not fix: the table, a column, a schema or a privilege the
-/// relay needs is missing (SQLSTATE classes 42 and 3F), as opposed to a server that is down.
-pub fn is_schema_error(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db)
-        if db.code().is_some_and(|c| c.starts_with("42") || c.starts_with("3F")))
-}
-
 /// Decodes a row selected with the columns of the fetch (`payload` as text).
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
     fn from_row(r: &'r sqlx::postgres::PgRow) -> sqlx::Result<Self> {
@@ -437,7 +569,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
             exchange: r.try_get("exchange")?,
             created_at: r.try_get("created_at")?,
             attempts: r.try_get("attempts")?,
-            table_oid: r.try_get("table_oid").unwrap_or(0),
+            table_oid: r.try_get("table_oid")?,
         })
     }
 }
@@ -461,12 +593,27 @@ pub enum RetrySelector {
 #[derive(Debug, Clone)]
 pub struct TableStatus {
     pub table: TableName,
+    /// Rows not published and not parked (due, waiting for a retry, or held behind a key).
     pub pending: i64,
+    /// Pending rows that may go out now.
     pub due: i64,
+    /// Pending rows waiting behind a held key.
+    pub held: i64,
     pub parked: i64,
-    pub published: i64,
+    pub published: Published,
     pub oldest_pending: Option<Duration>,
 }
+
+/// Published rows: counted while few, estimated once many (never a scan of the history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Exact(i64),
+    /// PostgreSQL's live-row estimate less the unpublished rows.
+    Estimated(i64),
+}
+
+/// Published rows `status` counts one by one before it estimates instead.
+pub const PUBLISHED_COUNT_CAP: i64 = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct ParkedRow {
@@ -481,18 +628,27 @@ pub struct ParkedRow {
 #[derive(Debug, Clone)]
 pub struct TableSql {
     table: TableName,
-    notify_channel: String,
+    on_exhausted: OnExhausted,
     fetch: String,
     mark_published: String,
     record_failures: String,
+    hold_keys: String,
+    release_keys: String,
+    stale_holds: String,
 }
+
+/// A pending row that may go out now, as the due index's partial predicate reads it.
+const DUE: &str =
+    "published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()";
 
 impl TableSql {
     pub fn new(table: &TableName, on_exhausted: OnExhausted) -> Self {
         let t = table.quoted();
         // A row is held back by an earlier row of its key that waits for a retry, or (with
         // hold_key) is parked. Such rows are few and sit in the small `failed` index, so the
-        // check is one probe of an almost empty index per candidate row.
+        // check is one probe of an almost empty index per candidate row. The rows of held keys
+        // are not candidates at all (`held`); this check keeps order for the few that are not
+        // flagged yet (a hold still to be written).
         let holds_back = match on_exhausted {
             OnExhausted::HoldKey => "(e.parked_at IS NOT NULL OR e.next_attempt_at > now())",
             OnExhausted::Skip => "(e.parked_at IS NULL AND e.next_attempt_at > now())",
@@ -501,7 +657,7 @@ impl TableSql {
             "SELECT o.id, o.dedup_key, o.ordering_key, o.routing_key, o.event_type, o.payload::text AS payload, \
                     o.headers, o.exchange, o.created_at, o.attempts, o.tableoid::bigint AS table_oid \
              FROM {t} o \
-             WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
+             WHERE o.published_at IS NULL AND o.parked_at IS NULL AND NOT o.held AND o.next_attempt_at <= now() \
                AND NOT EXISTS ( \
                    SELECT 1 FROM {t} e \
                    WHERE e.ordering_key = o.ordering_key AND e.id < o.id \
@@ -515,7 +671,11 @@ impl TableSql {
              ORDER BY o.id LIMIT $1"
         );
         let mark_published = format!(
-            "UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2"
+            "WITH marked AS ( \
+                 UPDATE {t} SET published_at = now() \
+                 WHERE id = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING id) \
+             SELECT h.ordering_key FROM outbox_relay.held_keys h JOIN marked m ON h.holder = m.id \
+             WHERE h.table_oid = $2"
         );
         let record_failures = format!(
             "UPDATE {t} AS t SET attempts = t.attempts + 1, last_error = f.error, \
@@ -524,12 +684,55 @@ impl TableSql {
              FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay_ms, park) \
              WHERE t.id = f.id AND t.published_at IS NULL AND t.tableoid::bigint = $5"
         );
+        // Both take the key's order-guard lock (without waiting: a producer's transaction may
+        // hold it for long), so no insert of the key is in progress while its rows change
+        // state, and inserts that follow see the new held_keys. The CTE with the volatile lock
+        // call is evaluated once per key.
+        let hold_keys = format!(
+            "WITH locked AS ( \
+                 SELECT h.key, h.holder FROM unnest($1::text[], $2::int8[]) AS h(key, holder) \
+                 WHERE pg_try_advisory_xact_lock(hashtext($3), hashtext(h.key))), \
+             noted AS ( \
+                 INSERT INTO outbox_relay.held_keys (table_oid, ordering_key, holder) \
+                 SELECT $4, key, holder FROM locked \
+                 ON CONFLICT (table_oid, ordering_key) DO UPDATE SET holder = EXCLUDED.holder \
+                 RETURNING ordering_key, holder), \
+             moved AS ( \
+                 UPDATE {t} AS t SET held = true FROM noted n \
+                 WHERE t.ordering_key = n.ordering_key AND t.id > n.holder AND t.published_at IS NULL \
+                   AND t.parked_at IS NULL AND NOT t.held AND t.tableoid::bigint = $4 RETURNING 1) \
+             SELECT ordering_key FROM noted"
+        );
+        let release_keys = format!(
+            "WITH locked AS ( \
+                 SELECT k.key FROM unnest($1::text[]) AS k(key) \
+                 WHERE pg_try_advisory_xact_lock(hashtext($2), hashtext(k.key))), \
+             dropped AS ( \
+                 DELETE FROM outbox_relay.held_keys h USING locked l \
+                 WHERE h.table_oid = $3 AND h.ordering_key = l.key RETURNING h.ordering_key), \
+             moved AS ( \
+                 UPDATE {t} AS t SET held = false FROM dropped d \
+                 WHERE t.ordering_key = d.ordering_key AND t.held AND t.published_at IS NULL RETURNING 1) \
+             SELECT key FROM locked"
+        );
+        let holder_holds = match on_exhausted {
+            OnExhausted::HoldKey => "o.published_at IS NULL",
+            OnExhausted::Skip => "o.published_at IS NULL AND o.parked_at IS NULL",
+        };
+        let stale_holds = format!(
+            "SELECT h.ordering_key, NOT EXISTS ( \
+                 SELECT 1 FROM {t} o WHERE o.id = h.holder AND {holder_holds}) AS stale \
+             FROM outbox_relay.held_keys h WHERE h.table_oid = $1"
+        );
         Self {
             table: table.clone(),
-            notify_channel: Self::notify_channel(table),
+            on_exhausted,
             fetch,
             mark_published,
             record_failures,
+            hold_keys,
+            release_keys,
+            stale_holds,
         }
     }
 
@@ -542,144 +745,28 @@ impl TableSql {
         &self.table
     }
 
+    pub fn on_exhausted(&self) -> OnExhausted {
+        self.on_exhausted
+    }
+
+    /// The coordination poll's part for this table: `index` when a row is due. Reads the due
+    /// index's first entries only.
+    fn probe(&self, index: usize) -> String {
+        format!(
+            "SELECT {index}::int4 WHERE EXISTS (SELECT 1 FROM {} WHERE {DUE})",
+            self.table.quoted()
+        )
+    }
+
     fn render(&self, template: &str) -> String {
         let t = &self.table;
         template
             .replace("{table}", &t.quoted())
+            .replace("{schema}", &quote_ident(&t.schema))
             .replace("{due_index}", &quote_ident(&t.derived("due")))
             .replace("{failed_index}", &quote_ident(&t.derived("failed")))
+            .replace("{held_index}", &quote_ident(&t.derived("held")))
             .replace("{dedup_index}", &quote_ident(&t.derived("dedup_key")))
             .replace("{order_trigger}", &quote_ident(&t.derived("order")))
-    }
-}
-
-/// Identifies the lock holder's session for the fetch's guard.
-#[derive(Debug, Clone, Copy)]
-pub struct LockGuard {
-    pid: i32,
-    classid: i64,
-    objid: i64,
-}
-
-/// A dedicated session that may take a table's advisory lock (one active relay per table).
-/// A standby keeps it and tries again every poll interval.
-pub struct LockSession {
-    listener: PgListener,
-    channel: Option<String>,
-    key: i64,
-    answer_within: Duration,
-}
-
-impl LockSession {
-    /// Tries to take the lock without waiting. On success the session is handed to a watcher
-    /// task that LISTENs for the insert hint and notices at once when the session dies.
-    pub async fn try_acquire(mut self) -> sqlx::Result<Result<TableLock, LockSession>> {
-        let query = sqlx::query("SELECT pg_try_advisory_lock($1) AS got, pg_backend_pid() AS pid")
-            .bind(self.key);
-        let row = answered_within(self.answer_within, query.fetch_one(&mut self.listener)).await?;
-        if !row.try_get::<bool, _>("got")? {
-            return Ok(Err(self));
-        }
-        if let Some(channel) = &self.channel {
-            answered_within(self.answer_within, self.listener.listen(channel)).await?;
-        }
-        let guard = LockGuard {
-            pid: row.try_get("pid")?,
-            classid: (self.key as u64 >> 32) as i64,
-            objid: (self.key as u64 & 0xffff_ffff) as i64,
-        };
-        let wake = Arc::new(Notify::new());
-        let lost = CancellationToken::new();
-        let release = CancellationToken::new();
-        let watcher = tokio::spawn(watch_lock_session(
-            self.listener,
-            self.key,
-            wake.clone(),
-            lost.clone(),
-            release.clone(),
-        ));
-        Ok(Ok(TableLock {
-            guard,
-            wake,
-            lost,
-            release,
-            watcher,
-        }))
-    }
-}
-
-/// Owns the lock session: turns notifications into wake-ups and the session's end into `lost`.
-async fn watch_lock_session(
-    mut listener: PgListener,
-    key: i64,
-    wake: Arc<Notify>,
-    lost: CancellationToken,
-    release: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            received = listener.try_recv() => match received {
-                // Notifications that pile up while the relay is busy collapse into one wake-up.
-                Ok(Some(_)) => wake.notify_one(),
-                // The session died and the lock with it; try_recv would reconnect, we don't.
-                Ok(None) | Err(_) => {
-                    lost.cancel();
-                    return;
-                }
-            },
-            _ = release.cancelled() => {
-                let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut listener).await;
-                return;
-            }
-        }
-    }
-}
-
-/// A held table lock. If its session ends, [`TableLock::is_lost`] turns true at once and the
-/// fetch's guard returns nothing, so a relay that lost its lock stops publishing.
-pub struct TableLock {
-    guard: LockGuard,
-    wake: Arc<Notify>,
-    lost: CancellationToken,
-    release: CancellationToken,
-    watcher: tokio::task::JoinHandle<()>,
-}
-
-/// What ended a wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
-    Notified,
-    Timeout,
-    /// The lock session died; the lock is gone.
-    Lost,
-}
-
-impl TableLock {
-    pub fn guard(&self) -> LockGuard {
-        self.guard
-    }
-
-    pub fn is_lost(&self) -> bool {
-        self.lost.is_cancelled()
-    }
-
-    /// Waits for an insert notification, the lock's loss, or `timeout`.
-    pub async fn wait(&self, timeout: Duration) -> Wake {
-        tokio::select! {
-            _ = self.wake.notified() => Wake::Notified,
-            _ = self.lost.cancelled() => Wake::Lost,
-            _ = tokio::time::sleep(timeout) => Wake::Timeout,
-        }
-    }
-
-    /// Resolves on the next insert notification (or at once if one arrived unseen).
-    pub async fn notified(&self) {
-        self.wake.notified().await
-    }
-
-    /// Releases the lock and ends the session.
-    pub async fn release(self) {
-        self.release.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.watcher).await;
     }
 }

@@ -262,7 +262,9 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
         &env,
         &format!(
             "CREATE ROLE \"{role}\" LOGIN; GRANT USAGE ON SCHEMA public TO \"{role}\"; \
-             GRANT SELECT, UPDATE ON public.outbox TO \"{role}\";"
+             GRANT SELECT, UPDATE ON public.outbox TO \"{role}\"; \
+             GRANT USAGE ON SCHEMA outbox_relay TO \"{role}\"; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay.held_keys TO \"{role}\";"
         ),
     )
     .await;
@@ -317,6 +319,7 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
         &env,
         &format!(
             "REVOKE ALL ON public.outbox FROM \"{role}\"; REVOKE USAGE ON SCHEMA public FROM \"{role}\"; \
+             REVOKE ALL ON outbox_relay.held_keys FROM \"{role}\"; REVOKE USAGE ON SCHEMA outbox_relay FROM \"{role}\"; \
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
              DROP ROLE \"{role}\";"
         ),

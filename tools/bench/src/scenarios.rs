@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use outbox_relay::config::{OnExhausted, PostgresSettings, SecretUrl, TableName};
 use outbox_relay::message;
-use outbox_relay::store::{Store, TableSql};
+use outbox_relay::store::{Coordination, LockState, Store, TableSql};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 
@@ -556,11 +556,24 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
         .await?;
         let store = Store::connect(&settings).await?;
         let sql = TableSql::new(&table, OnExhausted::HoldKey);
-        let session = store.open_lock(&table, false).await?;
-        let Ok(lock) = session.try_acquire().await? else {
-            anyhow::bail!("pg-only: the table lock of {table} is held by someone else");
+        let coordination = Coordination::start(
+            &settings,
+            std::slice::from_ref(&sql),
+            false,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )?;
+        let mut lock = coordination.lock(0);
+        let guard = loop {
+            match lock.state() {
+                LockState::Held(guard) => break guard,
+                LockState::Connecting => lock.changed().await,
+                LockState::Standby => {
+                    anyhow::bail!("pg-only: the table lock of {table} is held by someone else")
+                }
+                LockState::Down(e) => anyhow::bail!("pg-only: {e}"),
+            }
         };
-        let guard = lock.guard();
         let (mut fetch, mut mark, mut done) = (Duration::ZERO, Duration::ZERO, 0u64);
         let started = Instant::now();
         loop {
@@ -578,7 +591,7 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
             done += ids.len() as u64;
         }
         let seconds = started.elapsed().as_secs_f64();
-        lock.release().await;
+        coordination.close().await;
         store.close().await;
         if done != plan.drain_rows {
             anyhow::bail!("pg-only: fetched {done} rows of {}", plan.drain_rows);

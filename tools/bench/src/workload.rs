@@ -111,7 +111,7 @@ pub async fn vacuum_analyze(pool: &PgPool, table: &TableName) -> anyhow::Result<
 pub async fn load_pending(pool: &PgPool, table: &TableName) -> anyhow::Result<Vec<OutboxRow>> {
     let sql = format!(
         "SELECT id, dedup_key, ordering_key, routing_key, event_type, payload::text AS payload, headers, \
-                exchange, created_at, attempts \
+                exchange, created_at, attempts, tableoid::bigint AS table_oid \
          FROM {} WHERE published_at IS NULL ORDER BY id",
         table.quoted()
     );

@@ -1,0 +1,243 @@
+//! The mark pipeline: what the broker settled, on its way into the table. A confirmed row id is
+//! in exactly one of `confirmed` (waiting for a mark), `marking` (its mark being written in the
+//! background) or `unmarked` (its mark failed; written again before anything is fetched), until
+//! its mark is written; [`MarkPipeline::pending_ids`] is that set, which the fetch excludes and
+//! the confirm window counts. Failures wait in `unrecorded` until recorded, and the keys they
+//! hold back (or that a published holder frees) wait until held (released) in the table.
+
+use std::time::Duration;
+
+use crate::config::OnExhausted;
+use crate::store::{DbError, Failure, Store, TableSql};
+
+pub(crate) struct MarkPipeline {
+    store: Store,
+    sql: TableSql,
+    /// The table instance the ids belong to (see [`crate::message::OutboxRow::table_oid`]).
+    table_oid: Option<i64>,
+    chunk: usize,
+    confirmed: Vec<i64>,
+    marking: Option<Marking>,
+    unmarked: Vec<i64>,
+    unrecorded: Vec<Failure>,
+    /// Keys to hold behind their failed row, and keys whose holder no longer holds them.
+    holds: Vec<(String, i64)>,
+    releases: Vec<String>,
+    /// Keys this table holds, as last counted: while any, stale holds are looked for now and
+    /// then (a holder deleted by hand); none, never.
+    held_keys: i64,
+    last_sweep: Option<std::time::Instant>,
+}
+
+/// A mark being written in the background.
+struct Marking {
+    ids: Vec<i64>,
+    task: tokio::task::JoinHandle<Result<Vec<String>, DbError>>,
+}
+
+/// How often a table with held keys looks for stale ones.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+impl MarkPipeline {
+    /// `chunk`: how many confirmed rows one mark writes.
+    pub fn new(store: Store, sql: TableSql, chunk: usize) -> Self {
+        MarkPipeline {
+            store,
+            sql,
+            table_oid: None,
+            chunk,
+            confirmed: Vec::new(),
+            marking: None,
+            unmarked: Vec::new(),
+            unrecorded: Vec::new(),
+            holds: Vec::new(),
+            releases: Vec::new(),
+            held_keys: 0,
+            last_sweep: None,
+        }
+    }
+
+    /// Ids confirmed by the broker whose mark is not written yet.
+    pub fn pending_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.confirmed
+            .iter()
+            .chain(self.marking.iter().flat_map(|m| m.ids.iter()))
+            .chain(self.unmarked.iter())
+            .copied()
+    }
+
+    /// How many ids [`MarkPipeline::pending_ids`] yields.
+    pub fn pending(&self) -> usize {
+        self.confirmed.len()
+            + self.marking.as_ref().map_or(0, |m| m.ids.len())
+            + self.unmarked.len()
+    }
+
+    /// The rows were read from table instance `oid`. A different instance (the table was
+    /// dropped and created again, ids start over) forgets the old one's ids: none of them may
+    /// be marked in the new table. Returns true when that happened.
+    pub fn read_from(&mut self, oid: i64) -> bool {
+        match self.table_oid.replace(oid) {
+            Some(old) if old != oid => {
+                self.confirmed.clear();
+                self.unmarked.clear();
+                self.unrecorded.clear();
+                self.holds.clear();
+                self.releases.clear();
+                if let Some(m) = self.marking.take() {
+                    m.task.abort();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn confirm(&mut self, id: i64) {
+        self.confirmed.push(id);
+    }
+
+    /// A failed publish to record; `ordering_key` and the failure's verdict decide whether it
+    /// holds its key back.
+    pub fn fail(&mut self, failure: Failure, ordering_key: &str, previous_attempts: i32) {
+        let parks = failure.retry_after.is_none();
+        if !parks || self.sql.on_exhausted() == OnExhausted::HoldKey {
+            self.holds.push((ordering_key.to_owned(), failure.id));
+        } else if previous_attempts > 0 {
+            // Parked under skip after failing before: it held its key while it waited.
+            self.releases.push(ordering_key.to_owned());
+        }
+        self.unrecorded.push(failure);
+    }
+
+    /// True when enough confirmed rows wait for a mark and none is being written: time to
+    /// start one, so the window reopens while the rest of the confirms arrive.
+    pub fn wants_mark(&self) -> bool {
+        self.confirmed.len() >= self.chunk
+            && self.marking.as_ref().is_none_or(|m| m.task.is_finished())
+    }
+
+    /// True when a background mark has finished and waits to be settled.
+    pub fn mark_finished(&self) -> bool {
+        self.marking.as_ref().is_some_and(|m| m.task.is_finished())
+    }
+
+    /// Starts marking the confirmed rows in the background (after settling the previous mark).
+    pub async fn start(&mut self) -> Result<(), DbError> {
+        let settled = self.finish_marking().await;
+        let Some(oid) = self.table_oid else {
+            return settled;
+        };
+        if !self.confirmed.is_empty() {
+            let ids = std::mem::take(&mut self.confirmed);
+            let (store, sql, task_ids) = (self.store.clone(), self.sql.clone(), ids.clone());
+            self.marking = Some(Marking {
+                ids,
+                task: tokio::spawn(async move { store.mark_published(&sql, &task_ids, oid).await }),
+            });
+        }
+        settled
+    }
+
+    /// Writes what earlier turns left: a finished background mark's outcome, failed marks,
+    /// unrecorded failures, holds and releases. Called before every fetch, so the rows the
+    /// failures hold back stay back. Stops at the first error (the rest stays queued).
+    pub async fn settle(&mut self) -> Result<(), DbError> {
+        if self.mark_finished() {
+            self.finish_marking().await?;
+        }
+        self.flush().await
+    }
+
+    /// At the end of a run: marks everything confirmed, waiting for it. Every step runs, even
+    /// after one failed; the first error is returned.
+    pub async fn finish(&mut self) -> Result<(), DbError> {
+        let started = self.start().await;
+        let finished = self.finish_marking().await;
+        let flushed = self.flush().await;
+        started.and(finished).and(flushed)
+    }
+
+    /// Looks for holds whose holder is gone (once after the lock is taken, then every
+    /// [`SWEEP_EVERY`] while the table holds keys) and queues their release.
+    pub async fn sweep_stale_holds(&mut self, force: bool) -> Result<(), DbError> {
+        let Some(oid) = self.table_oid else {
+            return Ok(());
+        };
+        let due = self.held_keys > 0 && self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+        if !force && !due {
+            return Ok(());
+        }
+        self.last_sweep = Some(std::time::Instant::now());
+        let (stale, held) = self.store.stale_holds(&self.sql, oid).await?;
+        self.held_keys = held;
+        if !stale.is_empty() {
+            tracing::info!(table = %self.sql.table(), keys = stale.len(), "releasing keys whose holding row is gone");
+            self.releases.extend(stale);
+        }
+        Ok(())
+    }
+
+    /// Waits for the background mark; its ids join `unmarked` when it failed.
+    async fn finish_marking(&mut self) -> Result<(), DbError> {
+        let Some(marking) = self.marking.take() else {
+            return Ok(());
+        };
+        match marking.task.await {
+            Ok(Ok(freed)) => {
+                self.releases.extend(freed);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.unmarked.extend(marking.ids);
+                Err(e)
+            }
+            Err(join) => {
+                self.unmarked.extend(marking.ids);
+                tracing::error!(error = %join, "the mark task failed; its rows are marked again");
+                Ok(())
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), DbError> {
+        let Some(oid) = self.table_oid else {
+            return Ok(());
+        };
+        if !self.unmarked.is_empty() {
+            let freed = self
+                .store
+                .mark_published(&self.sql, &self.unmarked, oid)
+                .await?;
+            self.unmarked.clear();
+            self.releases.extend(freed);
+        }
+        if !self.unrecorded.is_empty() {
+            self.store
+                .record_failures(&self.sql, &self.unrecorded, oid)
+                .await?;
+            for f in self.unrecorded.iter().filter(|f| f.retry_after.is_none()) {
+                tracing::warn!(table = %self.sql.table(), id = f.id, error = %f.error, "row parked");
+            }
+            self.unrecorded.clear();
+        }
+        if !self.holds.is_empty() {
+            let holds = std::mem::take(&mut self.holds);
+            let busy = self.store.hold_keys(&self.sql, &holds, oid).await?;
+            self.held_keys += (holds.len() - busy.len()) as i64;
+            self.holds = holds
+                .into_iter()
+                .filter(|(k, _)| busy.contains(k))
+                .collect();
+        }
+        if !self.releases.is_empty() {
+            self.releases.sort_unstable();
+            self.releases.dedup();
+            let releases = std::mem::take(&mut self.releases);
+            let busy = self.store.release_keys(&self.sql, &releases, oid).await?;
+            self.held_keys = (self.held_keys - (releases.len() - busy.len()) as i64).max(0);
+            self.releases = busy;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,339 @@
+//! The relay for one outbox table: each turn makes sure its links are up, fetches due rows,
+//! publishes them through the confirm window, and hands what the broker settled to the mark
+//! pipeline. Joins the store and the publisher; has no SQL and no AMQP of its own.
+//!
+//! One row's way, file by file: the coordination session wakes the table (`store/
+//! coordination.rs`); [`TableRelay::step`] fetches it (`store.rs`, `fetch_due`); the window
+//! queues it behind its key, builds the message (`message.rs`) and publishes it (`window.rs`,
+//! `publisher.rs`); its confirm moves it to the mark pipeline, which writes `published_at` in
+//! the background (`marks.rs`, `store.rs`, `mark_published`), or records its failure and holds
+//! its key (`record_failures`, `hold_keys`).
+
+mod links;
+mod marks;
+mod report;
+mod window;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{OutboxSettings, Settings};
+use crate::publisher::{Broker, PublishError};
+use crate::retry::RetryPolicy;
+use crate::shutdown::Shutdown;
+use crate::store::{DbError, LockState, Store, TableLock, TableSql};
+
+use links::{Links, Unready};
+use marks::MarkPipeline;
+pub use report::Heartbeat;
+use report::{Health, Reporter};
+use window::{ConfirmWindow, Drive};
+
+/// What one [`TableRelay::step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Rows went out: `published` confirmed (and being marked), `failed` recorded for retry
+    /// (of which `parked` were parked). `full` when the last fetch filled its batch.
+    Batch {
+        published: usize,
+        failed: usize,
+        parked: usize,
+        full: bool,
+    },
+    /// Nothing is due.
+    Idle,
+    /// Another relay holds this table's lock; this one waits as a standby.
+    Standby,
+    /// The broker blocked the connection (resource alarm): fetching is paused.
+    Paused,
+    /// PostgreSQL or RabbitMQ is unreachable or refuses the table; the reason is logged once.
+    Down,
+}
+
+/// The relay for one outbox table.
+pub struct TableRelay {
+    settings: Arc<Settings>,
+    table: OutboxSettings,
+    sql: TableSql,
+    policy: RetryPolicy,
+    store: Store,
+    shutdown: Shutdown,
+    links: Links,
+    window: ConfirmWindow,
+    marks: MarkPipeline,
+    reporter: Reporter,
+    /// The last fetch filled its batch, or a NOTIFY came: more rows are probably due.
+    more_waiting: bool,
+    /// The largest body the broker takes (lowered when it refuses a message as too large).
+    max_message_bytes: usize,
+    outage_attempts: u32,
+}
+
+impl TableRelay {
+    /// The relay for `table`, under `lock` (from the process's coordination session) and on a
+    /// channel of `broker`'s connection.
+    pub fn new(
+        settings: Arc<Settings>,
+        table: OutboxSettings,
+        store: Store,
+        lock: TableLock,
+        broker: Arc<Broker>,
+        shutdown: Shutdown,
+    ) -> Self {
+        let policy = RetryPolicy::from(&settings.retry.with_override(&table.retry));
+        let sql = TableSql::new(&table.table, policy.on_exhausted);
+        let relay = &settings.relay;
+        // Half the window per mark, so one half is marked while the other is published.
+        let mark_chunk = (relay.max_in_flight / 2).clamp(1, relay.batch_size as usize);
+        let declarations = table
+            .declare_exchange
+            .iter()
+            .map(|d| (table.exchange.clone(), d.clone()))
+            .collect();
+        Self {
+            links: Links::new(lock, broker, declarations),
+            window: ConfirmWindow::new(relay.max_in_flight),
+            marks: MarkPipeline::new(store.clone(), sql.clone(), mark_chunk),
+            reporter: Reporter::new(table.table.to_string()),
+            max_message_bytes: settings.rabbitmq.max_message_bytes,
+            more_waiting: false,
+            outage_attempts: 0,
+            sql,
+            policy,
+            store,
+            shutdown,
+            table,
+            settings,
+        }
+    }
+
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.reporter.heartbeat()
+    }
+
+    /// One turn: settle what earlier turns left, make sure the lock and the channel are there,
+    /// fetch one batch when it fits, publish, and hand what was settled to the mark pipeline.
+    /// Never leaves a batch half-done: rows are either marked published (confirmed), recorded
+    /// as failed, or left due to go out again.
+    pub async fn step(&mut self) -> Step {
+        if let Err(e) = self.marks.settle().await {
+            return self.down(e.context("marking rows"));
+        }
+        let guard = match self.links.ensure().await {
+            Ok(ready) => {
+                if ready.fresh {
+                    // A new lock session or channel: what was in flight on the old ones is
+                    // unknown; it stays due and goes out again with the same message_id.
+                    self.window.clear();
+                    if let Err(e) = self.marks.sweep_stale_holds(true).await {
+                        return self.down(e.context("looking for stale holds"));
+                    }
+                }
+                ready.guard
+            }
+            Err(unready) => return self.unready(unready).await,
+        };
+        if self.window.has_room_to_fetch() && !self.shutdown.is_stopping() {
+            let exclude: Vec<i64> = self
+                .window
+                .held_ids()
+                .chain(self.marks.pending_ids())
+                .collect();
+            let limit = self.settings.relay.batch_size;
+            let rows = match self
+                .store
+                .fetch_due(&self.sql, &guard, limit, &exclude)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => return self.down(e.context("fetching due rows")),
+            };
+            self.reporter.set(Health::Relaying);
+            self.outage_attempts = 0;
+            if let Some(first) = rows.first() {
+                if self.marks.read_from(first.table_oid) {
+                    tracing::warn!(table = %self.table.table, "the outbox table was created anew; forgetting the old table's unsettled rows");
+                    self.window.clear();
+                }
+            }
+            self.more_waiting = rows.len() as u32 == limit;
+            if rows.is_empty() && self.window.is_empty() {
+                if let Err(e) = self.marks.sweep_stale_holds(false).await {
+                    return self.down(e.context("looking for stale holds"));
+                }
+                return Step::Idle;
+            }
+            self.window.add(rows);
+        }
+        let Some((publisher, lock)) = self.links.publisher_and_lock() else {
+            return Step::Down;
+        };
+        let settled = self
+            .window
+            .drive(Drive {
+                publisher,
+                marks: &mut self.marks,
+                lock,
+                guard,
+                reporter: &mut self.reporter,
+                shutdown: &self.shutdown,
+                policy: &self.policy,
+                table: &self.sql.table().to_string(),
+                default_exchange: &self.table.exchange,
+                max_message_bytes: self.max_message_bytes,
+                more_waiting: self.more_waiting,
+            })
+            .await;
+        self.more_waiting |= settled.announced;
+        // Failures are recorded (and their keys held) before the next fetch.
+        let mut written = self.marks.settle().await;
+        if self.marks.wants_mark() || self.window.in_flight() == 0 || settled.broken.is_some() {
+            written = written.and(self.marks.start().await);
+        }
+        if let Some(broken) = settled.broken {
+            // Nothing in memory is trusted after the channel broke.
+            self.window.clear();
+            self.links.close_channel().await;
+            if let PublishError::TooLarge { limit } = broken {
+                if limit < self.max_message_bytes {
+                    tracing::warn!(table = %self.table.table, limit, "the broker refused a message as too large; rows above its limit will be parked");
+                    self.max_message_bytes = limit;
+                }
+            } else {
+                return self.down_broker(broken, written.err());
+            }
+        }
+        if let Err(e) = written {
+            return self.down(e.context("marking rows"));
+        }
+        Step::Batch {
+            published: settled.confirmed,
+            failed: settled.failed,
+            parked: settled.parked,
+            full: self.more_waiting,
+        }
+    }
+
+    fn down(&mut self, e: DbError) -> Step {
+        if matches!(e, DbError::Unavailable(_)) {
+            self.store.distrust_connections();
+        }
+        self.reporter.set(Health::from(e));
+        Step::Down
+    }
+
+    fn down_broker(&mut self, e: PublishError, also: Option<DbError>) -> Step {
+        self.reporter.set(Health::from(e));
+        if let Some(e) = also {
+            return self.down(e.context("marking rows"));
+        }
+        Step::Down
+    }
+
+    async fn unready(&mut self, unready: Unready) -> Step {
+        match unready {
+            Unready::Connecting => Step::Down,
+            Unready::Standby => {
+                self.window.clear();
+                self.reporter.set(Health::Standby);
+                Step::Standby
+            }
+            Unready::Database(e) => {
+                // The lock is gone with its session: another relay may already hold it. Stop,
+                // forget what is in memory (the new holder sends it), then try again.
+                self.window.clear();
+                self.down(e)
+            }
+            Unready::Broker(e) => {
+                self.window.clear();
+                self.down_broker(e, None)
+            }
+            Unready::Blocked => {
+                // Confirms cannot come while blocked: the silence clock stops.
+                self.window.hold_clock();
+                self.reporter.set(Health::Blocked);
+                Step::Paused
+            }
+        }
+    }
+
+    /// Runs until shutdown: steps back to back while there is work, waits for a wake-up (a
+    /// NOTIFY, or the coordination poll finding due rows) when idle, backs off (capped,
+    /// jittered) while a server is down. Beats the heartbeat at least once a second however
+    /// long it waits. Finishes with the in-flight rows settled and marked.
+    pub async fn run(mut self) {
+        let backoff = RetryPolicy::outage(self.settings.relay.reconnect_max_delay);
+        loop {
+            self.reporter.beat();
+            if self.shutdown.is_stopping() {
+                break;
+            }
+            match self.step().await {
+                Step::Batch { .. } => continue,
+                Step::Idle => self.wait_for_work().await,
+                // The coordination session is down or connecting: it retries, and says when.
+                Step::Down if !matches!(self.links.lock.state(), LockState::Held(_)) => {
+                    self.wait_for_lock().await
+                }
+                Step::Standby => self.wait_for_lock().await,
+                Step::Paused => self.pause(Duration::from_millis(250)).await,
+                Step::Down => {
+                    self.outage_attempts += 1;
+                    let delay = backoff.delay(self.outage_attempts, rand::random::<f64>());
+                    self.pause(delay).await
+                }
+            }
+        }
+        // Drain: no new sends (stopping); wait for what is in flight until the abort.
+        if self.window.in_flight() > 0 {
+            self.step().await;
+        }
+        if self.marks.finish().await.is_err() {
+            tracing::warn!(table = %self.table.table, "could not mark the last confirmed rows; they will be published again (same message_id)");
+        }
+        self.links.close_channel().await;
+        tracing::info!(table = %self.table.table, "relay stopped");
+    }
+
+    /// Idle: until the table is woken, its lock changes, or shutdown.
+    async fn wait_for_work(&mut self) {
+        self.links.lock.set_idle(true);
+        let mut lock = self.links.lock.clone();
+        loop {
+            tokio::select! {
+                _ = self.links.lock.notified() => break,
+                _ = lock.changed() => break,
+                _ = self.shutdown.stopping() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => self.reporter.beat(),
+            }
+        }
+        self.links.lock.set_idle(false);
+    }
+
+    /// Standby or connecting: until the lock's state changes, or shutdown.
+    async fn wait_for_lock(&mut self) {
+        let mut lock = self.links.lock.clone();
+        loop {
+            tokio::select! {
+                _ = lock.changed() => break,
+                _ = self.shutdown.stopping() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => self.reporter.beat(),
+            }
+        }
+    }
+
+    /// Sleeps `pause` in slices of at most a second, so the watchdog keeps seeing a live loop.
+    async fn pause(&mut self, pause: Duration) {
+        let until = tokio::time::Instant::now() + pause;
+        while tokio::time::Instant::now() < until && !self.shutdown.is_stopping() {
+            let slice = until
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep(slice) => {}
+                _ = self.shutdown.stopping() => {}
+            }
+            self.reporter.beat();
+        }
+    }
+}

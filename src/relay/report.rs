@@ -1,0 +1,198 @@
+//! A table relay's state as others see it: the log (one line per change of state, never one
+//! per retry), systemd's STATUS= text and the health endpoint (through [`Heartbeat`]).
+//! Invariant: a state is logged when its kind changes; a new error text under the same kind
+//! (the same outage seen through another symptom) updates the state's words, not the log.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::publisher::PublishError;
+use crate::store::DbError;
+
+/// The relay's view of its dependencies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Health {
+    Starting,
+    Relaying,
+    Standby,
+    Blocked,
+    DatabaseDown(String),
+    /// PostgreSQL answers but refuses the relay's statements: the table was dropped or
+    /// altered, or a privilege was revoked. Retried with backoff like an outage.
+    TableUnusable(String),
+    /// PostgreSQL is a read-only standby.
+    ReadOnly(String),
+    BrokerDown(String),
+    /// The broker has the table's exchange with other settings than `declare_exchange`.
+    Misdeclared(String),
+}
+
+impl Health {
+    fn same_kind(&self, other: &Health) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+
+    fn is_ready(&self) -> bool {
+        matches!(self, Health::Relaying | Health::Standby)
+    }
+
+    fn words(&self) -> String {
+        match self {
+            Health::Starting => "starting".to_owned(),
+            Health::Relaying => "relaying".to_owned(),
+            Health::Standby => "standby (another relay holds the lock)".to_owned(),
+            Health::Blocked => "paused: broker blocked the connection".to_owned(),
+            Health::DatabaseDown(e) => format!("not ready: PostgreSQL: {e}"),
+            Health::TableUnusable(e) => format!("not ready: outbox table: {e}"),
+            Health::ReadOnly(e) => format!("not ready: PostgreSQL is read-only: {e}"),
+            Health::BrokerDown(e) => format!("not ready: RabbitMQ: {e}"),
+            Health::Misdeclared(e) => format!("not ready: exchange declaration: {e}"),
+        }
+    }
+}
+
+impl From<DbError> for Health {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(e) => Health::DatabaseDown(e),
+            DbError::Refused(e) => Health::TableUnusable(e),
+            DbError::ReadOnly(e) => Health::ReadOnly(e),
+        }
+    }
+}
+
+impl From<PublishError> for Health {
+    fn from(e: PublishError) -> Self {
+        match e {
+            PublishError::Misdeclared(e) => Health::Misdeclared(e),
+            other => Health::BrokerDown(other.to_string()),
+        }
+    }
+}
+
+/// Logs and publishes one table relay's state.
+pub(crate) struct Reporter {
+    table: String,
+    health: Health,
+    heartbeat: std::sync::Arc<Heartbeat>,
+}
+
+impl Reporter {
+    pub fn new(table: String) -> Self {
+        Reporter {
+            heartbeat: std::sync::Arc::new(Heartbeat::new(table.clone())),
+            table,
+            health: Health::Starting,
+        }
+    }
+
+    pub fn heartbeat(&self) -> std::sync::Arc<Heartbeat> {
+        self.heartbeat.clone()
+    }
+
+    pub fn beat(&self) {
+        self.heartbeat.beat();
+    }
+
+    /// Records `health`; logs it when its kind differs from the last one.
+    pub fn set(&mut self, health: Health) {
+        if self.health == health {
+            return;
+        }
+        if !self.health.same_kind(&health) {
+            self.log(&health);
+        }
+        self.heartbeat.set(health.is_ready(), health.words());
+        self.health = health;
+    }
+
+    fn log(&self, health: &Health) {
+        let table = &self.table;
+        match health {
+            Health::Relaying if matches!(self.health, Health::Starting | Health::Standby) => {
+                tracing::info!(%table, "relaying: holding the table's lock, connected to PostgreSQL and RabbitMQ")
+            }
+            Health::Relaying => tracing::info!(%table, "recovered: relaying again"),
+            Health::Standby => {
+                tracing::info!(%table, "standby: another relay holds this table's lock")
+            }
+            Health::Blocked => {
+                tracing::warn!(%table, "RabbitMQ blocked the connection (resource alarm); fetching paused")
+            }
+            Health::DatabaseDown(e) => {
+                tracing::warn!(%table, error = %e, "PostgreSQL unavailable; retrying with backoff")
+            }
+            Health::TableUnusable(e) => {
+                tracing::warn!(%table, error = %e, "cannot use the outbox table (dropped, altered, or a privilege revoked); retrying with backoff")
+            }
+            Health::ReadOnly(e) => {
+                tracing::warn!(%table, error = %e, "PostgreSQL is read-only (a standby?); retrying with backoff")
+            }
+            Health::BrokerDown(e) => {
+                tracing::warn!(%table, error = %e, "RabbitMQ unavailable; retrying with backoff")
+            }
+            Health::Misdeclared(e) => {
+                tracing::warn!(%table, error = %e, "the table's exchange exists with other settings than declare_exchange; fix the config or the exchange; retrying with backoff")
+            }
+            Health::Starting => {}
+        }
+    }
+}
+
+/// Liveness for the systemd watchdog and readiness: set by the loop on every turn.
+pub struct Heartbeat {
+    table: String,
+    /// The relay's current state in words, for systemd's STATUS= line and the health endpoint.
+    state: std::sync::Mutex<String>,
+    /// Milliseconds since `started` of the last turn of the loop.
+    last_beat_ms: AtomicU64,
+    /// 1 once the relay has connected to both servers (relaying or standing by).
+    ready: AtomicU64,
+    started: Instant,
+}
+
+impl Heartbeat {
+    fn new(table: String) -> Self {
+        Self {
+            table,
+            state: std::sync::Mutex::new(Health::Starting.words()),
+            last_beat_ms: AtomicU64::new(0),
+            ready: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    fn beat(&self) {
+        self.last_beat_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn set(&self, ready: bool, state: String) {
+        self.ready.store(ready as u64, Ordering::Relaxed);
+        if let Ok(mut s) = self.state.lock() {
+            *s = state;
+        }
+    }
+
+    /// The table this relay serves.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The relay's current state in words (`relaying`, `not ready: RabbitMQ: ...`).
+    pub fn state(&self) -> String {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// True while the relay is relaying or standing by (both servers reachable).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) == 1
+    }
+
+    /// How long since the loop last turned.
+    pub fn silence(&self) -> Duration {
+        self.started.elapsed().saturating_sub(Duration::from_millis(
+            self.last_beat_ms.load(Ordering::Relaxed),
+        ))
+    }
+}

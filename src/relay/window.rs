@@ -1,0 +1,303 @@
+//! The confirm window: fetched rows queued per ordering key, the publishes whose confirm is on
+//! its way, and the silence clock that presumes a connection dead. Invariants: a key has at
+//! most one message unconfirmed; at most `max_in_flight` messages are unconfirmed or confirmed
+//! with the mark not written yet (the most a crash or a broken connection sends twice); a key
+//! whose row failed sends nothing more until the failure is recorded and the row is due again.
+
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use super::marks::MarkPipeline;
+use super::report::{Health, Reporter};
+use crate::config::OnExhausted;
+use crate::dispatch::KeyQueues;
+use crate::message::{self, OutboundMessage, OutboxRow};
+use crate::publisher::{PublishError, Publisher};
+use crate::retry::{RetryPolicy, Verdict};
+use crate::shutdown::Shutdown;
+use crate::store::{Failure, LockGuard, TableLock};
+
+type InFlight = FuturesUnordered<
+    std::pin::Pin<
+        Box<dyn std::future::Future<Output = (OutboxRow, Result<(), PublishError>)> + Send>,
+    >,
+>;
+
+pub(crate) struct ConfirmWindow {
+    /// Fetched rows by ordering key, kept across fetches so the window stays full from one
+    /// batch to the next.
+    queues: KeyQueues,
+    in_flight: InFlight,
+    /// When a confirm last arrived (or the window last went from empty to busy).
+    last_progress: Instant,
+    max_in_flight: usize,
+}
+
+/// What one [`ConfirmWindow::drive`] settled.
+#[derive(Default)]
+pub(crate) struct Settled {
+    pub confirmed: usize,
+    pub failed: usize,
+    pub parked: usize,
+    /// The channel or connection broke (or went silent): nothing in flight is known.
+    pub broken: Option<PublishError>,
+    /// New rows are announced (a NOTIFY arrived while confirms were outstanding).
+    pub announced: bool,
+}
+
+/// What `drive` needs from the table relay around it.
+pub(crate) struct Drive<'a> {
+    pub publisher: &'a mut Publisher,
+    pub marks: &'a mut MarkPipeline,
+    pub lock: &'a TableLock,
+    pub guard: LockGuard,
+    pub reporter: &'a mut Reporter,
+    pub shutdown: &'a Shutdown,
+    pub policy: &'a RetryPolicy,
+    pub table: &'a str,
+    pub default_exchange: &'a str,
+    pub max_message_bytes: usize,
+    /// More rows are probably due: return as soon as a fetch fits.
+    pub more_waiting: bool,
+}
+
+impl ConfirmWindow {
+    pub fn new(max_in_flight: usize) -> Self {
+        ConfirmWindow {
+            queues: KeyQueues::default(),
+            in_flight: FuturesUnordered::new(),
+            last_progress: Instant::now(),
+            max_in_flight,
+        }
+    }
+
+    pub fn add(&mut self, rows: Vec<OutboxRow>) {
+        self.queues.add(rows);
+    }
+
+    /// Ids queued or in flight.
+    pub fn held_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.queues.held_ids()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queues.held() == 0
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// A fetch is worth it: nothing queued can be sent now, and a batch fits beside the window.
+    pub fn has_room_to_fetch(&self) -> bool {
+        !self.queues.has_ready() && self.queues.held() <= self.max_in_flight
+    }
+
+    /// Forgets queued rows and unconfirmed publishes: they stay due in the table and go out
+    /// again (same message_id) once the relay is back.
+    pub fn clear(&mut self) {
+        self.queues.clear();
+        self.in_flight = FuturesUnordered::new();
+    }
+
+    /// The silence clock stands still (the broker blocks the connection: confirms cannot come).
+    pub fn hold_clock(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// Sends ready rows and settles confirms as they arrive. Returns when nothing is in flight;
+    /// early, with confirms outstanding, when a fetch fits and more rows wait (or are
+    /// announced), or when enough confirmed rows wait for a mark and none is being written.
+    pub async fn drive(&mut self, d: Drive<'_>) -> Settled {
+        let mut out = Settled::default();
+        let fill = Fill {
+            policy: d.policy,
+            table: d.table,
+            default_exchange: d.default_exchange,
+            max_message_bytes: d.max_message_bytes,
+        };
+        let confirm_timeout = d.publisher.confirm_timeout();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if out.broken.is_none() && !d.shutdown.is_stopping() && d.lock.still_holds(&d.guard) {
+                if let Err(e) = self.fill(&fill, d.publisher, d.marks, &mut out).await {
+                    out.broken = Some(e);
+                }
+            }
+            if self.in_flight.is_empty() || out.broken.is_some() {
+                break;
+            }
+            // Go and fetch while these confirms are on their way: at once when the last fetch
+            // was full, or as soon as new rows are announced.
+            let room_to_fetch = self.has_room_to_fetch() && !d.shutdown.is_stopping();
+            if room_to_fetch && d.more_waiting {
+                break;
+            }
+            let next = tokio::select! {
+                next = self.in_flight.next() => next,
+                _ = d.shutdown.aborted() => break,
+                _ = d.lock.notified(), if room_to_fetch => {
+                    out.announced = true;
+                    break;
+                }
+                _ = tick.tick() => {
+                    d.reporter.beat();
+                    if d.publisher.is_blocked() {
+                        // Confirms may legitimately take long while the broker blocks us
+                        // (resource alarm): the loop is alive and the silence clock stops.
+                        self.last_progress = Instant::now();
+                        d.reporter.set(Health::Blocked);
+                    } else if self.last_progress.elapsed() >= confirm_timeout {
+                        out.broken = Some(PublishError::Transport(format!(
+                            "no confirm from the broker within {}",
+                            humantime::format_duration(confirm_timeout)
+                        )));
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some((row, result)) = next else {
+                break;
+            };
+            self.last_progress = Instant::now();
+            match result {
+                Ok(()) => {
+                    d.marks.confirm(row.id);
+                    out.confirmed += 1;
+                    self.queues.release(&row);
+                    if d.marks.wants_mark() {
+                        break;
+                    }
+                }
+                Err(PublishError::Refused(reason)) => {
+                    tracing::debug!(table = d.table, id = row.id, %reason, "publish refused");
+                    self.queues.stop_key(&row);
+                    record(d.marks, d.policy, &mut out, &row, reason, false);
+                }
+                Err(e) => {
+                    d.publisher.forget_exchanges();
+                    if out.broken.is_none() {
+                        out.broken = Some(e);
+                    }
+                }
+            }
+        }
+        if out.failed > out.parked {
+            tracing::warn!(
+                table = d.table,
+                failed = out.failed - out.parked,
+                "publishes refused by the broker; retrying with backoff"
+            );
+        }
+        out
+    }
+
+    /// Fills the window from the ready keys and hands the whole group to the client at once
+    /// (its I/O thread writes the frames together instead of waking once per message).
+    async fn fill(
+        &mut self,
+        f: &Fill<'_>,
+        publisher: &mut Publisher,
+        marks: &mut MarkPipeline,
+        out: &mut Settled,
+    ) -> Result<(), PublishError> {
+        let mut sends: Vec<(OutboxRow, OutboundMessage)> = Vec::new();
+        while self.in_flight.len() + marks.pending() + sends.len() < self.max_in_flight {
+            let Some(mut row) = self.queues.next_to_send() else {
+                break;
+            };
+            let message =
+                match message::build(&mut row, f.table, f.default_exchange, f.max_message_bytes) {
+                    Ok(m) => m,
+                    Err(unpublishable) => {
+                        if f.policy.on_exhausted == OnExhausted::Skip {
+                            self.queues.release(&row);
+                        } else {
+                            self.queues.stop_key(&row);
+                        }
+                        record(marks, f.policy, out, &row, unpublishable.to_string(), true);
+                        continue;
+                    }
+                };
+            match publisher.ensure_exchange(&message.exchange).await {
+                Ok(()) => sends.push((row, message)),
+                Err(PublishError::Refused(reason)) => {
+                    self.queues.stop_key(&row);
+                    record(marks, f.policy, out, &row, reason, false);
+                }
+                Err(e) => {
+                    self.queues.stop_key(&row);
+                    return Err(e);
+                }
+            }
+        }
+        if sends.is_empty() {
+            return Ok(());
+        }
+        if self.in_flight.is_empty() {
+            self.last_progress = Instant::now();
+        }
+        // Frames (and delivery tags) keep the order of `sends`; a key has at most one message
+        // in the group.
+        let results =
+            futures::future::join_all(sends.iter().map(|(_, m)| publisher.publish(m))).await;
+        let mut broken = None;
+        for ((row, _), sent) in sends.into_iter().zip(results) {
+            match sent {
+                Ok(pending) => self
+                    .in_flight
+                    .push(Box::pin(async move { (row, pending.wait().await) })),
+                Err(e) => {
+                    broken.get_or_insert(e);
+                }
+            }
+        }
+        broken.map_or(Ok(()), Err)
+    }
+}
+
+/// The parts of [`Drive`] that filling the window reads.
+struct Fill<'a> {
+    policy: &'a RetryPolicy,
+    table: &'a str,
+    default_exchange: &'a str,
+    max_message_bytes: usize,
+}
+
+/// Hands a failed row to the mark pipeline with the policy's verdict (`park_now` for rows that
+/// can never be sent as they stand).
+fn record(
+    marks: &mut MarkPipeline,
+    policy: &RetryPolicy,
+    out: &mut Settled,
+    row: &OutboxRow,
+    error: String,
+    park_now: bool,
+) {
+    let attempt = row.attempts.max(0) as u32 + 1;
+    let verdict = if park_now {
+        Verdict::Park
+    } else {
+        policy.after_failure(attempt, rand::random::<f64>())
+    };
+    let retry_after = match verdict {
+        Verdict::RetryAfter(d) => Some(d),
+        Verdict::Park => None,
+    };
+    out.failed += 1;
+    if retry_after.is_none() {
+        out.parked += 1;
+    }
+    marks.fail(
+        Failure {
+            id: row.id,
+            error,
+            retry_after,
+        },
+        &row.ordering_key,
+        row.attempts,
+    );
+}

@@ -1,0 +1,393 @@
+//! The relay process's one coordination session: it holds every table's advisory lock (one
+//! active relay per table), LISTENs on every table's channel, and once per poll interval asks,
+//! in one statement for all tables, which idle tables have due rows and which standby tables
+//! can take their lock now. Its cost does not grow with the number of tables: one PostgreSQL
+//! session and at most one statement per poll interval.
+//!
+//! Invariant: a table is [`LockState::Held`] only while this session lives and holds the
+//! table's lock; when the session ends, every table leaves `Held` at once (a standby may be
+//! taking over), and a new session's locks carry a new epoch, so nothing settled under the old
+//! one is trusted.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::Row;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{answered_within, connect_options, DbError, TableSql};
+use crate::config::{PostgresSettings, TableName};
+use crate::retry::RetryPolicy;
+
+/// Identifies the lock holder's session for the fetch's guard, and the session's epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockGuard {
+    pub(super) pid: i32,
+    pub(super) classid: i64,
+    pub(super) objid: i64,
+    /// Which coordination session took the lock (1, 2, ... per process).
+    pub epoch: u64,
+}
+
+/// A table's lock as the coordination session sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockState {
+    /// The session is not connected yet.
+    Connecting,
+    /// This process holds the table's lock.
+    Held(LockGuard),
+    /// Another relay holds it; tried again every poll interval.
+    Standby,
+    /// The session cannot be opened or ended; tables wait until it is back.
+    Down(DbError),
+}
+
+/// One table's view of the coordination session.
+#[derive(Clone)]
+pub struct TableLock {
+    state: watch::Receiver<LockState>,
+    wake: Arc<Notify>,
+    idle: Arc<AtomicBool>,
+}
+
+impl TableLock {
+    pub fn state(&self) -> LockState {
+        self.state.borrow().clone()
+    }
+
+    /// True while `guard`'s lock is still held: same session, not lost.
+    pub fn still_holds(&self, guard: &LockGuard) -> bool {
+        matches!(&*self.state.borrow(), LockState::Held(g) if g == guard)
+    }
+
+    /// Resolves when the lock's state changes.
+    pub async fn changed(&mut self) {
+        if self.state.changed().await.is_err() {
+            // The coordination task ended (shutdown): nothing will change any more.
+            std::future::pending::<()>().await
+        }
+    }
+
+    /// Resolves on the next wake-up: a NOTIFY on the table's channel, or the poll finding due
+    /// rows while the table was idle (at once if one arrived unseen).
+    pub async fn notified(&self) {
+        self.wake.notified().await
+    }
+
+    /// Says whether the relay is waiting for work: only idle tables are polled.
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::Relaxed);
+    }
+}
+
+struct Entry {
+    table: TableName,
+    /// The advisory lock key, `hashtextextended('outbox_relay:<schema.table>', 0)` as every
+    /// release so far has used (an older relay and this one exclude each other); read from the
+    /// server when the first session opens.
+    key: i64,
+    channel: Option<String>,
+    /// `SELECT <index> WHERE EXISTS (<a due row>)`.
+    probe: String,
+    state: watch::Sender<LockState>,
+    wake: Arc<Notify>,
+    idle: Arc<AtomicBool>,
+}
+
+/// The coordination session's task and the tables it serves.
+pub struct Coordination {
+    locks: Vec<TableLock>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Coordination {
+    /// Starts the session's task for `tables` (in this order; see [`Coordination::lock`]). It
+    /// connects with its own one-connection pool, so it never takes a statement connection.
+    pub fn start(
+        settings: &PostgresSettings,
+        tables: &[TableSql],
+        listen: bool,
+        poll_interval: Duration,
+        reconnect_max_delay: Duration,
+    ) -> anyhow::Result<Coordination> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.connect_timeout)
+            .connect_lazy_with(connect_options(settings)?);
+        let mut entries = Vec::new();
+        let mut locks = Vec::new();
+        for (index, sql) in tables.iter().enumerate() {
+            let (state, receiver) = watch::channel(LockState::Connecting);
+            let wake = Arc::new(Notify::new());
+            let idle = Arc::new(AtomicBool::new(false));
+            locks.push(TableLock {
+                state: receiver,
+                wake: wake.clone(),
+                idle: idle.clone(),
+            });
+            entries.push(Entry {
+                table: sql.table().clone(),
+                key: 0,
+                channel: listen.then(|| TableSql::notify_channel(sql.table())),
+                probe: sql.probe(index),
+                state,
+                wake,
+                idle,
+            });
+        }
+        let stop = CancellationToken::new();
+        let session = Session {
+            pool,
+            entries,
+            poll_interval,
+            reconnect_max_delay,
+            answer_within: super::answer_deadline(settings),
+            stop: stop.clone(),
+        };
+        Ok(Coordination {
+            locks,
+            stop,
+            task: tokio::spawn(session.run()),
+        })
+    }
+
+    /// The lock of the `index`th table given to [`Coordination::start`].
+    pub fn lock(&self, index: usize) -> TableLock {
+        self.locks[index].clone()
+    }
+
+    /// Releases every lock and ends the session.
+    pub async fn close(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.task).await;
+    }
+}
+
+struct Session {
+    pool: PgPool,
+    entries: Vec<Entry>,
+    poll_interval: Duration,
+    reconnect_max_delay: Duration,
+    answer_within: Duration,
+    stop: CancellationToken,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let mut epoch = 0u64;
+        let mut failures = 0u32;
+        loop {
+            let outcome = match self.open().await {
+                Ok((listener, pid)) => {
+                    epoch += 1;
+                    failures = 0;
+                    self.serve(listener, pid, epoch).await
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => break,
+                Err(e) => {
+                    for entry in &self.entries {
+                        entry.state.send_replace(LockState::Down(e.clone()));
+                    }
+                    failures += 1;
+                    let pause = RetryPolicy::outage(self.reconnect_max_delay)
+                        .delay(failures, rand::random::<f64>());
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.stop.cancelled() => break,
+                    }
+                }
+            }
+        }
+        self.pool.close().await;
+    }
+
+    async fn open(&mut self) -> Result<(PgListener, i32), DbError> {
+        let open = async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.ignore_pool_close_event(true);
+            listener.eager_reconnect(false);
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut listener)
+                .await?;
+            let names: Vec<String> = self
+                .entries
+                .iter()
+                .map(|e| format!("outbox_relay:{}", e.table))
+                .collect();
+            let keys: Vec<i64> = sqlx::query_scalar(
+                "SELECT hashtextextended(n, 0) FROM unnest($1::text[]) WITH ORDINALITY AS u(n, o) ORDER BY o",
+            )
+            .bind(&names)
+            .fetch_all(&mut listener)
+            .await?;
+            let channels: Vec<&str> = self
+                .entries
+                .iter()
+                .filter_map(|e| e.channel.as_deref())
+                .collect();
+            if !channels.is_empty() {
+                listener.listen_all(channels).await?;
+            }
+            Ok::<_, sqlx::Error>((listener, pid, keys))
+        };
+        let (listener, pid, keys) = answered_within(self.answer_within, open)
+            .await
+            .map_err(|e| DbError::from(e).context("opening the coordination session"))?;
+        for (entry, key) in self.entries.iter_mut().zip(keys) {
+            entry.key = key;
+        }
+        Ok((listener, pid))
+    }
+
+    /// Serves one session until it ends (an error) or the relay stops (`Ok`).
+    async fn serve(
+        &mut self,
+        mut listener: PgListener,
+        pid: i32,
+        epoch: u64,
+    ) -> Result<(), DbError> {
+        let all: Vec<usize> = (0..self.entries.len()).collect();
+        self.try_locks(&mut listener, pid, epoch, &all).await?;
+        let mut tick = tokio::time::interval(self.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    for entry in &self.entries {
+                        entry.state.send_replace(LockState::Connecting);
+                    }
+                    let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut listener);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), unlock).await;
+                    return Ok(());
+                }
+                received = listener.try_recv() => match received {
+                    // Notifications that pile up while a relay is busy collapse into one wake-up.
+                    Ok(Some(n)) => {
+                        if let Some(entry) = self.entries.iter().find(|e| e.channel.as_deref() == Some(n.channel())) {
+                            entry.wake.notify_one();
+                        }
+                    }
+                    Ok(None) => return Err(DbError::Unavailable("the coordination session ended (its locks with it)".into())),
+                    Err(e) => return Err(DbError::from(e).context("the coordination session failed")),
+                },
+                _ = tick.tick() => self.poll(&mut listener, pid, epoch).await?,
+            }
+        }
+    }
+
+    /// Tries the locks of `indices` in one statement; the rest become standbys.
+    async fn try_locks(
+        &self,
+        listener: &mut PgListener,
+        pid: i32,
+        epoch: u64,
+        indices: &[usize],
+    ) -> Result<(), DbError> {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let (idx, keys): (Vec<i32>, Vec<i64>) = indices
+            .iter()
+            .map(|&i| (i as i32, self.entries[i].key))
+            .unzip();
+        let query = sqlx::query(
+            "SELECT s.i FROM unnest($1::int4[], $2::int8[]) AS s(i, k) WHERE pg_try_advisory_lock(s.k)",
+        )
+        .bind(&idx)
+        .bind(&keys);
+        let rows = answered_within(self.answer_within, query.fetch_all(&mut *listener))
+            .await
+            .map_err(|e| DbError::from(e).context("taking the table locks"))?;
+        let got: Vec<usize> = rows
+            .iter()
+            .map(|r| r.try_get::<i32, _>(0).map(|i| i as usize))
+            .collect::<Result<_, _>>()?;
+        for &i in indices {
+            let entry = &self.entries[i];
+            let state = if got.contains(&i) {
+                LockState::Held(LockGuard {
+                    pid,
+                    classid: (entry.key as u64 >> 32) as i64,
+                    objid: (entry.key as u64 & 0xffff_ffff) as i64,
+                    epoch,
+                })
+            } else {
+                LockState::Standby
+            };
+            entry.state.send_if_modified(|s| {
+                let changed = *s != state;
+                *s = state;
+                changed
+            });
+        }
+        Ok(())
+    }
+
+    /// The poll: standby tables try their locks again, idle tables that have due rows are
+    /// woken. One statement when only one of the two has work, and none is skipped: it also
+    /// notices a session that went silent.
+    async fn poll(&self, listener: &mut PgListener, pid: i32, epoch: u64) -> Result<(), DbError> {
+        let standby: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| *self.entries[i].state.borrow() == LockState::Standby)
+            .collect();
+        self.try_locks(listener, pid, epoch, &standby).await?;
+        let idle: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| {
+                e.idle.load(Ordering::Relaxed) && matches!(*e.state.borrow(), LockState::Held(_))
+            })
+            .collect();
+        if idle.is_empty() {
+            if standby.is_empty() {
+                // Nothing to ask: still one round trip, so a silent session is noticed.
+                answered_within(
+                    self.answer_within,
+                    sqlx::query("SELECT 1").execute(&mut *listener),
+                )
+                .await
+                .map_err(|e| DbError::from(e).context("polling"))?;
+            }
+            return Ok(());
+        }
+        let sql = idle
+            .iter()
+            .map(|e| e.probe.as_str())
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let polled = answered_within(
+            self.answer_within,
+            sqlx::query(&sql)
+                .persistent(false)
+                .fetch_all(&mut *listener),
+        )
+        .await;
+        match polled.map_err(DbError::from) {
+            Ok(rows) => {
+                for row in rows {
+                    let i: i32 = row.try_get(0)?;
+                    if let Some(entry) = self.entries.get(i as usize) {
+                        entry.wake.notify_one();
+                    }
+                }
+            }
+            // A table that was dropped or altered fails the whole statement: wake every idle
+            // table, so each finds out for itself (and reports the broken one by name).
+            Err(DbError::Refused(_)) => {
+                for entry in idle {
+                    entry.wake.notify_one();
+                }
+            }
+            Err(e) => return Err(e.context("polling")),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,322 @@
+//! The shapes production brings, each at its size: more outbox tables than pool connections,
+//! a held key with a long queue behind it, a long poll interval on a quiet database, and
+//! `status` beside a long published history.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn delivered_of_key(received: &[Received], key: &str) -> Vec<i64> {
+    first_deliveries(received)
+        .iter()
+        .filter(|m| m.ordering_key() == key)
+        .map(|m| m.outbox_id())
+        .collect()
+}
+
+async fn status_json(env: &TestEnv) -> Value {
+    let out = env.cli(&["status", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let json: Value = serde_json::from_str(&out.stdout).expect("status --json prints JSON");
+    json[0].clone()
+}
+
+/// Inserts `count` rows of one key with one statement (the order guard runs per row).
+async fn insert_queue(env: &TestEnv, key: &str, count: i64) {
+    sqlx::query(&format!(
+        "INSERT INTO {} (dedup_key, ordering_key, routing_key, event_type, payload) \
+         SELECT $1 || '-' || g, $1, 'q', 'queued', '{{}}' FROM generate_series(1, $2) g",
+        quoted_table(&env.table)
+    ))
+    .bind(key)
+    .bind(count)
+    .execute(&env.pool)
+    .await
+    .expect("insert the queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_tables_with_four_pool_connections_are_all_relayed_over_one_session_and_one_connection(
+) {
+    const TABLES: usize = 60;
+    let env = TestEnv::new(Setup::new().set("postgres", "max_connections", "4")).await;
+    let mut config = std::fs::read_to_string(&env.config_path).unwrap();
+    for i in 1..TABLES {
+        config += &format!(
+            "\n[[outbox]]\ntable = \"tenants.t{i}\"\nexchange = \"{}\"\n",
+            env.exchange
+        );
+    }
+    std::fs::write(&env.config_path, config).unwrap();
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(migrated.code, 0, "{migrated:?}");
+    let relay = env.start_relay();
+    relay.wait_for_log("relaying").await;
+
+    let mut expected = env.insert(&rows_over_keys("t0", 2, 5)).await.len();
+    let mut tx = env.pool.begin().await.unwrap();
+    for i in 1..TABLES {
+        let rows = rows_over_keys(&format!("t{i}"), 2, 5);
+        expected += insert_rows(&mut tx, &format!("tenants.t{i}"), &rows)
+            .await
+            .unwrap()
+            .len();
+    }
+    tx.commit().await.unwrap();
+    let received = env.consumer.wait_for(expected).await;
+    let tables: std::collections::HashSet<String> = received
+        .iter()
+        .filter_map(|m| m.header_str("x-outbox-table"))
+        .collect();
+    assert_eq!(tables.len(), TABLES, "every table delivered");
+
+    // The budget: the pool (4) and the coordination session, whatever the table count.
+    let sessions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'outbox-relay'",
+    )
+    .bind(&env.db)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        sessions <= 5,
+        "{sessions} PostgreSQL sessions for {TABLES} tables"
+    );
+    let connection_name = format!("obr-test {}", env.name);
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "client_properties"])
+        .output()
+        .expect("rabbitmqctl list_connections");
+    let connections = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("\"{connection_name}\"")))
+        .count();
+    assert_eq!(connections, 1, "one AMQP connection for {TABLES} tables");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and_releases_it_in_order(
+) {
+    let env = TestEnv::new(Setup::new().set("outbox.retry", "max_attempts", "1")).await;
+    // The head of key "hot" can never be sent as it stands: parked at once, key held.
+    let head = env
+        .insert(&[NewRow::new("hot-head", "hot").routing_key(&"r".repeat(300))])
+        .await[0];
+    let relay = env.start_relay();
+    eventually("the head row to be parked", || async {
+        env.row(head).await.parked_at.is_some()
+    })
+    .await;
+    insert_queue(&env, "hot", 20_000).await;
+    let others = env.insert(&rows_over_keys("cold", 100, 2_000)).await;
+    let received = env.consumer.wait_for(2_000).await;
+    assert_eq!(
+        first_deliveries(&received).len(),
+        2_000,
+        "only the other keys' rows"
+    );
+    for key in 0..100 {
+        let key = format!("cold-k{key}");
+        let ids = delivered_of_key(&received, &key);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{key} in id order");
+    }
+    assert!(others
+        .iter()
+        .all(|id| delivered_ids(&received).contains(id)));
+    // Every row queued behind the parked head waits outside the due index, including rows
+    // inserted for the key while it is held.
+    let status = status_json(&env).await;
+    assert_eq!(
+        (status["held"].as_i64(), status["parked"].as_i64()),
+        (Some(20_000), Some(1)),
+        "{status}"
+    );
+    let late: Vec<NewRow> = (0..3)
+        .map(|i| NewRow::new(format!("hot-late-{i}"), "hot"))
+        .collect();
+    env.insert(&late).await;
+    sqlx::query(&format!(
+        "INSERT INTO {} (dedup_key, ordering_key, routing_key, event_type, payload) \
+         SELECT 'hot-more-' || g, 'hot', 'q', 'queued', '{{}}' FROM generate_series(1, 7) g",
+        quoted_table(&env.table)
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(status_json(&env).await["held"].as_i64(), Some(20_010));
+
+    // Fixed and released: the head, then its queue, in id order.
+    sqlx::query(&format!(
+        "UPDATE {} SET routing_key = 'fixed' WHERE id = $1",
+        quoted_table(&env.table)
+    ))
+    .bind(head)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let released = env.cli(&["retry", "--key", "hot"]).await;
+    assert!(released.stdout.contains("released 1"), "{released:?}");
+    let received = env.consumer.wait_for(2_000 + 1 + 20_010).await;
+    let hot = delivered_of_key(&received, "hot");
+    assert_eq!(hot.len(), 20_011);
+    assert_eq!(hot[0], head, "the head goes first");
+    assert!(
+        hot.windows(2).all(|w| w[0] < w[1]),
+        "the key's rows in id order"
+    );
+    env.wait_all_marked().await;
+    let status = status_json(&env).await;
+    assert_eq!(status["held"].as_i64(), Some(0), "{status}");
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_head_waits_for_a_retry_delay_is_held_and_flows_again_after_it() {
+    let env = TestEnv::new(
+        Setup::new()
+            .set("outbox.retry", "initial_delay", "\"2s\"")
+            .set("outbox.retry", "max_delay", "\"2s\"")
+            .set("outbox.retry", "jitter", "0.0"),
+    )
+    .await;
+    let missing = format!("{}-later", env.exchange);
+    let head = env
+        .insert(&[NewRow::new("slow-head", "slow").exchange(&missing)])
+        .await[0];
+    let _relay = env.start_relay();
+    eventually("the head row to fail once", || async {
+        env.row(head).await.attempts >= 1
+    })
+    .await;
+    insert_queue(&env, "slow", 5_000).await;
+    let others = env.insert(&rows_over_keys("quick", 50, 500)).await;
+    let received = env.consumer.wait_for(others.len()).await;
+    assert!(delivered_of_key(&received, "slow").is_empty());
+    assert_eq!(status_json(&env).await["held"].as_i64(), Some(5_000));
+
+    env.declare_exchange(&missing).await;
+    env.bind(&missing, "#").await;
+    let received = env.consumer.wait_for(others.len() + 5_001).await;
+    let slow = delivered_of_key(&received, "slow");
+    assert_eq!(slow.len(), 5_001);
+    assert_eq!(slow[0], head);
+    assert!(slow.windows(2).all(|w| w[0] < w[1]), "in id order");
+    env.wait_all_marked().await;
+    assert_eq!(status_json(&env).await["held"].as_i64(), Some(0));
+}
+
+/// `GET path` on the health endpoint: the HTTP status.
+async fn http_status(addr: &str, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the health endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status line: {response:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_polling_every_twenty_seconds_stays_live_and_wakes_on_notify() {
+    let env = TestEnv::new(Setup::new().set("relay", "poll_interval", "\"20s\"").set(
+        "health",
+        "listen",
+        "\"127.0.0.1:0\"",
+    ))
+    .await;
+    let relay = env.start_relay();
+    relay.wait_for_log("health endpoint listening").await;
+    let log = relay.log();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("health endpoint listening"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+        .expect("the endpoint's address")
+        .to_owned();
+    relay.wait_for_log("relaying").await;
+    // Longer than an idle poll interval, and longer than the liveness limit (15 s): every
+    // answer must be 200. A probe each second, as a monitoring system would.
+    for second in 0..24 {
+        assert_eq!(http_status(&addr, "/live").await, 200, "at second {second}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let ids = env.insert(&rows_over_keys("late", 2, 4)).await;
+    let received = env.consumer.wait_for(ids.len()).await;
+    assert_eq!(first_deliveries(&received).len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_beside_a_million_published_rows_estimates_them_without_reading_the_history() {
+    let env = TestEnv::new(Setup::new()).await;
+    let table = quoted_table(&env.table);
+    let mut tx = env.pool.begin().await.unwrap();
+    // History written in bulk (no trigger: these rows were published long ago).
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {table} (dedup_key, ordering_key, routing_key, event_type, payload, published_at) \
+         SELECT 'old-' || g, 'k' || (g % 1000), 'r', 'old', '{{}}', now() FROM generate_series(1, 1000000) g"
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    env.insert(&rows_over_keys("new", 3, 7)).await;
+
+    let scanned = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT coalesce(seq_tup_read, 0), coalesce(idx_scan, 0) FROM pg_stat_user_tables \
+             WHERE relid = $1::regclass",
+        )
+        .bind(&table)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    let (read_before, index_scans_before) = scanned().await;
+    // The live-row estimate follows the insert within a second or so.
+    let runs = std::sync::atomic::AtomicI64::new(0);
+    let last = std::sync::Mutex::new(Value::Null);
+    eventually("status to estimate the history", || async {
+        runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let status = status_json(&env).await;
+        let close = status["published"]
+            .as_i64()
+            .is_some_and(|n| (900_000..=1_100_000).contains(&n));
+        *last.lock().unwrap() = status;
+        close
+    })
+    .await;
+    let status = last.lock().unwrap().clone();
+    assert_eq!(status["published_is_estimate"], true, "{status}");
+    assert_eq!(
+        (status["pending"].as_i64(), status["due"].as_i64()),
+        (Some(7), Some(7)),
+        "{status}"
+    );
+    // Once the status sessions' statistics are in (their index scans show), the rows they
+    // read sequentially are a bounded sample, not the history.
+    eventually("the status sessions' statistics", || async {
+        scanned().await.1 > index_scans_before
+    })
+    .await;
+    let (read_after, _) = scanned().await;
+    // Each status run reads at most the published-count cap of rows in sequence.
+    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        read_after - read_before <= runs * 10_000,
+        "status read {} rows of history",
+        read_after - read_before
+    );
+}
