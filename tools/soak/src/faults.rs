@@ -17,9 +17,11 @@ use sqlx::Connection;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::Proxy;
+use outbox_relay_testkit::proxy::Proxy;
+use outbox_relay_testkit::servers::{rabbitmqctl, run_tool, run_tool_blocking, Servers};
+
 use crate::relays::Relays;
-use crate::setup::{rabbitmqctl, run_tool, run_tool_blocking, Servers, World};
+use crate::setup::World;
 
 /// Every kind of fault the soak injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

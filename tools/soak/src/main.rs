@@ -7,13 +7,12 @@ mod checker;
 mod consumer;
 mod faults;
 mod producers;
-mod proxy;
 mod relays;
 mod setup;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,9 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 use checker::{body_hash, Checker, CommittedRow};
 use faults::{FaultKind, FaultLog, Injector};
+use outbox_relay_testkit::proxy::Proxy;
+use outbox_relay_testkit::servers::Servers;
 use producers::{Load, ProducerLog, ProducerStats};
 use relays::Relays;
-use setup::{Servers, World};
+use setup::World;
 
 /// Seeded fault-injection soak for outbox-relay: producers, the relay binary and a consumer
 /// under real faults; prints `soak: seed=S produced=N delivered=N lost=N order_violations=N
@@ -181,22 +182,20 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         },
         world.dir.display()
     );
-    if let Err(e) = world.create(&servers).await {
-        // A half-made world (database without vhost, say) is not left behind.
-        let _ = world.remove(&servers).await;
-        return Err(e);
-    }
+    // A half-made world (database without vhost, say) is not left behind: what was made is
+    // removed when a later step fails.
+    let made = world.create(&servers).await?;
     let outcome = run(
         &args, seed, kinds, &servers, &world, relay_bin, lock, broker, pg_cluster,
     )
     .await;
-    if !args.keep {
-        if let Err(e) = world.remove(&servers).await {
-            eprintln!(
-                "soak: cleaning up {} / {}: {e:#}",
-                world.database, world.vhost
-            );
-        }
+    if args.keep {
+        made.keep();
+    } else if let Err(e) = made.remove().await {
+        eprintln!(
+            "soak: cleaning up {} / {}: {e:#}",
+            world.database, world.vhost
+        );
     }
     let (passed, clean) = outcome?;
     if clean && !args.keep {
@@ -222,14 +221,9 @@ async fn run(
     broker: Option<faults::BrokerOriginals>,
     pg_cluster: Option<(String, String)>,
 ) -> anyhow::Result<(bool, bool)> {
-    let stop_all = CancellationToken::new();
-    let pg_proxy = Arc::new(
-        proxy::Proxy::start("postgres", servers.postgres_addr()?, stop_all.clone()).await?,
-    );
-    let amqp_proxy = Arc::new(
-        proxy::Proxy::start("rabbitmq", servers.rabbitmq_addr()?, stop_all.clone()).await?,
-    );
-    let config = world.write_config(servers, pg_proxy.port, amqp_proxy.port)?;
+    let pg_proxy = Arc::new(Proxy::start("postgres", servers.postgres_addr()?).await?);
+    let amqp_proxy = Arc::new(Proxy::start("rabbitmq", servers.rabbitmq_addr()?).await?);
+    let config = world.write_config(servers, &pg_proxy, &amqp_proxy)?;
     setup::migrate(&relay_bin, &config).await?;
 
     // Ctrl-C or SIGTERM ends the run early; faults in progress restore the servers on the way out.
@@ -250,14 +244,11 @@ async fn run(
     }
 
     let checker = Arc::new(Mutex::new(Checker::default()));
-    let consumer_reconnects = Arc::new(AtomicU64::new(0));
-    let stop_consumer = CancellationToken::new();
-    let consumer = tokio::spawn(consumer::run(
-        servers.rabbitmq_url(&world.vhost).to_string(),
+    let consumer = consumer::start(
+        servers.rabbitmq_url(Some(&world.vhost)).to_string(),
         checker.clone(),
-        stop_consumer.clone(),
-        consumer_reconnects.clone(),
-    ));
+    )
+    .await?;
 
     let relays = Arc::new(tokio::sync::Mutex::new(Relays::new(
         relay_bin,
@@ -388,9 +379,10 @@ async fn run(
         .await
         .terminate_all(Duration::from_secs(10))
         .await;
-    stop_consumer.cancel();
-    let _ = consumer.await;
-    stop_all.cancel();
+    let consumer_reconnects = consumer.reconnects();
+    consumer.stop().await;
+    pg_proxy.stop();
+    amqp_proxy.stop();
     let table = read_table_state(servers, &world.database)
         .await
         .unwrap_or_default();
@@ -414,7 +406,7 @@ async fn run(
         &table,
         drain_time,
         run_ended,
-        consumer_reconnects.load(Ordering::Relaxed),
+        consumer_reconnects,
     );
     report.print();
     if let Some(path) = &args.json {

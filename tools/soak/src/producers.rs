@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outbox_relay_testkit::servers::Servers;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
-
-use crate::setup::Servers;
 
 const INSERT: &str = "INSERT INTO public.outbox (dedup_key, ordering_key, routing_key, event_type, payload, headers) \
                       VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb) ON CONFLICT (dedup_key) DO NOTHING";

@@ -25,13 +25,10 @@ struct RelayChild {
     log: PathBuf,
 }
 
-/// Finds `outbox-relay` next to the soak's own executable.
+/// Finds `outbox-relay` next to the soak's own executable (built there first when the soak was
+/// started by `cargo run`).
 pub fn locate_relay_binary() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe().context("finding the soak's own executable")?;
-    let dir = me
-        .parent()
-        .context("the soak's executable has no directory")?;
-    let relay = dir.join("outbox-relay");
+    let relay = outbox_relay_testkit::relay::beside_tool(env!("CARGO_PKG_NAME"))?;
     if !relay.is_file() {
         anyhow::bail!(
             "the relay binary {} is missing: build both with `cargo build --release --workspace --bins` \

@@ -1,16 +1,16 @@
 //! The soak's own world: a database, a RabbitMQ vhost with its exchange and durable queue, the
-//! relay's config pointing at the proxies, and their removal at the end. Also the small helpers
-//! that run `rabbitmqctl` and talk to PostgreSQL as the administrator.
+//! relay's config pointing at the proxies, and their removal at the end (the test kit makes and
+//! removes the database and the vhost).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection as _, PgConnection};
+use lapin::ExchangeKind;
+use outbox_relay_testkit::database::Database;
+use outbox_relay_testkit::proxy::Proxy;
+use outbox_relay_testkit::servers::Servers;
+use outbox_relay_testkit::vhost::Vhost;
 
 pub const EXCHANGE: &str = "soak.events";
 pub const QUEUE: &str = "soak.deliveries";
@@ -18,66 +18,33 @@ pub const TABLE: &str = "public.outbox";
 /// The relay's `reconnect_max_delay` in the soak: recoveries are measured against it + 2 s.
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 
-/// Where the servers are (without the soak's database or vhost).
-#[derive(Debug, Clone)]
-pub struct Servers {
-    /// `postgres://user@host:port` base; the database name is appended.
-    pub postgres: url::Url,
-    /// `amqp://user:pass@host:port` base; the vhost is appended.
-    pub rabbitmq: url::Url,
-}
-
-impl Servers {
-    pub fn postgres_url(&self, database: &str) -> url::Url {
-        let mut u = self.postgres.clone();
-        u.set_path(&format!("/{database}"));
-        u
-    }
-
-    pub fn rabbitmq_url(&self, vhost: &str) -> url::Url {
-        let mut u = self.rabbitmq.clone();
-        u.set_path(&format!("/{}", vhost.replace('/', "%2f")));
-        u
-    }
-
-    pub fn postgres_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
-        socket_addr(&self.postgres, 5432)
-    }
-
-    pub fn rabbitmq_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
-        socket_addr(&self.rabbitmq, 5672)
-    }
-
-    /// A connection as `application_name`, to the soak's database or `postgres`.
-    pub async fn connect_pg(
-        &self,
-        database: &str,
-        application_name: &str,
-    ) -> sqlx::Result<PgConnection> {
-        let options: PgConnectOptions = self.postgres_url(database).as_str().parse()?;
-        options
-            .application_name(application_name)
-            .options([("client_min_messages", "warning")])
-            .log_statements(tracing::log::LevelFilter::Off)
-            .connect()
-            .await
-    }
-}
-
-fn socket_addr(u: &url::Url, default_port: u16) -> anyhow::Result<std::net::SocketAddr> {
-    let host = u.host_str().context("server URL without a host")?;
-    let port = u.port().unwrap_or(default_port);
-    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))?
-        .next()
-        .with_context(|| format!("cannot resolve {host}"))
-}
-
 /// The names of this run's objects.
 #[derive(Debug, Clone)]
 pub struct World {
     pub database: String,
     pub vhost: String,
     pub dir: PathBuf,
+}
+
+/// The database and vhost of a run, removed when dropped unless removed or kept before.
+pub struct Made {
+    database: Database,
+    vhost: Vhost,
+}
+
+impl Made {
+    /// Drops the database and the vhost (with its exchange and queue).
+    pub async fn remove(self) -> anyhow::Result<()> {
+        let database = self.database.remove().await;
+        let vhost = self.vhost.remove().await;
+        database.and(vhost)
+    }
+
+    /// Leaves both in place (for inspection).
+    pub fn keep(self) {
+        self.database.keep();
+        self.vhost.keep();
+    }
 }
 
 impl World {
@@ -89,73 +56,22 @@ impl World {
         }
     }
 
-    /// Creates the database, the vhost (guest may use it), the exchange and the bound queue.
-    pub async fn create(&self, servers: &Servers) -> anyhow::Result<()> {
+    /// Creates the database, the vhost (the servers' user may use it), the exchange and the
+    /// bound queue. What was made before a step failed is removed again.
+    pub async fn create(&self, servers: &Servers) -> anyhow::Result<Made> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
-        let mut admin = servers
-            .connect_pg("postgres", "obr-soak-admin")
+        let database = Database::create(&servers.postgres_url("postgres"), &self.database)
             .await
-            .context("connecting to PostgreSQL as the administrator")?;
-        sqlx::raw_sql(&format!("CREATE DATABASE \"{}\"", self.database))
-            .execute(&mut admin)
+            .context("creating the soak's database as the administrator")?;
+        let vhost = Vhost::create(servers, &self.vhost).await?;
+        vhost
+            .declare_exchange(EXCHANGE, ExchangeKind::Topic)
             .await
-            .with_context(|| format!("creating database {}", self.database))?;
-        admin.close().await.ok();
-        rabbitmqctl(&["add_vhost", &self.vhost]).await?;
-        let user = servers.rabbitmq.username();
-        rabbitmqctl(&["set_permissions", "-p", &self.vhost, user, ".*", ".*", ".*"]).await?;
-        let amqp = Connection::connect(
-            servers.rabbitmq_url(&self.vhost).as_str(),
-            ConnectionProperties::default(),
-        )
-        .await
-        .context("connecting to the soak's vhost")?;
-        let channel = amqp.create_channel().await?;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .exchange_declare(
-                EXCHANGE.into(),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        let queue = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .queue_declare(QUEUE.into(), queue, FieldTable::default())
-            .await?;
-        channel
-            .queue_bind(
-                QUEUE.into(),
-                EXCHANGE.into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = amqp.close(200, "set up".into()).await;
-        Ok(())
-    }
-
-    /// Drops the database and the vhost (with its exchange and queue).
-    pub async fn remove(&self, servers: &Servers) -> anyhow::Result<()> {
-        let mut admin = servers.connect_pg("postgres", "obr-soak-admin").await?;
-        sqlx::raw_sql(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.database
-        ))
-        .execute(&mut admin)
-        .await?;
-        admin.close().await.ok();
-        rabbitmqctl(&["delete_vhost", &self.vhost]).await?;
-        Ok(())
+            .context("declaring in the soak's vhost")?;
+        vhost.declare_queue(QUEUE).await?;
+        vhost.bind(QUEUE, EXCHANGE, "#").await?;
+        Ok(Made { database, vhost })
     }
 
     /// Writes the relay's config: both servers reached through the proxies, short timeouts so
@@ -163,17 +79,11 @@ impl World {
     pub fn write_config(
         &self,
         servers: &Servers,
-        pg_port: u16,
-        amqp_port: u16,
+        pg_proxy: &Proxy,
+        amqp_proxy: &Proxy,
     ) -> anyhow::Result<PathBuf> {
-        let mut pg = servers.postgres_url(&self.database);
-        let mut amqp = servers.rabbitmq_url(&self.vhost);
-        pg.set_host(Some("127.0.0.1"))?;
-        amqp.set_host(Some("127.0.0.1"))?;
-        pg.set_port(Some(pg_port))
-            .map_err(|_| anyhow::anyhow!("cannot set the port"))?;
-        amqp.set_port(Some(amqp_port))
-            .map_err(|_| anyhow::anyhow!("cannot set the port"))?;
+        let pg = pg_proxy.route(&servers.postgres_url(&self.database))?;
+        let amqp = amqp_proxy.route(&servers.rabbitmq_url(Some(&self.vhost)))?;
         let reconnect_max_delay = humantime::format_duration(RECONNECT_MAX_DELAY);
         let config = format!(
             r#"# Written by outbox-relay-soak: the relay reaches both servers through the soak's proxies.
@@ -230,43 +140,6 @@ pub async fn migrate(relay_bin: &Path, config: &Path) -> anyhow::Result<()> {
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
-    }
-    Ok(())
-}
-
-/// Runs `rabbitmqctl ARGS` (bounded to two minutes) and returns its standard output.
-pub async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
-    run_tool("rabbitmqctl", args, Duration::from_secs(120)).await
-}
-
-/// Runs a server tool and returns its standard output, failing with its standard error.
-pub async fn run_tool(tool: &str, args: &[&str], limit: Duration) -> anyhow::Result<String> {
-    let mut command = tokio::process::Command::new(tool);
-    command.args(args).kill_on_drop(true);
-    let out = tokio::time::timeout(limit, command.output())
-        .await
-        .with_context(|| format!("{tool} {} did not finish within {limit:?}", args.join(" ")))?
-        .with_context(|| format!("running {tool}"))?;
-    if !out.status.success() {
-        bail!(
-            "{tool} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The same as [`run_tool`], blocking: for guards that restore a server from `Drop`.
-pub fn run_tool_blocking(tool: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status = std::process::Command::new(tool)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .with_context(|| format!("running {tool}"))?;
-    if !status.success() {
-        bail!("{tool} {} failed ({status})", args.join(" "));
     }
     Ok(())
 }
