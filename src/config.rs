@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+/// The most `[[outbox]]` tables one relay process serves.
+pub const MAX_TABLES: usize = 1000;
+
 /// Exit code for configuration errors (sysexits.h `EX_CONFIG`); the systemd unit does not restart on it.
 pub const EX_CONFIG: i32 = 78;
 
@@ -41,7 +44,8 @@ pub struct HealthSettings {
 pub struct PostgresSettings {
     /// `postgres://user:password@host:port/database`; the password never appears in logs.
     pub url: SecretUrl,
-    /// Pool size for fetch, mark and status statements (the lock/LISTEN connection is extra).
+    /// Pool size for fetch, mark and status statements, shared by every table (the one
+    /// coordination session for locks, LISTEN and the poll is extra).
     #[serde(default = "defaults::pg_max_connections")]
     pub max_connections: u32,
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
@@ -587,6 +591,12 @@ impl Settings {
         self.retry.problems("retry", &mut out);
         if self.outbox.is_empty() {
             out.push("outbox: at least one [[outbox]] table is required".into());
+        }
+        if self.outbox.len() > MAX_TABLES {
+            out.push(format!(
+                "outbox: {} tables; one relay process serves at most {MAX_TABLES} (two AMQP channels each on one connection, and RabbitMQ's default channel_max is 2047): split them over several relays",
+                self.outbox.len()
+            ));
         }
         let mut seen = HashSet::new();
         for (i, table) in self.outbox.iter().enumerate() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::config::OnExhausted;
 use crate::store::{DbError, Failure, Store, TableSql};
 
-pub(crate) struct MarkPipeline {
+pub struct MarkPipeline {
     store: Store,
     sql: TableSql,
     /// The table instance the ids belong to (see [`crate::message::OutboxRow::table_oid`]).

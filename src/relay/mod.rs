@@ -10,7 +10,7 @@
 //! its key (`record_failures`, `hold_keys`).
 
 mod links;
-mod marks;
+pub mod marks;
 mod report;
 mod window;
 
@@ -24,7 +24,7 @@ use crate::shutdown::Shutdown;
 use crate::store::{DbError, LockState, Store, TableLock, TableSql};
 
 use links::{Links, Unready};
-use marks::MarkPipeline;
+pub use marks::MarkPipeline;
 pub use report::Heartbeat;
 use report::{Health, Reporter};
 use window::{ConfirmWindow, Drive};
