@@ -1,22 +1,17 @@
 //! The live consumer: one connection consuming the bench queue for the whole run (no-ack, as
 //! fast as it can), checking off each round's messages by their `message_id`
-//! (`<tag>-<index>`), and telling the round when every message has arrived at least once.
+//! (`<tag>-<index>`), and telling the round when every message has arrived at least once. The
+//! connection and the subscription are the test kit's consumer; this file keeps the rounds.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::Context;
-use futures::StreamExt;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use outbox_relay_testkit::consumer::{self, Acks, ConsumerSettings};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 pub struct Consumer {
-    connection: Connection,
+    consumer: consumer::Consumer,
     state: Arc<Mutex<Option<Round>>>,
-    task: JoinHandle<()>,
 }
 
 /// What the consumer expects in the current round.
@@ -41,50 +36,29 @@ pub struct Received {
 
 impl Consumer {
     pub async fn start(amqp_url: &str, queue: &str, name: &str) -> anyhow::Result<Consumer> {
-        let connection = Connection::connect(
-            amqp_url,
-            ConnectionProperties::default().with_connection_name(format!("{name} consumer").into()),
-        )
-        .await
-        .context("connecting the consumer")?;
-        let channel = connection.create_channel().await?;
-        let mut deliveries = channel
-            .basic_consume(
-                queue.into(),
-                "outbox-relay-bench".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .context("starting the consumer")?;
+        let mut settings = ConsumerSettings::new(amqp_url, queue);
+        settings.connection_name = Some(format!("{name} consumer"));
+        settings.consumer_tag = "outbox-relay-bench".into();
+        settings.acks = Acks::None;
+        settings.reconnect = false;
         let state: Arc<Mutex<Option<Round>>> = Arc::new(Mutex::new(None));
         let shared = state.clone();
-        let task = tokio::spawn(async move {
-            while let Some(Ok(delivery)) = deliveries.next().await {
-                let now = Instant::now();
-                let Some(id) = delivery.properties.message_id() else {
-                    continue;
-                };
-                let Some((tag, index)) = id.as_str().rsplit_once('-') else {
-                    continue;
-                };
-                let Ok(index) = index.parse::<usize>() else {
-                    continue;
-                };
-                let Ok(mut guard) = shared.lock() else { return };
-                if let Some(round) = guard.as_mut() {
-                    round.check_off(tag, index, now);
-                }
+        let consumer = consumer::Consumer::start(settings, move |delivery| {
+            let now = Instant::now();
+            let id = consumer::message_id(&delivery.properties);
+            let Some((tag, index)) = id.rsplit_once('-') else {
+                return;
+            };
+            let Ok(index) = index.parse::<usize>() else {
+                return;
+            };
+            let Ok(mut guard) = shared.lock() else { return };
+            if let Some(round) = guard.as_mut() {
+                round.check_off(tag, index, now);
             }
-        });
-        Ok(Consumer {
-            connection,
-            state,
-            task,
         })
+        .await?;
+        Ok(Consumer { consumer, state })
     }
 
     /// Starts a round: `count` messages with ids `<tag>-0` .. `<tag>-<count-1>`. The receiver
@@ -129,8 +103,7 @@ impl Consumer {
     }
 
     pub async fn stop(self) {
-        self.task.abort();
-        let _ = self.connection.close(200, "bench done".into()).await;
+        self.consumer.stop().await;
     }
 }
 

@@ -1,21 +1,19 @@
 //! The bench's own objects: a uniquely named database (with the bench's outbox tables, created
 //! by the relay's `migrate`), a durable exchange and queue, a scratch directory for relay
-//! configs and logs, and the live consumer. Everything made here is removed by `teardown`.
+//! configs and logs, and the live consumer. Everything made here is removed by `teardown` (the
+//! test kit makes and removes the database, the exchange and the queue).
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
-use outbox_relay::config::{quote_ident, SecretUrl, TableName};
+use lapin::ExchangeKind;
+use outbox_relay::config::{SecretUrl, TableName};
+use outbox_relay_testkit::database::Database;
+use outbox_relay_testkit::vhost::Vhost;
 use serde::Serialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Connection as _, Executor, PgConnection};
+use sqlx::Connection as _;
 
 use crate::consumer::Consumer;
 use crate::process::{self, RelayConfig};
@@ -53,9 +51,10 @@ pub struct BenchEnv {
     pub dir: PathBuf,
     pub relay_bin: PathBuf,
     pool: Option<PgPool>,
-    amqp: Option<(Connection, Channel)>,
+    database: Option<Database>,
+    /// The --amqp-url vhost, holding the bench's exchange and queue once declared.
+    vhost: Option<Vhost>,
     consumer: Option<Consumer>,
-    created_database: bool,
 }
 
 impl BenchEnv {
@@ -85,9 +84,9 @@ impl BenchEnv {
             queue: name,
             relay_bin,
             pool: None,
-            amqp: None,
+            database: None,
+            vhost: None,
             consumer: None,
-            created_database: false,
         })
     }
 
@@ -103,15 +102,10 @@ impl BenchEnv {
     /// exchange, the queue and the live consumer.
     pub async fn setup(&mut self) -> anyhow::Result<()> {
         create_private_dir(&self.dir)?;
-        let mut admin = PgConnection::connect(self.admin_url.as_str())
-            .await
-            .with_context(|| format!("connecting to PostgreSQL at {}", self.pg_redacted()))?;
-        admin
-            .execute(format!("CREATE DATABASE {}", quote_ident(&self.id)).as_str())
+        let database = Database::create(&self.admin_url, &self.id)
             .await
             .context("creating the bench database")?;
-        self.created_database = true;
-        let _ = admin.close().await;
+        self.database = Some(database);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .connect(self.db_url.as_str())
@@ -119,47 +113,20 @@ impl BenchEnv {
             .context("connecting to the bench database")?;
         self.pool = Some(pool);
 
-        let connection = Connection::connect(
-            &self.amqp_url,
-            ConnectionProperties::default()
-                .with_connection_name(format!("{} admin", self.exchange).into()),
-        )
-        .await
-        .with_context(|| format!("connecting to RabbitMQ at {}", self.amqp_redacted()))?;
-        let channel = connection.create_channel().await?;
-        channel
-            .exchange_declare(
-                self.exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .context("declaring the bench exchange")?;
-        channel
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let amqp_url = url::Url::parse(&self.amqp_url).map_err(|_| {
+            anyhow::anyhow!("--amqp-url is not a valid URL: {}", self.amqp_redacted())
+        })?;
+        let vhost = self.vhost.insert(
+            Vhost::shared(amqp_url).with_connection_name(format!("{} admin", self.exchange)),
+        );
+        vhost
+            .declare_exchange(&self.exchange, ExchangeKind::Direct)
+            .await?;
+        vhost
+            .declare_queue(&self.queue)
             .await
             .context("declaring the bench queue")?;
-        channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                self.exchange.as_str().into(),
-                ROUTING_KEY.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        self.amqp = Some((connection, channel));
+        vhost.bind(&self.queue, &self.exchange, ROUTING_KEY).await?;
 
         let tables: Vec<TableName> = TABLES.iter().map(|t| table(t)).collect();
         let config = RelayConfig::new(self, &tables).write(&self.dir.join("migrate.toml"))?;
@@ -182,12 +149,12 @@ impl BenchEnv {
 
     /// Empties the queue between rounds (it should already be empty: the consumer is live).
     pub async fn purge_queue(&self) -> anyhow::Result<()> {
-        let (_, channel) = self
-            .amqp
+        let vhost = self
+            .vhost
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("RabbitMQ is not set up"))?;
-        channel
-            .queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default())
+        vhost
+            .purge_queue(&self.queue)
             .await
             .context("purging the bench queue")?;
         Ok(())
@@ -201,17 +168,17 @@ impl BenchEnv {
         if let Some(pool) = self.pool.take() {
             pool.close().await;
         }
-        if let Some((connection, _)) = self.amqp.take() {
-            let _ = connection.close(200, "bench done".into()).await;
+        if let Some(vhost) = self.vhost.take() {
+            if let Err(e) = vhost.remove().await {
+                eprintln!(
+                    "outbox-relay-bench: could not delete exchange/queue {}: {e:#}",
+                    self.queue
+                );
+            }
         }
-        if let Err(e) = self.delete_broker_objects().await {
-            eprintln!(
-                "outbox-relay-bench: could not delete exchange/queue {}: {e:#}",
-                self.queue
-            );
-        }
-        if self.created_database {
-            if let Err(e) = self.drop_database().await {
+        if let Some(database) = self.database.take() {
+            // FORCE ends the sessions of a relay that did not stop (only this run's database).
+            if let Err(e) = database.remove().await {
                 eprintln!(
                     "outbox-relay-bench: could not drop database {}: {e:#}",
                     self.id
@@ -228,47 +195,14 @@ impl BenchEnv {
         }
     }
 
-    async fn delete_broker_objects(&self) -> anyhow::Result<()> {
-        let connection = Connection::connect(
-            &self.amqp_url,
-            ConnectionProperties::default()
-                .with_connection_name(format!("{} cleanup", self.exchange).into()),
-        )
-        .await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-        channel
-            .exchange_delete(
-                self.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await?;
-        let _ = connection.close(200, "bench cleanup".into()).await;
-        Ok(())
-    }
-
-    async fn drop_database(&self) -> anyhow::Result<()> {
-        let mut admin = PgConnection::connect(self.admin_url.as_str()).await?;
-        // FORCE ends the sessions of a relay that did not stop (only this run's database).
-        admin
-            .execute(
-                format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    quote_ident(&self.id)
-                )
-                .as_str(),
-            )
-            .await?;
-        let _ = admin.close().await;
-        Ok(())
-    }
-
     /// Transactions committed plus rolled back in the bench database, from the statistics
     /// (read from the admin database so this reading does not count itself).
     pub async fn database_transactions(&self) -> anyhow::Result<i64> {
-        let mut admin = PgConnection::connect(self.admin_url.as_str()).await?;
+        let database = self
+            .database
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the bench database is not set up"))?;
+        let mut admin = database.connect_admin().await?;
         let n: i64 = sqlx::query_scalar(
             "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
         )

@@ -6,7 +6,6 @@
 mod consumer;
 mod env;
 mod process;
-mod proxy;
 mod raw;
 mod report;
 mod scenarios;
@@ -42,10 +41,10 @@ Defaults: full run = 100,000 events, 2 rounds, 20 s latency, 10 s idle. --quick 
 1 round, 5 s latency, 3 s idle (fits in 2 minutes for CI).
 
 The relay binary is taken from the bench's own directory (build both with
-`cargo build --release --workspace --bins`). The bench creates a database, an exchange and a
-durable queue with unique names and removes them at the end, also after an error or Ctrl-C.
-Targets are printed next to the figures for information only; the exit code does not depend on
-them.";
+`cargo build --release --workspace --bins`; `cargo run --release -p outbox-relay-bench` builds
+it there first). The bench creates a database, an exchange and a durable queue with unique
+names and removes them at the end, also after an error or Ctrl-C. Targets are printed next to
+the figures for information only; the exit code does not depend on them.";
 
 /// Benchmarks outbox-relay against raw publishing to the same RabbitMQ, in one run.
 #[derive(Debug, Parser)]
@@ -167,13 +166,7 @@ impl Plan {
 fn relay_binary(args: &Args) -> anyhow::Result<PathBuf> {
     let path = match &args.relay_bin {
         Some(p) => p.clone(),
-        None => {
-            let exe = std::env::current_exe()?;
-            let dir = exe
-                .parent()
-                .ok_or_else(|| anyhow::anyhow!("cannot tell the directory of {}", exe.display()))?;
-            dir.join("outbox-relay")
-        }
+        None => outbox_relay_testkit::relay::beside_tool(env!("CARGO_PKG_NAME"))?,
     };
     if !path.is_file() {
         anyhow::bail!(

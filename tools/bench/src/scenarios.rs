@@ -8,13 +8,14 @@ use anyhow::Context;
 use outbox_relay::config::{OnExhausted, PostgresSettings, SecretUrl, TableName};
 use outbox_relay::message;
 use outbox_relay::store::{Coordination, LockState, Store, TableSql};
+use outbox_relay_testkit::proxy::Proxy;
+use outbox_relay_testkit::servers;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 
 use crate::consumer::Received;
 use crate::env::{self, BenchEnv};
 use crate::process::{CpuSplit, HostCpu, ProcessCpu, RelayConfig, RelayProcess, Usage};
-use crate::proxy::CountingProxy;
 use crate::report::{Comparison, History, Idle, Latency, PgOnly, PgOnlyRun, Run};
 use crate::workload::{self, EVENT_TYPE, ROUTING_KEY};
 use crate::{raw, Plan};
@@ -418,15 +419,12 @@ async fn warm_up(
 /// The relay with nothing to do: CPU and the statements it sends, counted by a proxy.
 pub async fn idle(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Idle> {
     let table = env::table(env::IDLE_TABLE);
-    let host = env
-        .db_url
-        .host_str()
-        .ok_or_else(|| anyhow::anyhow!("the idle scenario needs a TCP host in --pg-url"))?;
-    let upstream = format!("{}:{}", host, env.db_url.port().unwrap_or(5432));
-    let proxy = CountingProxy::start(upstream).await?;
-    let mut proxied = env.db_url.clone();
-    let _ = proxied.set_host(Some("127.0.0.1"));
-    let _ = proxied.set_port(Some(proxy.port));
+    if env.db_url.host_str().is_none() {
+        anyhow::bail!("the idle scenario needs a TCP host in --pg-url");
+    }
+    let upstream = servers::socket_addr(&env.db_url, 5432)?;
+    let proxy = Proxy::start_counting_postgres("postgres", upstream).await?;
+    let mut proxied = proxy.route(&env.db_url)?;
     let query: Vec<(String, String)> = proxied
         .query_pairs()
         .filter(|(k, _)| k != "sslmode")
