@@ -3,16 +3,14 @@
 //! failure recorded; the mark pipeline's last mark at shutdown; and what the log says about a
 //! refused row and about one outage.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
 use outbox_relay::config::{OnExhausted, Settings, TableName};
 use outbox_relay::publisher::Broker;
 use outbox_relay::relay::{MarkPipeline, Step, TableRelay};
 use outbox_relay::shutdown::Shutdown;
 use outbox_relay::store::{Coordination, LockState, Store, TableSql};
+use outbox_relay_testkit::prelude::*;
 
 /// A table relay of `env`'s config in this process, with its lock already held.
 struct Driven {
@@ -277,5 +275,44 @@ impl Drop for Restore {
         let _ = std::process::Command::new("rabbitmqctl")
             .args(["set_permissions", "-p", &self.0, "guest", ".*", ".*", ".*"])
             .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declaration_that_conflicts_with_the_exchange_stops_its_table_only_and_says_so() {
+    // The test's exchange is a topic exchange; the table's config declares it as fanout.
+    let env =
+        TestEnv::new(Setup::new().set("outbox", "declare_exchange", "{ type = \"fanout\" }")).await;
+    let mut config = std::fs::read_to_string(&env.config_path).unwrap();
+    config += &format!(
+        "\n[[outbox]]\ntable = \"app.other\"\nexchange = \"{}\"\n",
+        env.exchange
+    );
+    std::fs::write(&env.config_path, config).unwrap();
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(migrated.code, 0, "{migrated:?}");
+    let stuck = env.insert(&rows_over_keys("stuck", 1, 2)).await;
+    let mut tx = env.pool.begin().await.unwrap();
+    insert_rows(&mut tx, "app.other", &rows_over_keys("fine", 2, 4))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = env.start_relay();
+    relay
+        .wait_for_log("exists with other settings than declare_exchange")
+        .await;
+    let received = env.consumer.wait_for(4).await;
+    assert!(first_deliveries(&received)
+        .iter()
+        .all(|m| m.header_str("x-outbox-table").as_deref() == Some("app.other")));
+    let log = relay.log();
+    assert!(
+        !log.contains("RabbitMQ unavailable"),
+        "not an outage: {log}"
+    );
+    for id in stuck {
+        let row = env.row(id).await;
+        assert_eq!((row.attempts, row.published_at), (0, None), "untouched");
     }
 }
