@@ -2,13 +2,11 @@
 //! without a backtrace or a password; rows that can never be published are parked at once
 //! with a clear error while everything else keeps flowing.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
 use lapin::types::AMQPValue;
+use outbox_relay_testkit::prelude::*;
 use serde_json::json;
 
 const PG_PASSWORD: &str = "pg-s3cret-pw";
@@ -22,7 +20,7 @@ struct ConfigFile {
 
 impl ConfigFile {
     fn new(text: &str) -> ConfigFile {
-        let dir = std::env::temp_dir().join(unique_name());
+        let dir = std::env::temp_dir().join(unique_name("obr_t"));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("outbox-relay.toml");
         std::fs::write(&path, text).unwrap();
@@ -171,7 +169,7 @@ async fn a_bad_value_from_the_environment_is_a_config_error_naming_the_key() {
         postgres_section(),
         rabbitmq_section()
     ));
-    let out = tokio::process::Command::new(BIN)
+    let out = tokio::process::Command::new(relay_binary())
         .arg("--config")
         .arg(&file.path)
         .arg("check-config")

@@ -5,13 +5,11 @@
 //!
 //! Run it outside `flock -s /tmp/obr-server-faults.lock` (it takes the lock exclusively itself).
 
-mod common;
-
 use std::fs::File;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{eventually, rows_over_keys, NewRow, Setup, TestEnv};
+use outbox_relay_testkit::prelude::{eventually, rows_over_keys, NewRow, Setup, TestEnv};
 use serde_json::json;
 
 const LOCK_PATH: &str = "/tmp/obr-server-faults.lock";

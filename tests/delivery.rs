@@ -1,12 +1,10 @@
 //! End to end: rows written by a producer reach a real consumer with every property of the
 //! contract, and are marked published; `status` and `check-config` report what a user needs.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::*;
 use lapin::types::AMQPValue;
+use outbox_relay_testkit::prelude::*;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,12 +3,10 @@
 //! Each time nothing is lost, first deliveries keep per-key order, and duplicates (only from
 //! messages in flight when something broke) carry the same message_id.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_testkit::prelude::*;
 
 const BACKLOG: usize = 4000;
 const KEYS: usize = 40;
@@ -74,15 +72,14 @@ async fn a_relay_killed_mid_batch_and_restarted_loses_nothing_and_keeps_key_orde
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connections_closed_under_load_lose_nothing() {
     let env = TestEnv::new(Setup::new().own_vhost()).await;
-    let vhost = env.vhost.clone().unwrap();
     let relay = env.start_relay();
     let producer = Producer::start(&env, "amqp", KEYS, 25, Duration::from_millis(20));
     env.consumer.wait_for(500).await;
     // Closes the relay's and the consumer's connections: both are in this test's vhost only.
-    rabbitmqctl(&["close_all_connections", "--vhost", &vhost, "test"]);
+    env.close_broker_connections().await;
     let at_first = env.consumer.unique_count();
     env.consumer.wait_for(at_first + 500).await;
-    rabbitmqctl(&["close_all_connections", "--vhost", &vhost, "test"]);
+    env.close_broker_connections().await;
     let at_second = env.consumer.unique_count();
     // The relay keeps running and delivers what was written during and after the outages.
     env.consumer.wait_for(at_second + 500).await;
@@ -96,12 +93,11 @@ async fn broker_connections_closed_under_load_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_connection_closed_while_idle_is_logged_and_replaced() {
     let env = TestEnv::new(Setup::new().own_vhost()).await;
-    let vhost = env.vhost.clone().unwrap();
     let relay = env.start_relay();
     env.insert(&[NewRow::new("before", "k")]).await;
     env.consumer.wait_for_id("before").await;
     let logged_before = relay.log().lines().count();
-    rabbitmqctl(&["close_all_connections", "--vhost", &vhost, "test"]);
+    env.close_broker_connections().await;
     env.insert(&[NewRow::new("after", "k")]).await;
     env.consumer.wait_for_id("after").await;
     let log = relay.log();
@@ -325,35 +321,11 @@ async fn a_relay_that_cannot_reach_rabbitmq_retries_logs_once_and_stops_on_sigte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_started_before_its_database_exists_recovers_once_it_does() {
-    /// Drops the late database even when the test fails.
-    struct LateDb(String);
-    impl Drop for LateDb {
-        fn drop(&mut self) {
-            let db = self.0.clone();
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    use sqlx::Connection;
-                    if let Ok(mut c) = sqlx::PgConnection::connect(&pg_url("postgres")).await {
-                        let _ =
-                            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-                                .execute(&mut c)
-                                .await;
-                    }
-                });
-            })
-            .join();
-        }
-    }
-
     let env = TestEnv::new(Setup::new()).await;
-    let late = LateDb(format!("{}_later", env.db));
+    let late = format!("{}_later", env.db);
     let config = std::fs::read_to_string(&env.config_path)
         .unwrap()
-        .replace(&env.pg_url, &pg_url(&late.0));
+        .replace(&env.pg_url, &pg_url(&late));
     std::fs::write(&env.config_path, config).unwrap();
     let mut relay = env.start_relay();
     relay.wait_for_log("PostgreSQL unavailable").await;
@@ -362,13 +334,13 @@ async fn a_relay_started_before_its_database_exists_recovers_once_it_does() {
         "a missing database is waited for, not fatal"
     );
 
-    sqlx::query(&format!("CREATE DATABASE \"{}\"", late.0))
-        .execute(&env.pool)
+    // Dropped at the end of the test, also when it fails.
+    let _late_db = Database::create(&servers().postgres_url("postgres"), &late)
         .await
         .unwrap();
     let migrated = env.cli(&["migrate"]).await;
     assert_eq!(migrated.code, 0, "{migrated:?}");
-    let pool = sqlx::PgPool::connect(&pg_url(&late.0)).await.unwrap();
+    let pool = sqlx::PgPool::connect(&pg_url(&late)).await.unwrap();
     let mut conn = pool.acquire().await.unwrap();
     let ids = insert_rows(&mut conn, &env.table, &rows_over_keys("late", 2, 10))
         .await

@@ -2,11 +2,9 @@
 //! producers write the same keys at once, and a key held back by a failing row does not hold
 //! back anyone else.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::*;
+use outbox_relay_testkit::prelude::*;
 use rand::seq::IndexedRandom;
 use serde_json::json;
 

@@ -2,11 +2,9 @@
 //! a held key with a long queue behind it, a long poll interval on a quiet database, and
 //! `status` beside a long published history.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_testkit::prelude::*;
 use serde_json::Value;
 
 fn delivered_of_key(received: &[Received], key: &str) -> Vec<i64> {

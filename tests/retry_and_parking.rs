@@ -2,9 +2,7 @@
 //! attempts (holding their key back, or not with `on_exhausted = "skip"`), and released by
 //! `outbox-relay retry`.
 
-mod common;
-
-use common::*;
+use outbox_relay_testkit::prelude::*;
 use serde_json::Value;
 
 /// Waits until row `id` satisfies `done`, returning its state.

@@ -3,11 +3,9 @@
 //! table, report not ready on its health endpoint, keep running and retrying with backoff (not
 //! exit, not spin), and deliver everything and report ready again once the schema is fixed.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{
+use outbox_relay_testkit::prelude::{
     assert_duplicates_share_message_id, assert_first_deliveries_in_id_order, rows_over_keys, Relay,
     Setup, TestEnv,
 };

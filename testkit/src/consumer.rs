@@ -234,7 +234,17 @@ pub fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQ
 
 /// An integer header (any of AMQP's integer types).
 pub fn header_i64(properties: &BasicProperties, name: &str) -> Option<i64> {
-    match header(properties, name)? {
+    header(properties, name).and_then(as_i64)
+}
+
+/// A string header (long or short string).
+pub fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
+    header(properties, name).and_then(as_string)
+}
+
+/// An AMQP value of any integer type as an `i64`.
+pub fn as_i64(value: &AMQPValue) -> Option<i64> {
+    match value {
         AMQPValue::LongLongInt(i) => Some(*i),
         AMQPValue::LongInt(i) => Some(i64::from(*i)),
         AMQPValue::LongUInt(i) => Some(i64::from(*i)),
@@ -243,9 +253,9 @@ pub fn header_i64(properties: &BasicProperties, name: &str) -> Option<i64> {
     }
 }
 
-/// A string header (long or short string).
-pub fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
-    match header(properties, name)? {
+/// An AMQP long or short string as a `String`.
+pub fn as_string(value: &AMQPValue) -> Option<String> {
+    match value {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,

@@ -1,12 +1,19 @@
-//! The real `outbox-relay` binary: where it is for the tests and for the tools. The tools look
-//! beside their own executable (cargo puts every binary of the workspace in one directory),
-//! and build it first when started with `cargo run`, so it is never missing or older than the
-//! library they were built with.
+//! The real `outbox-relay` binary: where it is for the tests and for the tools, and, for the
+//! tests, `outbox-relay run` as a child process with its log in the test's temp dir. The tools
+//! look beside their own executable (cargo puts every binary of the workspace in one
+//! directory), and build it first when started with `cargo run`, so it is never missing or
+//! older than the library they were built with.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use crate::env::TestEnv;
+use crate::faults::signal;
+use crate::wait::{eventually, TIMEOUT};
 
 /// The relay's binary name.
 pub const BINARY_NAME: &str = "outbox-relay";
@@ -78,4 +85,136 @@ fn build_with_cargo(cargo: &Path, path: &Path) -> anyhow::Result<()> {
         anyhow::bail!("building the relay binary failed ({status})");
     }
     Ok(())
+}
+
+/// `outbox-relay --config <config>` with nothing from the caller's environment: the config is
+/// the whole truth.
+pub(crate) fn relay_command(config: &Path) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.arg("--config").arg(config);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OUTBOX_RELAY") || key == "RUST_LOG" || key == "RUST_BACKTRACE" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+impl TestEnv {
+    /// Starts `outbox-relay run` as a child process, logging to a file in the temp dir.
+    pub fn start_relay(&self) -> Relay {
+        let n = {
+            let mut n = self
+                .relays_started
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *n += 1;
+            *n
+        };
+        let log = self.dir.join(format!("relay-{n}.log"));
+        let file = std::fs::File::create(&log).expect("create the relay log");
+        let child = relay_command(&self.config_path)
+            .arg("run")
+            .stdout(Stdio::from(file.try_clone().expect("clone the log file")))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start outbox-relay run");
+        Relay {
+            child,
+            log,
+            label: format!("relay {n} of {}", self.name),
+            exited: None,
+        }
+    }
+}
+
+/// A running `outbox-relay run`. Killed on drop; its log is printed when the test failed.
+pub struct Relay {
+    child: Child,
+    log: PathBuf,
+    label: String,
+    exited: Option<ExitStatus>,
+}
+
+impl Relay {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends SIGTERM (graceful drain).
+    pub fn sigterm(&self) {
+        // Only while not reaped: until then the pid is still our child's.
+        if self.exited.is_none() {
+            assert!(
+                signal("-TERM", self.pid()),
+                "kill -TERM {} failed",
+                self.pid()
+            );
+        }
+    }
+
+    /// SIGKILLs the relay and reaps it.
+    pub fn sigkill(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    /// Waits for the process to exit; panics after [`TIMEOUT`].
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.exited {
+                return status;
+            }
+            if let Some(status) = self.child.try_wait().expect("poll the relay process") {
+                self.exited = Some(status);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {TIMEOUT:?}",
+                self.label
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.exited.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until the relay's log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        eventually(
+            &format!("{:?} in the log of {}", needle, self.label),
+            || async { self.log().contains(needle) },
+        )
+        .await;
+    }
+
+    /// Everything the relay logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.sigkill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!(
+                "---- {} log (last {} lines) ----\n{}\n----",
+                self.label,
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
 }

@@ -1,0 +1,37 @@
+//! The relay's command line run to completion (`migrate`, `status`, `check-config`, `retry`):
+//! its exit code and what it printed.
+
+use std::path::Path;
+
+use crate::env::TestEnv;
+use crate::relay::relay_command;
+use crate::wait::TIMEOUT;
+
+/// What a CLI command printed and its exit code.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `outbox-relay --config <config> <args>` to completion.
+pub async fn run_cli(config: &Path, args: &[&str]) -> CliOutput {
+    let mut cmd = tokio::process::Command::from(relay_command(config));
+    let out = tokio::time::timeout(TIMEOUT, cmd.args(args).output())
+        .await
+        .unwrap_or_else(|_| panic!("outbox-relay {args:?} did not finish within {TIMEOUT:?}"))
+        .expect("run outbox-relay");
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl TestEnv {
+    /// Runs `outbox-relay --config <this test's config> <args>` to completion.
+    pub async fn cli(&self, args: &[&str]) -> CliOutput {
+        run_cli(&self.config_path, args).await
+    }
+}

@@ -1,0 +1,102 @@
+//! Real faults for a test's relay: its database sessions terminated (all, or only the one
+//! holding the tables' advisory locks) or frozen with SIGSTOP like a network gone silent, and
+//! its broker connections closed with `rabbitmqctl`. Each touches only the test's own database
+//! or vhost, so tests in parallel do not feel each other's faults.
+
+use crate::env::TestEnv;
+
+impl TestEnv {
+    /// Terminates only the session holding the table's advisory lock (the relay's lock and
+    /// LISTEN session); returns how many were terminated.
+    pub async fn terminate_lock_session(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
+             JOIN pg_database d ON d.oid = l.database \
+             WHERE d.datname = $1 AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1",
+        )
+        .bind(&self.db)
+        .fetch_one(&self.pool)
+        .await
+        .expect("terminate the lock session")
+    }
+
+    /// Terminates this test database's sessions opened by the relay (never the test's own).
+    pub async fn terminate_relay_sessions(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'outbox-relay' AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.db)
+        .fetch_one(&self.pool)
+        .await
+        .expect("terminate the relay's sessions")
+    }
+
+    /// Freezes (SIGSTOP) the backends of the relay's sessions in the test's database: their
+    /// sockets stay open and nothing comes back, like a network that went silent. They are
+    /// thawed (SIGCONT) when the returned guard drops, also when the test fails.
+    pub async fn freeze_relay_sessions(&self) -> FrozenBackends {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'outbox-relay' AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.db)
+        .fetch_all(&self.pool)
+        .await
+        .expect("list the relay's sessions");
+        // The guard exists before the first SIGSTOP, so a failure below still thaws them.
+        let frozen = FrozenBackends { pids };
+        for pid in &frozen.pids {
+            assert!(signal("-STOP", *pid), "kill -STOP {pid} failed");
+        }
+        frozen
+    }
+
+    /// Closes every connection to the test's own vhost (the relay's and the consumer's), as
+    /// `rabbitmqctl close_all_connections` does for an operator. Needs [`crate::setup::Setup::own_vhost`].
+    pub async fn close_broker_connections(&self) {
+        let vhost = self
+            .vhost
+            .as_deref()
+            .expect("closing connections needs a vhost of the test's own (Setup::own_vhost)");
+        crate::servers::rabbitmqctl(&["close_all_connections", "--vhost", vhost, "test"])
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+}
+
+/// Backends stopped by [`TestEnv::freeze_relay_sessions`]; continued when dropped.
+pub struct FrozenBackends {
+    pub pids: Vec<i32>,
+}
+
+impl Drop for FrozenBackends {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            signal("-CONT", *pid);
+        }
+    }
+}
+
+/// Runs `rabbitmqctl ARGS` to completion and panics with its output when it fails (for tests;
+/// [`crate::servers::rabbitmqctl`] is the bounded, non-panicking one).
+pub fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl can be run");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `kill SIGNAL PID`; true when it succeeded.
+pub fn signal(signal: &str, pid: i32) -> bool {
+    std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
