@@ -185,12 +185,16 @@ async fn a_row_committed_late_still_arrives_before_later_rows_of_its_key() {
         tx.commit().await.unwrap();
         id
     });
-    // Other keys are not held up by the open transaction.
+    // Other keys are not held up by the open transaction, and nothing of key k overtakes it.
     env.insert(&[NewRow::new("other-1", "other")]).await;
-    env.consumer.wait_for_id("other-1").await;
+    let before_commit = env.consumer.wait_for_id("other-1").await;
     assert!(
         !fast.is_finished(),
         "a second writer of key k waits for the first to commit"
+    );
+    assert!(
+        before_commit.iter().all(|m| m.ordering_key() != "k"),
+        "a row of key k was delivered while the key's first row was uncommitted: {before_commit:#?}"
     );
 
     slow.commit().await.unwrap();
@@ -206,5 +210,14 @@ async fn a_row_committed_late_still_arrives_before_later_rows_of_its_key() {
         [first, second],
         "the row written first arrives first"
     );
-    assert!(first < second);
+    let events: Vec<&str> = first_deliveries(&received)
+        .iter()
+        .filter(|m| m.ordering_key() == "k")
+        .map(|m| m.message_id.as_str())
+        .collect();
+    assert_eq!(
+        events,
+        ["slow-1", "fast-1"],
+        "the consumer gets key k's events in the order their producers wrote them"
+    );
 }
