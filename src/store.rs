@@ -294,10 +294,11 @@ impl Store {
     }
 
     /// Holds keys back behind their failed row (`(key, holder id)`): the key's later pending
-    /// rows leave the due index, and rows inserted for it later start out held. Each key is
-    /// taken under its order-guard lock without waiting; returns the keys that a producer's
-    /// open transaction kept locked (hold them again later; until then the fetch's per-key
-    /// check keeps them back, at the cost of reading them).
+    /// rows leave the due index (up to a chunk per key and call), and rows inserted for it
+    /// later start out held. Each key is taken under its order-guard lock without waiting;
+    /// returns the keys not finished (a producer's open transaction kept the key locked, or
+    /// more rows wait than one chunk): hold them again later; until then the fetch's per-key
+    /// checks keep them back, at the cost of reading them.
     pub async fn hold_keys(
         &self,
         q: &TableSql,
@@ -309,23 +310,18 @@ impl Store {
         }
         let (keys, holders): (Vec<&str>, Vec<i64>) =
             holds.iter().map(|(k, h)| (k.as_str(), *h)).unzip();
-        let query = sqlx::query_scalar(&q.hold_keys)
+        let query = sqlx::query(&q.hold_keys)
             .bind(&keys)
             .bind(&holders)
             .bind(q.table.to_string())
             .bind(table_oid);
-        let held: Vec<String> =
-            answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
-        Ok(keys
-            .into_iter()
-            .filter(|k| !held.iter().any(|h| h == k))
-            .map(str::to_owned)
-            .collect())
+        let done = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        Ok(unfinished(keys.into_iter().map(str::to_owned), &done)?)
     }
 
-    /// Releases held keys: their rows return to the due index, in id order, and the fetch
-    /// sends them behind nothing. Like [`Store::hold_keys`], returns the keys a producer's open
-    /// transaction kept locked (release them again later).
+    /// Releases held keys: their rows return to the due index in id order, a chunk per key
+    /// and call; the key's held_keys entry goes with the last chunk. Like
+    /// [`Store::hold_keys`], returns the keys not finished (release them again later).
     pub async fn release_keys(
         &self,
         q: &TableSql,
@@ -335,17 +331,12 @@ impl Store {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let query = sqlx::query_scalar(&q.release_keys)
+        let query = sqlx::query(&q.release_keys)
             .bind(keys)
             .bind(q.table.to_string())
             .bind(table_oid);
-        let released: Vec<String> =
-            answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
-        Ok(keys
-            .iter()
-            .filter(|k| !released.contains(k))
-            .cloned()
-            .collect())
+        let done = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        Ok(unfinished(keys.iter().cloned(), &done)?)
     }
 
     /// Held keys of the table whose holder no longer holds them (published, deleted by hand,
@@ -477,6 +468,24 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Rows one hold or release statement moves per key at most.
+const HOLD_CHUNK: i64 = 10_000;
+
+/// The keys of `asked` that a hold or release statement did not finish: not locked (a
+/// producer's open transaction holds the key) or with more rows than one chunk.
+fn unfinished(
+    asked: impl Iterator<Item = String>,
+    answered: &[sqlx::postgres::PgRow],
+) -> sqlx::Result<Vec<String>> {
+    let mut done = std::collections::HashSet::new();
+    for row in answered {
+        if row.try_get::<bool, _>(1)? {
+            done.insert(row.try_get::<String, _>(0)?);
+        }
+    }
+    Ok(asked.filter(|k| !done.contains(k)).collect())
 }
 
 /// The client's own deadline for a statement's answer: `statement_timeout` plus 2 s for the
@@ -647,8 +656,9 @@ impl TableSql {
         // A row is held back by an earlier row of its key that waits for a retry, or (with
         // hold_key) is parked. Such rows are few and sit in the small `failed` index, so the
         // check is one probe of an almost empty index per candidate row. The rows of held keys
-        // are not candidates at all (`held`); this check keeps order for the few that are not
-        // flagged yet (a hold still to be written).
+        // are not candidates at all (`held`); these checks keep order for the few that are not
+        // flagged (a hold still to be written, or not yet reaching them, a producer outside
+        // READ COMMITTED): no row goes before a failed or a held row of its key.
         let holds_back = match on_exhausted {
             OnExhausted::HoldKey => "(e.parked_at IS NOT NULL OR e.next_attempt_at > now())",
             OnExhausted::Skip => "(e.parked_at IS NULL AND e.next_attempt_at > now())",
@@ -663,6 +673,9 @@ impl TableSql {
                    WHERE e.ordering_key = o.ordering_key AND e.id < o.id \
                      AND e.published_at IS NULL AND (e.parked_at IS NOT NULL OR e.attempts > 0) \
                      AND {holds_back}) \
+               AND NOT EXISTS ( \
+                   SELECT 1 FROM {t} h \
+                   WHERE h.ordering_key = o.ordering_key AND h.id < o.id AND h.published_at IS NULL AND h.held) \
                AND EXISTS ( \
                    SELECT 1 FROM pg_locks l \
                    WHERE l.locktype = 'advisory' AND l.pid = $2 AND l.granted AND l.objsubid = 1 \
@@ -688,6 +701,10 @@ impl TableSql {
         // hold it for long), so no insert of the key is in progress while its rows change
         // state, and inserts that follow see the new held_keys. The CTE with the volatile lock
         // call is evaluated once per key.
+        // Both work in chunks of HOLD_CHUNK rows per key and statement (a key with a million
+        // rows queued is held or released over many turns, each statement short); a key is
+        // done when its chunk came back short. Any state in between keeps order: the fetch
+        // never sends a row with a held row of its key before it.
         let hold_keys = format!(
             "WITH locked AS ( \
                  SELECT h.key, h.holder FROM unnest($1::text[], $2::int8[]) AS h(key, holder) \
@@ -697,23 +714,36 @@ impl TableSql {
                  SELECT $4, key, holder FROM locked \
                  ON CONFLICT (table_oid, ordering_key) DO UPDATE SET holder = EXCLUDED.holder \
                  RETURNING ordering_key, holder), \
+             picked AS ( \
+                 SELECT x.id FROM noted n CROSS JOIN LATERAL ( \
+                     SELECT t.id FROM {t} t \
+                     WHERE t.ordering_key = n.ordering_key AND t.id > n.holder AND t.published_at IS NULL \
+                       AND t.parked_at IS NULL AND NOT t.held \
+                     ORDER BY t.id LIMIT {HOLD_CHUNK}) x), \
              moved AS ( \
-                 UPDATE {t} AS t SET held = true FROM noted n \
-                 WHERE t.ordering_key = n.ordering_key AND t.id > n.holder AND t.published_at IS NULL \
-                   AND t.parked_at IS NULL AND NOT t.held AND t.tableoid::bigint = $4 RETURNING 1) \
-             SELECT ordering_key FROM noted"
+                 UPDATE {t} AS t SET held = true FROM picked p WHERE t.id = p.id RETURNING t.ordering_key) \
+             SELECT n.ordering_key, coalesce(c.rows, 0) < {HOLD_CHUNK} AS done FROM noted n \
+             LEFT JOIN (SELECT ordering_key, count(*) AS rows FROM moved GROUP BY 1) c USING (ordering_key)"
         );
         let release_keys = format!(
             "WITH locked AS ( \
                  SELECT k.key FROM unnest($1::text[]) AS k(key) \
                  WHERE pg_try_advisory_xact_lock(hashtext($2), hashtext(k.key))), \
-             dropped AS ( \
-                 DELETE FROM outbox_relay.held_keys h USING locked l \
-                 WHERE h.table_oid = $3 AND h.ordering_key = l.key RETURNING h.ordering_key), \
+             picked AS ( \
+                 SELECT x.id FROM locked l CROSS JOIN LATERAL ( \
+                     SELECT t.id FROM {t} t \
+                     WHERE t.ordering_key = l.key AND t.held AND t.published_at IS NULL \
+                     ORDER BY t.id LIMIT {HOLD_CHUNK}) x), \
              moved AS ( \
-                 UPDATE {t} AS t SET held = false FROM dropped d \
-                 WHERE t.ordering_key = d.ordering_key AND t.held AND t.published_at IS NULL RETURNING 1) \
-             SELECT key FROM locked"
+                 UPDATE {t} AS t SET held = false FROM picked p WHERE t.id = p.id RETURNING t.ordering_key), \
+             counted AS ( \
+                 SELECT l.key, coalesce(c.rows, 0) < {HOLD_CHUNK} AS done FROM locked l \
+                 LEFT JOIN (SELECT ordering_key, count(*) AS rows FROM moved GROUP BY 1) c \
+                   ON c.ordering_key = l.key), \
+             dropped AS ( \
+                 DELETE FROM outbox_relay.held_keys h USING counted c \
+                 WHERE h.table_oid = $3 AND h.ordering_key = c.key AND c.done RETURNING 1) \
+             SELECT key, done FROM counted"
         );
         let holder_holds = match on_exhausted {
             OnExhausted::HoldKey => "o.published_at IS NULL",

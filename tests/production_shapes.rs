@@ -99,18 +99,17 @@ async fn sixty_tables_with_four_pool_connections_are_all_relayed_over_one_sessio
 async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and_releases_it_in_order(
 ) {
     let env = TestEnv::new(Setup::new().set("outbox.retry", "max_attempts", "1")).await;
-    // The head of key "hot" can never be sent as it stands: parked at once, key held.
+    // The head of key "hot" can never be sent as it stands: parked at once, key held. Its
+    // queue is there before the relay starts, so the relay moves it out of the due index
+    // itself (in chunks); rows inserted later start out held.
     let head = env
         .insert(&[NewRow::new("hot-head", "hot").routing_key(&"r".repeat(300))])
         .await[0];
-    let relay = env.start_relay();
-    eventually("the head row to be parked", || async {
-        env.row(head).await.parked_at.is_some()
-    })
-    .await;
     insert_queue(&env, "hot", 20_000).await;
     let others = env.insert(&rows_over_keys("cold", 100, 2_000)).await;
+    let relay = env.start_relay();
     let received = env.consumer.wait_for(2_000).await;
+    assert!(env.row(head).await.parked_at.is_some());
     assert_eq!(
         first_deliveries(&received).len(),
         2_000,
@@ -126,12 +125,11 @@ async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and
         .all(|id| delivered_ids(&received).contains(id)));
     // Every row queued behind the parked head waits outside the due index, including rows
     // inserted for the key while it is held.
-    let status = status_json(&env).await;
-    assert_eq!(
-        (status["held"].as_i64(), status["parked"].as_i64()),
-        (Some(20_000), Some(1)),
-        "{status}"
-    );
+    eventually("the queue behind the parked head to be held", || async {
+        status_json(&env).await["held"].as_i64() == Some(20_000)
+    })
+    .await;
+    assert_eq!(status_json(&env).await["parked"].as_i64(), Some(1));
     let late: Vec<NewRow> = (0..3)
         .map(|i| NewRow::new(format!("hot-late-{i}"), "hot"))
         .collect();
@@ -194,12 +192,29 @@ async fn a_key_whose_head_waits_for_a_retry_delay_is_held_and_flows_again_after_
     let received = env.consumer.wait_for(others.len()).await;
     assert!(delivered_of_key(&received, "slow").is_empty());
     assert_eq!(status_json(&env).await["held"].as_i64(), Some(5_000));
+    // A producer at REPEATABLE READ inserts its row unheld (its snapshot may predate a
+    // release): still it must not overtake the held queue.
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    insert_rows(&mut tx, &env.table, &[NewRow::new("slow-rr", "slow")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let status = status_json(&env).await;
+    assert_eq!(
+        (status["held"].as_i64(), status["pending"].as_i64()),
+        (Some(5_000), Some(5_002)),
+        "{status}"
+    );
 
     env.declare_exchange(&missing).await;
     env.bind(&missing, "#").await;
-    let received = env.consumer.wait_for(others.len() + 5_001).await;
+    let received = env.consumer.wait_for(others.len() + 5_002).await;
     let slow = delivered_of_key(&received, "slow");
-    assert_eq!(slow.len(), 5_001);
+    assert_eq!(slow.len(), 5_002);
     assert_eq!(slow[0], head);
     assert!(slow.windows(2).all(|w| w[0] < w[1]), "in id order");
     env.wait_all_marked().await;

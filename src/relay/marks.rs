@@ -102,10 +102,14 @@ impl MarkPipeline {
     pub fn fail(&mut self, failure: Failure, ordering_key: &str, previous_attempts: i32) {
         let parks = failure.retry_after.is_none();
         if !parks || self.sql.on_exhausted() == OnExhausted::HoldKey {
+            // A release still under way for the key stops: the key is held again, behind
+            // this row (rows released before it and not sent yet are held again).
+            self.releases.retain(|k| k != ordering_key);
+            self.holds.retain(|(k, _)| k != ordering_key);
             self.holds.push((ordering_key.to_owned(), failure.id));
         } else if previous_attempts > 0 {
             // Parked under skip after failing before: it held its key while it waited.
-            self.releases.push(ordering_key.to_owned());
+            self.queue_release(ordering_key.to_owned());
         }
         self.unrecorded.push(failure);
     }
@@ -173,9 +177,17 @@ impl MarkPipeline {
         self.held_keys = held;
         if !stale.is_empty() {
             tracing::info!(table = %self.sql.table(), keys = stale.len(), "releasing keys whose holding row is gone");
-            self.releases.extend(stale);
+            stale.into_iter().for_each(|k| self.queue_release(k));
         }
         Ok(())
+    }
+
+    /// The key's holder no longer holds it: a hold still under way stops, the release starts.
+    fn queue_release(&mut self, key: String) {
+        self.holds.retain(|(k, _)| *k != key);
+        if !self.releases.contains(&key) {
+            self.releases.push(key);
+        }
     }
 
     /// Waits for the background mark; its ids join `unmarked` when it failed.
@@ -185,7 +197,7 @@ impl MarkPipeline {
         };
         match marking.task.await {
             Ok(Ok(freed)) => {
-                self.releases.extend(freed);
+                freed.into_iter().for_each(|k| self.queue_release(k));
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -231,12 +243,10 @@ impl MarkPipeline {
                 .collect();
         }
         if !self.releases.is_empty() {
-            self.releases.sort_unstable();
-            self.releases.dedup();
             let releases = std::mem::take(&mut self.releases);
-            let busy = self.store.release_keys(&self.sql, &releases, oid).await?;
-            self.held_keys = (self.held_keys - (releases.len() - busy.len()) as i64).max(0);
-            self.releases = busy;
+            let unfinished = self.store.release_keys(&self.sql, &releases, oid).await?;
+            self.held_keys = (self.held_keys - (releases.len() - unfinished.len()) as i64).max(0);
+            self.releases = unfinished;
         }
         Ok(())
     }
