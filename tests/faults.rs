@@ -152,12 +152,9 @@ async fn sigterm_drains_in_flight_confirms_marks_them_and_exits_0() {
     );
     assert!(relay.log().contains("relay stopped"), "{}", relay.log());
 
-    // Let every message the broker accepted reach the consumer.
-    eventually("the queue to be empty", || async {
-        env.queue_depth().await == 0
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every message the broker accepted has reached the consumer: the queue holds none, ready
+    // or unacked.
+    env.wait_until_queue_is_settled().await;
     let received = env.consumer.received();
     let delivered = delivered_ids(&received);
     let marked = env.published_ids().await;
@@ -278,8 +275,10 @@ async fn a_relay_that_loses_its_lock_session_stops_publishing_before_the_standby
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_cannot_reach_rabbitmq_retries_logs_once_and_stops_on_sigterm() {
     let env = TestEnv::new(Setup::new()).await;
-    // A vhost that does not exist: every connection attempt is refused.
+    // A vhost that does not exist: every connection attempt is refused. The relay reaches the
+    // broker through a proxy that counts its attempts.
     let nowhere = amqp_url(Some(&format!("{}_nowhere", env.name)));
+    let (proxy, nowhere) = broker_proxy(&nowhere).await;
     let config = std::fs::read_to_string(&env.config_path)
         .unwrap()
         .replace(&env.amqp_url, &nowhere);
@@ -288,7 +287,11 @@ async fn a_relay_that_cannot_reach_rabbitmq_retries_logs_once_and_stops_on_sigte
     let mut relay = env.start_relay();
     relay.wait_for_log("RabbitMQ unavailable").await;
     // Several reconnect attempts (200 ms backoff doubling to the 1 s cap).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    const ATTEMPTS: u64 = 4;
+    eventually("several refused reconnect attempts", || async {
+        proxy.connections() > ATTEMPTS
+    })
+    .await;
     assert!(
         relay.is_running(),
         "an unreachable broker is waited for, not fatal"
@@ -313,8 +316,9 @@ async fn a_relay_that_cannot_reach_rabbitmq_retries_logs_once_and_stops_on_sigte
     let noisy: Vec<&str> = log.lines().filter(|l| l.contains("not found")).collect();
     assert!(
         noisy.len() <= 1,
-        "the outage's cause is logged {} times in 3 s:\n{}",
+        "the outage's cause is logged {} times in {} connection attempts:\n{}",
         noisy.len(),
+        proxy.connections(),
         noisy.join("\n")
     );
 }

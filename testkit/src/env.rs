@@ -14,6 +14,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::cli::run_cli;
 use crate::database::Database;
+use crate::proxy::Proxy;
 use crate::received::Inbox;
 use crate::servers::{unique_name, Servers};
 use crate::setup::{Setup, Targets};
@@ -34,6 +35,20 @@ pub fn pg_url(db: &str) -> String {
 /// The AMQP URL of `vhost` (None: the default vhost "/") on the test broker.
 pub fn amqp_url(vhost: Option<&str>) -> String {
     servers().rabbitmq_url(vhost).to_string()
+}
+
+/// A proxy in front of the test broker, and `amqp_url` (a URL on that broker) routed through it:
+/// to count the relay's connection attempts, or to break its network.
+pub async fn broker_proxy(amqp_url: &str) -> (Proxy, String) {
+    let upstream = servers()
+        .rabbitmq_addr()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let proxy = Proxy::start("rabbitmq", upstream)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let url = url::Url::parse(amqp_url).unwrap_or_else(|e| panic!("{amqp_url}: {e}"));
+    let routed = proxy.route(&url).unwrap_or_else(|e| panic!("{e:#}"));
+    (proxy, routed.to_string())
 }
 
 /// One test's private world. Fields are dropped in order: the consumer stops before its queue
