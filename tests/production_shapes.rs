@@ -105,7 +105,7 @@ async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and
     let head = env
         .insert(&[NewRow::new("hot-head", "hot").routing_key(&"r".repeat(300))])
         .await[0];
-    insert_queue(&env, "hot", 20_000).await;
+    insert_queue(&env, "hot", 12_000).await;
     let others = env.insert(&rows_over_keys("cold", 100, 2_000)).await;
     let relay = env.start_relay();
     let received = env.consumer.wait_for(2_000).await;
@@ -126,7 +126,7 @@ async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and
     // Every row queued behind the parked head waits outside the due index, including rows
     // inserted for the key while it is held.
     eventually("the queue behind the parked head to be held", || async {
-        status_json(&env).await["held"].as_i64() == Some(20_000)
+        status_json(&env).await["held"].as_i64() == Some(12_000)
     })
     .await;
     assert_eq!(status_json(&env).await["parked"].as_i64(), Some(1));
@@ -142,7 +142,7 @@ async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and
     .execute(&env.pool)
     .await
     .unwrap();
-    assert_eq!(status_json(&env).await["held"].as_i64(), Some(20_010));
+    assert_eq!(status_json(&env).await["held"].as_i64(), Some(12_010));
 
     // Fixed and released: the head, then its queue, in id order.
     sqlx::query(&format!(
@@ -155,9 +155,9 @@ async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and
     .unwrap();
     let released = env.cli(&["retry", "--key", "hot"]).await;
     assert!(released.stdout.contains("released 1"), "{released:?}");
-    let received = env.consumer.wait_for(2_000 + 1 + 20_010).await;
+    let received = env.consumer.wait_for(2_000 + 1 + 12_010).await;
     let hot = delivered_of_key(&received, "hot");
-    assert_eq!(hot.len(), 20_011);
+    assert_eq!(hot.len(), 12_011);
     assert_eq!(hot[0], head, "the head goes first");
     assert!(
         hot.windows(2).all(|w| w[0] < w[1]),
