@@ -25,12 +25,16 @@ pub const HOT_KEY_TABLE: &str = "bench.hot_key_outbox";
 pub const LATENCY_TABLE: &str = "bench.latency_outbox";
 pub const IDLE_TABLE: &str = "bench.idle_outbox";
 pub const HISTORY_TABLE: &str = "bench.history_outbox";
-const TABLES: [&str; 5] = [
+pub const HELD_KEY_TABLE: &str = "bench.held_key_outbox";
+/// The many-tables scenario's tables are `tenants.t0` … (made by that scenario's `migrate`).
+pub const MANY_TABLES_SCHEMA: &str = "tenants";
+const TABLES: [&str; 6] = [
     DRAIN_TABLE,
     HOT_KEY_TABLE,
     LATENCY_TABLE,
     IDLE_TABLE,
     HISTORY_TABLE,
+    HELD_KEY_TABLE,
 ];
 
 pub fn table(name: &str) -> TableName {

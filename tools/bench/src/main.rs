@@ -1,14 +1,17 @@
 //! `outbox-relay-bench`: measures the real relay binary against the broker's own limit
-//! (raw lapin publishing) in the same run, plus latency, idle cost, history and the
-//! PostgreSQL-only ceiling. Thin: parses arguments, sets up and tears down the bench's own
-//! database, exchange and queue, runs the scenarios and prints the report.
+//! (raw lapin publishing) in the same run, plus latency, idle cost, history, the
+//! PostgreSQL-only ceiling and two production shapes (many tables, a held key). Thin: parses
+//! arguments, sets up and tears down the bench's own database, exchange and queue, runs the
+//! scenarios and prints the report.
 
 mod consumer;
 mod env;
 mod process;
 mod raw;
 mod report;
+mod resources;
 mod scenarios;
+mod shapes;
 mod workload;
 
 use std::path::PathBuf;
@@ -36,9 +39,25 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            drain on an empty table; ratio history / empty.
   pg-only  the relay's own fetch + mark statements (library calls) on a backlog of --events rows,
            no broker: rows/s, i.e. the PostgreSQL ceiling.
+  many-tables
+           --tables outbox tables (tenants.t0 ..) in one relay, postgres.max_connections 4:
+           the relay's PostgreSQL sessions (pg_stat_activity, application_name outbox-relay,
+           sampled every 100 ms; target <= max_connections + 1) and AMQP connections
+           (rabbitmqctl, by the relay's connection name; target 1), its statements per second
+           idle for --idle-secs (counting proxy; target <= 1 per poll_interval in all), and the
+           drain of --events rows spread evenly over the tables against the same drain on one
+           table (target ratio >= 0.8). A drain that does not finish within 10 x the one-table
+           time (30 s to 120 s) is reported as not delivered, with how far it got.
+  held-key one key parked at the head of 10 x --events queued rows, then a drain of --events
+           rows of 1,000 other keys, against the same drain without the held key (target ratio
+           >= 0.9); again with the head waiting for a 1 h retry delay instead of parked. The
+           head is parked by a routing key of 300 bytes (max_attempts 1), or refused by a
+           missing exchange (retry delay 1 h); the queue is inserted after the relay recorded
+           the head's failure and stopped, so with a schema that has held keys the queued rows
+           start out held, as a producer's would. Same bound as many-tables.
 
-Defaults: full run = 100,000 events, 2 rounds, 20 s latency, 10 s idle. --quick = 10,000 events,
-1 round, 5 s latency, 3 s idle (fits in 2 minutes for CI).
+Defaults: full run = 100,000 events, 2 rounds, 20 s latency, 10 s idle, 200 tables. --quick =
+10,000 events, 1 round, 5 s latency, 3 s idle, 50 tables (about 3 minutes, for CI).
 
 The relay binary is taken from the bench's own directory (build both with
 `cargo build --release --workspace --bins`; `cargo run --release -p outbox-relay-bench` builds
@@ -72,7 +91,7 @@ struct Args {
     /// Rows of the drain backlog; the other scenarios scale with it (hot-key /10, history x10).
     #[arg(long, value_name = "N")]
     events: Option<u64>,
-    /// Small sizes and short durations for CI (under 2 minutes).
+    /// Small sizes and short durations for CI (about 3 minutes).
     #[arg(long)]
     quick: bool,
     /// Relay and baseline runs per scenario, alternating (default 2, --quick 1); medians are reported.
@@ -90,6 +109,9 @@ struct Args {
     /// Duration of the idle scenario in seconds (default 10, --quick 3).
     #[arg(long, value_name = "SECONDS")]
     idle_secs: Option<u64>,
+    /// Outbox tables of the many-tables scenario (default 200, --quick 50).
+    #[arg(long, value_name = "N")]
+    tables: Option<u32>,
     /// relay.batch_size given to the relay (and to pg-only).
     #[arg(long, default_value_t = 1000)]
     batch_size: u32,
@@ -99,6 +121,10 @@ struct Args {
     /// The relay binary (default: `outbox-relay` next to this executable).
     #[arg(long, value_name = "FILE")]
     relay_bin: Option<PathBuf>,
+    /// Keep the relay configs and logs (a directory in $TMPDIR named after the run) also after a
+    /// successful run; they are always kept after a failed one.
+    #[arg(long)]
+    keep_logs: bool,
     /// Also write the figures as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -112,6 +138,8 @@ enum Scenario {
     Idle,
     History,
     PgOnly,
+    ManyTables,
+    HeldKey,
     All,
 }
 
@@ -124,6 +152,10 @@ pub struct Plan {
     pub hot_key_rows: u64,
     pub history_rows: u64,
     pub ordering_keys: u64,
+    /// Tables of the many-tables scenario.
+    pub tables: u32,
+    /// Rows queued behind the held key of the held-key scenario.
+    pub held_queue_rows: u64,
     pub rate: u32,
     pub producers: u32,
     pub latency: Duration,
@@ -145,6 +177,11 @@ impl Plan {
             hot_key_rows: (events / 10).max(2_000),
             history_rows: events * 10,
             ordering_keys: 1_000,
+            tables: args
+                .tables
+                .unwrap_or(if args.quick { 50 } else { 200 })
+                .clamp(1, outbox_relay::config::MAX_TABLES as u32),
+            held_queue_rows: events * 10,
             rate: args.rate.max(1),
             producers: args.producers.max(1),
             latency: Duration::from_secs(
@@ -213,7 +250,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         outcome = measure(&mut env, &plan, args.scenario) => outcome,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    let kept_logs = outcome.is_err();
+    let kept_logs = outcome.is_err() || args.keep_logs;
     env.teardown(kept_logs).await;
     let report = outcome?;
     print!("{}", report.table());
@@ -247,6 +284,12 @@ async fn measure(env: &mut BenchEnv, plan: &Plan, scenario: Scenario) -> anyhow:
     }
     if wants(Scenario::PgOnly) {
         report.pg_only = Some(scenarios::pg_only(env, plan).await?);
+    }
+    if wants(Scenario::ManyTables) {
+        report.many_tables = Some(shapes::many_tables(env, plan).await?);
+    }
+    if wants(Scenario::HeldKey) {
+        report.held_key = Some(shapes::held_key(env, plan).await?);
     }
     Ok(report)
 }

@@ -21,6 +21,8 @@ pub struct RelayConfig {
     batch_size: u32,
     max_in_flight: usize,
     poll_interval: Duration,
+    /// `[retry]` keys as TOML values (`("max_attempts", "1")`), the relay's defaults otherwise.
+    retry: Vec<(&'static str, String)>,
 }
 
 impl RelayConfig {
@@ -29,13 +31,22 @@ impl RelayConfig {
         RelayConfig {
             pg_url: env.db_url.to_string(),
             amqp_url: env.amqp_url.clone(),
-            connection_name: env.exchange.clone(),
+            // The relay's AMQP connections are told apart from the bench's own ("<name> admin",
+            // "<name> consumer", "<name> raw") by this name (see `resources`).
+            connection_name: relay_connection_name(env),
             exchange: env.exchange.clone(),
             tables: tables.to_vec(),
             batch_size: 1000,
             max_in_flight: 1000,
             poll_interval: Duration::from_secs(1),
+            retry: Vec::new(),
         }
+    }
+
+    /// Sets a `[retry]` key; `value` is written as it is (a TOML value: `1`, `"1h"`).
+    pub fn retry(mut self, key: &'static str, value: &str) -> Self {
+        self.retry.push((key, value.to_owned()));
+        self
     }
 
     pub fn window(mut self, batch_size: u32, max_in_flight: usize) -> Self {
@@ -70,6 +81,12 @@ impl RelayConfig {
             self.max_in_flight,
             self.poll_interval.as_millis()
         );
+        if !self.retry.is_empty() {
+            text += "\n[retry]\n";
+            for (key, value) in &self.retry {
+                text += &format!("{key} = {value}\n");
+            }
+        }
         for table in &self.tables {
             text += &format!(
                 "\n[[outbox]]\ntable = {}\nexchange = {}\n",
@@ -87,6 +104,13 @@ impl RelayConfig {
         file.write_all(text.as_bytes())?;
         Ok(path.to_owned())
     }
+}
+
+/// The `rabbitmq.connection_name` of every relay the bench starts. The relay names its
+/// connection exactly so, or (before the one-connection redesign) "<name> <schema.table>" per
+/// table: either way the client-provided name starts with it.
+pub fn relay_connection_name(env: &BenchEnv) -> String {
+    format!("{} relay", env.exchange)
 }
 
 /// Runs `outbox-relay --config FILE migrate` and fails with its output when it fails.
@@ -227,11 +251,69 @@ impl RelayProcess {
         }
     }
 
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(10)..].join("\n");
         format!("{} (log {})", tail.trim(), self.log.display())
+    }
+}
+
+/// The warnings and errors in relay logs (text format: the level is a line's second field),
+/// with the first few distinct ones, to show a run's trouble beside its figures.
+#[derive(Debug, Clone, Default)]
+pub struct LogProblems {
+    pub warnings: u64,
+    pub errors: u64,
+    /// The first line of up to three distinct messages, without its timestamp.
+    pub first: Vec<String>,
+}
+
+impl LogProblems {
+    const KEPT: usize = 3;
+
+    /// Adds what the log at `path` holds (nothing if it cannot be read).
+    pub fn read(&mut self, path: &Path) {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(_time), Some(level)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            match level {
+                "WARN" => self.warnings += 1,
+                "ERROR" => self.errors += 1,
+                _ => continue,
+            }
+            let said: String = line
+                .split_once(level)
+                .map_or(line, |(_, rest)| rest)
+                .trim()
+                .chars()
+                .take(200)
+                .collect();
+            let said = format!("{level} {said}");
+            // Distinct by the message, not by its fields (the same warning for each table).
+            let message = |l: &str| -> String {
+                l.split_whitespace()
+                    .take_while(|w| !w.contains('='))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            if self.first.len() < Self::KEPT
+                && !self.first.iter().any(|f| message(f) == message(&said))
+            {
+                self.first.push(said);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.warnings == 0 && self.errors == 0
     }
 }
 
@@ -345,5 +427,34 @@ impl ProcessCpu {
             *slot += s;
         }
         split
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_problems_count_warnings_and_errors_and_keep_each_message_once() {
+        let path = std::env::temp_dir().join(format!("obr-bench-log-{}.log", std::process::id()));
+        std::fs::write(
+            &path,
+            "2026-12-01T20:43:54.59Z  INFO outbox-relay starting tables=a\n\
+             2026-12-01T20:43:54.63Z  WARN PostgreSQL unavailable; retrying table=t4 error=x\n\
+             2026-12-01T20:43:54.64Z  WARN PostgreSQL unavailable; retrying table=t5 error=x\n\
+             2026-12-01T20:43:54.65Z ERROR the relay gave up\n",
+        )
+        .unwrap();
+        let mut log = LogProblems::default();
+        log.read(&path);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!((log.warnings, log.errors), (2, 1));
+        assert_eq!(
+            log.first,
+            [
+                "WARN PostgreSQL unavailable; retrying table=t4 error=x",
+                "ERROR the relay gave up"
+            ]
+        );
     }
 }

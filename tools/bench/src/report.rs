@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::env::Machine;
-use crate::process::{CpuSplit, Usage};
+use crate::process::{CpuSplit, LogProblems, Usage};
 use crate::Plan;
 
 /// One timed run of the relay or of its baseline.
@@ -88,6 +88,142 @@ pub struct PgOnlyRun {
     pub mark_s: f64,
 }
 
+/// A drain that did not finish within its bound: how far it got.
+#[derive(Debug, Clone)]
+pub struct Shortfall {
+    /// Distinct messages of the round the consumer received.
+    pub received: u64,
+    pub expected: u64,
+    pub seconds: f64,
+    /// Why it ended early, if not the bound (the relay exited), and trouble stopping it.
+    pub note: Option<String>,
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "not delivered: {} of {} in {:.0} s",
+            self.received, self.expected, self.seconds
+        )?;
+        if let Some(note) = &self.note {
+            write!(f, " ({note})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A timed relay drain with a bound: finished, or not.
+#[derive(Debug, Clone)]
+pub enum Drained {
+    Done(Run),
+    NotDelivered(Shortfall),
+}
+
+impl Drained {
+    pub fn run(&self) -> Option<&Run> {
+        match self {
+            Drained::Done(run) => Some(run),
+            Drained::NotDelivered(_) => None,
+        }
+    }
+}
+
+/// The first shortfall of some drains, if any.
+fn shortfall(drains: &[Drained]) -> Option<&Shortfall> {
+    drains.iter().find_map(|d| match d {
+        Drained::NotDelivered(s) => Some(s),
+        Drained::Done(_) => None,
+    })
+}
+
+/// Median events/s of drains that all finished; `None` when one did not.
+fn drained_events_per_s(drains: &[Drained]) -> Option<f64> {
+    let runs: Option<Vec<&Run>> = drains.iter().map(Drained::run).collect();
+    runs.filter(|r| !r.is_empty())
+        .map(|r| median(r.iter().map(|r| r.events_per_s)))
+}
+
+fn drained_json(drains: &[Drained]) -> Value {
+    Value::Array(
+        drains
+            .iter()
+            .map(|d| match d {
+                Drained::Done(run) => runs_json(std::slice::from_ref(run))[0].clone(),
+                Drained::NotDelivered(s) => json!({
+                    "not_delivered": s.to_string(),
+                    "received": s.received,
+                    "expected": s.expected,
+                    "seconds": round(s.seconds, 1),
+                }),
+            })
+            .collect(),
+    )
+}
+
+fn log_json(log: &LogProblems) -> Value {
+    json!({"warnings": log.warnings, "errors": log.errors, "first": log.first})
+}
+
+/// Many outbox tables in one relay process: what it holds on the servers, what it asks of
+/// PostgreSQL when idle, and its drain against the same drain on one table.
+#[derive(Debug, Clone)]
+pub struct ManyTables {
+    pub tables: u32,
+    pub rows: u64,
+    pub max_connections: u32,
+    pub migrate_s: f64,
+    /// One row per table before the idle count, if it did not all arrive.
+    pub warm_up: Option<Shortfall>,
+    pub idle: Idle,
+    /// The relay's PostgreSQL sessions: most seen with many tables (idle and drains), and in
+    /// the one-table drains.
+    pub sessions_max: i64,
+    pub one_table_sessions_max: i64,
+    /// The relay's AMQP connections, most seen with many tables (idle and after each drain).
+    pub amqp_connections_max: Option<usize>,
+    pub one_table: Vec<Drained>,
+    pub many: Vec<Drained>,
+    pub log: LogProblems,
+}
+
+impl ManyTables {
+    fn ratio(&self) -> Option<f64> {
+        Some(ratio(
+            drained_events_per_s(&self.many)?,
+            drained_events_per_s(&self.one_table)?,
+        ))
+    }
+}
+
+/// A drain of other keys beside one key held back at the head of a long queue, parked or
+/// waiting for a retry delay, against the same drain without it.
+#[derive(Debug, Clone)]
+pub struct HeldKey {
+    pub queued_rows: u64,
+    pub rows: u64,
+    pub keys: u64,
+    /// The schema has held keys (`outbox_relay.held_keys`): the queued rows started out held.
+    pub held_schema: bool,
+    /// Queued rows flagged held right after the queue was inserted (held schema only).
+    pub queued_held: Vec<i64>,
+    /// Seconds to insert each queue.
+    pub queue_insert_s: Vec<f64>,
+    pub without: Vec<Drained>,
+    pub parked: Vec<Drained>,
+    pub retrying: Vec<Drained>,
+    pub log: LogProblems,
+}
+
+impl HeldKey {
+    fn ratio(&self, beside: &[Drained]) -> Option<f64> {
+        Some(ratio(
+            drained_events_per_s(beside)?,
+            drained_events_per_s(&self.without)?,
+        ))
+    }
+}
+
 pub struct Report {
     plan: Plan,
     machine: Machine,
@@ -97,6 +233,8 @@ pub struct Report {
     pub idle: Option<Idle>,
     pub history: Option<History>,
     pub pg_only: Option<PgOnly>,
+    pub many_tables: Option<ManyTables>,
+    pub held_key: Option<HeldKey>,
 }
 
 pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
@@ -245,6 +383,223 @@ impl Latency {
     }
 }
 
+impl Idle {
+    fn json(&self) -> Value {
+        json!({
+            "cpu_s": round(self.cpu_s, 3),
+            "statements_per_s": round(self.statements_per_s, 2),
+            "statements_per_poll_interval": round(self.statements_per_poll_interval, 2),
+            "poll_interval_s": self.poll_interval_s,
+            "statements": self.statements,
+            "round_trips_per_s": round(self.round_trips_per_s, 2),
+            "database_transactions_per_s": round(self.database_transactions_per_s, 2),
+            "seconds": round(self.seconds, 2),
+            "counting": "statements: exact, a TCP proxy in front of PostgreSQL counts the relay's Query and Execute messages; \
+                         round trips: Query and Sync messages (sqlx's pool pings on acquire and on release); \
+                         database_transactions_per_s: pg_stat_database xact_commit + xact_rollback of the bench database, \
+                         which also counts autovacuum and lags up to a second",
+            "peak_rss_mib": round(self.usage.peak_rss_mib, 1),
+        })
+    }
+}
+
+impl ManyTables {
+    fn json(&self) -> Value {
+        let eps = |d: &[Drained]| drained_events_per_s(d).map(|e| round(e, 1));
+        json!({
+            "tables": self.tables,
+            "rows": self.rows,
+            "max_connections": self.max_connections,
+            "pg_sessions_max": self.sessions_max,
+            "pg_sessions_target_max": self.max_connections + 1,
+            "one_table_pg_sessions_max": self.one_table_sessions_max,
+            "amqp_connections_max": self.amqp_connections_max,
+            "idle": self.idle.json(),
+            "warm_up": self.warm_up.as_ref().map(|s| s.to_string()),
+            "ratio": self.ratio().map(|r| round(r, 3)),
+            "not_delivered": shortfall(&self.many).or(shortfall(&self.one_table)).map(|s| s.to_string()),
+            "many_events_per_s": eps(&self.many),
+            "one_table_events_per_s": eps(&self.one_table),
+            "migrate_s": round(self.migrate_s, 2),
+            "many_runs": drained_json(&self.many),
+            "one_table_runs": drained_json(&self.one_table),
+            "relay_log": log_json(&self.log),
+        })
+    }
+}
+
+impl HeldKey {
+    fn json(&self) -> Value {
+        let eps = |d: &[Drained]| drained_events_per_s(d).map(|e| round(e, 1));
+        let variant = |beside: &[Drained]| {
+            json!({
+                "ratio": self.ratio(beside).map(|r| round(r, 3)),
+                "events_per_s": eps(beside),
+                "not_delivered": shortfall(beside).map(|s| s.to_string()),
+                "runs": drained_json(beside),
+            })
+        };
+        json!({
+            "parked": variant(&self.parked),
+            "retry_delay": variant(&self.retrying),
+            "without_events_per_s": eps(&self.without),
+            "without_runs": drained_json(&self.without),
+            "queued_rows": self.queued_rows,
+            "rows": self.rows,
+            "ordering_keys": self.keys,
+            "held_keys_schema": self.held_schema,
+            "queued_rows_held_at_start": self.queued_held,
+            "queue_insert_s": self.queue_insert_s.iter().map(|s| round(*s, 2)).collect::<Vec<_>>(),
+            "relay_log": log_json(&self.log),
+        })
+    }
+}
+
+/// A drain comparison's row: both figures and the ratio, or how far the drain got.
+fn drained_row(
+    label: &str,
+    figure: &str,
+    drains: &[Drained],
+    baseline: &[Drained],
+    target: f64,
+    verdict: &dyn Fn(bool) -> &'static str,
+) -> String {
+    match (drained_events_per_s(drains), drained_events_per_s(baseline)) {
+        (Some(a), Some(b)) => format!(
+            "{:<11} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= {target:.2} {}\n",
+            label,
+            figure,
+            a,
+            b,
+            ratio(a, b),
+            verdict(ratio(a, b) >= target)
+        ),
+        _ => {
+            let short = shortfall(drains)
+                .or(shortfall(baseline))
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            format!(
+                "{:<11} {:<44} {:>29}   >= {target:.2} {}\n",
+                label,
+                figure,
+                short,
+                verdict(false)
+            )
+        }
+    }
+}
+
+fn log_rows(log: &LogProblems) -> String {
+    if log.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(
+        "{:<11} {}\n",
+        "",
+        format_args!(
+            "  relay logs: {} warnings, {} errors",
+            log.warnings, log.errors
+        )
+    );
+    for line in &log.first {
+        s += &format!("{:<11}     {line}\n", "");
+    }
+    s
+}
+
+impl ManyTables {
+    fn table(&self, verdict: &dyn Fn(bool) -> &'static str) -> String {
+        let budget = self.max_connections as i64 + 1;
+        let mut s = format!(
+            "{:<11} {:<44} {:>29}   <= {budget} {}\n",
+            "many-tables",
+            format!(
+                "PG sessions, max ({} tables, pool {})",
+                self.tables, self.max_connections
+            ),
+            format!(
+                "{} (one table: {})",
+                self.sessions_max, self.one_table_sessions_max
+            ),
+            verdict(self.sessions_max <= budget)
+        );
+        s += &format!(
+            "{:<11} {:<44} {:>29}   1 {}\n",
+            "",
+            "AMQP connections, max",
+            self.amqp_connections_max
+                .map_or("?".to_owned(), |n| n.to_string()),
+            verdict(self.amqp_connections_max == Some(1))
+        );
+        if let Some(w) = &self.warm_up {
+            s += &format!(
+                "{:<11} {:<44} {:>29}\n",
+                "",
+                "warm-up, 1 row per table",
+                w.to_string()
+            );
+        }
+        s += &format!(
+            "{:<11} {:<44} {:>29}   <= 1 per poll {}\n",
+            "",
+            format!("idle {:.0} s: statements/s, relay CPU s", self.idle.seconds),
+            format!(
+                "{:.2}/s, {:.3} s",
+                self.idle.statements_per_s, self.idle.cpu_s
+            ),
+            verdict(self.idle.statements_per_poll_interval <= 1.0 + 1e-9)
+        );
+        s += &drained_row(
+            "",
+            &format!(
+                "events/s, {} rows over {} tables (vs 1)",
+                self.rows, self.tables
+            ),
+            &self.many,
+            &self.one_table,
+            0.8,
+            verdict,
+        );
+        s + &log_rows(&self.log)
+    }
+}
+
+impl HeldKey {
+    fn table(&self, verdict: &dyn Fn(bool) -> &'static str) -> String {
+        let mut s = drained_row(
+            "held-key",
+            &format!("events/s, {} rows beside a parked key", self.rows),
+            &self.parked,
+            &self.without,
+            0.9,
+            verdict,
+        );
+        s += &drained_row(
+            "",
+            &format!("events/s, {} rows beside a retrying key", self.rows),
+            &self.retrying,
+            &self.without,
+            0.9,
+            verdict,
+        );
+        s += &format!(
+            "{:<11} {}\n",
+            "",
+            format_args!(
+                "  {} rows queued behind the key, {}",
+                self.queued_rows,
+                if self.held_schema {
+                    "held (out of the due index)"
+                } else {
+                    "in the due index (no held keys in this schema)"
+                }
+            )
+        );
+        s + &log_rows(&self.log)
+    }
+}
+
 impl History {
     fn empty_events_per_s(&self) -> f64 {
         median(self.empty.iter().map(|r| r.events_per_s))
@@ -274,6 +629,8 @@ impl Report {
             idle: None,
             history: None,
             pg_only: None,
+            many_tables: None,
+            held_key: None,
         }
     }
 
@@ -285,6 +642,13 @@ impl Report {
         }
         if let Some(h) = &self.history {
             runs.extend(h.empty.iter().chain(&h.history));
+        }
+        if let Some(m) = &self.many_tables {
+            runs.extend(m.one_table.iter().chain(&m.many).filter_map(Drained::run));
+        }
+        if let Some(h) = &self.held_key {
+            let drains = h.without.iter().chain(&h.parked).chain(&h.retrying);
+            runs.extend(drains.filter_map(Drained::run));
         }
         runs
     }
@@ -316,6 +680,22 @@ impl Report {
         }
         peaks.extend(self.latency.as_ref().map(|l| l.usage.peak_rss_mib));
         peaks.extend(self.idle.as_ref().map(|i| i.usage.peak_rss_mib));
+        if let Some(m) = &self.many_tables {
+            peaks.push(m.idle.usage.peak_rss_mib);
+            let runs: Vec<Run> = m
+                .one_table
+                .iter()
+                .chain(&m.many)
+                .filter_map(Drained::run)
+                .cloned()
+                .collect();
+            peaks.push(peak_rss(&runs));
+        }
+        if let Some(h) = &self.held_key {
+            let drains = h.without.iter().chain(&h.parked).chain(&h.retrying);
+            let runs: Vec<Run> = drains.filter_map(Drained::run).cloned().collect();
+            peaks.push(peak_rss(&runs));
+        }
         peaks.into_iter().reduce(f64::max)
     }
 
@@ -331,24 +711,7 @@ impl Report {
             out.insert("latency".into(), l.json());
         }
         if let Some(i) = &self.idle {
-            out.insert(
-                "idle".into(),
-                json!({
-                    "cpu_s": round(i.cpu_s, 3),
-                    "statements_per_s": round(i.statements_per_s, 2),
-                    "statements_per_poll_interval": round(i.statements_per_poll_interval, 2),
-                    "poll_interval_s": i.poll_interval_s,
-                    "statements": i.statements,
-                    "round_trips_per_s": round(i.round_trips_per_s, 2),
-                    "database_transactions_per_s": round(i.database_transactions_per_s, 2),
-                    "seconds": round(i.seconds, 2),
-                    "counting": "statements: exact, a TCP proxy in front of PostgreSQL counts the relay's Query and Execute messages; \
-                                 round trips: Query and Sync messages (sqlx's pool pings on acquire and on release); \
-                                 database_transactions_per_s: pg_stat_database xact_commit + xact_rollback of the bench database, \
-                                 which also counts autovacuum and lags up to a second",
-                    "peak_rss_mib": round(i.usage.peak_rss_mib, 1),
-                }),
-            );
+            out.insert("idle".into(), i.json());
         }
         if let Some(h) = &self.history {
             out.insert(
@@ -379,6 +742,12 @@ impl Report {
                     })).collect::<Vec<_>>(),
                 }),
             );
+        }
+        if let Some(m) = &self.many_tables {
+            out.insert("many_tables".into(), m.json());
+        }
+        if let Some(h) = &self.held_key {
+            out.insert("held_key".into(), h.json());
         }
         if let Some(peak) = self.peak_rss_mib() {
             out.insert("peak_rss_mib".into(), json!(round(peak, 1)));
@@ -414,13 +783,13 @@ impl Report {
             m.rabbitmq.as_deref().unwrap_or("?"),
         );
         s += &format!(
-            "{:<9} {:<44} {:>10} {:>10} {:>6}   {}\n",
+            "{:<11} {:<44} {:>10} {:>10} {:>6}   {}\n",
             "scenario", "figure", "relay", "baseline", "ratio", "target"
         );
         let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
         if let Some(d) = &self.drain {
             s += &format!(
-                "{:<9} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= 0.85 {}\n",
+                "{:<11} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= 0.85 {}\n",
                 "drain",
                 format!("events/s, {} rows, {} keys", d.rows, d.keys),
                 d.relay_events_per_s(),
@@ -429,7 +798,7 @@ impl Report {
                 verdict(d.ratio() >= 0.85)
             );
             s += &format!(
-                "{:<9} {:<44} {:>10.1} {:>10.1} {:>6.2}\n",
+                "{:<11} {:<44} {:>10.1} {:>10.1} {:>6.2}\n",
                 "",
                 "  CPU us/event on the delivery path",
                 d.path_cpu_us(&d.relay),
@@ -439,7 +808,7 @@ impl Report {
         }
         if let Some(h) = &self.hot_key {
             s += &format!(
-                "{:<9} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= 0.80 {}\n",
+                "{:<11} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= 0.80 {}\n",
                 "hot-key",
                 format!("events/s, {} rows, 1 key, 1 in flight", h.rows),
                 h.relay_events_per_s(),
@@ -451,7 +820,7 @@ impl Report {
         if let Some(l) = &self.latency {
             let p99 = percentile_ms(&l.micros, 99.0);
             s += &format!(
-                "{:<9} {:<44} {:>29}   p99 <= 10 ms {}\n",
+                "{:<11} {:<44} {:>29}   p99 <= 10 ms {}\n",
                 "latency",
                 format!(
                     "commit->consumer ms at {}/s: p50 p95 p99 max",
@@ -469,7 +838,7 @@ impl Report {
         }
         if let Some(i) = &self.idle {
             s += &format!(
-                "{:<9} {:<44} {:>29}   <= 1 per poll {}\n",
+                "{:<11} {:<44} {:>29}   <= 1 per poll {}\n",
                 "idle",
                 format!("{:.0} s: relay CPU s, statements/s", i.seconds),
                 format!("{:.3} s, {:.2}/s", i.cpu_s, i.statements_per_s),
@@ -478,7 +847,7 @@ impl Report {
         }
         if let Some(h) = &self.history {
             s += &format!(
-                "{:<9} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= 0.90 {}\n",
+                "{:<11} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= 0.90 {}\n",
                 "history",
                 format!("events/s with {} published rows (vs empty)", h.history_rows),
                 h.history_events_per_s(),
@@ -489,16 +858,22 @@ impl Report {
         }
         if let Some(p) = &self.pg_only {
             s += &format!(
-                "{:<9} {:<44} {:>10.0}\n",
+                "{:<11} {:<44} {:>10.0}\n",
                 "pg-only",
                 format!("rows/s fetch + mark, {} rows, no broker", p.rows),
                 p.rows_per_s()
             );
         }
+        if let Some(m) = &self.many_tables {
+            s += &m.table(&verdict);
+        }
+        if let Some(h) = &self.held_key {
+            s += &h.table(&verdict);
+        }
         let noise = self.other_cpu_share();
         if let Some(peak) = self.peak_rss_mib() {
             s += &format!(
-                "{:<9} {:<44} {:>10.1}   {:>20}   <= 64 MiB {}\n",
+                "{:<11} {:<44} {:>10.1}   {:>20}   <= 64 MiB {}\n",
                 "peak RSS",
                 "MiB, largest relay process of the run",
                 peak,

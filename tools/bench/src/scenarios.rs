@@ -1,6 +1,6 @@
-//! The six scenarios. Each prepares its table, runs the relay (a child process) and its
-//! baseline in alternating rounds, and returns the raw figures; `report` turns them into
-//! medians and ratios.
+//! The six measurement scenarios (the production shapes are in `shapes`). Each prepares its
+//! table, runs the relay (a child process) and its baseline in alternating rounds, and returns
+//! the raw figures; `report` turns them into medians and ratios.
 
 use std::time::{Duration, Instant};
 
@@ -78,7 +78,7 @@ fn busy_since(earlier: Option<HostCpu>) -> Option<f64> {
 }
 
 /// One timed drain of `rows` events, relay or raw, as the report shows it.
-fn timed_run(
+pub(crate) fn timed_run(
     rows: u64,
     started: Instant,
     seconds: f64,
@@ -100,7 +100,7 @@ fn timed_run(
     }
 }
 
-fn progress(name: &str, round: u32, rounds: u32, who: &str, run: &Run) {
+pub(crate) fn progress(name: &str, round: u32, rounds: u32, who: &str, run: &Run) {
     let usage = run
         .usage
         .map(|u| {
@@ -130,7 +130,7 @@ fn progress(name: &str, round: u32, rounds: u32, who: &str, run: &Run) {
 }
 
 /// An empty table with `rows` fresh pending rows, vacuumed and analyzed.
-async fn prepare_backlog(
+pub(crate) async fn prepare_backlog(
     env: &BenchEnv,
     table: &TableName,
     tag: &str,
@@ -419,8 +419,27 @@ async fn warm_up(
 /// The relay with nothing to do: CPU and the statements it sends, counted by a proxy.
 pub async fn idle(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Idle> {
     let table = env::table(env::IDLE_TABLE);
+    let (proxy, proxied) = counting_proxy(env).await?;
+    let config = RelayConfig::new(env, std::slice::from_ref(&table))
+        .window(plan.batch_size, plan.max_in_flight)
+        .pg_url(&proxied);
+    let poll = config.poll_interval();
+    let path = config.write(&env.dir.join("idle.toml"))?;
+    let mut relay = RelayProcess::start(&env.relay_bin, &path, &env.dir.join("idle.log"))?;
+    warm_up(env, &mut relay, &table, "idlewarm").await?;
+    // Let the relay finish the turn after the warm-up batch and settle into waiting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = count_idle(env, &proxy, &relay, poll, plan.idle).await?;
+    relay.stop().await?;
+    proxy.stop();
+    Ok(idle)
+}
+
+/// A statement-counting proxy in front of the bench's PostgreSQL, and the bench database's URL
+/// through it (without TLS: the proxy reads the protocol).
+pub(crate) async fn counting_proxy(env: &BenchEnv) -> anyhow::Result<(Proxy, url::Url)> {
     if env.db_url.host_str().is_none() {
-        anyhow::bail!("the idle scenario needs a TCP host in --pg-url");
+        anyhow::bail!("counting statements needs a TCP host in --pg-url");
     }
     let upstream = servers::socket_addr(&env.db_url, 5432)?;
     let proxy = Proxy::start_counting_postgres("postgres", upstream).await?;
@@ -435,33 +454,31 @@ pub async fn idle(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Idle> {
         .clear()
         .extend_pairs(query)
         .append_pair("sslmode", "disable");
+    Ok((proxy, proxied))
+}
 
-    let config = RelayConfig::new(env, std::slice::from_ref(&table))
-        .window(plan.batch_size, plan.max_in_flight)
-        .pg_url(&proxied);
-    let poll = config.poll_interval();
-    let path = config.write(&env.dir.join("idle.toml"))?;
-    let mut relay = RelayProcess::start(&env.relay_bin, &path, &env.dir.join("idle.log"))?;
-    warm_up(env, &mut relay, &table, "idlewarm").await?;
-    // Let the relay finish the turn after the warm-up batch and settle into waiting.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
+/// What a relay connected through `proxy` does for `duration`, already idle: the statements
+/// it sends, its CPU, the database's transactions. The relay keeps running.
+pub(crate) async fn count_idle(
+    env: &BenchEnv,
+    proxy: &Proxy,
+    relay: &RelayProcess,
+    poll: Duration,
+    duration: Duration,
+) -> anyhow::Result<Idle> {
     let (count0, usage0, xacts0) = (
         proxy.counted(),
         relay.usage()?,
         env.database_transactions().await?,
     );
     let started = Instant::now();
-    tokio::time::sleep(plan.idle).await;
+    tokio::time::sleep(duration).await;
     let (count1, usage1, xacts1) = (
         proxy.counted(),
         relay.usage()?,
         env.database_transactions().await?,
     );
     let seconds = started.elapsed().as_secs_f64();
-    let usage = relay.stop().await?;
-    proxy.stop();
-
     let counted = count1 - count0;
     let statements_per_s = counted.statements as f64 / seconds;
     Ok(Idle {
@@ -473,7 +490,7 @@ pub async fn idle(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Idle> {
         round_trips_per_s: counted.round_trips as f64 / seconds,
         database_transactions_per_s: (xacts1 - xacts0) as f64 / seconds,
         poll_interval_s: poll.as_secs_f64(),
-        usage,
+        usage: usage1,
     })
 }
 

@@ -44,6 +44,19 @@ pub async fn seed(
     keys: u64,
     published: bool,
 ) -> anyhow::Result<Duration> {
+    seed_range(pool, table, tag, 0..rows, keys, published).await
+}
+
+/// As [`seed`], the rows `<tag>-<from>` … `<tag>-<to-1>` of a round spread over several tables
+/// (the ordering key is a hash of the index, so it does not depend on the table).
+pub async fn seed_range(
+    pool: &PgPool,
+    table: &TableName,
+    tag: &str,
+    range: std::ops::Range<u64>,
+    keys: u64,
+    published: bool,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let sql = format!(
         "INSERT INTO {} (dedup_key, ordering_key, routing_key, event_type, payload, published_at) \
@@ -53,9 +66,9 @@ pub async fn seed(
         table.quoted()
     );
     const CHUNK: u64 = 50_000;
-    let mut from = 0;
-    while from < rows {
-        let to = (from + CHUNK).min(rows) - 1;
+    let mut from = range.start;
+    while from < range.end {
+        let to = (from + CHUNK).min(range.end) - 1;
         sqlx::query(&sql)
             .bind(tag)
             .bind(keys.max(1) as i64)
@@ -70,6 +83,100 @@ pub async fn seed(
         from = to + 1;
     }
     Ok(started.elapsed())
+}
+
+/// Queues `rows` rows on one ordering key in one statement (dedup keys `<tag>-1` …), with
+/// small payloads (`{"n": g}`): what piles up behind a key that is held back. Through the
+/// table's triggers, so with a held key they start out held. Returns the largest id.
+pub async fn queue_on_key(
+    pool: &PgPool,
+    table: &TableName,
+    tag: &str,
+    key: &str,
+    rows: u64,
+) -> anyhow::Result<i64> {
+    let sql = format!(
+        "WITH queued AS ( \
+             INSERT INTO {} (dedup_key, ordering_key, routing_key, event_type, payload) \
+             SELECT $1 || '-' || g, $2, $3, $4, jsonb_build_object('n', g) \
+             FROM generate_series(1, $5::bigint) AS g RETURNING id) \
+         SELECT coalesce(max(id), 0) FROM queued",
+        table.quoted()
+    );
+    sqlx::query_scalar(&sql)
+        .bind(tag)
+        .bind(key)
+        .bind(ROUTING_KEY)
+        .bind(EVENT_TYPE)
+        .bind(rows as i64)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("queueing {rows} rows on one key of {table}"))
+}
+
+/// Inserts one row of `key` (1 KiB payload), with its own routing key and exchange when given:
+/// the head row that holds its key back. Returns its id.
+pub async fn insert_head(
+    pool: &PgPool,
+    table: &TableName,
+    dedup_key: &str,
+    key: &str,
+    routing_key: &str,
+    exchange: Option<&str>,
+) -> anyhow::Result<i64> {
+    let sql = format!(
+        "INSERT INTO {} (dedup_key, ordering_key, routing_key, event_type, payload, exchange) \
+         SELECT $1, $2, $3, $4, {PAYLOAD_SQL}, $5 FROM (SELECT 0::bigint AS g) AS one RETURNING id",
+        table.quoted()
+    );
+    sqlx::query_scalar(&sql)
+        .bind(dedup_key)
+        .bind(key)
+        .bind(routing_key)
+        .bind(EVENT_TYPE)
+        .bind(exchange)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("inserting the head row of {table}"))
+}
+
+/// Empties every table in one statement.
+pub async fn truncate_all(pool: &PgPool, tables: &[TableName]) -> anyhow::Result<()> {
+    let list: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    sqlx::query(&format!("TRUNCATE {}", list.join(", ")))
+        .execute(pool)
+        .await
+        .context("truncating the tables")?;
+    Ok(())
+}
+
+/// [`vacuum_analyze`] of every table, in one statement.
+pub async fn vacuum_analyze_all(pool: &PgPool, tables: &[TableName]) -> anyhow::Result<()> {
+    let list: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    sqlx::query(&format!("VACUUM (ANALYZE) {}", list.join(", ")))
+        .execute(pool)
+        .await
+        .context("vacuuming the tables")?;
+    Ok(())
+}
+
+/// One statement that is true while any of the tables has a row waiting to be published.
+pub fn any_unpublished_sql(tables: &[TableName]) -> String {
+    let probes: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            format!(
+                "EXISTS (SELECT 1 FROM {} WHERE published_at IS NULL)",
+                t.quoted()
+            )
+        })
+        .collect();
+    format!("SELECT {}", probes.join(" OR "))
+}
+
+/// Runs a statement of one boolean (such as [`any_unpublished_sql`]).
+pub async fn ask(pool: &PgPool, sql: &str) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
 }
 
 /// Empties the table (a fresh file, no dead rows left from the previous round).
