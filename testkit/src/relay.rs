@@ -58,13 +58,16 @@ pub fn beside_tool(package: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// `cargo build --bin outbox-relay` for the profile whose directory holds `path`.
+/// `cargo build --bin outbox-relay` into the directory of `path`: `<target dir>/<profile>/`,
+/// whatever target dir or profile the tool was built with.
 fn build_with_cargo(cargo: &Path, path: &Path) -> anyhow::Result<()> {
-    let profile = match path
+    let profile_dir = path
         .parent()
-        .and_then(Path::file_name)
-        .and_then(|d| d.to_str())
-    {
+        .with_context(|| format!("{} has no directory", path.display()))?;
+    let target_dir = profile_dir
+        .parent()
+        .with_context(|| format!("{} is not in a target directory", profile_dir.display()))?;
+    let profile = match profile_dir.file_name().and_then(|d| d.to_str()) {
         Some("debug") | None => "dev".to_owned(),
         Some(dir) => dir.to_owned(),
     };
@@ -76,6 +79,8 @@ fn build_with_cargo(cargo: &Path, path: &Path) -> anyhow::Result<()> {
     let status = std::process::Command::new(cargo)
         .args(["build", "--package", "outbox-relay", "--bin", BINARY_NAME])
         .args(["--profile", &profile])
+        .arg("--target-dir")
+        .arg(target_dir)
         .arg("--manifest-path")
         .arg(&manifest)
         .stdin(std::process::Stdio::null())
