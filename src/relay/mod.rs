@@ -62,6 +62,8 @@ pub struct TableRelay {
     window: ConfirmWindow,
     marks: MarkPipeline,
     reporter: Reporter,
+    /// `schema.table`, for the `x-outbox-table` header and the log.
+    name: String,
     /// The last fetch filled its batch, or a NOTIFY came: more rows are probably due.
     more_waiting: bool,
     /// The largest body the broker takes (lowered when it refuses a message as too large).
@@ -95,6 +97,7 @@ impl TableRelay {
             window: ConfirmWindow::new(relay.max_in_flight),
             marks: MarkPipeline::new(store.clone(), sql.clone(), mark_chunk),
             reporter: Reporter::new(table.table.to_string()),
+            name: table.table.to_string(),
             max_message_bytes: settings.rabbitmq.max_message_bytes,
             more_waiting: false,
             outage_attempts: 0,
@@ -178,7 +181,7 @@ impl TableRelay {
                 reporter: &mut self.reporter,
                 shutdown: &self.shutdown,
                 policy: &self.policy,
-                table: &self.sql.table().to_string(),
+                table: &self.name,
                 default_exchange: &self.table.exchange,
                 max_message_bytes: self.max_message_bytes,
                 more_waiting: self.more_waiting,
