@@ -364,7 +364,15 @@ async fn a_relay_started_before_its_database_exists_recovers_once_it_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_goes_silent_is_noticed_by_the_statement_deadline_and_nothing_is_lost() {
-    let env = TestEnv::new(Setup::new().set("postgres", "statement_timeout", "\"1s\"")).await;
+    // A long poll interval keeps the coordination session idle, so it can be frozen safely
+    // (see freeze_relay_sessions); the poll after the freeze is the statement that goes
+    // unanswered.
+    let env = TestEnv::new(
+        Setup::new()
+            .set("postgres", "statement_timeout", "\"1s\"")
+            .set("relay", "poll_interval", "\"3s\""),
+    )
+    .await;
     let mut relay = env.start_relay();
     env.insert(&rows_over_keys("before", 4, 40)).await;
     env.consumer.wait_for(40).await;

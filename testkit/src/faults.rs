@@ -34,16 +34,53 @@ impl TestEnv {
 
     /// Freezes (SIGSTOP) the backends of the relay's sessions in the test's database: their
     /// sockets stay open and nothing comes back, like a network that went silent. They are
-    /// thawed (SIGCONT) when the returned guard drops, also when the test fails.
+    /// thawed (SIGCONT) when the returned guard drops, also when the test fails, and by a
+    /// detached process after [`THAW_AFTER`] even when the test process dies first.
+    ///
+    /// Only while every relay session sits idle between statements: a backend stopped inside
+    /// a statement may hold a lock that every session of the server needs (ProcArrayLock at
+    /// its commit, say), and would wedge the whole server, other tests included. Give the
+    /// relay a long `relay.poll_interval`, so its coordination session is idle.
     pub async fn freeze_relay_sessions(&self) -> FrozenBackends {
-        let pids: Vec<i32> = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity \
-             WHERE datname = $1 AND application_name = 'outbox-relay' AND pid <> pg_backend_pid()",
-        )
-        .bind(&self.db)
-        .fetch_all(&self.pool)
-        .await
-        .expect("list the relay's sessions");
+        let deadline = std::time::Instant::now() + crate::wait::TIMEOUT;
+        let pids = loop {
+            let sessions: Vec<(i32, Option<String>)> = sqlx::query_as(
+                "SELECT pid, state FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'outbox-relay' AND pid <> pg_backend_pid()",
+            )
+            .bind(&self.db)
+            .fetch_all(&self.pool)
+            .await
+            .expect("list the relay's sessions");
+            if !sessions.is_empty() && sessions.iter().all(|(_, s)| s.as_deref() == Some("idle")) {
+                break sessions
+                    .into_iter()
+                    .map(|(pid, _)| pid)
+                    .collect::<Vec<i32>>();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relay's sessions never were all idle: {sessions:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let list = pids
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let _ = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "sleep {}; kill -CONT {list} 2>/dev/null",
+                    THAW_AFTER.as_secs()
+                ),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
         // The guard exists before the first SIGSTOP, so a failure below still thaws them.
         let frozen = FrozenBackends { pids };
         for pid in &frozen.pids {
@@ -64,6 +101,9 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
+
+/// When a detached process thaws frozen backends whatever happened to the test.
+pub const THAW_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Backends stopped by [`TestEnv::freeze_relay_sessions`]; continued when dropped.
 pub struct FrozenBackends {
