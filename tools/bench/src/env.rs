@@ -157,9 +157,10 @@ impl BenchEnv {
             .vhost
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("RabbitMQ is not set up"))?;
-        vhost
-            .purge_queue(&self.queue)
+        // Bounded: a broker that stops answering ends the run with an error, not a hang.
+        tokio::time::timeout(Duration::from_secs(30), vhost.purge_queue(&self.queue))
             .await
+            .map_err(|_| anyhow::anyhow!("purging the bench queue: no answer within 30 s"))?
             .context("purging the bench queue")?;
         Ok(())
     }
