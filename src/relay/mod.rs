@@ -21,7 +21,7 @@ use crate::config::{OutboxSettings, Settings};
 use crate::publisher::{Broker, PublishError};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::store::{DbError, LockState, Store, TableLock, TableSql};
+use crate::store::{DbError, Store, TableLock, TableSql};
 
 use links::{Links, Unready};
 pub use marks::MarkPipeline;
@@ -275,9 +275,7 @@ impl TableRelay {
                 Step::Batch { .. } => continue,
                 Step::Idle => self.wait_for_work().await,
                 // The coordination session is down or connecting: it retries, and says when.
-                Step::Down if !matches!(self.links.lock.state(), LockState::Held(_)) => {
-                    self.wait_for_lock().await
-                }
+                Step::Down if !self.links.lock.is_held() => self.wait_for_lock().await,
                 Step::Standby => self.wait_for_lock().await,
                 Step::Paused => self.pause(Duration::from_millis(250)).await,
                 Step::Down => {
@@ -298,14 +296,14 @@ impl TableRelay {
         tracing::info!(table = %self.table.table, "relay stopped");
     }
 
-    /// Idle: until the table is woken, its lock changes, or shutdown.
+    /// Idle: until the table is woken, its lock changes (since the step read it), or shutdown.
     async fn wait_for_work(&mut self) {
         self.links.lock.set_idle(true);
-        let mut lock = self.links.lock.clone();
+        let wake = self.links.lock.wake();
         loop {
             tokio::select! {
-                _ = self.links.lock.notified() => break,
-                _ = lock.changed() => break,
+                _ = wake.notified() => break,
+                _ = self.links.lock.changed() => break,
                 _ = self.shutdown.stopping() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => self.reporter.beat(),
             }
@@ -313,12 +311,12 @@ impl TableRelay {
         self.links.lock.set_idle(false);
     }
 
-    /// Standby or connecting: until the lock's state changes, or shutdown.
+    /// Standby or connecting: until the lock's state changes (since the step read it), or
+    /// shutdown.
     async fn wait_for_lock(&mut self) {
-        let mut lock = self.links.lock.clone();
         loop {
             tokio::select! {
-                _ = lock.changed() => break,
+                _ = self.links.lock.changed() => break,
                 _ = self.shutdown.stopping() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => self.reporter.beat(),
             }

@@ -54,8 +54,14 @@ pub struct TableLock {
 }
 
 impl TableLock {
-    pub fn state(&self) -> LockState {
-        self.state.borrow().clone()
+    /// The lock's state, seen: [`TableLock::changed`] waits for the next change after it.
+    pub fn state(&mut self) -> LockState {
+        self.state.borrow_and_update().clone()
+    }
+
+    /// True while the lock is held (without marking its state seen).
+    pub fn is_held(&self) -> bool {
+        matches!(&*self.state.borrow(), LockState::Held(_))
     }
 
     /// True while `guard`'s lock is still held: same session, not lost.
@@ -63,7 +69,8 @@ impl TableLock {
         matches!(&*self.state.borrow(), LockState::Held(g) if g == guard)
     }
 
-    /// Resolves when the lock's state changes.
+    /// Resolves when the lock's state changes after it was last read with
+    /// [`TableLock::state`] (at once if it changed since).
     pub async fn changed(&mut self) {
         if self.state.changed().await.is_err() {
             // The coordination task ended (shutdown): nothing will change any more.
@@ -75,6 +82,11 @@ impl TableLock {
     /// rows while the table was idle (at once if one arrived unseen).
     pub async fn notified(&self) {
         self.wake.notified().await
+    }
+
+    /// The wake-up alone, to wait for it beside [`TableLock::changed`].
+    pub fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     /// Says whether the relay is waiting for work: only idle tables are polled.
