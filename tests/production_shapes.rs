@@ -256,12 +256,26 @@ async fn an_idle_relay_polling_every_twenty_seconds_stays_live_and_wakes_on_noti
         .expect("the endpoint's address")
         .to_owned();
     relay.wait_for_log("relaying").await;
+    let transactions = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
+        )
+        .bind(&env.db)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    let before = transactions().await;
     // Longer than an idle poll interval, and longer than the liveness limit (15 s): every
     // answer must be 200. A probe each second, as a monitoring system would.
     for second in 0..24 {
         assert_eq!(http_status(&addr, "/live").await, 200, "at second {second}");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // Idle costs the database about one statement per poll interval (two polls here), plus
+    // this test's own reads: nothing like a loop.
+    let idle = transactions().await - before;
+    assert!(idle <= 20, "{idle} transactions in 24 idle seconds");
     let ids = env.insert(&rows_over_keys("late", 2, 4)).await;
     let received = env.consumer.wait_for(ids.len()).await;
     assert_eq!(first_deliveries(&received).len(), 4);
