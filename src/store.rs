@@ -530,7 +530,11 @@ fn pool_options(settings: &PostgresSettings) -> (PgPoolOptions, PingUntil) {
                 .is_some_and(|u| std::time::Instant::now() < u);
             Box::pin(async move { Ok(!ping || sqlx::Connection::ping(conn).await.is_ok()) })
         })
-        .acquire_timeout(settings.connect_timeout);
+        .acquire_timeout(settings.connect_timeout)
+        // Every table shares the pool, so a table waiting for a connection while others run
+        // their statements is the design, not news; a wait past the acquire timeout is an
+        // outage and reported as one.
+        .acquire_slow_level(tracing::log::LevelFilter::Debug);
     (options, ping_until)
 }
 
