@@ -19,7 +19,7 @@ use crate::relay::Heartbeat;
 use crate::shutdown::Shutdown;
 
 /// A relay loop that has not turned for this long is reported as not live (the loops turn at
-/// least once a second while busy, waiting or backing off, and once per poll interval idle).
+/// least once a second whatever they wait for: confirms, work while idle, the lock, a backoff).
 pub const LIVE_LIMIT: Duration = Duration::from_secs(15);
 
 /// What the endpoint reports on: each table's heartbeat.
