@@ -7,21 +7,6 @@ use std::time::Duration;
 use outbox_relay_testkit::prelude::*;
 use serde_json::Value;
 
-fn delivered_of_key(received: &[Received], key: &str) -> Vec<i64> {
-    first_deliveries(received)
-        .iter()
-        .filter(|m| m.ordering_key() == key)
-        .map(|m| m.outbox_id())
-        .collect()
-}
-
-async fn status_json(env: &TestEnv) -> Value {
-    let out = env.cli(&["status", "--json"]).await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let json: Value = serde_json::from_str(&out.stdout).expect("status --json prints JSON");
-    json[0].clone()
-}
-
 /// Inserts `count` rows of one key with one statement (the order guard runs per row).
 async fn insert_queue(env: &TestEnv, key: &str, count: i64) {
     sqlx::query(&format!(
@@ -126,10 +111,10 @@ async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and
     // Every row queued behind the parked head waits outside the due index, including rows
     // inserted for the key while it is held.
     eventually("the queue behind the parked head to be held", || async {
-        status_json(&env).await["held"].as_i64() == Some(12_000)
+        env.status_json().await["held"].as_i64() == Some(12_000)
     })
     .await;
-    assert_eq!(status_json(&env).await["parked"].as_i64(), Some(1));
+    assert_eq!(env.status_json().await["parked"].as_i64(), Some(1));
     let late: Vec<NewRow> = (0..3)
         .map(|i| NewRow::new(format!("hot-late-{i}"), "hot"))
         .collect();
@@ -142,7 +127,7 @@ async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and
     .execute(&env.pool)
     .await
     .unwrap();
-    assert_eq!(status_json(&env).await["held"].as_i64(), Some(12_010));
+    assert_eq!(env.status_json().await["held"].as_i64(), Some(12_010));
 
     // Fixed and released: the head, then its queue, in id order.
     sqlx::query(&format!(
@@ -164,7 +149,7 @@ async fn a_parked_key_holds_its_long_queue_out_of_the_way_of_every_other_key_and
         "the key's rows in id order"
     );
     env.wait_all_marked().await;
-    let status = status_json(&env).await;
+    let status = env.status_json().await;
     assert_eq!(status["held"].as_i64(), Some(0), "{status}");
     drop(relay);
 }
@@ -191,7 +176,7 @@ async fn a_key_whose_head_waits_for_a_retry_delay_is_held_and_flows_again_after_
     let others = env.insert(&rows_over_keys("quick", 50, 500)).await;
     let received = env.consumer.wait_for(others.len()).await;
     assert!(delivered_of_key(&received, "slow").is_empty());
-    assert_eq!(status_json(&env).await["held"].as_i64(), Some(5_000));
+    assert_eq!(env.status_json().await["held"].as_i64(), Some(5_000));
     // A producer at REPEATABLE READ inserts its row unheld (its snapshot may predate a
     // release): still it must not overtake the held queue.
     let mut tx = env.pool.begin().await.unwrap();
@@ -203,7 +188,7 @@ async fn a_key_whose_head_waits_for_a_retry_delay_is_held_and_flows_again_after_
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let status = status_json(&env).await;
+    let status = env.status_json().await;
     assert_eq!(
         (status["held"].as_i64(), status["pending"].as_i64()),
         (Some(5_000), Some(5_002)),
@@ -218,24 +203,7 @@ async fn a_key_whose_head_waits_for_a_retry_delay_is_held_and_flows_again_after_
     assert_eq!(slow[0], head);
     assert!(slow.windows(2).all(|w| w[0] < w[1]), "in id order");
     env.wait_all_marked().await;
-    assert_eq!(status_json(&env).await["held"].as_i64(), Some(0));
-}
-
-/// `GET path` on the health endpoint: the HTTP status.
-async fn http_status(addr: &str, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the health endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status line: {response:?}"))
+    assert_eq!(env.status_json().await["held"].as_i64(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,14 +215,7 @@ async fn an_idle_relay_polling_every_twenty_seconds_stays_live_and_wakes_on_noti
     ))
     .await;
     let relay = env.start_relay();
-    relay.wait_for_log("health endpoint listening").await;
-    let log = relay.log();
-    let addr = log
-        .lines()
-        .find(|l| l.contains("health endpoint listening"))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-        .expect("the endpoint's address")
-        .to_owned();
+    let addr = health_addr(&relay).await;
     relay.wait_for_log("relaying").await;
     let transactions = || async {
         sqlx::query_scalar::<_, i64>(
@@ -269,7 +230,7 @@ async fn an_idle_relay_polling_every_twenty_seconds_stays_live_and_wakes_on_noti
     // Longer than an idle poll interval, and longer than the liveness limit (15 s): every
     // answer must be 200. A probe each second, as a monitoring system would.
     for second in 0..24 {
-        assert_eq!(http_status(&addr, "/live").await, 200, "at second {second}");
+        assert_eq!(http_get(&addr, "/live").await.0, 200, "at second {second}");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     // Idle costs the database about one statement per poll interval (two polls here), plus
@@ -317,7 +278,7 @@ async fn status_beside_a_million_published_rows_estimates_them_without_reading_t
     let last = std::sync::Mutex::new(Value::Null);
     eventually("status to estimate the history", || async {
         runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let status = status_json(&env).await;
+        let status = env.status_json().await;
         let close = status["published"]
             .as_i64()
             .is_some_and(|n| (900_000..=1_100_000).contains(&n));

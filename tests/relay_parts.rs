@@ -150,6 +150,12 @@ async fn a_step_records_a_refused_row_and_holds_its_key_while_other_keys_go_on()
     .await
     .unwrap();
     assert!(held, "the key's next row is held");
+    // The next step finishes the pipeline's writes (the other row's mark); then nothing is due.
+    let step = driven.relay.step().await;
+    assert!(
+        matches!(step, Step::Idle | Step::Batch { published: 0, .. }),
+        "{step:?}"
+    );
     assert_eq!(driven.relay.step().await, Step::Idle);
     assert!(env.row(behind).await.published_at.is_none());
     driven.close().await;
@@ -226,13 +232,7 @@ async fn one_broker_outage_seen_through_several_errors_is_logged_once_and_its_en
     let vhost = env.vhost.clone().expect("own vhost");
     let relay = env.start_relay();
     relay.wait_for_log("relaying").await;
-    let addr = relay
-        .log()
-        .lines()
-        .find(|l| l.contains("health endpoint listening"))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-        .expect("the endpoint's address")
-        .to_owned();
+    let addr = health_addr(&relay).await;
 
     // The outage: the broker closes the relay's connection, and reconnects are refused.
     rabbitmqctl(&["clear_permissions", "-p", &vhost, "guest"]);
@@ -240,7 +240,10 @@ async fn one_broker_outage_seen_through_several_errors_is_logged_once_and_its_en
     rabbitmqctl(&["close_all_connections", "-p", &vhost, "test outage"]);
     // The state's words follow the symptom: first the closed connection, then the refusal.
     eventually("a refused reconnect in the relay's state", || async {
-        get(&addr, "/ready").await.contains("access to vhost")
+        http_get(&addr, "/ready")
+            .await
+            .1
+            .contains("access to vhost")
     })
     .await;
     rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
@@ -252,19 +255,6 @@ async fn one_broker_outage_seen_through_several_errors_is_logged_once_and_its_en
         "one outage, one line: {log}"
     );
     assert_eq!(log.matches("recovered").count(), 1, "{log}");
-}
-
-/// The body of `GET path` on the health endpoint.
-async fn get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the health endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 /// Gives guest its permissions on the vhost back, also when the test fails.

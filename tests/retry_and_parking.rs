@@ -3,7 +3,6 @@
 //! `outbox-relay retry`.
 
 use outbox_relay_testkit::prelude::*;
-use serde_json::Value;
 
 /// Waits until row `id` satisfies `done`, returning its state.
 async fn wait_row(
@@ -21,20 +20,6 @@ async fn wait_row(
 async fn sentinel(env: &TestEnv, name: &str) {
     env.insert(&[NewRow::new(name, name)]).await;
     env.consumer.wait_for_id(name).await;
-}
-
-fn delivered_of_key(received: &[Received], key: &str) -> Vec<i64> {
-    first_deliveries(received)
-        .iter()
-        .filter(|m| m.ordering_key() == key)
-        .map(|m| m.outbox_id())
-        .collect()
-}
-
-async fn status_json(env: &TestEnv) -> Value {
-    let out = env.cli(&["status", "--json"]).await;
-    assert_eq!(out.code, 0, "{out:?}");
-    serde_json::from_str::<Value>(&out.stdout).expect("status --json prints JSON")[0].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,7 +49,7 @@ async fn a_row_for_a_missing_exchange_is_retried_and_delivered_once_the_exchange
         0,
         "the row behind it waits untried"
     );
-    let status = status_json(&env).await;
+    let status = env.status_json().await;
     assert_eq!(
         (status["pending"].as_i64(), status["parked"].as_i64()),
         (Some(2), Some(0)),
@@ -160,7 +145,7 @@ async fn a_row_out_of_attempts_is_parked_holds_its_key_and_is_released_by_retry_
             "{r:?}"
         );
     }
-    let status = status_json(&env).await;
+    let status = env.status_json().await;
     assert_eq!(status["parked"].as_i64(), Some(1), "{status}");
     assert_eq!(status["pending"].as_i64(), Some(2), "{status}");
     let listing = env.cli(&["status", "--parked", "10"]).await;
@@ -191,7 +176,7 @@ async fn a_row_out_of_attempts_is_parked_holds_its_key_and_is_released_by_retry_
         "released rows arrive in order"
     );
     env.wait_all_marked().await;
-    let status = status_json(&env).await;
+    let status = env.status_json().await;
     assert_eq!(
         (status["parked"].as_i64(), status["published"].as_i64()),
         (Some(0), Some(4)),
@@ -274,7 +259,7 @@ async fn retry_releases_parked_rows_by_id_by_key_and_all_in_order() {
         })
         .await;
     }
-    assert_eq!(status_json(&env).await["parked"].as_i64(), Some(3));
+    assert_eq!(env.status_json().await["parked"].as_i64(), Some(3));
     env.declare_exchange(&late).await;
     env.bind(&late, "#").await;
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use outbox_relay_testkit::prelude::{
     assert_duplicates_share_message_id, assert_first_deliveries_in_id_order, eventually,
-    rows_over_keys, Relay, Setup, TestEnv,
+    health_addr, http_get, rows_over_keys, Relay, Setup, TestEnv,
 };
 
 /// How long the relay is watched while it cannot work.
@@ -98,40 +98,11 @@ fn setup() -> Setup {
         .set("health", "listen", "\"127.0.0.1:0\"")
 }
 
-/// The relay's health endpoint (`health.listen` port 0), from its start-up log line.
-async fn health_addr(relay: &Relay) -> String {
-    relay.wait_for_log("health endpoint listening").await;
-    let log = relay.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("health endpoint listening"))
-        .expect("the line waited for");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .unwrap_or_else(|| panic!("no addr= in {line}"))
-        .to_string()
-}
-
 /// `GET /ready` on the health endpoint: the HTTP status and the JSON body.
 async fn get_ready(addr: &str) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the health endpoint");
-    stream
-        .write_all(b"GET /ready HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status line: {response:?}"));
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let (status, body) = http_get(addr, "/ready").await;
     let json = serde_json::from_str(body.trim())
-        .unwrap_or_else(|e| panic!("the body is not JSON ({e}): {response:?}"));
+        .unwrap_or_else(|e| panic!("the body is not JSON ({e}): {body:?}"));
     (status, json)
 }
 

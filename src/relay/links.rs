@@ -91,6 +91,12 @@ impl Links {
         Some((self.publisher.as_mut()?, &self.lock))
     }
 
+    /// True when the open channel or its connection died (closed by the broker, an operator
+    /// or the network): an idle relay looks once a second, so readiness says so.
+    pub fn channel_died(&self) -> bool {
+        self.publisher.as_ref().is_some_and(|p| !p.is_healthy())
+    }
+
     /// Closes the channel (it failed, or the relay stops); the next `ensure` opens a new one.
     pub async fn close_channel(&mut self) {
         if let Some(p) = self.publisher.take() {

@@ -121,6 +121,18 @@ impl MarkPipeline {
             && self.marking.as_ref().is_none_or(|m| m.task.is_finished())
     }
 
+    /// True while anything waits to be written: a mark running or failed, failures, holds or
+    /// releases. A table with nothing to fetch must not go idle before it is written: a
+    /// release still in memory would leave the key's rows held with nobody to free them.
+    pub fn has_work(&self) -> bool {
+        self.marking.is_some()
+            || !self.confirmed.is_empty()
+            || !self.unmarked.is_empty()
+            || !self.unrecorded.is_empty()
+            || !self.holds.is_empty()
+            || !self.releases.is_empty()
+    }
+
     /// True when a background mark has finished and waits to be settled.
     pub fn mark_finished(&self) -> bool {
         self.marking.as_ref().is_some_and(|m| m.task.is_finished())

@@ -42,6 +42,9 @@ pub enum Step {
     },
     /// Nothing is due.
     Idle,
+    /// Nothing to send, and a key's hold or release waits for a producer's open transaction
+    /// (it holds the key's lock); tried again shortly.
+    Waiting,
     /// Another relay holds this table's lock; this one waits as a standby.
     Standby,
     /// The broker blocked the connection (resource alarm): fetching is paused.
@@ -161,6 +164,24 @@ impl TableRelay {
             }
             self.more_waiting = rows.len() as u32 == limit;
             if rows.is_empty() && self.window.is_empty() {
+                if self.marks.has_work() {
+                    // Nothing to send, but the pipeline still writes (a mark that frees a key,
+                    // a release): finish it now, then fetch again what it made due.
+                    if let Err(e) = self.marks.finish().await {
+                        return self.down(e.context("marking rows"));
+                    }
+                    return if self.marks.has_work() {
+                        // A hold or release waits for a producer's open transaction.
+                        Step::Waiting
+                    } else {
+                        Step::Batch {
+                            published: 0,
+                            failed: 0,
+                            parked: 0,
+                            full: false,
+                        }
+                    };
+                }
                 if let Err(e) = self.marks.sweep_stale_holds(false).await {
                     return self.down(e.context("looking for stale holds"));
                 }
@@ -277,7 +298,7 @@ impl TableRelay {
                 // The coordination session is down or connecting: it retries, and says when.
                 Step::Down if !self.links.lock.is_held() => self.wait_for_lock().await,
                 Step::Standby => self.wait_for_lock().await,
-                Step::Paused => self.pause(Duration::from_millis(250)).await,
+                Step::Paused | Step::Waiting => self.pause(Duration::from_millis(250)).await,
                 Step::Down => {
                     self.outage_attempts += 1;
                     let delay = backoff.delay(self.outage_attempts, rand::random::<f64>());
@@ -305,7 +326,12 @@ impl TableRelay {
                 _ = wake.notified() => break,
                 _ = self.links.lock.changed() => break,
                 _ = self.shutdown.stopping() => break,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => self.reporter.beat(),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    self.reporter.beat();
+                    if self.links.channel_died() {
+                        break;
+                    }
+                }
             }
         }
         self.links.lock.set_idle(false);

@@ -34,4 +34,13 @@ impl TestEnv {
     pub async fn cli(&self, args: &[&str]) -> CliOutput {
         run_cli(&self.config_path, args).await
     }
+
+    /// `outbox-relay status --json`'s entry for the first table.
+    pub async fn status_json(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        let all: serde_json::Value =
+            serde_json::from_str(&out.stdout).expect("status --json prints JSON");
+        all[0].clone()
+    }
 }

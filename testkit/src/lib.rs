@@ -17,6 +17,7 @@ pub mod consumer;
 pub mod database;
 pub mod env;
 pub mod faults;
+pub mod health;
 pub mod prelude;
 pub mod proxy;
 pub mod received;

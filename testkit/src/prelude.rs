@@ -4,10 +4,11 @@ pub use crate::cli::{run_cli, CliOutput};
 pub use crate::database::Database;
 pub use crate::env::{amqp_url, broker_proxy, pg_url, servers, TestEnv};
 pub use crate::faults::{rabbitmqctl, FrozenBackends};
+pub use crate::health::{health_addr, http_get};
 pub use crate::proxy::Proxy;
 pub use crate::received::{
     assert_duplicates_share_message_id, assert_first_deliveries_in_id_order, delivered_ids,
-    first_deliveries, most_restarts_of_a_key, Inbox, Received,
+    delivered_of_key, first_deliveries, most_restarts_of_a_key, Inbox, Received,
 };
 pub use crate::relay::{binary as relay_binary, Relay};
 pub use crate::rows::{insert_rows, quoted_table, rows_over_keys, NewRow, Producer, RowState};

@@ -229,6 +229,15 @@ pub fn most_restarts_of_a_key(received: &[Received]) -> (String, usize) {
 }
 
 /// Ids of the rows delivered at least once.
+/// The ids of `key`'s first deliveries, in arrival order.
+pub fn delivered_of_key(received: &[Received], key: &str) -> Vec<i64> {
+    first_deliveries(received)
+        .iter()
+        .filter(|m| m.ordering_key() == key)
+        .map(|m| m.outbox_id())
+        .collect()
+}
+
 pub fn delivered_ids(received: &[Received]) -> HashSet<i64> {
     received.iter().map(|r| r.outbox_id()).collect()
 }
