@@ -332,17 +332,8 @@ async fn rows_written_while_the_relay_is_idle_wake_it_through_notify() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tables_in_one_config_are_relayed_side_by_side() {
     let env = TestEnv::new(Setup::new()).await;
-    let mut config = std::fs::read_to_string(&env.config_path).unwrap();
-    config += &format!(
-        "\n[[outbox]]\ntable = \"app.second\"\nexchange = \"{}\"\n",
-        env.exchange
-    );
-    std::fs::write(&env.config_path, config).unwrap();
-    let migrated = env.cli(&["migrate"]).await;
-    assert!(
-        migrated.code == 0 && migrated.stdout.contains("app.second"),
-        "{migrated:?}"
-    );
+    let migrated = env.add_tables(&["app.second".into()]).await;
+    assert!(migrated.stdout.contains("app.second"), "{migrated:?}");
     let _relay = env.start_relay();
 
     let first = env.insert(&rows_over_keys("one", 3, 30)).await;

@@ -26,16 +26,8 @@ async fn sixty_tables_with_four_pool_connections_are_all_relayed_over_one_sessio
 ) {
     const TABLES: usize = 60;
     let env = TestEnv::new(Setup::new().set("postgres", "max_connections", "4")).await;
-    let mut config = std::fs::read_to_string(&env.config_path).unwrap();
-    for i in 1..TABLES {
-        config += &format!(
-            "\n[[outbox]]\ntable = \"tenants.t{i}\"\nexchange = \"{}\"\n",
-            env.exchange
-        );
-    }
-    std::fs::write(&env.config_path, config).unwrap();
-    let migrated = env.cli(&["migrate"]).await;
-    assert_eq!(migrated.code, 0, "{migrated:?}");
+    let tables: Vec<String> = (1..TABLES).map(|i| format!("tenants.t{i}")).collect();
+    env.add_tables(&tables).await;
     let relay = env.start_relay();
     relay.wait_for_log("relaying").await;
 

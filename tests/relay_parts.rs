@@ -273,14 +273,7 @@ async fn a_declaration_that_conflicts_with_the_exchange_stops_its_table_only_and
     // The test's exchange is a topic exchange; the table's config declares it as fanout.
     let env =
         TestEnv::new(Setup::new().set("outbox", "declare_exchange", "{ type = \"fanout\" }")).await;
-    let mut config = std::fs::read_to_string(&env.config_path).unwrap();
-    config += &format!(
-        "\n[[outbox]]\ntable = \"app.other\"\nexchange = \"{}\"\n",
-        env.exchange
-    );
-    std::fs::write(&env.config_path, config).unwrap();
-    let migrated = env.cli(&["migrate"]).await;
-    assert_eq!(migrated.code, 0, "{migrated:?}");
+    env.add_tables(&["app.other".into()]).await;
     let stuck = env.insert(&rows_over_keys("stuck", 1, 2)).await;
     let mut tx = env.pool.begin().await.unwrap();
     insert_rows(&mut tx, "app.other", &rows_over_keys("fine", 2, 4))

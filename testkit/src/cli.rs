@@ -35,6 +35,22 @@ impl TestEnv {
         run_cli(&self.config_path, args).await
     }
 
+    /// Adds `[[outbox]]` tables (`schema.table`, publishing to the test's exchange) to the
+    /// config and runs `migrate`, which must succeed; returns what it printed.
+    pub async fn add_tables(&self, tables: &[String]) -> CliOutput {
+        let mut config = std::fs::read_to_string(&self.config_path).expect("read the config");
+        for table in tables {
+            config += &format!(
+                "\n[[outbox]]\ntable = \"{table}\"\nexchange = \"{}\"\n",
+                self.exchange
+            );
+        }
+        std::fs::write(&self.config_path, config).expect("write the config");
+        let migrated = self.cli(&["migrate"]).await;
+        assert_eq!(migrated.code, 0, "{migrated:?}");
+        migrated
+    }
+
     /// `outbox-relay status --json`'s entry for the first table.
     pub async fn status_json(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]).await;
