@@ -1,7 +1,8 @@
 //! The optional health endpoint (`[health] listen`): `GET /ready` answers 200 while every
 //! table's relay is relaying or standing by and 503 otherwise (a server down, the outbox table
 //! unusable, the broker blocking, shutting down); `GET /live` answers 200 while every relay loop
-//! keeps turning. Both return each table's state as JSON. Reads the relays' heartbeats only.
+//! keeps turning. Both return each table's state as JSON, from the relays' heartbeats.
+//! `GET /metrics` answers the metrics (`crate::metrics`) for Prometheus.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::metrics::{BacklogSource, Metrics};
 use crate::relay::Heartbeat;
 use crate::shutdown::Shutdown;
 
@@ -26,6 +28,8 @@ pub const LIVE_LIMIT: Duration = Duration::from_secs(15);
 pub struct Probe {
     pub beats: Vec<Arc<Heartbeat>>,
     pub shutdown: Shutdown,
+    pub metrics: Arc<Metrics>,
+    pub backlog: BacklogSource,
 }
 
 impl Probe {
@@ -80,8 +84,8 @@ pub async fn serve(listener: TcpListener, probe: Arc<Probe>) {
         let probe = probe.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let response = respond(&probe, &request);
-                async move { Ok::<_, Infallible>(response) }
+                let probe = probe.clone();
+                async move { Ok::<_, Infallible>(respond(&probe, &request).await) }
             });
             // A client that hangs up early is not worth a log line.
             let _ = hyper::server::conn::http1::Builder::new()
@@ -93,16 +97,17 @@ pub async fn serve(listener: TcpListener, probe: Arc<Probe>) {
     }
 }
 
-fn respond<B>(probe: &Probe, request: &Request<B>) -> Response<Full<Bytes>> {
+async fn respond<B>(probe: &Probe, request: &Request<B>) -> Response<Full<Bytes>> {
     let ok = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/ready") => probe.ready(),
         (&Method::GET | &Method::HEAD, "/live") => probe.live(),
+        (&Method::GET | &Method::HEAD, "/metrics") => return metrics(probe, request).await,
         _ => {
             return Response::builder()
                 .status(StatusCode::NOT_FOUND)
                 .header("content-type", "text/plain")
                 .body(Full::new(Bytes::from_static(
-                    b"outbox-relay health endpoint: GET /ready or GET /live\n",
+                    b"outbox-relay health endpoint: GET /ready, GET /live or GET /metrics\n",
                 )))
                 .expect("a static response is valid");
         }
@@ -119,4 +124,27 @@ fn respond<B>(probe: &Probe, request: &Request<B>) -> Response<Full<Bytes>> {
         .header("cache-control", "no-store")
         .body(Full::new(Bytes::from(body)))
         .expect("a JSON response is valid")
+}
+
+/// The metrics in the format the scraper asks for: OpenMetrics when its `Accept` names it,
+/// Prometheus' text format otherwise.
+async fn metrics<B>(probe: &Probe, request: &Request<B>) -> Response<Full<Bytes>> {
+    let openmetrics = request
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let body = probe.metrics.scrape(&probe.backlog, openmetrics).await;
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a metrics response is valid")
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dispatch;
 pub mod health;
 pub mod message;
+pub mod metrics;
 pub mod publisher;
 pub mod relay;
 pub mod retry;

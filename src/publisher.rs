@@ -12,6 +12,7 @@ use lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind,
     PublisherConfirm,
 };
+use prometheus_client::metrics::counter::Counter;
 
 use crate::config::{ExchangeDeclaration, ExchangeType, RabbitSettings};
 use crate::message::OutboundMessage;
@@ -21,8 +22,8 @@ use crate::message::OutboundMessage;
 pub enum PublishError {
     /// The broker refused this message (nack, unroutable, missing exchange): the row is retried
     /// with backoff and its attempts count.
-    #[error("{0}")]
-    Refused(String),
+    #[error("{1}")]
+    Refused(Refusal, String),
     /// The broker refused a message as larger than its `max_message_size` (`limit` bytes) and
     /// closed the channel: rows above the limit are parked from now on, the others go again.
     #[error("the broker refused a message as larger than its limit of {limit} bytes")]
@@ -58,6 +59,17 @@ impl PublishError {
     }
 }
 
+/// Why the broker refused a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The broker nacked the message.
+    Nack,
+    /// The message reached no queue: the broker returned it (published `mandatory`).
+    Unroutable,
+    /// The message's exchange does not exist.
+    NoExchange,
+}
+
 /// The broker limit stated in a refusal such as "message size 2000 is larger than configured
 /// max size 1024".
 fn size_limit_in(reply_text: &str) -> Option<usize> {
@@ -86,11 +98,14 @@ pub fn describe(e: &lapin::Error) -> String {
 pub struct Broker {
     settings: RabbitSettings,
     connection: tokio::sync::Mutex<Link>,
+    reconnects: Counter,
 }
 
 #[derive(Default)]
 struct Link {
     connection: Option<Arc<Connection>>,
+    /// A connection was opened before: the next one is a reconnect.
+    connected_once: bool,
     /// The last failed connect: tables that ask again within [`RECONNECT_QUIET`] get the same
     /// answer instead of a connect attempt each.
     failed: Option<(Instant, PublishError)>,
@@ -104,7 +119,24 @@ impl Broker {
         Broker {
             settings: settings.clone(),
             connection: tokio::sync::Mutex::new(Link::default()),
+            reconnects: Counter::default(),
         }
+    }
+
+    /// Counts every connection opened after the first into `reconnects`.
+    pub fn counting_reconnects(mut self, reconnects: Counter) -> Broker {
+        self.reconnects = reconnects;
+        self
+    }
+
+    /// True while the broker blocks the connection (a resource alarm). False while a table is
+    /// connecting (nothing is blocked then).
+    pub fn is_blocked(&self) -> bool {
+        self.connection.try_lock().is_ok_and(|link| {
+            link.connection
+                .as_ref()
+                .is_some_and(|c| c.status().connected() && c.status().blocked())
+        })
     }
 
     /// A publisher for one table on the shared connection (connecting first when there is no
@@ -158,6 +190,9 @@ impl Broker {
                 let c = Arc::new(c);
                 link.connection = Some(c.clone());
                 link.failed = None;
+                if std::mem::replace(&mut link.connected_once, true) {
+                    self.reconnects.inc();
+                }
                 Ok(c)
             }
             Err(e) => {
@@ -312,9 +347,10 @@ impl Publisher {
                             AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
                         ) =>
                     {
-                        Err(PublishError::Refused(format!(
-                            "exchange {exchange:?} does not exist"
-                        )))
+                        Err(PublishError::Refused(
+                            Refusal::NoExchange,
+                            format!("exchange {exchange:?} does not exist"),
+                        ))
                     }
                     _ => Err(PublishError::from_lapin(
                         &format!("checking exchange {exchange:?}"),
@@ -388,14 +424,14 @@ impl PendingConfirm {
     pub async fn wait(self) -> Result<(), PublishError> {
         match self.confirm.await {
             Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-            Ok(Confirmation::Ack(Some(returned))) => Err(PublishError::Refused(format!(
+            Ok(Confirmation::Ack(Some(returned))) => Err(PublishError::Refused(Refusal::Unroutable, format!(
                 "unroutable: the broker returned the message ({} {}) from exchange {:?} with routing key {:?}",
                 returned.reply_code,
                 returned.reply_text,
                 returned.delivery.exchange.as_str(),
                 returned.delivery.routing_key.as_str()
             ))),
-            Ok(Confirmation::Nack(_)) => Err(PublishError::Refused("the broker nacked the message".into())),
+            Ok(Confirmation::Nack(_)) => Err(PublishError::Refused(Refusal::Nack, "the broker nacked the message".into())),
             Err(e) => Err(PublishError::from_lapin("waiting for the confirm", &e)),
         }
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 use crate::config::Settings;
+use crate::metrics::{BacklogSource, Metrics, Server};
 use crate::publisher::Broker;
 use crate::relay::{Heartbeat, TableRelay};
 use crate::shutdown::Shutdown;
@@ -24,6 +25,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     // Lazy: a database that is down at start is retried by the relays, not fatal.
     let store = Store::connect_lazy(&settings.postgres)?;
+    let metrics = Arc::new(Metrics::new());
     // One coordination session and one broker connection for all tables.
     let sqls: Vec<TableSql> = settings
         .outbox
@@ -39,8 +41,18 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         settings.relay.notify,
         settings.relay.poll_interval,
         settings.relay.reconnect_max_delay,
+        metrics.reconnects(Server::Postgres),
     )?;
-    let broker = Arc::new(Broker::new(&settings.rabbitmq));
+    let broker = Arc::new(
+        Broker::new(&settings.rabbitmq).counting_reconnects(metrics.reconnects(Server::Rabbitmq)),
+    );
+    let blocked = {
+        let broker = broker.clone();
+        tokio::spawn(crate::metrics::sample_blocked(
+            metrics.broker_blocked(),
+            move || broker.is_blocked(),
+        ))
+    };
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
     for (index, table) in settings.outbox.iter().enumerate() {
@@ -51,6 +63,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
             coordination.lock(index),
             broker.clone(),
             shutdown.clone(),
+            metrics.table(&table.table.to_string()),
         );
         beats.push(relay.heartbeat());
         tasks.push(tokio::spawn(relay.run()));
@@ -64,11 +77,16 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let health = match health {
         Some(listener) => {
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, "health endpoint listening: GET /ready, GET /live");
+                tracing::info!(%addr, "health endpoint listening: GET /ready, GET /live, GET /metrics");
             }
             let probe = crate::health::Probe {
                 beats: beats.clone(),
                 shutdown: shutdown.clone(),
+                metrics: metrics.clone(),
+                backlog: BacklogSource {
+                    store: store.clone(),
+                    tables: settings.outbox.iter().map(|t| t.table.clone()).collect(),
+                },
             };
             Some(tokio::spawn(crate::health::serve(
                 listener,
@@ -88,6 +106,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         }
     }
     notifier.abort();
+    blocked.abort();
     if let Some(health) = health {
         health.abort();
     }

@@ -409,6 +409,80 @@ impl Store {
         })
     }
 
+    /// The backlog gauges of `tables` for the metrics: one statement per [`BACKLOG_CHUNK`]
+    /// tables, each count on a partial index and capped at [`BACKLOG_COUNT_CAP`] (a scrape
+    /// never scans a long backlog, nor any of the history). A chunk that fails (a table dropped)
+    /// is read again table by table, and the tables that still fail are left out.
+    pub async fn backlog(&self, tables: &[TableName]) -> Result<Vec<Backlog>, DbError> {
+        let mut out = Vec::with_capacity(tables.len());
+        for chunk in tables.chunks(BACKLOG_CHUNK) {
+            match self.backlog_of(chunk).await {
+                Ok(rows) => out.extend(rows),
+                Err(DbError::Refused(_)) if chunk.len() > 1 => {
+                    for table in chunk {
+                        match self.backlog_of(std::slice::from_ref(table)).await {
+                            Ok(rows) => out.extend(rows),
+                            Err(DbError::Refused(_)) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(DbError::Refused(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn backlog_of(&self, tables: &[TableName]) -> Result<Vec<Backlog>, DbError> {
+        let cap = BACKLOG_COUNT_CAP;
+        let selects: Vec<String> = tables
+            .iter()
+            .enumerate()
+            .map(|(i, table)| {
+                let t = table.quoted();
+                let count = |condition: &str| {
+                    format!("(SELECT count(*) FROM (SELECT 1 FROM {t} WHERE {condition} LIMIT {cap}) c)")
+                };
+                format!(
+                    "SELECT {i} AS i, {ready} AS ready, {due} AS due, {held} AS held, {parked} AS parked, \
+                        extract(epoch FROM now() - least( \
+                            (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY id LIMIT 1), \
+                            (SELECT min(f.created_at) FROM outbox_relay.held_keys h CROSS JOIN LATERAL ( \
+                                 SELECT created_at FROM {t} WHERE ordering_key = h.ordering_key AND held AND published_at IS NULL \
+                                 ORDER BY id LIMIT 1) f \
+                             WHERE h.table_oid = '{t}'::regclass::oid::bigint)))::float8 AS oldest",
+                    ready = count("published_at IS NULL AND parked_at IS NULL AND NOT held"),
+                    due = count("published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()"),
+                    held = count("published_at IS NULL AND held"),
+                    parked = count("published_at IS NULL AND parked_at IS NOT NULL"),
+                )
+            })
+            .collect();
+        let rows = sqlx::query(&selects.join(" UNION ALL "))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| DbError::from(e).context("reading the backlog"))?;
+        rows.iter()
+            .map(|row| {
+                let i: i32 = row.try_get("i")?;
+                let ready: i64 = row.try_get("ready")?;
+                let held: i64 = row.try_get("held")?;
+                Ok(Backlog {
+                    table: tables[i as usize].clone(),
+                    pending: (ready + held).min(cap),
+                    due: row.try_get("due")?,
+                    held,
+                    parked: row.try_get("parked")?,
+                    oldest_pending: row
+                        .try_get::<Option<f64>, _>("oldest")?
+                        .map(|s| Duration::from_secs_f64(s.max(0.0))),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| DbError::from(e).context("reading the backlog"))
+    }
+
     /// Parked rows with their errors, oldest first, for `status --parked`.
     pub async fn parked_rows(
         &self,
@@ -627,6 +701,23 @@ pub enum Published {
 
 /// Published rows `status` counts one by one before it estimates instead.
 pub const PUBLISHED_COUNT_CAP: i64 = 10_000;
+
+/// One table's backlog, for the metrics' gauges (counts capped at [`BACKLOG_COUNT_CAP`]).
+#[derive(Debug, Clone)]
+pub struct Backlog {
+    pub table: TableName,
+    pub pending: i64,
+    pub due: i64,
+    pub held: i64,
+    pub parked: i64,
+    pub oldest_pending: Option<Duration>,
+}
+
+/// Tables whose backlog one statement reads.
+pub const BACKLOG_CHUNK: usize = 25;
+
+/// Rows the backlog gauges count one by one before they stop counting.
+pub const BACKLOG_COUNT_CAP: i64 = 1_000_000;
 
 #[derive(Debug, Clone)]
 pub struct ParkedRow {

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use outbox_relay::config::{OnExhausted, Settings, TableName};
+use outbox_relay::metrics::TableMetrics;
 use outbox_relay::publisher::Broker;
 use outbox_relay::relay::{MarkPipeline, Step, TableRelay};
 use outbox_relay::shutdown::Shutdown;
@@ -32,6 +33,7 @@ impl Driven {
             true,
             settings.relay.poll_interval,
             settings.relay.reconnect_max_delay,
+            Default::default(),
         )
         .unwrap();
         let mut lock = coordination.lock(0);
@@ -46,6 +48,7 @@ impl Driven {
             coordination.lock(0),
             broker.clone(),
             Shutdown::new(),
+            TableMetrics::unregistered(),
         );
         Driven {
             relay,

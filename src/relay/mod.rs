@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{OutboxSettings, Settings};
+use crate::metrics::TableMetrics;
 use crate::publisher::{Broker, PublishError};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -76,7 +77,7 @@ pub struct TableRelay {
 
 impl TableRelay {
     /// The relay for `table`, under `lock` (from the process's coordination session) and on a
-    /// channel of `broker`'s connection.
+    /// channel of `broker`'s connection, counting into `metrics`.
     pub fn new(
         settings: Arc<Settings>,
         table: OutboxSettings,
@@ -84,6 +85,7 @@ impl TableRelay {
         lock: TableLock,
         broker: Arc<Broker>,
         shutdown: Shutdown,
+        metrics: TableMetrics,
     ) -> Self {
         let policy = RetryPolicy::from(&settings.retry.with_override(&table.retry));
         let sql = TableSql::new(&table.table, policy.on_exhausted);
@@ -97,9 +99,9 @@ impl TableRelay {
             .collect();
         Self {
             links: Links::new(lock, broker, declarations),
-            window: ConfirmWindow::new(relay.max_in_flight),
+            window: ConfirmWindow::new(relay.max_in_flight, metrics.clone()),
             marks: MarkPipeline::new(store.clone(), sql.clone(), mark_chunk),
-            reporter: Reporter::new(table.table.to_string()),
+            reporter: Reporter::new(table.table.to_string(), metrics),
             name: table.table.to_string(),
             max_message_bytes: settings.rabbitmq.max_message_bytes,
             more_waiting: false,

@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::metrics::{State, TableMetrics};
 use crate::publisher::PublishError;
 use crate::store::DbError;
 
@@ -34,6 +35,20 @@ impl Health {
 
     fn is_ready(&self) -> bool {
         matches!(self, Health::Relaying | Health::Standby)
+    }
+
+    fn state(&self) -> State {
+        match self {
+            Health::Starting => State::Starting,
+            Health::Relaying => State::Relaying,
+            Health::Standby => State::Standby,
+            Health::Blocked => State::Blocked,
+            Health::DatabaseDown(_) => State::DatabaseDown,
+            Health::TableUnusable(_) => State::TableUnusable,
+            Health::ReadOnly(_) => State::ReadOnly,
+            Health::BrokerDown(_) => State::BrokerDown,
+            Health::Misdeclared(_) => State::Misdeclared,
+        }
     }
 
     fn words(&self) -> String {
@@ -70,19 +85,21 @@ impl From<PublishError> for Health {
     }
 }
 
-/// Logs and publishes one table relay's state.
+/// Logs and publishes one table relay's state (the log, the heartbeat, the state metric).
 pub(crate) struct Reporter {
     table: String,
     health: Health,
     heartbeat: std::sync::Arc<Heartbeat>,
+    metrics: TableMetrics,
 }
 
 impl Reporter {
-    pub fn new(table: String) -> Self {
+    pub fn new(table: String, metrics: TableMetrics) -> Self {
         Reporter {
             heartbeat: std::sync::Arc::new(Heartbeat::new(table.clone())),
             table,
             health: Health::Starting,
+            metrics,
         }
     }
 
@@ -101,6 +118,7 @@ impl Reporter {
         }
         if !self.health.same_kind(&health) {
             self.log(&health);
+            self.metrics.set_state(health.state(), health.is_ready());
         }
         self.heartbeat.set(health.is_ready(), health.words());
         self.health = health;

@@ -13,6 +13,7 @@ use super::report::{Health, Reporter};
 use crate::config::OnExhausted;
 use crate::dispatch::KeyQueues;
 use crate::message::{self, OutboundMessage, OutboxRow};
+use crate::metrics::{ParkReason, TableMetrics};
 use crate::publisher::{PublishError, Publisher};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
@@ -20,7 +21,9 @@ use crate::store::{Failure, LockGuard, TableLock};
 
 type InFlight = FuturesUnordered<
     std::pin::Pin<
-        Box<dyn std::future::Future<Output = (OutboxRow, Result<(), PublishError>)> + Send>,
+        Box<
+            dyn std::future::Future<Output = (OutboxRow, Instant, Result<(), PublishError>)> + Send,
+        >,
     >,
 >;
 
@@ -32,6 +35,7 @@ pub(crate) struct ConfirmWindow {
     /// When a confirm last arrived (or the window last went from empty to busy).
     last_progress: Instant,
     max_in_flight: usize,
+    metrics: TableMetrics,
 }
 
 /// What one [`ConfirmWindow::drive`] settled.
@@ -63,12 +67,13 @@ pub(crate) struct Drive<'a> {
 }
 
 impl ConfirmWindow {
-    pub fn new(max_in_flight: usize) -> Self {
+    pub fn new(max_in_flight: usize, metrics: TableMetrics) -> Self {
         ConfirmWindow {
             queues: KeyQueues::default(),
             in_flight: FuturesUnordered::new(),
             last_progress: Instant::now(),
             max_in_flight,
+            metrics,
         }
     }
 
@@ -95,8 +100,9 @@ impl ConfirmWindow {
     }
 
     /// Forgets queued rows and unconfirmed publishes: they stay due in the table and go out
-    /// again (same message_id) once the relay is back.
+    /// again (same message_id) once the relay is back; the unconfirmed ones count as resent.
     pub fn clear(&mut self) {
+        self.metrics.resent(self.in_flight.len());
         self.queues.clear();
         self.in_flight = FuturesUnordered::new();
     }
@@ -159,12 +165,13 @@ impl ConfirmWindow {
                     continue;
                 }
             };
-            let Some((row, result)) = next else {
+            let Some((row, sent, result)) = next else {
                 break;
             };
             self.last_progress = Instant::now();
             match result {
                 Ok(()) => {
+                    self.metrics.confirmed(sent, row.created_at);
                     d.marks.confirm(row.id);
                     out.confirmed += 1;
                     self.queues.release(&row);
@@ -172,10 +179,19 @@ impl ConfirmWindow {
                         break;
                     }
                 }
-                Err(PublishError::Refused(reason)) => {
+                Err(PublishError::Refused(refusal, reason)) => {
                     tracing::debug!(table = d.table, id = row.id, %reason, "publish refused");
+                    self.metrics.refused(refusal);
                     self.queues.stop_key(&row);
-                    record(d.marks, d.policy, &mut out, &row, reason, false);
+                    record(
+                        d.marks,
+                        d.policy,
+                        &self.metrics,
+                        &mut out,
+                        &row,
+                        reason,
+                        false,
+                    );
                 }
                 Err(e) => {
                     d.publisher.forget_exchanges();
@@ -218,15 +234,17 @@ impl ConfirmWindow {
                         } else {
                             self.queues.stop_key(&row);
                         }
-                        record(marks, f.policy, out, &row, unpublishable.to_string(), true);
+                        let error = unpublishable.to_string();
+                        record(marks, f.policy, &self.metrics, out, &row, error, true);
                         continue;
                     }
                 };
             match publisher.ensure_exchange(&message.exchange).await {
                 Ok(()) => sends.push((row, message)),
-                Err(PublishError::Refused(reason)) => {
+                Err(PublishError::Refused(refusal, reason)) => {
+                    self.metrics.refused(refusal);
                     self.queues.stop_key(&row);
-                    record(marks, f.policy, out, &row, reason, false);
+                    record(marks, f.policy, &self.metrics, out, &row, reason, false);
                 }
                 Err(e) => {
                     self.queues.stop_key(&row);
@@ -237,8 +255,9 @@ impl ConfirmWindow {
         if sends.is_empty() {
             return Ok(());
         }
+        let sent_at = Instant::now();
         if self.in_flight.is_empty() {
-            self.last_progress = Instant::now();
+            self.last_progress = sent_at;
         }
         // Frames (and delivery tags) keep the order of `sends`; a key has at most one message
         // in the group.
@@ -247,9 +266,11 @@ impl ConfirmWindow {
         let mut broken = None;
         for ((row, _), sent) in sends.into_iter().zip(results) {
             match sent {
-                Ok(pending) => self
-                    .in_flight
-                    .push(Box::pin(async move { (row, pending.wait().await) })),
+                Ok(pending) => {
+                    self.in_flight.push(Box::pin(
+                        async move { (row, sent_at, pending.wait().await) },
+                    ))
+                }
                 Err(e) => {
                     broken.get_or_insert(e);
                 }
@@ -272,6 +293,7 @@ struct Fill<'a> {
 fn record(
     marks: &mut MarkPipeline,
     policy: &RetryPolicy,
+    metrics: &TableMetrics,
     out: &mut Settled,
     row: &OutboxRow,
     error: String,
@@ -290,6 +312,11 @@ fn record(
     out.failed += 1;
     if retry_after.is_none() {
         out.parked += 1;
+        metrics.parked(if park_now {
+            ParkReason::Unpublishable
+        } else {
+            ParkReason::AttemptsExhausted
+        });
     }
     marks.fail(
         Failure {

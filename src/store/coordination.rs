@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use tokio::sync::{watch, Notify};
@@ -125,6 +126,7 @@ impl Coordination {
         listen: bool,
         poll_interval: Duration,
         reconnect_max_delay: Duration,
+        reconnects: Counter,
     ) -> anyhow::Result<Coordination> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
@@ -157,6 +159,7 @@ impl Coordination {
             entries,
             poll_interval,
             reconnect_max_delay,
+            reconnects,
             answer_within: super::answer_deadline(settings),
             stop: stop.clone(),
         };
@@ -184,6 +187,8 @@ struct Session {
     entries: Vec<Entry>,
     poll_interval: Duration,
     reconnect_max_delay: Duration,
+    /// Counts every session opened after the first.
+    reconnects: Counter,
     answer_within: Duration,
     stop: CancellationToken,
 }
@@ -195,6 +200,9 @@ impl Session {
         loop {
             let outcome = match self.open().await {
                 Ok((listener, pid)) => {
+                    if epoch > 0 {
+                        self.reconnects.inc();
+                    }
                     epoch += 1;
                     failures = 0;
                     self.serve(listener, pid, epoch).await

@@ -18,6 +18,7 @@ pub mod database;
 pub mod env;
 pub mod faults;
 pub mod health;
+pub mod metrics;
 pub mod prelude;
 pub mod proxy;
 pub mod received;

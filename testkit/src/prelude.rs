@@ -5,6 +5,7 @@ pub use crate::database::Database;
 pub use crate::env::{amqp_url, broker_proxy, pg_url, servers, TestEnv};
 pub use crate::faults::{rabbitmqctl, FrozenBackends};
 pub use crate::health::{health_addr, http_get};
+pub use crate::metrics::Scrape;
 pub use crate::proxy::Proxy;
 pub use crate::received::{
     assert_duplicates_share_message_id, assert_first_deliveries_in_id_order, delivered_ids,

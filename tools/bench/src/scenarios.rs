@@ -577,6 +577,7 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
             false,
             Duration::from_secs(1),
             Duration::from_secs(1),
+            Default::default(),
         )?;
         let mut lock = coordination.lock(0);
         let guard = loop {
