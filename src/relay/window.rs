@@ -194,6 +194,8 @@ impl ConfirmWindow {
                     );
                 }
                 Err(e) => {
+                    // Its outcome is lost with the channel: it goes out again.
+                    self.metrics.resent(1);
                     d.publisher.forget_exchanges();
                     if out.broken.is_none() {
                         out.broken = Some(e);
