@@ -158,3 +158,79 @@ async fn a_standby_relay_reports_standby_and_a_closed_connection_counts_as_a_rec
         scrape.text
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_tables_report_their_backlog_and_a_dropped_one_does_not_hide_the_others() {
+    const TABLES: usize = 60;
+    let env = TestEnv::new(with_metrics(Setup::new())).await;
+    let tables: Vec<String> = (1..TABLES).map(|i| format!("tenants.t{i}")).collect();
+    env.add_tables(&tables).await;
+    let relay = env.start_relay();
+    let addr = health_addr(&relay).await;
+    relay.wait_for_log("relaying").await;
+
+    // A row of the last table, published and then parked by hand (as if it had failed).
+    let last = tables.last().unwrap();
+    let mut tx = env.pool.begin().await.unwrap();
+    let ids = insert_rows(&mut tx, last, &[NewRow::new("late", "k")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    env.consumer.wait_for(1).await;
+    let marked = format!(
+        "SELECT published_at IS NOT NULL FROM {} WHERE id = $1",
+        quoted_table(last)
+    );
+    eventually("the row to be marked", || async {
+        sqlx::query_scalar::<_, bool>(&marked)
+            .bind(ids[0])
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    sqlx::query(&format!(
+        "UPDATE {} SET published_at = NULL, parked_at = now(), last_error = 'by hand' WHERE id = $1",
+        quoted_table(last)
+    ))
+    .bind(ids[0])
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    let scrape = scrape_until(&addr, "the parked row in the last table", |s| {
+        s.value("outbox_relay_parked_rows", &[("table", last)]) == Some(1.0)
+    })
+    .await;
+    for table in std::iter::once(env.table.as_str()).chain(tables.iter().map(String::as_str)) {
+        let pending = scrape.value("outbox_relay_pending_rows", &[("table", table)]);
+        assert_eq!(pending, Some(0.0), "{table}");
+    }
+
+    // One table dropped: its chunk is read table by table, the others keep their gauges.
+    sqlx::query("DROP TABLE tenants.t1")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let read_at = scrape
+        .value("outbox_relay_backlog_read_timestamp_seconds", &[])
+        .unwrap();
+    let scrape = scrape_until(&addr, "the backlog to be read again", |s| {
+        s.value("outbox_relay_backlog_read_timestamp_seconds", &[]) > Some(read_at)
+    })
+    .await;
+    assert_eq!(
+        scrape.value("outbox_relay_parked_rows", &[("table", last)]),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("outbox_relay_backlog_read_errors_total", &[]),
+        Some(0.0),
+        "a dropped table is the table's state, not a failed read"
+    );
+    let unusable = [("table", "tenants.t1"), ("state", "table_unusable")];
+    scrape_until(&addr, "the dropped table's state", |s| {
+        s.value("outbox_relay_table_state", &unusable) == Some(1.0)
+    })
+    .await;
+}
