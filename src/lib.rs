@@ -8,6 +8,7 @@ pub mod health;
 pub mod message;
 pub mod publisher;
 pub mod relay;
+pub mod replay;
 pub mod retry;
 pub mod service;
 pub mod shutdown;
