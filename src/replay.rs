@@ -377,22 +377,18 @@ impl Sender<'_> {
                     }
                     other => other,
                 };
+                if let Err(stop) = settled {
+                    return Err(self.stopped(stop, &sent, unconfirmed.len()));
+                }
                 let id = row.id;
-                let published = match settled {
-                    Ok(()) => self.publish(publisher, row).await,
-                    Err(e) => Err(e),
-                };
-                match published {
+                match self.publish(publisher, row).await {
                     Ok(pending) => unconfirmed.push(id, pending),
                     Err(stop) => {
                         // The rows before it are still in flight: their confirms decide what
                         // was replayed, and the first failure among them is the one to name.
-                        let first = unconfirmed.settle_all(publisher, &mut sent).await;
-                        return Err(self.stopped(
-                            first.err().unwrap_or(stop),
-                            &sent,
-                            unconfirmed.len(),
-                        ));
+                        let older = unconfirmed.settle_all(publisher, &mut sent).await;
+                        let first = older.err().unwrap_or(stop);
+                        return Err(self.stopped(first, &sent, unconfirmed.len()));
                     }
                 }
                 progress.report(&self.range.table, &sent, total);
@@ -459,11 +455,18 @@ impl Sender<'_> {
             .map_or(self.range.after.saturating_add(1), |id| id + 1)
     }
 
+    /// The error that ends a replay at `stop`: what is known to be replayed, what may be, and
+    /// where to resume (`unconfirmed`: rows sent after it whose confirm is unknown).
     fn stopped(&self, stop: Stop, sent: &Sent, unconfirmed: usize) -> anyhow::Error {
+        let after = match unconfirmed {
+            0 => String::new(),
+            n => format!(
+                "; sent after it without a confirm (they may have reached consumers): {n} row(s)"
+            ),
+        };
         anyhow::anyhow!(
-            "replay of {} stopped at row {}: {}. The {} row(s) before it were replayed and \
-             confirmed; {unconfirmed} row(s) after it were sent unconfirmed and may have reached \
-             consumers. Resume with --from-id {}",
+            "replay of {} stopped at row {}: {}. Replayed and confirmed before it: {} row(s){after}. \
+             Resume with --from-id {}",
             self.range.table,
             stop.id,
             stop.reason,
