@@ -208,10 +208,7 @@ async fn replay(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("opening the replay's channel")?;
-    let shutdown = Shutdown::new();
-    shutdown
-        .on_signals(settings.rabbitmq.confirm_timeout)
-        .context("installing signal handlers")?;
+    let shutdown = stop_on_signals(name).context("installing signal handlers")?;
     let sender = Sender {
         store,
         table,
@@ -250,6 +247,28 @@ async fn replay(
         })
     );
     Ok(())
+}
+
+/// Stops the replay at the first SIGINT or SIGTERM, once the outstanding confirms are in; a
+/// second signal stops waiting for them. (Installed once publishing starts: before, the
+/// default action ends a replay that has sent nothing.)
+fn stop_on_signals(table: &TableName) -> std::io::Result<Shutdown> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = Shutdown::new();
+    let stop = shutdown.clone();
+    let table = table.clone();
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        eprintln!(
+            "replay {table}: stopping: waiting for the outstanding confirms (a second signal stops waiting)"
+        );
+        stop.stop();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        stop.abort();
+    });
+    Ok(shutdown)
 }
 
 /// The rows to replay, or the refusal of a range that reaches before what the table retains.

@@ -548,3 +548,69 @@ async fn a_table_not_configured_is_a_config_error_and_contradicting_bounds_a_usa
     assert_eq!(no_start.code, 2, "{no_start:?}");
     assert!(no_start.stderr.contains("--from-id"), "{no_start:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_replay_says_where_to_resume_and_the_resumed_one_sends_the_rest_in_order() {
+    let env = TestEnv::new(Setup::new()).await;
+    let _relay = env.start_relay();
+    let ids = published(&env, &rows_over_keys("resume", 2, 12)).await;
+
+    let replay = tokio::process::Command::new(relay_binary())
+        .arg("--config")
+        .arg(&env.config_path)
+        .args([
+            "replay",
+            "--table",
+            "outbox",
+            "--from-id",
+            &s(ids[0]),
+            "--rate",
+            "5",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start outbox-relay replay");
+    eventually("a few replayed messages", || async {
+        replays(&env).len() >= 3
+    })
+    .await;
+    let pid = replay.id().expect("the replay's pid") as i32;
+    assert!(
+        outbox_relay_testkit::faults::signal("-INT", pid),
+        "kill -INT {pid}"
+    );
+    let out = tokio::time::timeout(TIMEOUT, replay.wait_with_output())
+        .await
+        .expect("the replay exits after SIGINT")
+        .expect("the replay's output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    env.wait_until_queue_is_settled().await;
+    let first = replays(&env);
+    let done = first.len();
+    assert!(done < 12, "interrupted before the end: {stderr}");
+    assert_eq!(
+        ids_of(&first),
+        ids[..done],
+        "a prefix of the range, in order"
+    );
+    let resume = ids[done - 1] + 1;
+    assert!(
+        stderr.contains(&format!("interrupted after {done} of 12 row(s)"))
+            && stderr.contains(&format!("resume with --from-id {resume}")),
+        "{stderr}"
+    );
+
+    let rest = env
+        .cli(&["replay", "--table", "outbox", "--from-id", &s(resume)])
+        .await;
+    assert_eq!(rest.code, 0, "{rest:?}");
+    let all = wait_for_replays(&env, 12).await;
+    assert_eq!(
+        ids_of(&all),
+        ids,
+        "the two runs together: the range once, in order"
+    );
+}
