@@ -290,11 +290,17 @@ fn plan(table: &TableName, args: &ReplayArgs, retained: &Retained) -> anyhow::Re
         oldest.id,
         rfc3339(oldest.created_at)
     );
-    if let Some(from) = args.from_id.filter(|from| *from < oldest.id) {
-        anyhow::bail!("cannot replay {table} from id {from}: {narrow}");
-    }
-    if let Some(since) = args.since.filter(|since| *since < oldest.created_at) {
-        anyhow::bail!("cannot replay {table} since {}: {narrow}", rfc3339(since));
+    // Either start bound inside the retained history keeps the whole range inside it (the
+    // bounds narrow each other); a resumed `--since` run stays valid with its `--from-id`.
+    let id_inside = args.from_id.is_some_and(|from| from >= oldest.id);
+    let time_inside = args.since.is_some_and(|since| since >= oldest.created_at);
+    if !id_inside && !time_inside {
+        let start = [
+            args.from_id.map(|from| format!("from id {from}")),
+            args.since.map(|since| format!("since {}", rfc3339(since))),
+        ];
+        let start = start.into_iter().flatten().collect::<Vec<_>>().join(" ");
+        anyhow::bail!("cannot replay {table} {start}: {narrow}");
     }
     let newest = retained.newest_id.unwrap_or(oldest.id);
     Ok(ReplayRange {
@@ -752,6 +758,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--since 2026-02-01T00:00:00.000000Z"), "{e}");
+        let both = |from: &str, since: &str| {
+            let line = ["--table", "outbox", "--from-id", from, "--since", since];
+            plan(&table(), &args(&line).unwrap(), &kept).map_err(|e| e.to_string())
+        };
+        let e = both("1", "2026-01-31T00:00:00Z").unwrap_err();
+        assert!(
+            e.contains("from id 1 since 2026-01-31T00:00:00.000000Z"),
+            "{e}"
+        );
+        assert!(
+            both("500", "2026-01-31T00:00:00Z").is_ok(),
+            "an id inside suffices"
+        );
+        assert!(
+            both("1", "2026-02-01T00:00:00Z").is_ok(),
+            "a time inside suffices"
+        );
         let e = plan(
             &table(),
             &args(&["--table", "outbox", "--from-id", "1"]).unwrap(),
