@@ -375,6 +375,7 @@ impl Sender<'_> {
         let mut progress = Progress::new(started);
         let mut sent = Sent::default();
         let mut after = self.range.after;
+        let mut interrupted = false;
         'read: while after < self.range.last {
             let chunk = self
                 .store
@@ -387,23 +388,20 @@ impl Sender<'_> {
             sent.unpublished += chunk.unpublished;
             for row in chunk.rows {
                 if shutdown.is_stopping() {
+                    interrupted = true;
                     break 'read;
                 }
-                loop {
-                    let wait = pace.wait(started.elapsed());
-                    if wait.is_zero() {
-                        break;
+                pace.ready(started).await;
+                let room = unconfirmed
+                    .make_room(self.window, publisher, &mut sent, shutdown)
+                    .await;
+                match room {
+                    Ok(Room::Made) => {}
+                    Ok(Room::Aborted) => {
+                        interrupted = true;
+                        break 'read;
                     }
-                    tokio::time::sleep(wait).await;
-                }
-                let settled = match unconfirmed.settle_arrived(&mut sent) {
-                    Ok(()) if unconfirmed.len() >= self.window => {
-                        unconfirmed.settle_oldest(publisher, &mut sent).await
-                    }
-                    other => other,
-                };
-                if let Err(stop) = settled {
-                    return Err(self.stopped(stop, &sent, unconfirmed.len()));
+                    Err(stop) => return Err(self.stopped(stop, &sent, unconfirmed.len())),
                 }
                 let id = row.id;
                 match self.publish(publisher, row).await {
@@ -421,12 +419,15 @@ impl Sender<'_> {
         }
         let settled = tokio::select! {
             settled = unconfirmed.settle_all(publisher, &mut sent) => settled,
-            _ = shutdown.aborted() => Ok(()),
+            _ = shutdown.aborted() => {
+                interrupted = true;
+                Ok(())
+            }
         };
         if let Err(stop) = settled {
             return Err(self.stopped(stop, &sent, unconfirmed.len()));
         }
-        if shutdown.is_stopping() {
+        if interrupted {
             anyhow::bail!(
                 "replay of {} interrupted after {} of {} row(s) were replayed and confirmed{}; \
                  resume with --from-id {}",
@@ -507,6 +508,13 @@ struct Stop {
     reason: String,
 }
 
+/// Whether the window has room for one more publish.
+enum Room {
+    Made,
+    /// A second signal: stop waiting.
+    Aborted,
+}
+
 type Confirm = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>;
 
 /// Publishes whose confirm is still to come, oldest first.
@@ -567,6 +575,25 @@ impl Unconfirmed {
         settle(id, result, sent)
     }
 
+    /// Settles the confirms that arrived, then, while the window is full, waits for the
+    /// oldest; a second signal stops the wait (a blocked broker may hold the window full).
+    async fn make_room(
+        &mut self,
+        window: usize,
+        publisher: &Publisher,
+        sent: &mut Sent,
+        shutdown: &Shutdown,
+    ) -> Result<Room, Stop> {
+        self.settle_arrived(sent)?;
+        if self.len() < window {
+            return Ok(Room::Made);
+        }
+        tokio::select! {
+            settled = self.settle_oldest(publisher, sent) => settled.map(|()| Room::Made),
+            _ = shutdown.aborted() => Ok(Room::Aborted),
+        }
+    }
+
     /// Waits for every outstanding confirm, oldest first, up to the first failure.
     async fn settle_all(&mut self, publisher: &Publisher, sent: &mut Sent) -> Result<(), Stop> {
         while self.len() > 0 {
@@ -588,7 +615,8 @@ fn settle(id: i64, result: Result<(), PublishError>, sent: &mut Sent) -> Result<
 }
 
 /// At most `rate` publishes per second, in bursts of at most a tenth of a second's worth (a
-/// token bucket). Pure: the caller gives the time since the start.
+/// token bucket). [`Pace::wait`] is pure (the caller gives the time since the start), so the
+/// rate is unit-tested without a clock.
 struct Pace {
     rate: f64,
     burst: f64,
@@ -604,6 +632,17 @@ impl Pace {
             burst: (rate / 10.0).max(1.0),
             tokens: 1.0,
             at: Duration::ZERO,
+        }
+    }
+
+    /// Waits until a publish may go (`started`: the replay's start) and takes its token.
+    async fn ready(&mut self, started: Instant) {
+        loop {
+            let wait = self.wait(started.elapsed());
+            if wait.is_zero() {
+                return;
+            }
+            tokio::time::sleep(wait).await;
         }
     }
 
