@@ -1,4 +1,4 @@
-//! Command-line interface: `run`, `migrate`, `status`, `check-config`, `retry`. Parses
+//! Command-line interface: `run`, `migrate`, `status`, `check-config`, `retry`, `replay`. Parses
 //! arguments and prints results; the work itself lives in the other modules.
 
 use std::path::PathBuf;
@@ -40,6 +40,8 @@ pub enum Command {
     CheckConfig,
     /// Release parked rows so they are published again, in order.
     Retry(RetryArgs),
+    /// Publish a range of published rows again (same message_id, header x-outbox-replay).
+    Replay(crate::replay::ReplayArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,7 +72,7 @@ pub struct RetryArgs {
 }
 
 /// Runs the command and returns the process exit code: 0 success, 78 configuration error,
-/// 1 any other failure.
+/// 2 a usage error, 1 any other failure.
 pub fn main(cli: Cli) -> i32 {
     let settings = match Settings::load(&cli.config) {
         Ok(s) => s,
@@ -94,6 +96,7 @@ pub fn main(cli: Cli) -> i32 {
             Command::Status(args) => status(&settings, &args).await,
             Command::CheckConfig => check_config(&settings, &cli.config).await,
             Command::Retry(args) => retry(&settings, &args).await,
+            Command::Replay(args) => crate::replay::main(&settings, &cli.config, &args).await,
         }
     });
     match outcome {
@@ -102,7 +105,8 @@ pub fn main(cli: Cli) -> i32 {
             Some(config_error) => config_failure(config_error),
             None => {
                 eprintln!("outbox-relay: {e:#}");
-                1
+                e.downcast_ref::<crate::replay::ReplayError>()
+                    .map_or(1, crate::replay::ReplayError::exit_code)
             }
         },
     }

@@ -9,6 +9,7 @@ pub mod message;
 pub mod metrics;
 pub mod publisher;
 pub mod relay;
+pub mod replay;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

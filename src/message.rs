@@ -109,6 +109,18 @@ pub fn build(
     })
 }
 
+/// The header that marks a replayed message (`outbox-relay replay`).
+pub const REPLAY_HEADER: &str = "x-outbox-replay";
+
+/// Marks `message`, built by [`build`] from an already published row, as a replay: every
+/// property and header stays (`message_id` above all, so consumers see the original's
+/// identity), and [`REPLAY_HEADER`] says which replay sent it (`replay`: its start time).
+pub fn mark_replay(message: &mut OutboundMessage, replay: &str) {
+    let mut headers = message.properties.headers().clone().unwrap_or_default();
+    headers.insert(REPLAY_HEADER.into(), AMQPValue::LongString(replay.into()));
+    message.properties = message.properties.clone().with_headers(headers);
+}
+
 /// JSON to AMQP field values: every JSON value has a faithful AMQP form.
 fn amqp_value(value: &serde_json::Value) -> AMQPValue {
     use serde_json::Value;
@@ -228,6 +240,29 @@ mod tests {
             .unwrap_err()
             .0
             .contains("at most 4"));
+    }
+
+    #[test]
+    fn a_replay_keeps_the_originals_properties_and_adds_the_replay_header() {
+        let original = build(&mut row(), "public.outbox", "events", 1 << 20).unwrap();
+        let mut replay = original.clone();
+        mark_replay(&mut replay, "2026-03-01T12:00:00.000000Z");
+        let (p, q) = (&original.properties, &replay.properties);
+        assert_eq!(p.message_id(), q.message_id());
+        assert_eq!(p.kind(), q.kind());
+        assert_eq!(p.timestamp(), q.timestamp());
+        assert_eq!(p.delivery_mode(), q.delivery_mode());
+        assert_eq!(p.content_type(), q.content_type());
+        let mut headers = q.headers().as_ref().unwrap().inner().clone();
+        assert_eq!(
+            headers.remove(REPLAY_HEADER),
+            Some(AMQPValue::LongString("2026-03-01T12:00:00.000000Z".into()))
+        );
+        assert_eq!(&headers, p.headers().as_ref().unwrap().inner());
+        assert_eq!(
+            (replay.exchange, replay.body),
+            (original.exchange, original.body)
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[
 
 mod coordination;
 pub use coordination::{Coordination, LockGuard, LockState, TableLock};
+mod replay;
+pub use replay::{CountChunk, ReplayChunk, ReplayRange, Retained, RetainedRow};
 
 /// Why a statement failed, as the relay decides on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
