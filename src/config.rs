@@ -73,6 +73,26 @@ pub struct RabbitSettings {
     /// `max_message_size`; the relay also learns a lower limit from the broker's refusal).
     #[serde(default = "defaults::max_message_bytes")]
     pub max_message_bytes: usize,
+    /// `[rabbitmq.tls]`: the CA, client certificate and server name of an `amqps://` connection.
+    pub tls: Option<RabbitTlsSettings>,
+}
+
+/// `[rabbitmq.tls]`: how the relay checks the broker and proves itself to it. The files are
+/// read and checked at load, and read again at every connect (renewed certificates are used
+/// from the next reconnect on).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitTlsSettings {
+    /// PEM file of the CA certificates that sign the broker's certificate, trusted on top of the
+    /// system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the relay's client certificate (and its chain), for brokers that require one.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (unencrypted); with `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// The name the broker's certificate must carry, when it is not the URL's host (a broker
+    /// reached by IP address or through a tunnel).
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -548,6 +568,18 @@ impl Settings {
                 "rabbitmq.url: expected amqp://user:password@host:port/vhost, got {}",
                 self.rabbitmq.url.redacted()
             )),
+        }
+        out.extend(crate::tls::postgres_url_problems(&self.postgres.url));
+        if let Some(tls) = &self.rabbitmq.tls {
+            if self.rabbitmq.url.scheme().as_deref() == Some("amqp") {
+                out.push(format!(
+                    "rabbitmq.tls: needs an amqps:// rabbitmq.url, got {}",
+                    self.rabbitmq.url.redacted()
+                ));
+            }
+            if let Err(problems) = crate::tls::BrokerTls::load(Some(tls)) {
+                out.extend(problems);
+            }
         }
         if self.postgres.max_connections < 1 {
             out.push("postgres.max_connections: must be at least 1".into());

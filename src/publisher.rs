@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::AMQPErrorKind;
+use lapin::tcp::AMQPUriTcpExt;
 use lapin::types::FieldTable;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind,
     PublisherConfirm,
@@ -16,6 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::config::{ExchangeDeclaration, ExchangeType, RabbitSettings};
 use crate::message::OutboundMessage;
+use crate::tls::{BrokerTls, TlsCheck, TlsFailure};
 
 /// Why a publish did not end in a clean confirm.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +40,11 @@ pub enum PublishError {
     /// `message_id`. Attempts do not count, so an outage never parks rows.
     #[error("{0}")]
     Transport(String),
+    /// A TLS check failed on connecting (the broker's certificate is untrusted, expired or
+    /// names another host; the broker requires or refuses the relay's client certificate).
+    /// Retried with backoff like an outage; reported as a certificate problem.
+    #[error("{0}")]
+    Tls(TlsFailure),
 }
 
 impl PublishError {
@@ -206,20 +214,74 @@ impl Broker {
         let settings = &self.settings;
         let properties = ConnectionProperties::default()
             .with_connection_name(settings.connection_name.as_str().into());
-        let connect = Connection::connect(settings.url.expose(), properties);
+        let connect = async {
+            match settings.url.expose().parse::<AMQPUri>() {
+                Ok(uri) if uri.scheme == AMQPScheme::AMQPS => {
+                    self.connect_tls(uri, properties).await
+                }
+                _ => Connection::connect(settings.url.expose(), properties)
+                    .await
+                    .map_err(|e| self.connect_failed(&e)),
+            }
+        };
         match tokio::time::timeout(settings.connect_timeout, connect).await {
             Err(_) => Err(PublishError::Transport(format!(
                 "connecting to RabbitMQ at {} timed out after {}",
                 settings.url.redacted(),
                 humantime::format_duration(settings.connect_timeout)
             ))),
-            Ok(Err(e)) => Err(PublishError::Transport(format!(
-                "cannot connect to RabbitMQ at {}: {}",
-                settings.url.redacted(),
-                describe(&e)
-            ))),
-            Ok(Ok(c)) => Ok(c),
+            Ok(result) => result,
         }
+    }
+
+    /// An `amqps://` connection: TCP to the URL's host, then TLS with the certificates of
+    /// `[rabbitmq.tls]` (read again now, so renewed files take effect), checking the broker's
+    /// certificate for `server_name` when set, else for the URL's host.
+    async fn connect_tls(
+        &self,
+        uri: AMQPUri,
+        properties: ConnectionProperties,
+    ) -> Result<Connection, PublishError> {
+        let server = format!(
+            "RabbitMQ at amqps://{}:{}",
+            uri.authority.host, uri.authority.port
+        );
+        let tls = BrokerTls::load(self.settings.tls.as_ref()).map_err(|problems| {
+            PublishError::Tls(TlsFailure {
+                server: server.clone(),
+                check: TlsCheck::OwnSettings(problems.join("; ")),
+            })
+        })?;
+        let name = tls
+            .server_name
+            .unwrap_or_else(|| uri.authority.host.clone());
+        let connector = tls.connector;
+        let runtime = lapin::runtime::default_runtime().map_err(|e| self.connect_failed(&e))?;
+        let transport = async move |uri: AMQPUri, runtime| {
+            let plain = AMQPUri {
+                scheme: AMQPScheme::AMQP,
+                ..uri
+            };
+            let stream = plain.connect_async(&runtime).await?;
+            Ok(stream.into_rustls(&connector, &name).await?)
+        };
+        Connection::connector(uri, runtime, transport, properties)
+            .await
+            .map_err(|e| match e.kind() {
+                ErrorKind::IOError(io) => match TlsCheck::find(io.as_ref()) {
+                    Some(check) => PublishError::Tls(TlsFailure { server, check }),
+                    None => self.connect_failed(&e),
+                },
+                _ => self.connect_failed(&e),
+            })
+    }
+
+    fn connect_failed(&self, e: &lapin::Error) -> PublishError {
+        PublishError::Transport(format!(
+            "cannot connect to RabbitMQ at {}: {}",
+            self.settings.url.redacted(),
+            describe(e)
+        ))
     }
 
     /// Closes the connection politely (at shutdown, after every table closed its channel).

@@ -11,6 +11,7 @@ use sqlx::{ConnectOptions, FromRow, Row};
 
 use crate::config::{quote_ident, OnExhausted, PostgresSettings, TableName};
 use crate::message::OutboxRow;
+use crate::tls::TlsCheck;
 
 const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/0000_relay_schema.sql");
 
@@ -48,6 +49,11 @@ pub enum DbError {
     /// relay's address on the old primary.
     #[error("{0}")]
     ReadOnly(String),
+    /// A TLS check failed on connecting (an untrusted, expired or misnamed server certificate,
+    /// a client certificate the server requires or refuses): retried with backoff, reported as
+    /// a certificate problem. The driver's error does not name the server; the relay adds it.
+    #[error("TLS: {0}")]
+    Tls(TlsCheck),
 }
 
 impl DbError {
@@ -57,12 +63,17 @@ impl DbError {
             DbError::Unavailable(e) => DbError::Unavailable(format!("{what}: {e}")),
             DbError::Refused(e) => DbError::Refused(format!("{what}: {e}")),
             DbError::ReadOnly(e) => DbError::ReadOnly(format!("{what}: {e}")),
+            // Which check failed is the whole story, whatever the relay was doing.
+            DbError::Tls(check) => DbError::Tls(check),
         }
     }
 }
 
 impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
+        if let Some(check) = tls_check(&e) {
+            return DbError::Tls(check);
+        }
         let text = db_message(&e);
         match &e {
             sqlx::Error::Database(db) => match db.code().as_deref() {
@@ -632,8 +643,34 @@ fn connect_options(settings: &PostgresSettings) -> anyhow::Result<PgConnectOptio
         .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1)))
 }
 
-/// The text of a database error, without the client library's wrapping.
+/// The TLS check that failed in a connection error, if one did: the TLS library's typed error
+/// inside it, or the driver's own TLS refusal (e.g. "server does not support TLS" when the
+/// mode requires it), which it gives as text only.
+fn tls_check(e: &sqlx::Error) -> Option<TlsCheck> {
+    match e {
+        sqlx::Error::Database(_) => None,
+        sqlx::Error::Tls(inner) => Some(
+            TlsCheck::find(inner.as_ref())
+                .unwrap_or_else(|| TlsCheck::Handshake(inner.to_string())),
+        ),
+        other => TlsCheck::find(other),
+    }
+}
+
+/// `PostgreSQL at host:port`, the server as the relay's reports name it.
+pub fn server_label(settings: &PostgresSettings) -> String {
+    match connect_options(settings) {
+        Ok(o) => format!("PostgreSQL at {}:{}", o.get_host(), o.get_port()),
+        Err(_) => format!("PostgreSQL at {}", settings.url.redacted()),
+    }
+}
+
+/// The text of a database error, without the client library's wrapping; a failed TLS check in
+/// the relay's words.
 pub fn db_message(e: &sqlx::Error) -> String {
+    if let Some(check) = tls_check(e) {
+        return format!("TLS: {check}");
+    }
     match e {
         sqlx::Error::Database(db) => match db.code() {
             Some(code) => format!("{} (SQLSTATE {code})", db.message()),

@@ -73,6 +73,8 @@ pub struct TableRelay {
     /// The largest body the broker takes (lowered when it refuses a message as too large).
     max_message_bytes: usize,
     outage_attempts: u32,
+    /// `PostgreSQL at host:port`, for reports the driver's errors do not name it in.
+    postgres: String,
 }
 
 impl TableRelay {
@@ -106,6 +108,7 @@ impl TableRelay {
             max_message_bytes: settings.rabbitmq.max_message_bytes,
             more_waiting: false,
             outage_attempts: 0,
+            postgres: crate::store::server_label(&settings.postgres),
             sql,
             policy,
             store,
@@ -244,7 +247,7 @@ impl TableRelay {
         if matches!(e, DbError::Unavailable(_)) {
             self.store.distrust_connections();
         }
-        self.reporter.set(Health::from(e));
+        self.reporter.set(Health::database(e, &self.postgres));
         Step::Down
     }
 

@@ -6,9 +6,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::metrics::{State, TableMetrics};
+use crate::metrics::{Server, State, TableMetrics};
 use crate::publisher::PublishError;
 use crate::store::DbError;
+use crate::tls::TlsFailure;
 
 /// The relay's view of its dependencies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,11 +27,32 @@ pub(crate) enum Health {
     BrokerDown(String),
     /// The broker has the table's exchange with other settings than `declare_exchange`.
     Misdeclared(String),
+    /// A TLS check failed with a server: which server, which check. Another server or another
+    /// check is another state (logged); the same one on every reconnect is not.
+    Certificate(Server, TlsFailure),
 }
 
 impl Health {
     fn same_kind(&self, other: &Health) -> bool {
-        std::mem::discriminant(self) == std::mem::discriminant(other)
+        match (self, other) {
+            (Health::Certificate(_, a), Health::Certificate(_, b)) => a == b,
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+
+    /// A database failure; `server` names PostgreSQL for a failed TLS check (the driver's
+    /// error does not).
+    pub fn database(e: DbError, server: &str) -> Health {
+        match e {
+            DbError::Tls(check) => Health::Certificate(
+                Server::Postgres,
+                TlsFailure {
+                    server: server.to_owned(),
+                    check,
+                },
+            ),
+            e => Health::from(e),
+        }
     }
 
     fn is_ready(&self) -> bool {
@@ -48,6 +70,8 @@ impl Health {
             Health::ReadOnly(_) => State::ReadOnly,
             Health::BrokerDown(_) => State::BrokerDown,
             Health::Misdeclared(_) => State::Misdeclared,
+            Health::Certificate(Server::Postgres, _) => State::DatabaseDown,
+            Health::Certificate(Server::Rabbitmq, _) => State::BrokerDown,
         }
     }
 
@@ -62,6 +86,7 @@ impl Health {
             Health::ReadOnly(e) => format!("not ready: PostgreSQL is read-only: {e}"),
             Health::BrokerDown(e) => format!("not ready: RabbitMQ: {e}"),
             Health::Misdeclared(e) => format!("not ready: exchange declaration: {e}"),
+            Health::Certificate(_, f) => format!("not ready: {f}"),
         }
     }
 }
@@ -72,6 +97,7 @@ impl From<DbError> for Health {
             DbError::Unavailable(e) => Health::DatabaseDown(e),
             DbError::Refused(e) => Health::TableUnusable(e),
             DbError::ReadOnly(e) => Health::ReadOnly(e),
+            DbError::Tls(check) => Health::DatabaseDown(format!("TLS: {check}")),
         }
     }
 }
@@ -80,6 +106,7 @@ impl From<PublishError> for Health {
     fn from(e: PublishError) -> Self {
         match e {
             PublishError::Misdeclared(e) => Health::Misdeclared(e),
+            PublishError::Tls(f) => Health::Certificate(Server::Rabbitmq, f),
             other => Health::BrokerDown(other.to_string()),
         }
     }
@@ -151,6 +178,9 @@ impl Reporter {
             }
             Health::Misdeclared(e) => {
                 tracing::warn!(%table, error = %e, "the table's exchange exists with other settings than declare_exchange; fix the config or the exchange; retrying with backoff")
+            }
+            Health::Certificate(_, f) => {
+                tracing::warn!(%table, error = %f, "TLS check failed; fix the certificate or the TLS settings; retrying with backoff")
             }
             Health::Starting => {}
         }

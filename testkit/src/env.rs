@@ -80,7 +80,15 @@ impl TestEnv {
     pub async fn new(setup: Setup) -> TestEnv {
         let servers = servers();
         let name = unique_name("obr_t");
-        let database = Database::create(&servers.postgres_url("postgres"), &name)
+        let admin = match &setup.postgres {
+            Some(server) => {
+                let mut url = server.clone();
+                url.set_path("/postgres");
+                url
+            }
+            None => servers.postgres_url("postgres"),
+        };
+        let database = Database::create(&admin, &name)
             .await
             .unwrap_or_else(|e| panic!("create the test database: {e:#}"));
         let broker = if setup.vhost {

@@ -26,5 +26,6 @@ pub mod relay;
 pub mod rows;
 pub mod servers;
 pub mod setup;
+pub mod tls;
 pub mod vhost;
 pub mod wait;

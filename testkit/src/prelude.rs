@@ -15,4 +15,5 @@ pub use crate::relay::{binary as relay_binary, Relay};
 pub use crate::rows::{insert_rows, quoted_table, rows_over_keys, NewRow, Producer, RowState};
 pub use crate::servers::unique_name;
 pub use crate::setup::Setup;
+pub use crate::tls::{CertFiles, TestCa, TlsPostgres, TlsTunnel, Validity};
 pub use crate::wait::{eventually, TIMEOUT};

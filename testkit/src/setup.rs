@@ -12,6 +12,8 @@ pub struct Setup {
     pub(crate) relay_declares_exchange: bool,
     pub(crate) migrate: bool,
     pub(crate) bindings: Vec<String>,
+    /// Another PostgreSQL server for the test's database (see [`Setup::postgres_server`]).
+    pub(crate) postgres: Option<url::Url>,
     /// (section, key, TOML value) written into the config, overriding the defaults below.
     settings: Vec<(String, String, String)>,
 }
@@ -39,6 +41,7 @@ impl Setup {
             relay_declares_exchange: false,
             migrate: true,
             bindings: vec!["#".into()],
+            postgres: None,
             settings: Vec::new(),
         }
     }
@@ -74,8 +77,16 @@ impl Setup {
         self
     }
 
+    /// Makes the test's database on the PostgreSQL server of `url` (`postgres://user@host:port`,
+    /// its query kept: TLS parameters, say) instead of the test server; the relay, `migrate` and
+    /// the test's pool all reach it with that URL.
+    pub fn postgres_server(mut self, url: &url::Url) -> Self {
+        self.postgres = Some(url.clone());
+        self
+    }
+
     /// Sets `section.key = value` (value as TOML, e.g. `"\"1s\""` or `"3"`). Sections `outbox`
-    /// and `outbox.retry` are the table's.
+    /// and `outbox.retry` are the table's; `rabbitmq.tls` is written only when set.
     pub fn set(mut self, section: &str, key: &str, value: &str) -> Self {
         self.settings
             .retain(|(s, k, _)| !(s == section && k == key));
@@ -132,6 +143,8 @@ impl Setup {
             ),
             ("outbox.retry", vec![]),
             ("health", vec![]),
+            // After the others: TOML lets a sub-table come after unrelated tables.
+            ("rabbitmq.tls", vec![]),
         ];
         if self.relay_declares_exchange {
             sections[5].1.push((
