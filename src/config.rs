@@ -43,7 +43,12 @@ pub struct HealthSettings {
 #[serde(deny_unknown_fields)]
 pub struct PostgresSettings {
     /// `postgres://user:password@host:port/database`; the password never appears in logs.
+    /// Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
+    #[serde(default)]
     pub url: SecretUrl,
+    /// A file that holds the URL (a systemd credential, say), read by [`Settings::load`]; a
+    /// relative path is taken in `$CREDENTIALS_DIRECTORY`. See [`read_url_file`].
+    pub url_file: Option<PathBuf>,
     /// Pool size for fetch, mark and status statements, shared by every table (the one
     /// coordination session for locks, LISTEN and the poll is extra).
     #[serde(default = "defaults::pg_max_connections")]
@@ -60,7 +65,11 @@ pub struct PostgresSettings {
 #[serde(deny_unknown_fields)]
 pub struct RabbitSettings {
     /// `amqp://user:password@host:port/vhost` (or `amqps://`); the password never appears in logs.
+    /// Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
+    #[serde(default)]
     pub url: SecretUrl,
+    /// A file that holds the URL, like `postgres.url_file`.
+    pub url_file: Option<PathBuf>,
     /// Client-provided connection name, shown by `rabbitmqctl list_connections client_properties`.
     #[serde(default = "defaults::connection_name")]
     pub connection_name: String,
@@ -349,7 +358,7 @@ impl RetrySettings {
 }
 
 /// A connection URL whose password is redacted wherever it is printed.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct SecretUrl(String);
 
 impl SecretUrl {
@@ -377,6 +386,10 @@ impl SecretUrl {
 
     fn scheme(&self) -> Option<String> {
         url::Url::parse(&self.0).ok().map(|u| u.scheme().to_owned())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -496,6 +509,59 @@ pub fn exchange_name_problem(name: &str) -> Option<String> {
     None
 }
 
+/// The variable in which systemd names the directory of a service's credentials
+/// (`LoadCredential=`, `SetCredential=`); a relative `url_file` is taken in it.
+pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+/// The most a `url_file` may hold: one URL, not a file named by mistake.
+const MAX_URL_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads the URL that `file` holds, for the key `key` (`postgres.url_file`, say).
+///
+/// A relative path is taken in `credentials`, the service's `$CREDENTIALS_DIRECTORY`; without
+/// one it is an error (systemd sets the variable only for a service with credentials), so a
+/// relative path never silently means the working directory. Trailing newlines (`\n`, `\r\n`)
+/// are dropped. A missing, unreadable, empty or oversized file is an error that names the key
+/// and the path, never what the file holds.
+pub fn read_url_file(
+    key: &str,
+    file: &Path,
+    credentials: Option<&Path>,
+) -> Result<SecretUrl, String> {
+    use std::io::Read;
+
+    let path = match credentials {
+        _ if file.is_absolute() => file.to_owned(),
+        Some(dir) => dir.join(file),
+        None => {
+            return Err(format!(
+                "{key}: \"{}\" is a relative path and ${CREDENTIALS_DIRECTORY} is not set \
+                 (systemd sets it for a service with LoadCredential=); give an absolute path",
+                file.display()
+            ))
+        }
+    };
+    let mut text = String::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_URL_FILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_URL_FILE_BYTES {
+        return Err(format!(
+            "{key}: {} is larger than {} KiB; expected one URL",
+            path.display(),
+            MAX_URL_FILE_BYTES / 1024
+        ));
+    }
+    let url = text.trim_end_matches(['\n', '\r']);
+    if url.is_empty() {
+        return Err(format!(
+            "{key}: {} is empty; expected one URL",
+            path.display()
+        ));
+    }
+    Ok(SecretUrl::new(url))
+}
+
 /// A configuration that could not be loaded: names the file and every problem found.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration in {}:\n  - {}", file.display(), problems.join("\n  - "))]
@@ -505,8 +571,21 @@ pub struct ConfigError {
 }
 
 impl Settings {
-    /// Loads `path` and the `OUTBOX_RELAY__SECTION__KEY` environment, then validates everything.
+    /// Loads `path` and the `OUTBOX_RELAY__SECTION__KEY` environment, reads the `url_file`s
+    /// (relative ones in `$CREDENTIALS_DIRECTORY`), then validates everything.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let credentials = std::env::var_os(CREDENTIALS_DIRECTORY)
+            .filter(|dir| !dir.is_empty())
+            .map(PathBuf::from);
+        Self::load_with_credentials(path, credentials.as_deref())
+    }
+
+    /// [`Settings::load`] with the credentials directory given rather than read from the
+    /// environment.
+    fn load_with_credentials(
+        path: &Path,
+        credentials: Option<&Path>,
+    ) -> Result<Settings, ConfigError> {
         let fail = |problems: Vec<String>| ConfigError {
             file: path.to_owned(),
             problems,
@@ -533,7 +612,7 @@ impl Settings {
             .filter(|section| raw.get::<config::Value>(section).is_err())
             .map(|section| format!("{section}: required section is missing"))
             .collect();
-        let settings: Settings = match raw.try_deserialize() {
+        let mut settings: Settings = match raw.try_deserialize() {
             Ok(settings) if problems.is_empty() => settings,
             Ok(_) => return Err(fail(problems)),
             Err(e) => {
@@ -544,7 +623,8 @@ impl Settings {
                 return Err(fail(problems));
             }
         };
-        let problems = settings.problems();
+        let mut problems = settings.read_url_files(credentials);
+        problems.extend(settings.problems());
         if problems.is_empty() {
             Ok(settings)
         } else {
@@ -552,22 +632,68 @@ impl Settings {
         }
     }
 
+    /// Reads each section's `url_file` into its `url`: a problem for each file that cannot be
+    /// read, and for each section that sets both keys (then neither is read).
+    fn read_url_files(&mut self, credentials: Option<&Path>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (section, url, url_file) in [
+            ("postgres", &mut self.postgres.url, &self.postgres.url_file),
+            ("rabbitmq", &mut self.rabbitmq.url, &self.rabbitmq.url_file),
+        ] {
+            let Some(file) = url_file else { continue };
+            if !url.is_empty() {
+                out.push(format!(
+                    "{section}: url and url_file are both set (in the file or as \
+                     OUTBOX_RELAY__{}__URL...); keep one",
+                    section.to_uppercase()
+                ));
+                continue;
+            }
+            match read_url_file(&format!("{section}.url_file"), file, credentials) {
+                Ok(read) => *url = read,
+                Err(problem) => out.push(problem),
+            }
+        }
+        out
+    }
+
     /// Every semantic problem in the settings (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        match self.postgres.url.scheme().as_deref() {
-            Some("postgres" | "postgresql") => {}
-            _ => out.push(format!(
-                "postgres.url: expected postgres://user@host:port/database, got {}",
-                self.postgres.url.redacted()
-            )),
-        }
-        match self.rabbitmq.url.scheme().as_deref() {
-            Some("amqp" | "amqps") => {}
-            _ => out.push(format!(
-                "rabbitmq.url: expected amqp://user:password@host:port/vhost, got {}",
-                self.rabbitmq.url.redacted()
-            )),
+        for (section, url, url_file, schemes, expected) in [
+            (
+                "postgres",
+                &self.postgres.url,
+                &self.postgres.url_file,
+                &["postgres", "postgresql"][..],
+                "postgres://user@host:port/database",
+            ),
+            (
+                "rabbitmq",
+                &self.rabbitmq.url,
+                &self.rabbitmq.url_file,
+                &["amqp", "amqps"][..],
+                "amqp://user:password@host:port/vhost",
+            ),
+        ] {
+            let scheme_fits = url.scheme().is_some_and(|s| schemes.contains(&s.as_str()));
+            match url_file {
+                None if url.is_empty() => out.push(format!(
+                    "{section}.url: required (or {section}.url_file, a file that holds it)"
+                )),
+                // The file could not be read: `load` has said why.
+                Some(_) if url.is_empty() => {}
+                _ if scheme_fits => {}
+                None => out.push(format!(
+                    "{section}.url: expected {expected}, got {}",
+                    url.redacted()
+                )),
+                Some(file) => out.push(format!(
+                    "{section}.url_file: expected {} to hold {expected}, got {}",
+                    file.display(),
+                    url.redacted()
+                )),
+            }
         }
         out.extend(crate::tls::postgres_url_problems(&self.postgres.url));
         if let Some(tls) = &self.rabbitmq.tls {
@@ -705,6 +831,133 @@ mod tests {
         let url = SecretUrl::new("amqp://guest:hunter2@127.0.0.1:5672/%2f");
         assert!(!format!("{url:?} {url}").contains("hunter2"));
         assert!(url.redacted().contains("guest:***@"));
+    }
+
+    /// A directory of its own in the temp dir, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir()
+                .join(format!("outbox-relay-config-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+
+        /// A config whose `[postgres]` and `[rabbitmq]` sections are `postgres` and `rabbitmq`.
+        fn config(&self, postgres: &str, rabbitmq: &str) -> PathBuf {
+            self.write(
+                "outbox-relay.toml",
+                &format!(
+                    "[postgres]\n{postgres}\n[rabbitmq]\n{rabbitmq}\n\
+                     [[outbox]]\ntable = \"outbox\"\nexchange = \"events\"\n"
+                ),
+            )
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const PG: &str = "postgres://relay:pg-s3cret@db.internal:5432/app";
+    const AMQP: &str = "amqps://relay:mq-s3cret@mq.internal:5671/%2f";
+
+    fn problems_of(config: &Path, credentials: Option<&Path>) -> String {
+        let e = Settings::load_with_credentials(config, credentials)
+            .expect_err("the config should be refused");
+        let text = e.to_string();
+        assert!(
+            !text.contains("s3cret"),
+            "a config error shows a secret:\n{text}"
+        );
+        text
+    }
+
+    #[test]
+    fn url_files_are_read_into_the_urls_without_their_trailing_newline() {
+        let dir = Scratch::new("url-file-absolute");
+        let pg = dir.write("pg.url", &format!("{PG}\n"));
+        let amqp = dir.write("amqp.url", &format!("{AMQP}\r\n"));
+        let config = dir.config(
+            &format!("url_file = {:?}", pg.display().to_string()),
+            &format!("url_file = {:?}", amqp.display().to_string()),
+        );
+        let s = Settings::load_with_credentials(&config, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.postgres.url.expose(), PG);
+        assert_eq!(s.rabbitmq.url.expose(), AMQP);
+        assert_eq!(s.postgres.url_file.as_deref(), Some(pg.as_path()));
+        assert!(!format!("{s:?}").contains("s3cret"), "{s:?}");
+    }
+
+    #[test]
+    fn a_relative_url_file_is_taken_in_the_credentials_directory() {
+        let dir = Scratch::new("url-file-credentials");
+        let credentials = Scratch::new("url-file-credentials-dir");
+        credentials.write("postgres.url", PG);
+        let config = dir.config("url_file = \"postgres.url\"", &format!("url = {AMQP:?}"));
+        let s = Settings::load_with_credentials(&config, Some(&credentials.0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.postgres.url.expose(), PG);
+
+        let text = problems_of(&config, None);
+        assert!(text.contains("postgres.url_file"), "{text}");
+        assert!(text.contains("CREDENTIALS_DIRECTORY"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_or_empty_url_file_is_a_config_error_naming_the_key_and_the_path() {
+        let dir = Scratch::new("url-file-missing");
+        let empty = dir.write("empty.url", "\n");
+        let missing = dir.0.join("missing.url");
+        let config = dir.config(
+            &format!("url_file = {:?}", missing.display().to_string()),
+            &format!("url_file = {:?}", empty.display().to_string()),
+        );
+        let text = problems_of(&config, None);
+        for expected in [
+            format!("postgres.url_file: cannot read {}", missing.display()),
+            format!("rabbitmq.url_file: {} is empty", empty.display()),
+        ] {
+            assert!(text.contains(&expected), "{expected:?} not in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_url_file_that_holds_no_url_of_its_kind_is_named_without_its_password() {
+        let dir = Scratch::new("url-file-wrong");
+        let credentials = Scratch::new("url-file-wrong-dir");
+        credentials.write("postgres.url", AMQP);
+        let config = dir.config("url_file = \"postgres.url\"", &format!("url = {AMQP:?}"));
+        let text = problems_of(&config, Some(&credentials.0));
+        assert!(
+            text.contains("postgres.url_file: expected ") && text.contains("relay:***@"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn url_and_url_file_together_or_neither_are_config_errors() {
+        let dir = Scratch::new("url-file-both");
+        let pg = dir.write("pg.url", PG);
+        let config = dir.config(
+            &format!("url = {PG:?}\nurl_file = {:?}", pg.display().to_string()),
+            "connection_name = \"x\"",
+        );
+        let text = problems_of(&config, None);
+        assert!(
+            text.contains("postgres: url and url_file are both set"),
+            "{text}"
+        );
+        assert!(text.contains("rabbitmq.url: required"), "{text}");
     }
 
     #[test]

@@ -236,6 +236,13 @@ fn the_example_config_mentions_every_setting_the_code_knows() {
             // `[rabbitmq.tls]` names certificate files and needs an amqps:// URL, so the
             // example shows it commented out; its keys are checked below.
             "tls" => continue,
+            // The alternative to `url` (one of the two, never both): shown commented out.
+            "url_file" => {
+                if !example.contains("# url_file = ") {
+                    missing.push("url_file (commented out)".to_owned());
+                }
+                continue;
+            }
             other => other.to_owned(),
         };
         let shown = live.contains(&format!("{key} ="))

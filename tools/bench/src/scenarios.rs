@@ -551,6 +551,7 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
     let table = env::table(env::DRAIN_TABLE);
     let settings = PostgresSettings {
         url: SecretUrl::new(env.db_url.as_str()),
+        url_file: None,
         max_connections: 4,
         connect_timeout: Duration::from_secs(10),
         statement_timeout: Duration::from_secs(30),
