@@ -9,7 +9,7 @@ use std::time::Duration;
 use outbox_relay::config::EX_CONFIG;
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/outbox-relay.service");
-const INSTALLED_BINARY: &str = "/usr/local/bin/outbox-relay";
+const INSTALLED_BINARY: &str = "/usr/bin/outbox-relay";
 
 fn unit_text() -> String {
     std::fs::read_to_string(UNIT).expect("reading the unit file")
@@ -48,8 +48,8 @@ fn systemd_analyze_verify_accepts_the_unit_without_warnings() {
         "systemd-analyze is needed to verify the unit: install the Debian package systemd \
          (.ci/run does when it is missing): {installed:?}"
     );
-    // The unit runs /usr/local/bin/outbox-relay, which verify insists exists and is
-    // executable: check a copy that points at the binary cargo just built.
+    // The unit runs /usr/bin/outbox-relay (where the package puts it), which verify insists
+    // exists and is executable: check a copy that points at the binary cargo just built.
     let unit = unit_text();
     assert!(unit.contains(&format!("ExecStart={INSTALLED_BINARY} ")));
     let copy = unit.replace(
