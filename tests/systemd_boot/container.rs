@@ -1,8 +1,7 @@
-//! A real systemd, booted with `systemd-nspawn` on a cached minimal Debian tree, for the test
-//! that installs the package and drives the unit (see /work/shared/notes/real-systemd.md for
-//! the recipe). Owns the container's whole life: the tree cache, the boot, commands inside it,
-//! and the cleanup of the nspawn process and its cgroups, also when the test fails. Knows
-//! nothing of the relay.
+//! A real systemd, booted with `systemd-nspawn` on a cached minimal Debian tree (made by
+//! `scripts/systemd-tree`), for the test that installs the package and drives the unit. Owns
+//! the container's life: the boot, commands inside it, and the cleanup of the nspawn process
+//! and its cgroups, also when the test fails. Knows nothing of the relay.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -10,12 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where the minimal trees are kept between runs (outside the repository: about 250 MB each).
-pub const CACHE_DIR: &str = "/var/cache/outbox-relay-test";
-/// Bumped when the tree's recipe changes, so an old tree is never used for a new recipe.
-const TREE_RECIPE: &str = "systemd-v1";
-/// What the tree holds beyond `--variant=minbase`: an init system, and the bus systemctl needs.
-const TREE_PACKAGES: &str = "systemd,systemd-sysv,dbus";
 /// The container's cgroups are made under this prefix, followed by the test process's pid.
 const CGROUP_PREFIX: &str = "outbox-relay-test-";
 /// The host tools the container needs, and the Debian packages that bring them.
@@ -106,150 +99,30 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
     }
 }
 
-/// The cached tree for this host's Debian release, made first when missing: `debootstrap
-/// --variant=minbase` from the mirror apt uses here, built in a temporary directory and
-/// renamed into place, so a parallel or aborted run never sees half a tree. Takes a few
-/// minutes once; the boots never write to it (`--volatile=overlay`).
+/// The cached tree for this host's Debian release, made first when missing (a few minutes,
+/// once; `scripts/systemd-tree` says how, and .ci/run starts it early). The boots never write
+/// to it (`--volatile=overlay`).
 pub fn cached_tree() -> PathBuf {
-    let codename = os_release("VERSION_CODENAME")
-        .unwrap_or_else(|| panic!("/etc/os-release names no VERSION_CODENAME: not Debian?"));
-    let cache = Path::new(CACHE_DIR);
-    let tree = cache.join(format!("{codename}-{TREE_RECIPE}"));
-    if tree.join("usr/bin/systemctl").is_file() {
-        return tree;
-    }
-    fs::create_dir_all(cache).unwrap_or_else(|e| panic!("creating {CACHE_DIR}: {e}"));
-    remove_abandoned_builds(cache);
-    let mirror = apt_mirror(&codename);
-    let building = cache.join(format!(
-        "{codename}-{TREE_RECIPE}.building-{}",
-        std::process::id()
-    ));
-    let _ = fs::remove_dir_all(&building);
-    let log = cache.join(format!(
-        "{codename}-{TREE_RECIPE}.debootstrap-{}.log",
-        std::process::id()
-    ));
-    eprintln!(
-        "systemd_boot: debootstrap {codename} from {mirror} into {} (once; a few minutes)",
-        tree.display()
-    );
-    let started = Instant::now();
-    let status = Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            &format!("--include={TREE_PACKAGES}"),
-            &codename,
-        ])
-        .arg(&building)
-        .arg(&mirror)
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/systemd-tree");
+    // stderr is inherited: the note that the tree is being made shows while the test waits.
+    let out = Command::new(&script)
         .stdin(Stdio::null())
-        .stdout(log_file(&log))
-        .stderr(log_file(&log))
-        .status()
-        .expect("running debootstrap");
-    if !status.success() {
-        let tail = tail_of(&log, 30);
-        let _ = fs::remove_dir_all(&building);
-        panic!(
-            "debootstrap failed ({status}); the end of {}:\n{tail}",
-            log.display()
-        );
-    }
-    let _ = fs::remove_file(&log);
-    run_ok(Command::new("systemd-machine-id-setup").arg(format!("--root={}", building.display())));
-    if fs::rename(&building, &tree).is_err() {
-        // Another run finished first: use its tree.
-        let _ = fs::remove_dir_all(&building);
-    }
-    eprintln!("systemd_boot: tree ready in {:.0?}", started.elapsed());
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}): see its messages above",
+        script.display(),
+        out.status
+    );
+    let tree = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     assert!(
         tree.join("usr/bin/systemctl").is_file(),
         "{} has no systemctl",
         tree.display()
     );
     tree
-}
-
-/// Removes the half-built trees of runs that are gone.
-fn remove_abandoned_builds(cache: &Path) {
-    let Ok(entries) = fs::read_dir(cache) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((_, pid)) = name.rsplit_once(".building-") else {
-            continue;
-        };
-        if pid
-            .parse::<u32>()
-            .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-        {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-fn os_release(key: &str) -> Option<String> {
-    let text = fs::read_to_string("/etc/os-release").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .map(|v| v.trim_matches('"').to_owned())
-}
-
-/// The Debian mirror apt uses on this machine for `codename` (the network reaches that one).
-fn apt_mirror(codename: &str) -> String {
-    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-        let mut more: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
-        more.sort();
-        files.extend(more);
-    }
-    for file in files {
-        let Ok(text) = fs::read_to_string(&file) else {
-            continue;
-        };
-        let found = if file.extension().is_some_and(|e| e == "sources") {
-            deb822_mirror(&text, codename)
-        } else {
-            one_line_mirror(&text, codename)
-        };
-        if let Some(mirror) = found {
-            return mirror;
-        }
-    }
-    panic!("no apt source for {codename} in /etc/apt/sources.list(.d): which mirror to debootstrap from?")
-}
-
-/// `deb [options] URI SUITE COMPONENTS...` lines.
-fn one_line_mirror(text: &str, codename: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let rest = line.trim().strip_prefix("deb ")?.trim_start();
-        // Options in brackets may hold spaces.
-        let rest = match rest.strip_prefix('[') {
-            Some(options) => options.split_once(']')?.1,
-            None => rest,
-        };
-        let mut words = rest.split_whitespace();
-        let (uri, suite) = (words.next()?, words.next()?);
-        (suite == codename).then(|| uri.to_owned())
-    })
-}
-
-/// deb822 stanzas (`Types: deb`, `URIs: ...`, `Suites: ...`), separated by blank lines.
-fn deb822_mirror(text: &str, codename: &str) -> Option<String> {
-    text.split("\n\n").find_map(|stanza| {
-        let field = |name: &str| {
-            stanza
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}:")))
-                .map(str::trim)
-        };
-        let is_deb = field("Types")?.split_whitespace().any(|t| t == "deb");
-        let has_suite = field("Suites")?.split_whitespace().any(|s| s == codename);
-        let uri = field("URIs")?.split_whitespace().next()?;
-        (is_deb && has_suite).then(|| uri.to_owned())
-    })
 }
 
 fn log_file(path: &Path) -> fs::File {
@@ -264,20 +137,6 @@ fn tail_of(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// A booted container: systemd is its PID 1, the host's network is its network, and every

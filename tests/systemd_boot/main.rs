@@ -8,8 +8,9 @@
 //! CI=true.
 //!
 //! The package is the one `cargo deb` built (scripts/test and .ci/run build it first);
-//! `OUTBOX_RELAY_TEST_DEB` names another. The container's tree is cached in
-//! [`container::CACHE_DIR`]; each boot writes to a tmpfs overlay only.
+//! `OUTBOX_RELAY_TEST_DEB` names another. The container's tree is cached by
+//! `scripts/systemd-tree` in /var/cache/outbox-relay-test/; each boot writes to a tmpfs overlay
+//! only.
 
 mod container;
 
