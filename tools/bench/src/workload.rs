@@ -188,21 +188,39 @@ pub async fn truncate(pool: &PgPool, table: &TableName) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes the rows a previous round published on top of the history, and vacuums them away.
-pub async fn delete_tag_prefix(
-    pool: &PgPool,
-    table: &TableName,
-    prefix: &str,
-) -> anyhow::Result<()> {
-    sqlx::query(&format!(
-        "DELETE FROM {} WHERE dedup_key LIKE $1 || '%'",
+/// The largest id in the table (0 when empty).
+pub async fn max_id(pool: &PgPool, table: &TableName) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT coalesce(max(id), 0) FROM {}",
         table.quoted()
     ))
-    .bind(prefix)
-    .execute(pool)
-    .await
-    .with_context(|| format!("deleting the previous backlog of {table}"))?;
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Removes the rows a previous round published on top of the history (every id above
+/// `history_top`, found through the primary key), and vacuums them away.
+pub async fn delete_above(
+    pool: &PgPool,
+    table: &TableName,
+    history_top: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(&format!("DELETE FROM {} WHERE id > $1", table.quoted()))
+        .bind(history_top)
+        .execute(pool)
+        .await
+        .with_context(|| format!("deleting the previous backlog of {table}"))?;
     vacuum_analyze(pool, table).await
+}
+
+/// The table's size on disk with its indexes and TOAST, in bytes.
+pub async fn total_bytes(pool: &PgPool, table: &TableName) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_total_relation_size($1::regclass)")
+            .bind(table.quoted())
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 /// Fresh statistics and visibility map, as autovacuum would leave a table at rest.
