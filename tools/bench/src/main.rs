@@ -40,7 +40,8 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            10,000,000; --quick 10 x --events), alternating with drain on an empty table; ratio
            history / empty (target >= 0.95). The history is written once, set-based (INSERT ...
            SELECT generate_series in chunks of 50,000 rows, through the order-guard trigger like
-           any producer's rows), then VACUUM ANALYZE, before the first timed round.
+           any producer's rows; small payloads, about 200 bytes a row: the relay never reads a
+           published row's payload), then VACUUM ANALYZE, before the first timed round.
   delete-mode
            drain of --events rows with on_published = \"delete\" (each confirmed row deleted)
            against the same drain with on_published = \"mark\", alternating; ratio delete / mark,

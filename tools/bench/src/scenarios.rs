@@ -197,15 +197,16 @@ async fn relay_round(
 ) -> anyhow::Result<Run> {
     let config = RelayConfig::new(env, std::slice::from_ref(table))
         .window(plan.batch_size, plan.max_in_flight);
-    relay_round_with(env, config, table, tag, rows).await
+    relay_round_with(env, config, table, 0, tag, rows).await
 }
 
-/// [`relay_round`] with the relay's config given (until every row is received and none is
-/// left unpublished: marked, or deleted).
+/// [`relay_round`] with the relay's config given, until every row is received and none with
+/// an id above `floor` (the round's rows are above it) is left unpublished: marked, or deleted.
 async fn relay_round_with(
     env: &BenchEnv,
     config: RelayConfig,
     table: &TableName,
+    floor: i64,
     tag: &str,
     rows: u64,
 ) -> anyhow::Result<Run> {
@@ -228,7 +229,7 @@ async fn relay_round_with(
     )
     .await?;
     let pool = env.pool()?;
-    while !workload::all_published(pool, table).await? {
+    while !workload::all_published_above(pool, table, floor).await? {
         relay.check_alive()?;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -517,8 +518,8 @@ pub async fn history(env: &BenchEnv, plan: &Plan) -> anyhow::Result<History> {
     let mut from = 0;
     while from < plan.history_rows {
         let to = (from + STEP).min(plan.history_rows);
-        let took = workload::seed_range(pool, &hist, "history", from..to, plan.ordering_keys, true)
-            .await?;
+        let took =
+            workload::seed_history(pool, &hist, "history", from..to, plan.ordering_keys).await?;
         seed_s += took.as_secs_f64();
         from = to;
         if plan.history_rows > STEP {
@@ -566,7 +567,9 @@ pub async fn history(env: &BenchEnv, plan: &Plan) -> anyhow::Result<History> {
         )
         .await?;
         workload::vacuum_analyze(pool, &hist).await?;
-        let run = relay_round(env, plan, &hist, &tag, plan.drain_rows).await?;
+        let config = RelayConfig::new(env, std::slice::from_ref(&hist))
+            .window(plan.batch_size, plan.max_in_flight);
+        let run = relay_round_with(env, config, &hist, history_top, &tag, plan.drain_rows).await?;
         progress("history", round, plan.rounds, "history", &run);
         result.history.push(run);
     }
@@ -589,7 +592,7 @@ pub async fn delete_mode(env: &BenchEnv, plan: &Plan) -> anyhow::Result<DeleteMo
             let config = RelayConfig::new(env, std::slice::from_ref(&table))
                 .window(plan.batch_size, plan.max_in_flight)
                 .on_published(mode);
-            let run = relay_round_with(env, config, &table, &tag, plan.drain_rows).await?;
+            let run = relay_round_with(env, config, &table, 0, &tag, plan.drain_rows).await?;
             progress("delete-mode", round, plan.rounds, mode, &run);
             if mode == "mark" {
                 result.mark.push(run);
