@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, Settings, TableName, EX_CONFIG};
+use crate::config::{ConfigError, OnPublished, OutboxSettings, Settings, TableName, EX_CONFIG};
 use crate::publisher::Broker;
 use crate::shutdown::Shutdown;
 use crate::store::{Published, RetrySelector, Store, TableStatus};
@@ -128,7 +128,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let store = Store::connect(&settings.postgres).await?;
     let tables: Vec<TableName> = settings.outbox.iter().map(|t| t.table.clone()).collect();
-    let applied = store.migrate(&tables, settings.relay.notify).await?;
+    let applied = store
+        .migrate(&settings.outbox, settings.relay.notify)
+        .await?;
     if applied.is_empty() {
         println!("outbox tables up to date: {}", names(&tables));
     } else {
@@ -149,7 +151,7 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     if args.json {
         let mut json = Vec::new();
         for (s, table) in all.iter().zip(&settings.outbox) {
-            let mut object = status_json(s);
+            let mut object = status_json(s, table);
             if args.parked > 0 {
                 let parked = store.parked_rows(&table.table, args.parked).await?;
                 object["parked_rows"] = parked
@@ -212,7 +214,7 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status_json(s: &TableStatus) -> serde_json::Value {
+fn status_json(s: &TableStatus, table: &OutboxSettings) -> serde_json::Value {
     serde_json::json!({
         "table": s.table.to_string(),
         "pending": s.pending,
@@ -224,6 +226,11 @@ fn status_json(s: &TableStatus) -> serde_json::Value {
         },
         "published_is_estimate": matches!(s.published, Published::Estimated(_)),
         "oldest_pending_s": s.oldest_pending.map(|d| d.as_secs_f64()),
+        "on_published": match table.on_published {
+            OnPublished::Mark => "mark",
+            OnPublished::Delete => "delete",
+        },
+        "retention_s": table.retention.map(|d| d.as_secs_f64()),
     })
 }
 

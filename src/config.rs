@@ -202,6 +202,28 @@ pub struct OutboxSettings {
     pub declare_exchange: Option<ExchangeDeclaration>,
     #[serde(default)]
     pub retry: RetryOverride,
+    /// What becomes of a row once the broker confirmed it.
+    #[serde(default)]
+    pub on_published: OnPublished,
+    /// With `on_published = "mark"`: published rows older than this are deleted by the
+    /// retention sweeper; unset, they are kept.
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Option<Duration>,
+}
+
+/// The shortest `retention` accepted: the sweeper looks once a minute, so a shorter one would
+/// not be kept anyway, and a typo ("7s" for "7d") would delete what an operator meant to keep.
+pub const MIN_RETENTION: Duration = Duration::from_secs(60);
+
+/// What the relay does with a row the broker confirmed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPublished {
+    /// Set `published_at` and keep the row (history; see `retention`).
+    #[default]
+    Mark,
+    /// Delete the row: the table holds unpublished rows only.
+    Delete,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -773,8 +795,30 @@ impl Settings {
             self.retry
                 .with_override(&table.retry)
                 .problems(&format!("{key}.retry"), &mut out);
+            table.growth_problems(&key, &mut out);
         }
         out
+    }
+}
+
+impl OutboxSettings {
+    /// `on_published` and `retention` of table `key` (`outbox[i]`).
+    fn growth_problems(&self, key: &str, out: &mut Vec<String>) {
+        let Some(retention) = self.retention else {
+            return;
+        };
+        if self.on_published == OnPublished::Delete {
+            out.push(format!(
+                "{key}.retention: {} has no published rows to keep (on_published = \"delete\" deletes each row once it is confirmed): remove retention, or use on_published = \"mark\"",
+                self.table
+            ));
+        } else if retention < MIN_RETENTION {
+            out.push(format!(
+                "{key}.retention: expected at least {}, got {}",
+                humantime::format_duration(MIN_RETENTION),
+                humantime::format_duration(retention)
+            ));
+        }
     }
 }
 
@@ -958,6 +1002,30 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("rabbitmq.url: required"), "{text}");
+    }
+
+    #[test]
+    fn retention_is_refused_beside_delete_mode_and_below_a_minute() {
+        let mut table = OutboxSettings {
+            table: TableName::parse("outbox").unwrap(),
+            exchange: "events".into(),
+            declare_exchange: None,
+            retry: RetryOverride::default(),
+            on_published: OnPublished::Mark,
+            retention: Some(Duration::from_secs(7 * 86_400)),
+        };
+        let problems = |t: &OutboxSettings| {
+            let mut out = Vec::new();
+            t.growth_problems("outbox[0]", &mut out);
+            out
+        };
+        assert!(problems(&table).is_empty());
+        table.retention = Some(Duration::from_secs(59));
+        assert!(problems(&table)[0].starts_with("outbox[0].retention: expected at least 1m"));
+        table.on_published = OnPublished::Delete;
+        assert!(problems(&table)[0].contains("public.outbox has no published rows to keep"));
+        table.retention = None;
+        assert!(problems(&table).is_empty());
     }
 
     #[test]

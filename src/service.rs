@@ -1,5 +1,6 @@
 //! The daemon: one relay task per configured table over one coordination session and one
-//! broker connection shared by all of them, the optional health endpoint, systemd
+//! broker connection shared by all of them, a retention sweeper per table with `retention`,
+//! the optional health endpoint, systemd
 //! readiness (READY once every table is relaying or standing by; STATUS= names any table that
 //! is not ready and why), the watchdog fed from the relay loops, STOPPING at shutdown.
 
@@ -11,7 +12,7 @@ use sd_notify::NotifyState;
 use crate::config::Settings;
 use crate::metrics::{BacklogSource, Metrics, Server};
 use crate::publisher::Broker;
-use crate::relay::{Heartbeat, TableRelay};
+use crate::relay::{Heartbeat, Sweeper, TableRelay};
 use crate::shutdown::Shutdown;
 use crate::store::{Coordination, Store, TableSql};
 
@@ -32,7 +33,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         .iter()
         .map(|t| {
             let retry = settings.retry.with_override(&t.retry);
-            TableSql::new(&t.table, retry.on_exhausted)
+            TableSql::new(&t.table, retry.on_exhausted).on_published(t.on_published)
         })
         .collect();
     let coordination = Coordination::start(
@@ -55,6 +56,22 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
+    // One retention sweeper per table with `retention`; their progress is for the metrics.
+    let mut sweepers = Vec::new();
+    let mut retention = Vec::new();
+    for (index, (table, sql)) in settings.outbox.iter().zip(&sqls).enumerate() {
+        if let Some(keep) = table.retention {
+            let sweeper = Sweeper::new(
+                store.clone(),
+                sql.clone(),
+                keep,
+                coordination.lock(index),
+                shutdown.clone(),
+            );
+            retention.push((table.table.clone(), sweeper.progress()));
+            sweepers.push(tokio::spawn(sweeper.run()));
+        }
+    }
     for (index, table) in settings.outbox.iter().enumerate() {
         let relay = TableRelay::new(
             settings.clone(),
@@ -109,6 +126,13 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     blocked.abort();
     if let Some(health) = health {
         health.abort();
+    }
+    // A sweep stops between batches; each batch is bounded by its statement timeout.
+    for sweeper in sweepers {
+        let _ = sweeper.await;
+    }
+    for (table, progress) in &retention {
+        tracing::debug!(table = %table, rows_deleted = progress.rows_deleted_total(), "retention sweeper stopped");
     }
     // Shutdown order: the relays have settled and closed their channels; then the broker
     // connection, the locks and LISTEN (the coordination session), the pool.

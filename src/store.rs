@@ -1,6 +1,6 @@
-//! All SQL: migrations, fetching due rows, marking them, recording failures, holding and
-//! releasing keys, status and retry; the coordination session (every table's lock, LISTEN and
-//! poll) is in [`coordination`]. Must not touch AMQP.
+//! All SQL: migrations, fetching due rows, marking (or deleting) them, recording failures,
+//! holding and releasing keys, the retention sweep, status and retry; the coordination session
+//! (every table's lock, LISTEN and poll) is in [`coordination`]. Must not touch AMQP.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,9 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, FromRow, Row};
 
-use crate::config::{quote_ident, OnExhausted, PostgresSettings, TableName};
+use crate::config::{
+    quote_ident, OnExhausted, OnPublished, OutboxSettings, PostgresSettings, TableName,
+};
 use crate::message::OutboxRow;
 use crate::tls::TlsCheck;
 
@@ -151,8 +153,33 @@ impl Store {
     }
 
     /// Creates the relay's schema and every missing outbox table, applies pending per-table
-    /// migrations, and installs or drops the NOTIFY trigger to match `notify`.
-    pub async fn migrate(&self, tables: &[TableName], notify: bool) -> anyhow::Result<Vec<String>> {
+    /// migrations, installs or drops the NOTIFY trigger to match `notify`, sets the outbox
+    /// autovacuum parameters a table does not have yet ([`AUTOVACUUM`]), and then, outside the
+    /// transaction, builds or drops each table's retention index to match its `retention`.
+    /// Returns what it changed, one line each.
+    pub async fn migrate(
+        &self,
+        outboxes: &[OutboxSettings],
+        notify: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let tables: Vec<TableName> = outboxes.iter().map(|o| o.table.clone()).collect();
+        let mut applied = self.migrate_tables(&tables, notify).await?;
+        for outbox in outboxes {
+            applied.extend(
+                self.match_retention_index(&outbox.table, outbox.retention.is_some())
+                    .await
+                    .with_context(|| format!("the retention index of {}", outbox.table))?,
+            );
+        }
+        Ok(applied)
+    }
+
+    /// The part of [`Store::migrate`] that runs in one transaction.
+    async fn migrate_tables(
+        &self,
+        tables: &[TableName],
+        notify: bool,
+    ) -> anyhow::Result<Vec<String>> {
         let mut tx = self.pool.begin().await?;
         // Two `migrate` runs at once would race on CREATE OR REPLACE; serialize them.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('outbox_relay:migrate', 0))")
@@ -214,9 +241,64 @@ impl Store {
                 );
             }
             sqlx::raw_sql(&sql).execute(&mut *tx).await?;
+            if let Some(set) = set_autovacuum(&mut tx, table).await? {
+                applied.push(format!("{table}: autovacuum settings {set}"));
+            }
         }
         tx.commit().await?;
         Ok(applied)
+    }
+
+    /// Builds the retention sweeper's index (`outbox_relay_<t>_published`) when `wanted`, drops
+    /// it when not; both `CONCURRENTLY`, so producers and the relay never wait for the build
+    /// (it may take minutes beside a long history). An invalid index left by an interrupted
+    /// build is dropped and built again. Returns what it did.
+    async fn match_retention_index(
+        &self,
+        table: &TableName,
+        wanted: bool,
+    ) -> anyhow::Result<Option<String>> {
+        let index = table.derived("published");
+        let qualified = format!("{}.{}", quote_ident(&table.schema), quote_ident(&index));
+        let valid = self.retention_index_valid(table).await?;
+        let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {qualified}");
+        match (wanted, valid) {
+            (true, Some(true)) | (false, None) => Ok(None),
+            (false, Some(_)) => {
+                sqlx::raw_sql(&drop).execute(&self.pool).await?;
+                Ok(Some(format!(
+                    "{table}: dropped the retention index {index} (no retention)"
+                )))
+            }
+            (true, state) => {
+                if state == Some(false) {
+                    sqlx::raw_sql(&drop).execute(&self.pool).await?;
+                }
+                sqlx::raw_sql(&format!(
+                    "CREATE INDEX CONCURRENTLY {} ON {} (published_at) WHERE published_at IS NOT NULL",
+                    quote_ident(&index),
+                    table.quoted()
+                ))
+                .execute(&self.pool)
+                .await?;
+                Ok(Some(format!("{table}: built the retention index {index}")))
+            }
+        }
+    }
+
+    /// The retention index of `table`: valid (`Some(true)`), left invalid by an interrupted
+    /// build (`Some(false)`), or missing (`None`).
+    pub async fn retention_index_valid(&self, table: &TableName) -> Result<Option<bool>, DbError> {
+        let index = format!(
+            "{}.{}",
+            quote_ident(&table.schema),
+            quote_ident(&table.derived("published"))
+        );
+        let query = sqlx::query_scalar(
+            "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+        )
+        .bind(index);
+        Ok(answered_within(self.answer_within, query.fetch_optional(&self.pool)).await?)
     }
 
     /// Fails with a clear message when `table` is missing or lacks the relay's columns.
@@ -261,8 +343,9 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
-    /// Marks confirmed rows published, in one statement. Returns the keys whose holder was
-    /// among them: the relay releases those keys next ([`Store::release_keys`]).
+    /// Marks confirmed rows published (with `on_published = "delete"`: deletes them), in one
+    /// statement. Returns the keys whose holder was among them: the relay releases those keys
+    /// next ([`Store::release_keys`]).
     pub async fn mark_published(
         &self,
         q: &TableSql,
@@ -352,9 +435,16 @@ impl Store {
         Ok(unfinished(keys.iter().cloned(), &done)?)
     }
 
-    /// Held keys of the table whose holder no longer holds them (published, deleted by hand,
-    /// or parked under `skip`: a relay stopped between the mark and the release), and how many
-    /// keys are held in all.
+    /// The oid of the table's current instance (what [`crate::message::OutboxRow::table_oid`]
+    /// says of its rows).
+    pub async fn table_oid(&self, q: &TableSql) -> Result<i64, DbError> {
+        let query = sqlx::query_scalar("SELECT $1::regclass::oid::bigint").bind(q.table.quoted());
+        Ok(answered_within(self.answer_within, query.fetch_one(&self.pool)).await?)
+    }
+
+    /// Held keys of the table whose holder no longer holds them (published, deleted by the
+    /// relay in delete mode or by hand, or parked under `skip`: a relay stopped between the
+    /// mark and the release), and how many keys are held in all.
     pub async fn stale_holds(
         &self,
         q: &TableSql,
@@ -371,6 +461,44 @@ impl Store {
             }
         }
         Ok((stale, held))
+    }
+
+    /// The retention sweep's one batch: deletes at most `limit` published rows whose
+    /// `published_at` is older than `retention`, oldest first, in a transaction of its own
+    /// bounded by [`SWEEP_STATEMENT_TIMEOUT`] and [`SWEEP_LOCK_TIMEOUT`]. Rows another session
+    /// has locked are skipped, never waited for. Returns how many it deleted.
+    pub async fn sweep_published(
+        &self,
+        q: &TableSql,
+        retention: Duration,
+        limit: u32,
+    ) -> Result<u64, DbError> {
+        let sweep = async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)",
+            )
+            .bind(SWEEP_STATEMENT_TIMEOUT.as_millis().to_string())
+            .bind(SWEEP_LOCK_TIMEOUT.as_millis().to_string())
+            .execute(&mut *tx)
+            .await?;
+            let deleted: i64 = sqlx::query_scalar(&q.sweep)
+                .bind(retention.as_secs_f64() * 1000.0)
+                .bind(limit as i64)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(deleted.max(0) as u64)
+        };
+        Ok(answered_within(self.answer_within, sweep).await?)
+    }
+
+    /// How long ago the oldest published row still in the table was published (`None`: none
+    /// is). One probe of the retention index.
+    pub async fn oldest_published(&self, q: &TableSql) -> Result<Option<Duration>, DbError> {
+        let query = sqlx::query_scalar::<_, Option<f64>>(&q.oldest_published);
+        let age = answered_within(self.answer_within, query.fetch_one(&self.pool)).await?;
+        Ok(age.map(|s| Duration::from_secs_f64(s.max(0.0))))
     }
 
     /// Counts for `outbox-relay status`, in time that does not grow with the published
@@ -559,6 +687,58 @@ impl Store {
 
 /// Rows one hold or release statement moves per key at most.
 const HOLD_CHUNK: i64 = 10_000;
+
+/// A retention sweep batch gives up after this long (its rows stay for the next one).
+pub const SWEEP_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// ... and after this long waiting for a table lock (an `ALTER TABLE`, a `LOCK TABLE`): the
+/// sweeper never keeps a queue of other sessions waiting behind it.
+pub const SWEEP_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The storage parameters `migrate` gives every outbox table (see the README, "Autovacuum").
+/// A parameter the table already has (set by an operator, or by an earlier `migrate`) is left
+/// as it is. `autovacuum_vacuum_insert_scale_factor` needs PostgreSQL 13.
+pub const AUTOVACUUM: &[(&str, &str)] = &[
+    // Vacuum after 1 % of the table changed instead of 20 %: the published (or deleted) rows'
+    // old versions are removed while they are few, whatever the history's size.
+    ("autovacuum_vacuum_scale_factor", "0.01"),
+    // Inserts alone (delete mode, or rows still pending) start a vacuum after 1 % too: the
+    // visibility map stays current and the history is frozen in small steps, not by one
+    // anti-wraparound vacuum over the whole table.
+    ("autovacuum_vacuum_insert_scale_factor", "0.01"),
+    // The planner's view of a table whose pending set swings from empty to a backlog and back.
+    ("autovacuum_analyze_scale_factor", "0.02"),
+];
+
+/// Sets the [`AUTOVACUUM`] parameters `table` does not have yet, in the caller's transaction
+/// (`ALTER TABLE ... SET` takes a SHARE UPDATE EXCLUSIVE lock: it waits for a running vacuum,
+/// never blocks producers or the relay). Returns the ones set, or `None` when none was missing.
+async fn set_autovacuum(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &TableName,
+) -> anyhow::Result<Option<String>> {
+    let row = sqlx::query(
+        "SELECT coalesce(c.reloptions, '{}') AS options, current_setting('server_version_num')::int AS version          FROM pg_class c WHERE c.oid = $1::regclass",
+    )
+    .bind(table.quoted())
+    .fetch_one(&mut **tx)
+    .await?;
+    let options: Vec<String> = row.try_get("options")?;
+    let version: i32 = row.try_get("version")?;
+    let missing: Vec<String> = AUTOVACUUM
+        .iter()
+        .filter(|(name, _)| version >= 130_000 || *name != "autovacuum_vacuum_insert_scale_factor")
+        .filter(|(name, _)| !options.iter().any(|o| o.starts_with(&format!("{name}="))))
+        .map(|(name, value)| format!("{name} = {value}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let set = missing.join(", ");
+    sqlx::raw_sql(&format!("ALTER TABLE {} SET ({set})", table.quoted()))
+        .execute(&mut **tx)
+        .await?;
+    Ok(Some(set))
+}
 
 /// The keys of `asked` that a hold or release statement did not finish: not locked (a
 /// producer's open transaction holds the key) or with more rows than one chunk.
@@ -774,6 +954,8 @@ pub struct TableSql {
     on_exhausted: OnExhausted,
     fetch: String,
     mark_published: String,
+    sweep: String,
+    oldest_published: String,
     record_failures: String,
     hold_keys: String,
     release_keys: String,
@@ -817,12 +999,25 @@ impl TableSql {
                AND (o.id > $6 OR o.id <> ALL($5::bigint[])) \
              ORDER BY o.id LIMIT $1"
         );
-        let mark_published = format!(
-            "WITH marked AS ( \
-                 UPDATE {t} SET published_at = now() \
-                 WHERE id = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING id) \
-             SELECT h.ordering_key FROM outbox_relay.held_keys h JOIN marked m ON h.holder = m.id \
-             WHERE h.table_oid = $2"
+        let mark_published = Self::mark_sql(table, OnPublished::Mark);
+        // Oldest first through the retention index (it stops at the cutoff: rows inside the
+        // retention are never read); `FOR UPDATE SKIP LOCKED`: a row another session locked is
+        // left for the next batch, never waited for. Only published rows: never a pending,
+        // held or parked one, whatever their age.
+        let sweep = format!(
+            "WITH picked AS ( \
+                 SELECT id FROM {t} \
+                 WHERE published_at IS NOT NULL AND parked_at IS NULL \
+                   AND published_at < now() - $1 * interval '1 millisecond' \
+                 ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+             deleted AS ( \
+                 DELETE FROM {t} AS t USING picked p \
+                 WHERE t.id = p.id AND t.published_at IS NOT NULL RETURNING 1) \
+             SELECT count(*) FROM deleted"
+        );
+        let oldest_published = format!(
+            "SELECT extract(epoch FROM now() - min(published_at))::float8 FROM {t} \
+             WHERE published_at IS NOT NULL"
         );
         let record_failures = format!(
             "UPDATE {t} AS t SET attempts = t.attempts + 1, last_error = f.error, \
@@ -893,11 +1088,42 @@ impl TableSql {
             on_exhausted,
             fetch,
             mark_published,
+            sweep,
+            oldest_published,
             record_failures,
             hold_keys,
             release_keys,
             stale_holds,
         }
+    }
+
+    /// The same statements with confirmed rows marked or deleted as `on_published` says.
+    pub fn on_published(mut self, on_published: OnPublished) -> Self {
+        self.mark_published = Self::mark_sql(&self.table, on_published);
+        self
+    }
+
+    /// The mark: exactly the confirmed ids of this table instance (`tableoid`: a table
+    /// dropped and created again reuses ids) that are still unpublished, set published or
+    /// deleted; returns the keys whose holder it published, so they are released. A deleted
+    /// holder is as gone as a published one: the stale-hold sweep treats both alike.
+    fn mark_sql(table: &TableName, on_published: OnPublished) -> String {
+        let t = table.quoted();
+        let write = match on_published {
+            OnPublished::Mark => format!(
+                "UPDATE {t} SET published_at = now() \
+                 WHERE id = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING id"
+            ),
+            OnPublished::Delete => format!(
+                "DELETE FROM {t} \
+                 WHERE id = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING id"
+            ),
+        };
+        format!(
+            "WITH marked AS ({write}) \
+             SELECT h.ordering_key FROM outbox_relay.held_keys h JOIN marked m ON h.holder = m.id \
+             WHERE h.table_oid = $2"
+        )
     }
 
     /// The LISTEN channel of `table`'s insert trigger.

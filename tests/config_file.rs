@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use outbox_relay::config::{
-    ExchangeType, LogFormat, OnExhausted, RabbitTlsSettings, Settings, TableName, EX_CONFIG,
+    ExchangeType, LogFormat, OnExhausted, OnPublished, RabbitTlsSettings, Settings, TableName,
+    EX_CONFIG,
 };
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/outbox-relay.toml");
@@ -101,6 +102,8 @@ fn the_example_config_loads_with_the_values_it_states() {
     assert!(declaration.durable);
     assert_eq!(table.retry.max_attempts, Some(10));
     assert_eq!(table.retry.on_exhausted, Some(OnExhausted::HoldKey));
+    assert_eq!(table.on_published, OnPublished::Mark);
+    assert_eq!(table.retention, Some(Duration::from_secs(7 * 24 * 3600)));
 }
 
 #[test]
@@ -186,6 +189,12 @@ exchange = "events"
         (defaults.log.format, &defaults.log.level)
     );
 
+    // A table marks its published rows and keeps them unless it sets a retention.
+    assert_eq!(
+        defaults.outbox[0].on_published,
+        example.outbox[0].on_published
+    );
+    assert_eq!(defaults.outbox[0].retention, None);
     // The per-table override in the example restates the global policy, so it changes nothing.
     let effective = example.retry.with_override(&example.outbox[0].retry);
     assert_eq!(

@@ -177,13 +177,21 @@ impl MarkPipeline {
     /// Looks for holds whose holder is gone (once after the lock is taken, then every
     /// [`SWEEP_EVERY`] while the table holds keys) and queues their release.
     pub async fn sweep_stale_holds(&mut self, force: bool) -> Result<(), DbError> {
-        let Some(oid) = self.table_oid else {
-            return Ok(());
-        };
         let due = self.held_keys > 0 && self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
         if !force && !due {
             return Ok(());
         }
+        let oid = match self.table_oid {
+            Some(oid) => oid,
+            // Nothing fetched yet: when every pending row waits behind a key whose holder is
+            // gone (a relay stopped between publishing or deleting the holder and releasing
+            // the key), nothing ever would be. The table's current instance it is.
+            None => {
+                let oid = self.store.table_oid(&self.sql).await?;
+                self.read_from(oid);
+                oid
+            }
+        };
         self.last_sweep = Some(std::time::Instant::now());
         let (stale, held) = self.store.stale_holds(&self.sql, oid).await?;
         self.held_keys = held;

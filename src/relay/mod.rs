@@ -5,13 +5,16 @@
 //! One row's way, file by file: the coordination session wakes the table (`store/
 //! coordination.rs`); [`TableRelay::step`] fetches it (`store.rs`, `fetch_due`); the window
 //! queues it behind its key, builds the message (`message.rs`) and publishes it (`window.rs`,
-//! `publisher.rs`); its confirm moves it to the mark pipeline, which writes `published_at` in
-//! the background (`marks.rs`, `store.rs`, `mark_published`), or records its failure and holds
-//! its key (`record_failures`, `hold_keys`).
+//! `publisher.rs`); its confirm moves it to the mark pipeline, which writes `published_at` (or,
+//! with `on_published = "delete"`, deletes the row) in the background (`marks.rs`, `store.rs`,
+//! `mark_published`), or records its failure and holds its key (`record_failures`,
+//! `hold_keys`). With `retention`, the table's sweeper deletes the published rows once they are
+//! older than that (`retention.rs`, `sweep_published`).
 
 mod links;
 pub mod marks;
 mod report;
+pub mod retention;
 mod window;
 
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use links::{Links, Unready};
 pub use marks::MarkPipeline;
 pub use report::Heartbeat;
 use report::{Health, Reporter};
+pub use retention::{RetentionProgress, SweepStep, Sweeper};
 use window::{ConfirmWindow, Drive};
 
 /// What one [`TableRelay::step`] did.
@@ -90,7 +94,7 @@ impl TableRelay {
         metrics: TableMetrics,
     ) -> Self {
         let policy = RetryPolicy::from(&settings.retry.with_override(&table.retry));
-        let sql = TableSql::new(&table.table, policy.on_exhausted);
+        let sql = TableSql::new(&table.table, policy.on_exhausted).on_published(table.on_published);
         let relay = &settings.relay;
         // Half the window per mark, so one half is marked while the other is published.
         let mark_chunk = (relay.max_in_flight / 2).clamp(1, relay.batch_size as usize);

@@ -1,6 +1,7 @@
 //! `outbox-relay-bench`: measures the real relay binary against the broker's own limit
 //! (raw lapin publishing) in the same run, plus latency, idle cost, history, the
-//! PostgreSQL-only ceiling and two production shapes (many tables, a held key). Thin: parses
+//! PostgreSQL-only ceiling, two production shapes (many tables, a held key) and delete mode
+//! against mark mode. Thin: parses
 //! arguments, sets up and tears down the bench's own database, exchange and queue, runs the
 //! scenarios and prints the report.
 
@@ -35,8 +36,16 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            transactions) for --latency-secs; commit->consumer latency p50/p95/p99/max.
   idle     relay with nothing to do for --idle-secs: its CPU seconds and the statements it sends
            to PostgreSQL, counted exactly by a protocol-counting TCP proxy in front of the server.
-  history  drain again with 10 x --events already-published rows in the table, alternating with
-           drain on an empty table; ratio history / empty.
+  history  drain again with --history-rows already-published rows in the table (default
+           10,000,000; --quick 10 x --events), alternating with drain on an empty table; ratio
+           history / empty (target >= 0.95). The history is written once, set-based (INSERT ...
+           SELECT generate_series in chunks of 50,000 rows, through the order-guard trigger like
+           any producer's rows; small payloads, about 200 bytes a row: the relay never reads a
+           published row's payload), then VACUUM ANALYZE, before the first timed round.
+  delete-mode
+           drain of --events rows with on_published = \"delete\" (each confirmed row deleted)
+           against the same drain with on_published = \"mark\", alternating; ratio delete / mark,
+           and the PostgreSQL CPU per event of each.
   pg-only  the relay's own fetch + mark statements (library calls) on a backlog of --events rows,
            no broker: rows/s, i.e. the PostgreSQL ceiling.
   many-tables
@@ -56,8 +65,9 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            the head's failure and stopped, so with a schema that has held keys the queued rows
            start out held, as a producer's would. Same bound as many-tables.
 
-Defaults: full run = 100,000 events, 2 rounds, 20 s latency, 10 s idle, 200 tables. --quick =
-10,000 events, 1 round, 5 s latency, 3 s idle, 50 tables (about 3 minutes, for CI).
+Defaults: full run = 100,000 events, 10,000,000 history rows, 2 rounds, 20 s latency, 10 s idle,
+200 tables. --quick = 10,000 events, 100,000 history rows, 1 round, 5 s latency, 3 s idle, 50
+tables (about 3 minutes, for CI).
 
 The relay binary is taken from the bench's own directory (build both with
 `cargo build --release --workspace --bins`; `cargo run --release -p outbox-relay-bench` builds
@@ -91,6 +101,10 @@ struct Args {
     /// Rows of the drain backlog; the other scenarios scale with it (hot-key /10, history x10).
     #[arg(long, value_name = "N")]
     events: Option<u64>,
+    /// Published rows in the table of the history scenario (default 10,000,000; --quick 10 x
+    /// --events).
+    #[arg(long, value_name = "N")]
+    history_rows: Option<u64>,
     /// Small sizes and short durations for CI (about 3 minutes).
     #[arg(long)]
     quick: bool,
@@ -140,6 +154,7 @@ enum Scenario {
     PgOnly,
     ManyTables,
     HeldKey,
+    DeleteMode,
     All,
 }
 
@@ -175,7 +190,11 @@ impl Plan {
             rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 2 }).max(1),
             drain_rows: events,
             hot_key_rows: (events / 10).max(2_000),
-            history_rows: events * 10,
+            history_rows: args.history_rows.unwrap_or(if args.quick {
+                events * 10
+            } else {
+                10_000_000
+            }),
             ordering_keys: 1_000,
             tables: args
                 .tables
@@ -290,6 +309,9 @@ async fn measure(env: &mut BenchEnv, plan: &Plan, scenario: Scenario) -> anyhow:
     }
     if wants(Scenario::HeldKey) {
         report.held_key = Some(shapes::held_key(env, plan).await?);
+    }
+    if wants(Scenario::DeleteMode) {
+        report.delete_mode = Some(scenarios::delete_mode(env, plan).await?);
     }
     Ok(report)
 }

@@ -23,6 +23,8 @@ pub struct RelayConfig {
     poll_interval: Duration,
     /// `[retry]` keys as TOML values (`("max_attempts", "1")`), the relay's defaults otherwise.
     retry: Vec<(&'static str, String)>,
+    /// Every table's `on_published` (`"mark"` or `"delete"`); the relay's default when unset.
+    on_published: Option<&'static str>,
 }
 
 impl RelayConfig {
@@ -40,7 +42,14 @@ impl RelayConfig {
             max_in_flight: 1000,
             poll_interval: Duration::from_secs(1),
             retry: Vec::new(),
+            on_published: None,
         }
+    }
+
+    /// Sets every table's `on_published` (`"mark"` or `"delete"`).
+    pub fn on_published(mut self, mode: &'static str) -> Self {
+        self.on_published = Some(mode);
+        self
     }
 
     /// Sets a `[retry]` key; `value` is written as it is (a TOML value: `1`, `"1h"`).
@@ -93,6 +102,9 @@ impl RelayConfig {
                 s(&table.to_string()),
                 s(&self.exchange)
             );
+            if let Some(mode) = self.on_published {
+                text += &format!("on_published = {}\n", s(mode));
+            }
         }
         let mut file = std::fs::OpenOptions::new()
             .write(true)

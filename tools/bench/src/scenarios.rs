@@ -1,4 +1,4 @@
-//! The six measurement scenarios (the production shapes are in `shapes`). Each prepares its
+//! The seven measurement scenarios (the production shapes are in `shapes`). Each prepares its
 //! table, runs the relay (a child process) and its baseline in alternating rounds, and returns
 //! the raw figures; `report` turns them into medians and ratios.
 
@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::consumer::Received;
 use crate::env::{self, BenchEnv};
 use crate::process::{CpuSplit, HostCpu, ProcessCpu, RelayConfig, RelayProcess, Usage};
-use crate::report::{Comparison, History, Idle, Latency, PgOnly, PgOnlyRun, Run};
+use crate::report::{Comparison, DeleteMode, History, Idle, Latency, PgOnly, PgOnlyRun, Run};
 use crate::workload::{self, EVENT_TYPE, ROUTING_KEY};
 use crate::{raw, Plan};
 
@@ -195,12 +195,25 @@ async fn relay_round(
     tag: &str,
     rows: u64,
 ) -> anyhow::Result<Run> {
+    let config = RelayConfig::new(env, std::slice::from_ref(table))
+        .window(plan.batch_size, plan.max_in_flight);
+    relay_round_with(env, config, table, 0, tag, rows).await
+}
+
+/// [`relay_round`] with the relay's config given, until every row is received and none with
+/// an id above `floor` (the round's rows are above it) is left unpublished: marked, or deleted.
+async fn relay_round_with(
+    env: &BenchEnv,
+    config: RelayConfig,
+    table: &TableName,
+    floor: i64,
+    tag: &str,
+    rows: u64,
+) -> anyhow::Result<Run> {
     env.purge_queue().await?;
     let consumer = env.consumer()?;
     let all_received = consumer.expect(tag, rows as usize, false);
-    let config = RelayConfig::new(env, std::slice::from_ref(table))
-        .window(plan.batch_size, plan.max_in_flight)
-        .write(&env.dir.join(format!("{tag}.toml")))?;
+    let config = config.write(&env.dir.join(format!("{tag}.toml")))?;
     let cpu = HostCpu::now();
     let processes = ProcessCpu::now();
     let mut relay =
@@ -216,7 +229,7 @@ async fn relay_round(
     )
     .await?;
     let pool = env.pool()?;
-    while !workload::all_published(pool, table).await? {
+    while !workload::all_published_above(pool, table, floor).await? {
         relay.check_alive()?;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -499,24 +512,39 @@ pub async fn history(env: &BenchEnv, plan: &Plan) -> anyhow::Result<History> {
     let empty = env::table(env::DRAIN_TABLE);
     let hist = env::table(env::HISTORY_TABLE);
     let pool = env.pool()?;
-    let seeded = workload::seed(
-        pool,
-        &hist,
-        "history",
-        plan.history_rows,
-        plan.ordering_keys,
-        true,
-    )
-    .await?;
+    // In steps of a million rows, so a long fill says how far it got.
+    const STEP: u64 = 1_000_000;
+    let mut seed_s = 0.0;
+    let mut from = 0;
+    while from < plan.history_rows {
+        let to = (from + STEP).min(plan.history_rows);
+        let took =
+            workload::seed_history(pool, &hist, "history", from..to, plan.ordering_keys).await?;
+        seed_s += took.as_secs_f64();
+        from = to;
+        if plan.history_rows > STEP {
+            eprintln!(
+                "  history: {to} of {} published rows inserted",
+                plan.history_rows
+            );
+        }
+    }
+    let history_top = workload::max_id(pool, &hist).await?;
+    let vacuumed = Instant::now();
     workload::vacuum_analyze(pool, &hist).await?;
+    let vacuum_s = vacuumed.elapsed().as_secs_f64();
+    let history_bytes = workload::total_bytes(pool, &hist).await?;
     eprintln!(
-        "  history: {} published rows inserted in {:.1} s",
+        "  history: {} published rows inserted in {seed_s:.1} s, vacuumed and analyzed in {vacuum_s:.1} s, {:.2} GiB with indexes",
         plan.history_rows,
-        seeded.as_secs_f64()
+        history_bytes as f64 / (1u64 << 30) as f64
     );
     let mut result = History {
         history_rows: plan.history_rows,
         rows: plan.drain_rows,
+        seed_s,
+        vacuum_s,
+        history_bytes,
         empty: Vec::new(),
         history: Vec::new(),
     };
@@ -528,7 +556,7 @@ pub async fn history(env: &BenchEnv, plan: &Plan) -> anyhow::Result<History> {
         result.empty.push(run);
 
         let tag = format!("hbacklog{round}");
-        workload::delete_tag_prefix(pool, &hist, "hbacklog").await?;
+        workload::delete_above(pool, &hist, history_top).await?;
         workload::seed(
             pool,
             &hist,
@@ -539,9 +567,39 @@ pub async fn history(env: &BenchEnv, plan: &Plan) -> anyhow::Result<History> {
         )
         .await?;
         workload::vacuum_analyze(pool, &hist).await?;
-        let run = relay_round(env, plan, &hist, &tag, plan.drain_rows).await?;
+        let config = RelayConfig::new(env, std::slice::from_ref(&hist))
+            .window(plan.batch_size, plan.max_in_flight);
+        let run = relay_round_with(env, config, &hist, history_top, &tag, plan.drain_rows).await?;
         progress("history", round, plan.rounds, "history", &run);
         result.history.push(run);
+    }
+    Ok(result)
+}
+
+/// The drain with each confirmed row deleted (`on_published = "delete"`) versus the same drain
+/// with each marked (`"mark"`), alternating, on fresh backlogs of the same table.
+pub async fn delete_mode(env: &BenchEnv, plan: &Plan) -> anyhow::Result<DeleteMode> {
+    let table = env::table(env::DRAIN_TABLE);
+    let mut result = DeleteMode {
+        rows: plan.drain_rows,
+        mark: Vec::new(),
+        delete: Vec::new(),
+    };
+    for round in 1..=plan.rounds {
+        for mode in ["mark", "delete"] {
+            let tag = format!("{mode}{round}");
+            prepare_backlog(env, &table, &tag, plan.drain_rows, plan.ordering_keys).await?;
+            let config = RelayConfig::new(env, std::slice::from_ref(&table))
+                .window(plan.batch_size, plan.max_in_flight)
+                .on_published(mode);
+            let run = relay_round_with(env, config, &table, 0, &tag, plan.drain_rows).await?;
+            progress("delete-mode", round, plan.rounds, mode, &run);
+            if mode == "mark" {
+                result.mark.push(run);
+            } else {
+                result.delete.push(run);
+            }
+        }
     }
     Ok(result)
 }
