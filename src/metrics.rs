@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -21,6 +22,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::config::TableName;
 pub use crate::publisher::Refusal;
+use crate::relay::RetentionProgress;
 use crate::store::{Backlog, Store};
 
 /// How old the backlog gauges may be when a scrape comes: older, the scrape reads them anew
@@ -157,6 +159,11 @@ pub struct Metrics {
     backlog_read_errors: Counter,
     reconnects: Family<ServerLabels, Counter>,
     broker_blocked_seconds: Counter<f64, AtomicU64>,
+    retention_deleted: Family<TableLabels, Counter>,
+    retention_last_sweep: Family<TableLabels, F64Gauge>,
+    oldest_published_age: Family<TableLabels, F64Gauge>,
+    /// The sweepers' progress, copied into the three metrics above at each scrape.
+    sweepers: std::sync::Mutex<Vec<(TableLabels, Arc<RetentionProgress>)>>,
     /// When the backlog gauges were last read (`None`: never), held while one scrape reads them.
     backlog_read: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -198,6 +205,10 @@ impl Metrics {
             backlog_read_errors: Counter::default(),
             reconnects: Family::default(),
             broker_blocked_seconds: Counter::default(),
+            retention_deleted: Family::default(),
+            retention_last_sweep: Family::default(),
+            oldest_published_age: Family::default(),
+            sweepers: std::sync::Mutex::new(Vec::new()),
             backlog_read: tokio::sync::Mutex::new(None),
             registry: Registry::default(),
         };
@@ -296,6 +307,23 @@ impl Metrics {
             Unit::Seconds,
             m.broker_blocked_seconds.clone(),
         );
+        registry.register(
+            "retention_deleted_rows",
+            "Published rows the retention sweeper deleted (tables with `retention`)",
+            m.retention_deleted.clone(),
+        );
+        registry.register_with_unit(
+            "retention_last_sweep_timestamp",
+            "When the retention sweeper last finished a sweep (Unix time; 0 before the first)",
+            Unit::Seconds,
+            m.retention_last_sweep.clone(),
+        );
+        registry.register_with_unit(
+            "oldest_published_age",
+            "Age of the oldest published row still in the table, at the last sweep: near the retention while the sweeper keeps up",
+            Unit::Seconds,
+            m.oldest_published_age.clone(),
+        );
         for server in [Server::Postgres, Server::Rabbitmq] {
             let _ = m.reconnects.get_or_create(&ServerLabels { server });
         }
@@ -357,6 +385,40 @@ impl Metrics {
         metrics
     }
 
+    /// Exports the retention sweeper's `progress` for `table`.
+    pub fn add_sweeper(&self, table: &str, progress: Arc<RetentionProgress>) {
+        let labels = TableLabels {
+            table: table.to_owned(),
+        };
+        let _ = self.retention_deleted.get_or_create(&labels);
+        let _ = self.retention_last_sweep.get_or_create(&labels);
+        let _ = self.oldest_published_age.get_or_create(&labels);
+        if let Ok(mut sweepers) = self.sweepers.lock() {
+            sweepers.push((labels, progress));
+        }
+    }
+
+    /// Copies the sweepers' progress into their metrics.
+    fn read_sweepers(&self) {
+        let Ok(sweepers) = self.sweepers.lock() else {
+            return;
+        };
+        for (labels, progress) in sweepers.iter() {
+            let deleted = self.retention_deleted.get_or_create(labels);
+            // The sweeper's count only grows; the counter catches up with it (under the lock,
+            // so two scrapes never add the same rows twice).
+            deleted.inc_by(progress.rows_deleted_total().saturating_sub(deleted.get()));
+            self.retention_last_sweep
+                .get_or_create(labels)
+                .set(progress.last_sweep_unix().unwrap_or(0) as f64);
+            self.oldest_published_age.get_or_create(labels).set(
+                progress
+                    .oldest_published_age()
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            );
+        }
+    }
+
     /// Counts reconnects to `server`.
     pub fn reconnects(&self, server: Server) -> Counter {
         self.reconnects
@@ -373,6 +435,7 @@ impl Metrics {
     /// after reading the backlog gauges anew when they are older than [`BACKLOG_MAX_AGE`].
     pub async fn scrape(&self, backlog: &BacklogSource, openmetrics: bool) -> String {
         self.refresh_backlog(backlog).await;
+        self.read_sweepers();
         let mut text = String::new();
         let encoded = if openmetrics {
             prometheus_client::encoding::text::encode(&mut text, &self.registry)

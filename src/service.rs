@@ -68,6 +68,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
                 coordination.lock(index),
                 shutdown.clone(),
             );
+            metrics.add_sweeper(&table.table.to_string(), sweeper.progress());
             retention.push((table.table.clone(), sweeper.progress()));
             sweepers.push(tokio::spawn(sweeper.run()));
         }

@@ -181,11 +181,12 @@ async fn in_delete_mode_a_key_whose_holder_was_deleted_while_no_relay_ran_is_rel
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_deletes_only_published_rows_older_than_the_retention_under_concurrent_inserts()
 {
-    let env = TestEnv::new(Setup::new().set("outbox", "retention", "\"1m\"").set(
-        "outbox.retry",
-        "max_attempts",
-        "1",
-    ))
+    let env = TestEnv::new(
+        Setup::new()
+            .set("outbox", "retention", "\"1m\"")
+            .set("outbox.retry", "max_attempts", "1")
+            .set("health", "listen", "\"127.0.0.1:0\""),
+    )
     .await;
     // History: 12,000 rows published two hours ago (three batches and a bit), one published
     // 30 s ago (inside the retention).
@@ -239,6 +240,24 @@ async fn the_sweeper_deletes_only_published_rows_older_than_the_retention_under_
         5
     );
     assert!(env.row(parked).await.parked_at.is_some());
+
+    // The sweep's progress in the metrics.
+    let scrape = Scrape::of(&health_addr(&relay).await).await;
+    let t = [("table", env.table.as_str())];
+    assert_eq!(
+        scrape.value("outbox_relay_retention_deleted_rows_total", &t),
+        Some(12_000.0),
+        "{}",
+        scrape.text
+    );
+    assert!(scrape.value("outbox_relay_retention_last_sweep_timestamp_seconds", &t) > Some(0.0));
+    let oldest = scrape
+        .value("outbox_relay_oldest_published_age_seconds", &t)
+        .unwrap();
+    assert!(
+        (25.0..3600.0).contains(&oldest),
+        "the young row is the oldest left: {oldest}"
+    );
 }
 
 /// The sweeper of the test's table in this process, and the coordination session holding the
