@@ -25,6 +25,8 @@ pub struct RelayConfig {
     retry: Vec<(&'static str, String)>,
     /// Every table's `on_published` (`"mark"` or `"delete"`); the relay's default when unset.
     on_published: Option<&'static str>,
+    /// `health.listen`, for `GET /metrics`.
+    health: Option<std::net::SocketAddr>,
 }
 
 impl RelayConfig {
@@ -43,7 +45,14 @@ impl RelayConfig {
             poll_interval: Duration::from_secs(1),
             retry: Vec::new(),
             on_published: None,
+            health: None,
         }
+    }
+
+    /// Serves the health endpoint (and `/metrics`) on `addr`.
+    pub fn health(mut self, addr: std::net::SocketAddr) -> Self {
+        self.health = Some(addr);
+        self
     }
 
     /// Sets every table's `on_published` (`"mark"` or `"delete"`).
@@ -90,6 +99,9 @@ impl RelayConfig {
             self.max_in_flight,
             self.poll_interval.as_millis()
         );
+        if let Some(addr) = self.health {
+            text += &format!("\n[health]\nlisten = {}\n", s(&addr.to_string()));
+        }
         if !self.retry.is_empty() {
             text += "\n[retry]\n";
             for (key, value) in &self.retry {

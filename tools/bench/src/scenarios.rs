@@ -16,7 +16,9 @@ use tokio::sync::oneshot;
 use crate::consumer::Received;
 use crate::env::{self, BenchEnv};
 use crate::process::{CpuSplit, HostCpu, ProcessCpu, RelayConfig, RelayProcess, Usage};
-use crate::report::{Comparison, DeleteMode, History, Idle, Latency, PgOnly, PgOnlyRun, Run};
+use crate::report::{
+    Comparison, DeleteMode, History, Idle, Latency, PgOnly, PgOnlyRun, Run, Scraped,
+};
 use crate::workload::{self, EVENT_TYPE, ROUTING_KEY};
 use crate::{raw, Plan};
 
@@ -429,23 +431,78 @@ async fn warm_up(
     Ok(())
 }
 
-/// The relay with nothing to do: CPU and the statements it sends, counted by a proxy.
+/// The relay with nothing to do: CPU and the statements it sends, counted by a proxy; then the
+/// same while `/metrics` is scraped.
 pub async fn idle(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Idle> {
     let table = env::table(env::IDLE_TABLE);
     let (proxy, proxied) = counting_proxy(env).await?;
+    let health = free_local_addr()?;
     let config = RelayConfig::new(env, std::slice::from_ref(&table))
         .window(plan.batch_size, plan.max_in_flight)
-        .pg_url(&proxied);
+        .pg_url(&proxied)
+        .health(health);
     let poll = config.poll_interval();
     let path = config.write(&env.dir.join("idle.toml"))?;
     let mut relay = RelayProcess::start(&env.relay_bin, &path, &env.dir.join("idle.log"))?;
     warm_up(env, &mut relay, &table, "idlewarm").await?;
     // Let the relay finish the turn after the warm-up batch and settle into waiting.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle = count_idle(env, &proxy, &relay, poll, plan.idle).await?;
+    let mut idle = count_idle(env, &proxy, &relay, poll, plan.idle).await?;
+    idle.scraped = Some(count_scraped(&proxy, &mut relay, health, plan.idle).await?);
     relay.stop().await?;
     proxy.stop();
     Ok(idle)
+}
+
+/// An address on loopback nobody listens on now (the relay binds it next).
+fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// The statements an idle relay sends while `GET /metrics` is scraped a few times in
+/// `duration` (every third of it, at least every 10 s, as a Prometheus would every 15 s).
+async fn count_scraped(
+    proxy: &Proxy,
+    relay: &mut RelayProcess,
+    health: std::net::SocketAddr,
+    duration: Duration,
+) -> anyhow::Result<Scraped> {
+    let every = (duration / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let count0 = proxy.counted();
+    let started = Instant::now();
+    let mut scrapes = 0u32;
+    while started.elapsed() < duration {
+        relay.check_alive()?;
+        scrape_metrics(health).await?;
+        scrapes += 1;
+        let next_scrape = every * scrapes;
+        tokio::time::sleep(next_scrape.min(duration).saturating_sub(started.elapsed())).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Scraped {
+        every_s: every.as_secs_f64(),
+        scrapes: scrapes.into(),
+        seconds,
+        statements_per_s: (proxy.counted() - count0).statements as f64 / seconds,
+    })
+}
+
+/// `GET /metrics`; fails unless the relay answers 200.
+async fn scrape_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    anyhow::ensure!(
+        answer.starts_with("HTTP/1.1 200"),
+        "GET /metrics answered {:?}",
+        answer.lines().next().unwrap_or("")
+    );
+    Ok(())
 }
 
 /// A statement-counting proxy in front of the bench's PostgreSQL, and the bench database's URL
@@ -504,6 +561,7 @@ pub(crate) async fn count_idle(
         database_transactions_per_s: (xacts1 - xacts0) as f64 / seconds,
         poll_interval_s: poll.as_secs_f64(),
         usage: usage1,
+        scraped: None,
     })
 }
 
