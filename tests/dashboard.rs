@@ -117,11 +117,11 @@ fn the_dashboard_is_a_grafana_dashboard_that_imports_as_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_queries_is_in_a_real_metrics_answer() {
     // With a retention, so the sweeper's metrics are in the answer too.
-    let env = TestEnv::new(
-        Setup::new()
-            .set("health", "listen", "\"127.0.0.1:0\"")
-            .set("outbox", "retention", "\"7d\""),
-    )
+    let env = TestEnv::new(Setup::new().set("health", "listen", "\"127.0.0.1:0\"").set(
+        "outbox",
+        "retention",
+        "\"7d\"",
+    ))
     .await;
     let relay = env.start_relay();
     let addr = health_addr(&relay).await;
