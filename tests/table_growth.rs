@@ -72,15 +72,17 @@ async fn has_retention_index(env: &TestEnv) -> bool {
         .unwrap()
 }
 
+/// Delete mode, with a refused row parked at its first failure.
+fn delete_mode_parking_at_once() -> Setup {
+    Setup::new()
+        .set("outbox", "on_published", "\"delete\"")
+        .set("outbox.retry", "max_attempts", "1")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_mode_delivers_every_row_in_key_order_deletes_it_and_keeps_a_parked_row_until_retry()
 {
-    let env = TestEnv::new(
-        Setup::new()
-            .set("outbox", "on_published", "\"delete\"")
-            .set("outbox.retry", "max_attempts", "1"),
-    )
-    .await;
+    let env = TestEnv::new(delete_mode_parking_at_once()).await;
     // The head of key "late" is refused (its exchange does not exist yet) and parked at once;
     // the key's later rows wait behind it.
     let late = format!("{}_late", env.name);
@@ -142,12 +144,7 @@ async fn delete_mode_delivers_every_row_in_key_order_deletes_it_and_keeps_a_park
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_delete_mode_a_key_whose_holder_was_deleted_while_no_relay_ran_is_released_by_the_next_relay(
 ) {
-    let env = TestEnv::new(
-        Setup::new()
-            .set("outbox", "on_published", "\"delete\"")
-            .set("outbox.retry", "max_attempts", "1"),
-    )
-    .await;
+    let env = TestEnv::new(delete_mode_parking_at_once()).await;
     let late = format!("{}_late", env.name);
     let head = env
         .insert(&[NewRow::new("head", "k").exchange(&late)])
