@@ -248,7 +248,12 @@ async fn check_config(settings: &Settings, path: &std::path::Path) -> anyhow::Re
         .publisher(&[])
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("rabbitmq {}: reachable", settings.rabbitmq.url);
+    match broker.current_node().await {
+        Some(node) if settings.rabbitmq.url.nodes().len() > 1 => {
+            println!("rabbitmq {node}: reachable (the first node of rabbitmq.url that answered)")
+        }
+        _ => println!("rabbitmq {}: reachable", settings.rabbitmq.url),
+    }
     for table in &settings.outbox {
         if table.declare_exchange.is_some() {
             println!(

@@ -64,11 +64,13 @@ pub struct PostgresSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitSettings {
-    /// `amqp://user:password@host:port/vhost` (or `amqps://`); the password never appears in logs.
-    /// Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
+    /// `amqp://user:password@host:port/vhost` (or `amqps://`), or a list of them, one per node
+    /// of a cluster: the relay connects to the first that answers and moves to the next when
+    /// its node goes away ([`NodeUrls`]). Passwords never appear in logs. Either this or
+    /// `url_file`; after [`Settings::load`] it holds the file's URLs.
     #[serde(default)]
-    pub url: SecretUrl,
-    /// A file that holds the URL, like `postgres.url_file`.
+    pub url: NodeUrls,
+    /// A file that holds the URL (or one URL per line), like `postgres.url_file`.
     pub url_file: Option<PathBuf>,
     /// Client-provided connection name, shown by `rabbitmqctl list_connections client_properties`.
     #[serde(default = "defaults::connection_name")]
@@ -433,6 +435,114 @@ impl<'de> Deserialize<'de> for SecretUrl {
     }
 }
 
+/// `rabbitmq.url`: the broker's URL, or the URLs of a cluster's nodes in the order the relay
+/// tries them. Written as a string or an array of strings; a string may list several URLs
+/// separated by commas (for `OUTBOX_RELAY__RABBITMQ__URL`), split only where the next URL's
+/// `amqp://` or `amqps://` starts, so a comma in a password stays in it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct NodeUrls(Vec<SecretUrl>);
+
+impl NodeUrls {
+    /// The URLs in `text`: one per line, or separated by commas where the next URL starts;
+    /// blank lines and surrounding white space are ignored.
+    pub fn parse(text: &str) -> NodeUrls {
+        let mut urls = Vec::new();
+        for line in text.lines() {
+            let mut rest = line.trim();
+            while !rest.is_empty() {
+                let next = rest.match_indices(',').map(|(at, _)| at).find(|&at| {
+                    let after = rest[at + 1..].trim_start();
+                    after.starts_with("amqp://") || after.starts_with("amqps://")
+                });
+                let (url, tail) = match next {
+                    Some(at) => (&rest[..at], &rest[at + 1..]),
+                    None => (rest, ""),
+                };
+                if !url.trim().is_empty() {
+                    urls.push(SecretUrl::new(url.trim()));
+                }
+                rest = tail.trim_start();
+            }
+        }
+        NodeUrls(urls)
+    }
+
+    /// One node.
+    pub fn one(url: SecretUrl) -> NodeUrls {
+        NodeUrls(vec![url])
+    }
+
+    /// The nodes in the order the relay tries them (never empty after [`Settings::load`]).
+    pub fn nodes(&self) -> &[SecretUrl] {
+        &self.0
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every problem of the list, for the key `key` (`rabbitmq.url`, `rabbitmq.url_file`, ...):
+    /// `expected` when a URL is not `amqp://` or `amqps://`, a mix of the two, a URL twice.
+    fn problems(&self, key: &str, describe_got: &dyn Fn(&SecretUrl) -> String) -> Vec<String> {
+        let mut out = Vec::new();
+        let one = self.0.len() == 1;
+        let name = |i: usize| {
+            if one {
+                key.to_owned()
+            } else {
+                format!("{key}[{i}]")
+            }
+        };
+        for (i, url) in self.0.iter().enumerate() {
+            if !matches!(url.scheme().as_deref(), Some("amqp" | "amqps")) {
+                out.push(format!("{}: {}", name(i), describe_got(url)));
+            }
+            if self.0[..i].contains(url) {
+                out.push(format!("{}: {} is listed twice", name(i), url.redacted()));
+            }
+        }
+        let schemes: HashSet<String> = self.0.iter().filter_map(SecretUrl::scheme).collect();
+        if schemes.contains("amqp") && schemes.contains("amqps") {
+            out.push(format!(
+                "{key}: mixes amqp:// and amqps:// nodes ({self}); every node of a cluster is \
+                 reached the same way"
+            ));
+        }
+        out
+    }
+}
+
+impl fmt::Debug for NodeUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.0).finish()
+    }
+}
+
+/// The redacted URLs, separated by ", ".
+impl fmt::Display for NodeUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted: Vec<String> = self.0.iter().map(SecretUrl::redacted).collect();
+        f.write_str(&redacted.join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeUrls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d)? {
+            OneOrMany::One(text) => Ok(NodeUrls::parse(&text)),
+            OneOrMany::Many(urls) => Ok(NodeUrls(
+                urls.into_iter().map(|u| SecretUrl::new(u.trim())).collect(),
+            )),
+        }
+    }
+}
+
 /// A validated `schema.table` name. Only ever reaches SQL quoted, through [`TableName::quoted`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TableName {
@@ -657,23 +767,33 @@ impl Settings {
     /// Reads each section's `url_file` into its `url`: a problem for each file that cannot be
     /// read, and for each section that sets both keys (then neither is read).
     fn read_url_files(&mut self, credentials: Option<&Path>) -> Vec<String> {
+        let both = |section: &str| {
+            format!(
+                "{section}: url and url_file are both set (in the file or as \
+                 OUTBOX_RELAY__{}__URL...); keep one",
+                section.to_uppercase()
+            )
+        };
         let mut out = Vec::new();
-        for (section, url, url_file) in [
-            ("postgres", &mut self.postgres.url, &self.postgres.url_file),
-            ("rabbitmq", &mut self.rabbitmq.url, &self.rabbitmq.url_file),
-        ] {
-            let Some(file) = url_file else { continue };
-            if !url.is_empty() {
-                out.push(format!(
-                    "{section}: url and url_file are both set (in the file or as \
-                     OUTBOX_RELAY__{}__URL...); keep one",
-                    section.to_uppercase()
-                ));
-                continue;
+        if let Some(file) = &self.postgres.url_file {
+            if !self.postgres.url.is_empty() {
+                out.push(both("postgres"));
+            } else {
+                match read_url_file("postgres.url_file", file, credentials) {
+                    Ok(read) => self.postgres.url = read,
+                    Err(problem) => out.push(problem),
+                }
             }
-            match read_url_file(&format!("{section}.url_file"), file, credentials) {
-                Ok(read) => *url = read,
-                Err(problem) => out.push(problem),
+        }
+        if let Some(file) = &self.rabbitmq.url_file {
+            if !self.rabbitmq.url.is_empty() {
+                out.push(both("rabbitmq"));
+            } else {
+                // One URL per line: a cluster's nodes.
+                match read_url_file("rabbitmq.url_file", file, credentials) {
+                    Ok(read) => self.rabbitmq.url = NodeUrls::parse(read.expose()),
+                    Err(problem) => out.push(problem),
+                }
             }
         }
         out
@@ -682,47 +802,54 @@ impl Settings {
     /// Every semantic problem in the settings (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (section, url, url_file, schemes, expected) in [
-            (
-                "postgres",
-                &self.postgres.url,
-                &self.postgres.url_file,
-                &["postgres", "postgresql"][..],
-                "postgres://user@host:port/database",
-            ),
-            (
-                "rabbitmq",
-                &self.rabbitmq.url,
-                &self.rabbitmq.url_file,
-                &["amqp", "amqps"][..],
-                "amqp://user:password@host:port/vhost",
-            ),
-        ] {
-            let scheme_fits = url.scheme().is_some_and(|s| schemes.contains(&s.as_str()));
-            match url_file {
-                None if url.is_empty() => out.push(format!(
-                    "{section}.url: required (or {section}.url_file, a file that holds it)"
-                )),
-                // The file could not be read: `load` has said why.
-                Some(_) if url.is_empty() => {}
-                _ if scheme_fits => {}
-                None => out.push(format!(
-                    "{section}.url: expected {expected}, got {}",
-                    url.redacted()
-                )),
-                Some(file) => out.push(format!(
-                    "{section}.url_file: expected {} to hold {expected}, got {}",
+        const PG_EXPECTED: &str = "postgres://user@host:port/database";
+        let pg = &self.postgres.url;
+        let pg_fits = pg
+            .scheme()
+            .is_some_and(|s| s == "postgres" || s == "postgresql");
+        match &self.postgres.url_file {
+            None if pg.is_empty() => out
+                .push("postgres.url: required (or postgres.url_file, a file that holds it)".into()),
+            // The file could not be read: `load` has said why.
+            Some(_) if pg.is_empty() => {}
+            _ if pg_fits => {}
+            None => out.push(format!(
+                "postgres.url: expected {PG_EXPECTED}, got {}",
+                pg.redacted()
+            )),
+            Some(file) => out.push(format!(
+                "postgres.url_file: expected {} to hold {PG_EXPECTED}, got {}",
+                file.display(),
+                pg.redacted()
+            )),
+        }
+        const AMQP_EXPECTED: &str = "amqp://user:password@host:port/vhost";
+        let nodes = &self.rabbitmq.url;
+        match &self.rabbitmq.url_file {
+            None if nodes.is_empty() => out
+                .push("rabbitmq.url: required (or rabbitmq.url_file, a file that holds it)".into()),
+            Some(_) if nodes.is_empty() => {}
+            None => out.extend(nodes.problems("rabbitmq.url", &|url| {
+                format!("expected {AMQP_EXPECTED}, got {}", url.redacted())
+            })),
+            Some(file) => out.extend(nodes.problems("rabbitmq.url_file", &|url| {
+                format!(
+                    "expected {} to hold {AMQP_EXPECTED}, got {}",
                     file.display(),
                     url.redacted()
-                )),
-            }
+                )
+            })),
         }
         out.extend(crate::tls::postgres_url_problems(&self.postgres.url));
         if let Some(tls) = &self.rabbitmq.tls {
-            if self.rabbitmq.url.scheme().as_deref() == Some("amqp") {
+            if let Some(plain) = nodes
+                .nodes()
+                .iter()
+                .find(|url| url.scheme().as_deref() == Some("amqp"))
+            {
                 out.push(format!(
                     "rabbitmq.tls: needs an amqps:// rabbitmq.url, got {}",
-                    self.rabbitmq.url.redacted()
+                    plain.redacted()
                 ));
             }
             if let Err(problems) = crate::tls::BrokerTls::load(Some(tls)) {
@@ -937,7 +1064,7 @@ mod tests {
         );
         let s = Settings::load_with_credentials(&config, None).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.postgres.url.expose(), PG);
-        assert_eq!(s.rabbitmq.url.expose(), AMQP);
+        assert_eq!(s.rabbitmq.url.nodes(), [SecretUrl::new(AMQP)]);
         assert_eq!(s.postgres.url_file.as_deref(), Some(pg.as_path()));
         assert!(!format!("{s:?}").contains("s3cret"), "{s:?}");
     }
@@ -1002,6 +1129,62 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("rabbitmq.url: required"), "{text}");
+    }
+
+    #[test]
+    fn rabbitmq_url_takes_one_url_a_list_or_a_comma_separated_string() {
+        let dir = Scratch::new("nodes");
+        let a = "amqp://relay:mq-s3cret@mq-a:5672/%2f";
+        let b = "amqp://relay:pa,ss-s3cret@mq-b:5672/%2f";
+        for (rabbitmq, expected) in [
+            (format!("url = {a:?}"), vec![a]),
+            (format!("url = [{a:?}, {b:?}]"), vec![a, b]),
+            (format!("url = \"{a}, {b}\""), vec![a, b]),
+        ] {
+            let config = dir.config(&format!("url = {PG:?}"), &rabbitmq);
+            let s = Settings::load_with_credentials(&config, None)
+                .unwrap_or_else(|e| panic!("{rabbitmq}: {e}"));
+            let got: Vec<&str> = s.rabbitmq.url.nodes().iter().map(|u| u.expose()).collect();
+            assert_eq!(got, expected, "{rabbitmq}");
+            let shown = format!("{} {:?}", s.rabbitmq.url, s);
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_rabbitmq_url_file_holds_one_node_per_line() {
+        let dir = Scratch::new("nodes-file");
+        let file = dir.write(
+            "amqp.url",
+            "amqp://relay:mq-s3cret@mq-a:5672/%2f\n\namqp://relay:mq-s3cret@mq-b:5672/%2f\r\n",
+        );
+        let config = dir.config(
+            &format!("url = {PG:?}"),
+            &format!("url_file = {:?}", file.display().to_string()),
+        );
+        let s = Settings::load_with_credentials(&config, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.rabbitmq.url.to_string(),
+            "amqp://relay:***@mq-a:5672/%2f, amqp://relay:***@mq-b:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn each_node_url_is_checked_and_named_by_its_index() {
+        let dir = Scratch::new("nodes-wrong");
+        let config = dir.config(
+            &format!("url = {PG:?}"),
+            "url = [\"amqp://relay:mq-s3cret@mq-a:5672/%2f\", \"http://relay:mq-s3cret@mq-b/\", \
+             \"amqps://relay:mq-s3cret@mq-c:5671/%2f\", \"amqp://relay:mq-s3cret@mq-a:5672/%2f\"]",
+        );
+        let text = problems_of(&config, None);
+        for expected in [
+            "rabbitmq.url[1]: expected amqp://user:password@host:port/vhost, got http://relay:***@mq-b/",
+            "rabbitmq.url[3]: amqp://relay:***@mq-a:5672/%2f is listed twice",
+            "rabbitmq.url: mixes amqp:// and amqps:// nodes",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use lapin::{
 };
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::{ExchangeDeclaration, ExchangeType, RabbitSettings};
+use crate::config::{ExchangeDeclaration, ExchangeType, RabbitSettings, SecretUrl};
 use crate::message::OutboundMessage;
 use crate::tls::{BrokerTls, TlsCheck, TlsFailure};
 
@@ -103,6 +103,11 @@ pub fn describe(e: &lapin::Error) -> String {
 /// connection count stays one, whatever the number of tables. Reconnects on demand, once for
 /// all tables: the first table that finds the connection dead opens a new one, the others
 /// open their channels on it.
+///
+/// With several nodes (`rabbitmq.url` a list), a connect tries each node once, in the list's
+/// order: from the top on the first connect, and from the node after the one just lost on a
+/// reconnect (the lost one is the likeliest still down), so the relay moves round the cluster
+/// and a node that is back gets its turn when the relay next loses its node.
 pub struct Broker {
     settings: RabbitSettings,
     connection: tokio::sync::Mutex<Link>,
@@ -114,6 +119,9 @@ struct Link {
     connection: Option<Arc<Connection>>,
     /// A connection was opened before: the next one is a reconnect.
     connected_once: bool,
+    /// The index in `rabbitmq.url` of the node of the last connection opened; the next
+    /// connect starts with the node after it.
+    node: Option<usize>,
     /// The last failed connect: tables that ask again within [`RECONNECT_QUIET`] get the same
     /// answer instead of a connect attempt each.
     failed: Option<(Instant, PublishError)>,
@@ -193,10 +201,15 @@ impl Broker {
         if let Some(old) = link.connection.take() {
             close_connection(&old).await;
         }
-        match self.connect().await {
-            Ok(c) => {
+        let nodes = self.settings.url.nodes();
+        match self.connect_round(round(link.node, nodes.len())).await {
+            Ok((node, c, skipped)) => {
+                if nodes.len() > 1 && link.node != Some(node) {
+                    report_node(&nodes[node], node, nodes.len(), &skipped);
+                }
                 let c = Arc::new(c);
                 link.connection = Some(c.clone());
+                link.node = Some(node);
                 link.failed = None;
                 if std::mem::replace(&mut link.connected_once, true) {
                     self.reconnects.inc();
@@ -210,24 +223,63 @@ impl Broker {
         }
     }
 
-    async fn connect(&self) -> Result<Connection, PublishError> {
+    /// The node of the live connection (redacted), if there is one.
+    pub async fn current_node(&self) -> Option<String> {
+        let link = self.connection.lock().await;
+        let live = link.connection.as_ref()?.status().connected();
+        let node = self.settings.url.nodes().get(link.node?)?;
+        live.then(|| node.redacted())
+    }
+
+    /// Tries the nodes in `order` (see [`round`]): the index of the first that answered,
+    /// its connection, and the failures of the nodes tried before it. When none answered:
+    /// a single node's own error; for several, a TLS failure when every node failed its TLS
+    /// check (the operator's certificates, most likely the same on every node), else an
+    /// outage naming each node's failure.
+    async fn connect_round(
+        &self,
+        order: Vec<usize>,
+    ) -> Result<(usize, Connection, Vec<PublishError>), PublishError> {
+        let nodes = self.settings.url.nodes();
+        let mut failures = Vec::new();
+        for i in order {
+            match self.connect(&nodes[i]).await {
+                Ok(c) => return Ok((i, c, failures)),
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.len() <= 1 || failures.iter().all(|e| matches!(e, PublishError::Tls(_))) {
+            return Err(failures
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| PublishError::Transport("rabbitmq.url names no node".into())));
+        }
+        let each: Vec<String> = failures.iter().map(ToString::to_string).collect();
+        Err(PublishError::Transport(format!(
+            "none of the {} RabbitMQ nodes answered: {}",
+            nodes.len(),
+            each.join("; ")
+        )))
+    }
+
+    async fn connect(&self, url: &SecretUrl) -> Result<Connection, PublishError> {
         let settings = &self.settings;
         let properties = ConnectionProperties::default()
             .with_connection_name(settings.connection_name.as_str().into());
         let connect = async {
-            match settings.url.expose().parse::<AMQPUri>() {
+            match url.expose().parse::<AMQPUri>() {
                 Ok(uri) if uri.scheme == AMQPScheme::AMQPS => {
-                    self.connect_tls(uri, properties).await
+                    self.connect_tls(url, uri, properties).await
                 }
-                _ => Connection::connect(settings.url.expose(), properties)
+                _ => Connection::connect(url.expose(), properties)
                     .await
-                    .map_err(|e| self.connect_failed(&e)),
+                    .map_err(|e| connect_failed(url, &e)),
             }
         };
         match tokio::time::timeout(settings.connect_timeout, connect).await {
             Err(_) => Err(PublishError::Transport(format!(
                 "connecting to RabbitMQ at {} timed out after {}",
-                settings.url.redacted(),
+                url.redacted(),
                 humantime::format_duration(settings.connect_timeout)
             ))),
             Ok(result) => result,
@@ -236,9 +288,10 @@ impl Broker {
 
     /// An `amqps://` connection: TCP to the URL's host, then TLS with the certificates of
     /// `[rabbitmq.tls]` (read again now, so renewed files take effect), checking the broker's
-    /// certificate for `server_name` when set, else for the URL's host.
+    /// certificate for `server_name` when set, else for the URL's host (each node's own).
     async fn connect_tls(
         &self,
+        url: &SecretUrl,
         uri: AMQPUri,
         properties: ConnectionProperties,
     ) -> Result<Connection, PublishError> {
@@ -256,7 +309,7 @@ impl Broker {
             .server_name
             .unwrap_or_else(|| uri.authority.host.clone());
         let connector = tls.connector;
-        let runtime = lapin::runtime::default_runtime().map_err(|e| self.connect_failed(&e))?;
+        let runtime = lapin::runtime::default_runtime().map_err(|e| connect_failed(url, &e))?;
         let transport = async move |uri: AMQPUri, runtime| {
             let plain = AMQPUri {
                 scheme: AMQPScheme::AMQP,
@@ -270,18 +323,10 @@ impl Broker {
             .map_err(|e| match e.kind() {
                 ErrorKind::IOError(io) => match TlsCheck::find(io.as_ref()) {
                     Some(check) => PublishError::Tls(TlsFailure { server, check }),
-                    None => self.connect_failed(&e),
+                    None => connect_failed(url, &e),
                 },
-                _ => self.connect_failed(&e),
+                _ => connect_failed(url, &e),
             })
-    }
-
-    fn connect_failed(&self, e: &lapin::Error) -> PublishError {
-        PublishError::Transport(format!(
-            "cannot connect to RabbitMQ at {}: {}",
-            self.settings.url.redacted(),
-            describe(e)
-        ))
     }
 
     /// Closes the connection politely (at shutdown, after every table closed its channel).
@@ -289,6 +334,35 @@ impl Broker {
         if let Some(c) = self.connection.lock().await.connection.take() {
             close_connection(&c).await;
         }
+    }
+}
+
+/// The order in which a connect tries `nodes` nodes, `last` being the node of the last
+/// connection: every node once, from the top on the first connect, else from the node after
+/// `last`, round the list.
+fn round(last: Option<usize>, nodes: usize) -> Vec<usize> {
+    let first = last.map_or(0, |n| n + 1);
+    (0..nodes).map(|k| (first + k) % nodes).collect()
+}
+
+fn connect_failed(url: &SecretUrl, e: &lapin::Error) -> PublishError {
+    PublishError::Transport(format!(
+        "cannot connect to RabbitMQ at {}: {}",
+        url.redacted(),
+        describe(e)
+    ))
+}
+
+/// Logs the node the relay is connected to now (once per change of node), with the nodes that
+/// did not answer before it: a node that refuses the relay (its credentials, its certificate)
+/// while another answers is said here, not hidden by the working one.
+fn report_node(url: &SecretUrl, node: usize, nodes: usize, skipped: &[PublishError]) {
+    let node = format!("{} ({} of {nodes})", url.redacted(), node + 1);
+    if skipped.is_empty() {
+        tracing::info!(%node, "connected to RabbitMQ node");
+    } else {
+        let skipped: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        tracing::warn!(%node, skipped = %skipped.join("; "), "connected to RabbitMQ node after nodes that did not answer");
     }
 }
 
@@ -502,6 +576,15 @@ impl PendingConfirm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connect_tries_every_node_once_from_the_top_then_from_the_node_after_the_lost_one() {
+        assert_eq!(round(None, 3), [0, 1, 2]);
+        assert_eq!(round(Some(0), 3), [1, 2, 0]);
+        assert_eq!(round(Some(2), 3), [0, 1, 2]);
+        assert_eq!(round(Some(0), 1), [0]);
+        assert!(round(None, 0).is_empty());
+    }
 
     #[test]
     fn the_brokers_size_limit_is_read_from_its_refusal() {
