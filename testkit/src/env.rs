@@ -91,7 +91,9 @@ impl TestEnv {
         let database = Database::create(&admin, &name)
             .await
             .unwrap_or_else(|e| panic!("create the test database: {e:#}"));
-        let broker = if setup.vhost {
+        let broker = if let Some(url) = &setup.rabbitmq {
+            Vhost::shared(url.clone())
+        } else if setup.vhost {
             Vhost::create(servers, &name)
                 .await
                 .unwrap_or_else(|e| panic!("create the test's vhost: {e:#}"))
@@ -114,7 +116,7 @@ impl TestEnv {
         std::fs::write(&config_path, config).expect("write the config file");
 
         broker
-            .declare_queue(&queue)
+            .declare_queue_of(&queue, setup.quorum_queue)
             .await
             .unwrap_or_else(|e| panic!("declare the test queue: {e:#}"));
         if setup.relay_declares_exchange {

@@ -4,7 +4,7 @@
 //! ([`database`]) and a vhost, or the queues and exchanges in a shared one ([`vhost`]), named
 //! uniquely ([`servers`]); it consumes with a real AMQP consumer ([`consumer`]), breaks or
 //! watches the network with a TCP proxy ([`proxy`]), and runs the real relay binary
-//! ([`relay`]). The kit drives the relay from outside only: it does not link the relay's
+//! ([`relay`]), and starts a RabbitMQ cluster of a test's own ([`cluster`]). The kit drives the relay from outside only: it does not link the relay's
 //! library.
 //!
 //! For the relay's integration tests (`use outbox_relay_testkit::prelude::*;`): a test's
@@ -13,6 +13,7 @@
 //! faults ([`faults`]), and waiting for events instead of sleeping ([`wait`]).
 
 pub mod cli;
+pub mod cluster;
 pub mod consumer;
 pub mod database;
 pub mod env;

@@ -14,6 +14,10 @@ pub struct Setup {
     pub(crate) bindings: Vec<String>,
     /// Another PostgreSQL server for the test's database (see [`Setup::postgres_server`]).
     pub(crate) postgres: Option<url::Url>,
+    /// Another broker for the test's exchange and queue (see [`Setup::rabbitmq_server`]).
+    pub(crate) rabbitmq: Option<url::Url>,
+    /// The test queue is a quorum queue (see [`Setup::quorum_queue`]).
+    pub(crate) quorum_queue: bool,
     /// (section, key, TOML value) written into the config, overriding the defaults below.
     settings: Vec<(String, String, String)>,
 }
@@ -42,6 +46,8 @@ impl Setup {
             migrate: true,
             bindings: vec!["#".into()],
             postgres: None,
+            rabbitmq: None,
+            quorum_queue: false,
             settings: Vec::new(),
         }
     }
@@ -82,6 +88,21 @@ impl Setup {
     /// the test's pool all reach it with that URL.
     pub fn postgres_server(mut self, url: &url::Url) -> Self {
         self.postgres = Some(url.clone());
+        self
+    }
+
+    /// Makes the test's exchange and queue on the broker of `url` (a vhost's URL: a node of a
+    /// [`crate::cluster::RabbitCluster`], say) instead of the test broker; the consumer and
+    /// the relay's `rabbitmq.url` use it (set `rabbitmq.url` to list more nodes).
+    pub fn rabbitmq_server(mut self, url: &url::Url) -> Self {
+        self.rabbitmq = Some(url.clone());
+        self
+    }
+
+    /// Declares the test queue as a quorum queue (`x-queue-type = quorum`), replicated on
+    /// every node of a cluster: the broker confirms a message only once a majority holds it.
+    pub fn quorum_queue(mut self) -> Self {
+        self.quorum_queue = true;
         self
     }
 

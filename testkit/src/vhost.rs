@@ -144,14 +144,23 @@ impl Vhost {
 
     /// Declares a durable queue, deleted with the vhost's objects at the end.
     pub async fn declare_queue(&self, name: &str) -> anyhow::Result<()> {
+        self.declare_queue_of(name, false).await
+    }
+
+    /// Declares a durable queue, a quorum queue when `quorum`, deleted with the vhost's
+    /// objects at the end.
+    pub async fn declare_queue_of(&self, name: &str, quorum: bool) -> anyhow::Result<()> {
+        let mut arguments = FieldTable::default();
+        if quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                lapin::types::AMQPValue::LongString("quorum".into()),
+            );
+        }
         self.with_channel(|ch| async move {
-            ch.queue_declare(
-                name.into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("declaring queue {name}"))
+            ch.queue_declare(name.into(), QueueDeclareOptions::durable(), arguments)
+                .await
+                .with_context(|| format!("declaring queue {name}"))
         })
         .await?;
         let mut declared = self.declared.lock().unwrap_or_else(|e| e.into_inner());
