@@ -23,8 +23,9 @@ use crate::tls::{BrokerTls, TlsCheck, TlsFailure};
 /// Why a publish did not end in a clean confirm.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
-    /// The broker refused this message (nack, unroutable, missing exchange): the row is retried
-    /// with backoff and its attempts count.
+    /// The broker refused this message (unroutable, missing exchange): the row is retried
+    /// with backoff and its attempts count. A nack also comes as this, and the relay treats it
+    /// as an outage (see [`Refusal::Nack`]).
     #[error("{1}")]
     Refused(Refusal, String),
     /// The broker refused a message as larger than its `max_message_size` (`limit` bytes) and
@@ -70,7 +71,9 @@ impl PublishError {
 /// Why the broker refused a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refusal {
-    /// The broker nacked the message.
+    /// The broker nacked the message: it could not take it (a quorum queue without its
+    /// majority or leader, a full queue with `reject-publish`, an internal error). Nothing
+    /// about the row: the relay retries it like an outage, attempts unchanged.
     Nack,
     /// The message reached no queue: the broker returned it (published `mandatory`).
     Unroutable,
@@ -567,7 +570,7 @@ impl PendingConfirm {
                 returned.delivery.exchange.as_str(),
                 returned.delivery.routing_key.as_str()
             ))),
-            Ok(Confirmation::Nack(_)) => Err(PublishError::Refused(Refusal::Nack, "the broker nacked the message".into())),
+            Ok(Confirmation::Nack(_)) => Err(PublishError::Refused(Refusal::Nack, "the broker nacked the message (a queue could not take it: a quorum queue without its majority, a full queue that rejects publishes)".into())),
             Err(e) => Err(PublishError::from_lapin("waiting for the confirm", &e)),
         }
     }

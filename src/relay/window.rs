@@ -14,7 +14,7 @@ use crate::config::OnExhausted;
 use crate::dispatch::KeyQueues;
 use crate::message::{self, OutboundMessage, OutboxRow};
 use crate::metrics::{ParkReason, TableMetrics};
-use crate::publisher::{PublishError, Publisher};
+use crate::publisher::{PublishError, Publisher, Refusal};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::store::{Failure, LockGuard, TableLock};
@@ -177,6 +177,17 @@ impl ConfirmWindow {
                     self.queues.release(&row);
                     if d.marks.wants_mark() {
                         break;
+                    }
+                }
+                Err(PublishError::Refused(Refusal::Nack, reason)) => {
+                    // A nack says the broker could not take the message (a quorum queue
+                    // without its majority or its leader, a full queue set to reject-publish,
+                    // an internal error), nothing about the row: an outage, so attempts do not
+                    // count and the row goes out again, same message_id, after the backoff.
+                    self.metrics.refused(Refusal::Nack);
+                    self.metrics.resent(1);
+                    if out.broken.is_none() {
+                        out.broken = Some(PublishError::Transport(reason));
                     }
                 }
                 Err(PublishError::Refused(refusal, reason)) => {
