@@ -223,3 +223,54 @@ async fn the_relay_moves_round_a_cluster_as_its_nodes_go_and_loses_nothing() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_refuse_or_are_down_are_named_and_the_next_node_is_used() {
+    // The shared broker is the third node; before it, a node that refuses the password and
+    // one where nothing listens.
+    let good = amqp_url(None);
+    let mut refusing = url::Url::parse(&good).unwrap();
+    refusing.set_password(Some("wrong-pw")).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut down = url::Url::parse(&good).unwrap();
+    down.set_port(Some(closed.local_addr().unwrap().port()))
+        .unwrap();
+    drop(closed);
+    let list = format!("[\"{refusing}\", \"{down}\", \"{good}\"]");
+    let env = TestEnv::new(Setup::new().set("rabbitmq", "url", &list)).await;
+
+    let checked = env.cli(&["check-config"]).await;
+    assert_eq!(checked.code, 0, "{checked:?}");
+    assert!(
+        checked.stdout.contains(&format!(
+            "rabbitmq {}: reachable (the first node of rabbitmq.url that answered)",
+            good.replace("guest:guest", "guest:***")
+        )),
+        "{checked:?}"
+    );
+
+    let relay = env.start_relay();
+    let ids = env.insert(&rows_over_keys("n", 3, 30)).await;
+    env.consumer.wait_for(ids.len()).await;
+    relay
+        .wait_for_log("connected to RabbitMQ node after nodes that did not answer")
+        .await;
+    let log = relay.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("after nodes that did not answer"))
+        .expect("the line waited for");
+    assert!(line.contains("(3 of 3)"), "{line}");
+    assert!(
+        line.contains("ACCESS_REFUSED"),
+        "the refusal in words: {line}"
+    );
+    assert!(
+        line.contains(&format!("127.0.0.1:{}", down.port().unwrap())),
+        "{line}"
+    );
+    assert!(
+        !log.contains("wrong-pw") && !log.contains("guest:guest"),
+        "a password in the log:\n{log}"
+    );
+}
