@@ -467,11 +467,6 @@ impl NodeUrls {
         NodeUrls(urls)
     }
 
-    /// One node.
-    pub fn one(url: SecretUrl) -> NodeUrls {
-        NodeUrls(vec![url])
-    }
-
     /// The nodes in the order the relay tries them (never empty after [`Settings::load`]).
     pub fn nodes(&self) -> &[SecretUrl] {
         &self.0
