@@ -66,7 +66,10 @@ async fn a_debezium_outbox_table_is_relayed_with_the_presets_properties() {
         &env,
         "\n[outbox.debezium]\ntable_fields_additional_placement = \"tenant:header,type:header:eventType\"\n",
     );
-    sqlx::raw_sql(DEBEZIUM_TABLE).execute(&env.pool).await.unwrap();
+    sqlx::raw_sql(DEBEZIUM_TABLE)
+        .execute(&env.pool)
+        .await
+        .unwrap();
     // Rows from before adoption: with --from now they are never published.
     for n in 0..3 {
         insert_debezium(&env.pool, "order-old", n).await;
@@ -81,16 +84,16 @@ async fn a_debezium_outbox_table_is_relayed_with_the_presets_properties() {
     );
 
     let _relay = env.start_relay();
-    // Two producers at once, each writing its own keys' rows in order, one per transaction.
+    // Two producers at once on the same keys, one row per transaction.
     let mut producers = Vec::new();
     for p in 0..2 {
         let pool = env.pool.clone();
         producers.push(tokio::spawn(async move {
             let mut written: HashMap<String, Vec<String>> = HashMap::new();
-            for n in 0..15 {
-                let key = format!("order-{p}-{}", n % 3);
+            for n in 0..20 {
+                let key = format!("order-{}", n % 3);
                 let id = insert_debezium(&pool, &key, n).await;
-                written.entry(key).or_default().push(id);
+                written.entry(format!("{p}/{key}")).or_default().push(id);
             }
             written
         }));
@@ -103,33 +106,126 @@ async fn a_debezium_outbox_table_is_relayed_with_the_presets_properties() {
     env.consumer.wait_for(total).await;
     env.wait_until_queue_is_settled().await;
     let received = env.consumer.received();
-    assert_eq!(env.consumer.unique_count(), total, "only the new rows: {received:?}");
+    assert_eq!(
+        env.consumer.unique_count(),
+        total,
+        "only the new rows: {received:?}"
+    );
 
-    for (key, ids) in &written {
-        let of_key: Vec<&Received> = first_deliveries(&received)
+    // Per aggregateid, in the order the guard numbered the rows (x-outbox-id), and each
+    // producer's rows of a key in the order it wrote them; message_id is Debezium's id.
+    assert_first_deliveries_in_id_order(&received);
+    for (producer_key, ids) in &written {
+        let key = producer_key.split_once('/').map_or("", |(_, k)| k);
+        let got: Vec<&str> = first_deliveries(&received)
             .into_iter()
-            .filter(|m| m.ordering_key() == *key)
+            .filter(|m| m.ordering_key() == key && ids.contains(&m.message_id))
+            .map(|m| m.message_id.as_str())
             .collect();
-        let got: Vec<&str> = of_key.iter().map(|m| m.message_id.as_str()).collect();
-        assert_eq!(got, *ids, "key {key}: message_id = id, in the producer's order");
+        assert_eq!(
+            got, *ids,
+            "{producer_key}: message_id = id, in the producer's order"
+        );
     }
     for m in &received {
         assert_eq!(m.routing_key, "orders", "aggregatetype is the routing key");
-        assert_eq!(m.kind.as_deref(), Some("OrderUpdated"), "type is the AMQP type");
+        assert_eq!(
+            m.kind.as_deref(),
+            Some("OrderUpdated"),
+            "type is the AMQP type"
+        );
         assert_eq!(m.content_type.as_deref(), Some("application/json"));
         assert_eq!(m.exchange, env.exchange);
-        assert_eq!(long_string(m.headers.get("tenant")).as_deref(), Some("acme"));
+        assert_eq!(
+            long_string(m.headers.get("tenant")).as_deref(),
+            Some("acme")
+        );
         assert_eq!(
             long_string(m.headers.get("eventType")).as_deref(),
             Some("OrderUpdated")
         );
-        assert!(m.body_json()["n"].is_i64(), "the payload is the body: {m:?}");
+        assert!(
+            m.body_json()["n"].is_i64(),
+            "the payload is the body: {m:?}"
+        );
     }
-    eventually("every new row marked published, the old ones not pending", || async {
+    eventually(
+        "every new row marked published, the old ones not pending",
+        || async {
+            let status = env.status_json().await;
+            status["pending"] == json!(0) && status["published"] == json!(total)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_row_of_an_adopted_table_holds_its_key_until_retry() {
+    let env = TestEnv::new(
+        Setup::new()
+            .without_migrate()
+            .table("public.dbz_outbox")
+            .set("outbox", "layout", "\"debezium\""),
+    )
+    .await;
+    sqlx::raw_sql(DEBEZIUM_TABLE)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let adopted = env.cli(&["migrate", "--adopt", "--from", "now"]).await;
+    assert_eq!(adopted.code, 0, "{adopted:?}");
+    let _relay = env.start_relay();
+    // A routing key AMQP cannot carry (400 bytes in 200 characters): parked at once, and its
+    // key is held.
+    let bad: String = sqlx::query_scalar(
+        "INSERT INTO public.dbz_outbox (id, aggregatetype, aggregateid, type, payload) \
+         VALUES (gen_random_uuid(), repeat('é', 200), 'order-k', 'OrderCreated', '{}') RETURNING id::text",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let behind = [
+        insert_debezium(&env.pool, "order-k", 1).await,
+        insert_debezium(&env.pool, "order-k", 2).await,
+    ];
+    let other = insert_debezium(&env.pool, "order-l", 1).await;
+    env.consumer.wait_for_id(&other).await;
+    eventually("the row parked, its key's later rows held", || async {
         let status = env.status_json().await;
-        status["pending"] == json!(0) && status["published"] == json!(total)
+        status["parked"] == json!(1) && status["held"] == json!(2)
     })
     .await;
+    let parked = env.cli(&["status", "--parked", "5"]).await;
+    assert!(parked.stdout.contains(&bad), "{parked:?}");
+    assert!(
+        parked
+            .stdout
+            .contains("unpublishable: routing_key is 400 bytes"),
+        "{parked:?}"
+    );
+    assert_eq!(
+        env.consumer.unique_count(),
+        1,
+        "nothing of order-k went out"
+    );
+
+    sqlx::query("UPDATE public.dbz_outbox SET aggregatetype = 'orders' WHERE id = $1::uuid")
+        .bind(&bad)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let retried = env.cli(&["retry", "--key", "order-k"]).await;
+    assert_eq!(retried.code, 0, "{retried:?}");
+    let received = env.consumer.wait_for(4).await;
+    let of_key: Vec<&str> = first_deliveries(&received)
+        .into_iter()
+        .filter(|m| m.ordering_key() == "order-k")
+        .map(|m| m.message_id.as_str())
+        .collect();
+    assert_eq!(
+        of_key,
+        [bad.as_str(), behind[0].as_str(), behind[1].as_str()]
+    );
 }
 
 /// An application's own table: names of its own, a text payload, header columns, a routing
@@ -175,7 +271,10 @@ async fn insert_custom(pool: &sqlx::PgPool, stream: &str, body: &str) -> i64 {
 async fn a_custom_table_with_a_text_payload_and_header_columns_publishes_its_backlog_first() {
     let env = TestEnv::new(Setup::new().without_migrate().table("public.app_events")).await;
     append_config(&env, CUSTOM_COLUMNS);
-    sqlx::raw_sql(CUSTOM_TABLE).execute(&env.pool).await.unwrap();
+    sqlx::raw_sql(CUSTOM_TABLE)
+        .execute(&env.pool)
+        .await
+        .unwrap();
     let mut before = Vec::new();
     for n in 0..5 {
         before.push(insert_custom(&env.pool, "s-1", &format!("old {n}")).await);
@@ -202,7 +301,10 @@ async fn a_custom_table_with_a_text_payload_and_header_columns_publishes_its_bac
         .map(|m| m.message_id.clone())
         .collect();
     let expected: Vec<String> = before.iter().chain(&after).map(i64::to_string).collect();
-    assert_eq!(ids, expected, "the rows from before first, then the new, in order");
+    assert_eq!(
+        ids, expected,
+        "the rows from before first, then the new, in order"
+    );
     let m = &received[0];
     assert_eq!(m.body, b"old 0");
     assert_eq!(m.content_type.as_deref(), Some("text/plain; charset=utf-8"));
@@ -210,8 +312,14 @@ async fn a_custom_table_with_a_text_payload_and_header_columns_publishes_its_bac
     assert_eq!(m.kind.as_deref(), Some("order.noted"));
     assert_eq!(m.headers.get("x-tenant"), Some(&AMQPValue::LongLongInt(7)));
     assert_eq!(long_string(m.headers.get("trace")).as_deref(), Some("tr-1"));
-    assert_eq!(long_string(m.headers.get("source")).as_deref(), Some("shop"));
-    assert!(m.timestamp.is_some_and(|t| t > 0), "inserted_at is the timestamp");
+    assert_eq!(
+        long_string(m.headers.get("source")).as_deref(),
+        Some("shop")
+    );
+    assert!(
+        m.timestamp.is_some_and(|t| t > 0),
+        "inserted_at is the timestamp"
+    );
 
     eventually("every row marked published", || async {
         let status = env.status_json().await;
@@ -235,7 +343,10 @@ async fn migrate_adopt_on_a_million_rows_never_blocks_a_concurrent_producer_for_
             .set("outbox", "layout", "\"debezium\""),
     )
     .await;
-    sqlx::raw_sql(DEBEZIUM_TABLE).execute(&env.pool).await.unwrap();
+    sqlx::raw_sql(DEBEZIUM_TABLE)
+        .execute(&env.pool)
+        .await
+        .unwrap();
     let started = Instant::now();
     sqlx::raw_sql(
         "INSERT INTO public.dbz_outbox (id, aggregatetype, aggregateid, type, payload) \
@@ -264,12 +375,27 @@ async fn migrate_adopt_on_a_million_rows_never_blocks_a_concurrent_producer_for_
     };
     let (file_before, columns_before) = (relfilenode().await, columns().await);
 
-    let dry = env.cli(&["migrate", "--adopt", "--from", "now", "--dry-run"]).await;
+    let dry = env
+        .cli(&["migrate", "--adopt", "--from", "now", "--dry-run"])
+        .await;
     assert_eq!(dry.code, 0, "{dry:?}");
-    for step in ["add the columns", "install the order guard", "CONCURRENTLY", "leave the 1000000 rows"] {
-        assert!(dry.stdout.contains(step), "dry run names {step:?}: {}", dry.stdout);
+    for step in [
+        "add the columns",
+        "install the order guard",
+        "CONCURRENTLY",
+        "leave the 1000000 rows",
+    ] {
+        assert!(
+            dry.stdout.contains(step),
+            "dry run names {step:?}: {}",
+            dry.stdout
+        );
     }
-    assert!(dry.stdout.contains("dry run: nothing changed"), "{}", dry.stdout);
+    assert!(
+        dry.stdout.contains("dry run: nothing changed"),
+        "{}",
+        dry.stdout
+    );
     assert_eq!(columns().await, columns_before, "a dry run changes nothing");
 
     // A producer that inserts one event per transaction throughout, timing each insert.
@@ -277,7 +403,10 @@ async fn migrate_adopt_on_a_million_rows_never_blocks_a_concurrent_producer_for_
     let producer = {
         let (pool, stop) = (env.pool.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut waits = ProducerWaits { inserts: 0, longest: Duration::ZERO };
+            let mut waits = ProducerWaits {
+                inserts: 0,
+                longest: Duration::ZERO,
+            };
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 let at = Instant::now();
@@ -290,24 +419,29 @@ async fn migrate_adopt_on_a_million_rows_never_blocks_a_concurrent_producer_for_
         })
     };
     eventually("the producer is inserting", || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM public.dbz_outbox WHERE type = 'OrderUpdated'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM public.dbz_outbox WHERE type = 'OrderUpdated'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
             > 10
     })
     .await;
     let migrate_started = Instant::now();
-    let inserts_before: i64 = sqlx::query_scalar("SELECT count(*) FROM public.dbz_outbox WHERE type = 'OrderUpdated'")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let inserts_before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM public.dbz_outbox WHERE type = 'OrderUpdated'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     let adopted = env.cli(&["migrate", "--adopt", "--from", "now"]).await;
     let migrate_took = migrate_started.elapsed();
-    let inserts_during = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM public.dbz_outbox WHERE type = 'OrderUpdated'")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
+    let inserts_during = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM public.dbz_outbox WHERE type = 'OrderUpdated'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
         - inserts_before;
     stop.store(true, Ordering::Relaxed);
     let waits = producer.await.unwrap();
@@ -321,7 +455,11 @@ async fn migrate_adopt_on_a_million_rows_never_blocks_a_concurrent_producer_for_
         inserts_during > 0,
         "the producer made progress while migrate --adopt ran"
     );
-    assert_eq!(relfilenode().await, file_before, "the table was not rewritten");
+    assert_eq!(
+        relfilenode().await,
+        file_before,
+        "the table was not rewritten"
+    );
 
     // Idempotent: a second run finds everything in place.
     let again = env.cli(&["migrate", "--adopt"]).await;
@@ -354,7 +492,10 @@ payload = \"tenant_id\"
 payload_type = \"text\"
 ",
     );
-    sqlx::raw_sql(CUSTOM_TABLE).execute(&env.pool).await.unwrap();
+    sqlx::raw_sql(CUSTOM_TABLE)
+        .execute(&env.pool)
+        .await
+        .unwrap();
     for args in [
         &["check-config"][..],
         &["migrate", "--adopt", "--from", "now"][..],
