@@ -126,7 +126,10 @@ pub fn main(cli: Cli) -> i32 {
     });
     match outcome {
         Ok(()) => 0,
-        Err(e) => match (e.downcast_ref::<ConfigError>(), e.downcast_ref::<MappingError>()) {
+        Err(e) => match (
+            e.downcast_ref::<ConfigError>(),
+            e.downcast_ref::<MappingError>(),
+        ) {
             (Some(config_error), _) => config_failure(config_error),
             // A mapping that does not fit the real table is a configuration error too.
             (None, Some(mapping)) => config_failure(&ConfigError {
@@ -177,7 +180,9 @@ async fn check_mappings_at_start(settings: &Settings) -> anyhow::Result<()> {
             Ok(()) => {}
             Err(e) => match e.downcast::<MappingError>() {
                 Ok(mapping) => problems.extend(mapping.problems),
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), table = %table.table, "cannot check the column mapping at start; the relay retries"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), table = %table.table, "cannot check the column mapping at start; the relay retries")
+                }
             },
         }
     }
@@ -235,7 +240,9 @@ async fn migrate(settings: &Settings, args: &MigrateArgs) -> anyhow::Result<()> 
             FromRows::Start => AdoptFrom::Start,
         });
         if adopted.is_empty() {
-            anyhow::bail!("--adopt: no table has mapped columns ([outbox.columns] or layout = \"debezium\")");
+            anyhow::bail!(
+                "--adopt: no table has mapped columns ([outbox.columns] or layout = \"debezium\")"
+            );
         }
         for table in &adopted {
             let plan = store
@@ -370,7 +377,10 @@ async fn check_config(settings: &Settings, path: &std::path::Path) -> anyhow::Re
         if table.mapping.is_some() {
             store.check_mapping(table).await?;
             store.check_adopted(table).await?;
-            println!("outbox table {}: ready (adopted, columns mapped)", table.table);
+            println!(
+                "outbox table {}: ready (adopted, columns mapped)",
+                table.table
+            );
             continue;
         }
         store.check_table(&table.table).await?;
@@ -425,7 +435,10 @@ async fn retry(settings: &Settings, args: &RetryArgs) -> anyhow::Result<()> {
     };
     let store = Store::connect(&settings.postgres).await?;
     for table in tables {
-        let sql = TableSql::for_outbox(table, settings.retry.with_override(&table.retry).on_exhausted);
+        let sql = TableSql::for_outbox(
+            table,
+            settings.retry.with_override(&table.retry).on_exhausted,
+        );
         let released = store.retry(&sql, &selector).await?;
         println!("{}: released {released} parked row(s)", table.table);
     }

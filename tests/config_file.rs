@@ -288,8 +288,15 @@ fn the_example_config_mentions_every_setting_the_code_knows() {
     );
     for key in std::iter::once("[rabbitmq.tls]".to_owned())
         .chain(debug_field_names(&tls).iter().map(|k| format!("{k} =")))
-        .chain(["[outbox.columns]".to_owned(), "[outbox.debezium]".to_owned()])
-        .chain(debug_field_names(&debezium).iter().map(|k| format!("{k} =")))
+        .chain([
+            "[outbox.columns]".to_owned(),
+            "[outbox.debezium]".to_owned(),
+        ])
+        .chain(
+            debug_field_names(&debezium)
+                .iter()
+                .map(|k| format!("{k} =")),
+        )
         .chain(debug_field_names(&columns).iter().map(|k| format!("{k} =")))
     {
         if !example.contains(&format!("# {key}")) {

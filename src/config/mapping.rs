@@ -221,7 +221,8 @@ fn replacement(text: &str, routed: &str) -> Vec<Part> {
 
 impl ColumnsSettings {
     pub fn resolve(&self, key: &str, out: &mut Vec<String>) -> ColumnMap {
-        let c = |k: &str, name: &str, out: &mut Vec<String>| column(&format!("{key}.{k}"), name, out);
+        let c =
+            |k: &str, name: &str, out: &mut Vec<String>| column(&format!("{key}.{k}"), name, out);
         let routing_key = match (&self.routing_key, &self.routing_key_template) {
             (Some(col), None) => vec![Part::Column(c("routing_key", col, out))],
             (None, Some(t)) => template(&format!("{key}.routing_key_template"), t, out),
@@ -253,9 +254,17 @@ impl ColumnsSettings {
             (k("event_type"), self.event_type.clone()),
             (k("payload"), self.payload.clone()),
         ];
-        let routing_name = if self.routing_key.is_some() { "routing_key" } else { "routing_key_template" };
+        let routing_name = if self.routing_key.is_some() {
+            "routing_key"
+        } else {
+            "routing_key_template"
+        };
         parts_keyed(&k(routing_name), &routing_key, &mut keys);
-        for (name, value) in [("headers", &self.headers), ("exchange", &self.exchange), ("created_at", &self.created_at)] {
+        for (name, value) in [
+            ("headers", &self.headers),
+            ("exchange", &self.exchange),
+            ("created_at", &self.created_at),
+        ] {
             if let Some(v) = value {
                 keys.push((k(name), v.clone()));
             }
@@ -294,10 +303,30 @@ impl DebeziumSettings {
         let or = |v: &Option<String>, k: &str, default: &str, out: &mut Vec<String>| {
             column(&format!("{key}.{k}"), v.as_deref().unwrap_or(default), out)
         };
-        let id = or(&self.table_field_event_id, "table_field_event_id", "id", out);
-        let event_key = or(&self.table_field_event_key, "table_field_event_key", "aggregateid", out);
-        let payload = or(&self.table_field_event_payload, "table_field_event_payload", "payload", out);
-        let event_type = or(&self.table_field_event_type, "table_field_event_type", "type", out);
+        let id = or(
+            &self.table_field_event_id,
+            "table_field_event_id",
+            "id",
+            out,
+        );
+        let event_key = or(
+            &self.table_field_event_key,
+            "table_field_event_key",
+            "aggregateid",
+            out,
+        );
+        let payload = or(
+            &self.table_field_event_payload,
+            "table_field_event_payload",
+            "payload",
+            out,
+        );
+        let event_type = or(
+            &self.table_field_event_type,
+            "table_field_event_type",
+            "type",
+            out,
+        );
         let routed = or(&self.route_by_field, "route_by_field", "aggregatetype", out);
         let destination = replacement(
             self.route_topic_replacement
@@ -426,10 +455,16 @@ mod tests {
                 Part::Text(".{v1}".into())
             ]
         );
-        assert_eq!(template("k", "fixed", &mut out), vec![Part::Text("fixed".into())]);
+        assert_eq!(
+            template("k", "fixed", &mut out),
+            vec![Part::Text("fixed".into())]
+        );
         assert!(out.is_empty());
         template("k", "a.{}", &mut out);
-        assert!(out[0].starts_with("k: \"\" is not a column name"), "{out:?}");
+        assert!(
+            out[0].starts_with("k: \"\" is not a column name"),
+            "{out:?}"
+        );
     }
 
     #[test]

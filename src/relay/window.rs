@@ -237,18 +237,18 @@ impl ConfirmWindow {
                 f.content_type,
                 f.max_message_bytes,
             ) {
-                    Ok(m) => m,
-                    Err(unpublishable) => {
-                        if f.policy.on_exhausted == OnExhausted::Skip {
-                            self.queues.release(&row);
-                        } else {
-                            self.queues.stop_key(&row);
-                        }
-                        let error = unpublishable.to_string();
-                        record(marks, f.policy, &self.metrics, out, &row, error, true);
-                        continue;
+                Ok(m) => m,
+                Err(unpublishable) => {
+                    if f.policy.on_exhausted == OnExhausted::Skip {
+                        self.queues.release(&row);
+                    } else {
+                        self.queues.stop_key(&row);
                     }
-                };
+                    let error = unpublishable.to_string();
+                    record(marks, f.policy, &self.metrics, out, &row, error, true);
+                    continue;
+                }
+            };
             match publisher.ensure_exchange(&message.exchange).await {
                 Ok(()) => sends.push((row, message)),
                 Err(PublishError::Refused(refusal, reason)) => {

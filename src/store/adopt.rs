@@ -144,8 +144,10 @@ impl Store {
                     "{}: {key}: column {column:?} is {kind}; expected {expected}",
                     outbox.table
                 ));
-            } else if matches!(role, "dedup_key" | "ordering_key" | "table_field_event_id" | "table_field_event_key")
-                && !not_null
+            } else if matches!(
+                role,
+                "dedup_key" | "ordering_key" | "table_field_event_id" | "table_field_event_key"
+            ) && !not_null
             {
                 problems.push(format!(
                     "{}: {key}: column {column:?} may be null; the dedup key and the ordering key must be NOT NULL",
@@ -176,7 +178,12 @@ impl Store {
         let specs = index_specs(&outbox.table, map);
         let invalid: Vec<&str> = specs
             .iter()
-            .filter(|s| !found.indexes.iter().any(|(n, valid)| *n == s.name && *valid))
+            .filter(|s| {
+                !found
+                    .indexes
+                    .iter()
+                    .any(|(n, valid)| *n == s.name && *valid)
+            })
             .map(|s| s.name.as_str())
             .collect();
         if found.adopted.is_none() || !missing.is_empty() || !invalid.is_empty() || !found.trigger {
@@ -192,7 +199,11 @@ impl Store {
                     .join(", ")
             );
         }
-        if found.indexes.iter().any(|(n, _)| *n == outbox.table.derived("backfill")) {
+        if found
+            .indexes
+            .iter()
+            .any(|(n, _)| *n == outbox.table.derived("backfill"))
+        {
             anyhow::bail!(
                 "outbox table {}: `migrate --adopt --from start` has not finished numbering the rows from before adoption; run it again to finish",
                 outbox.table
@@ -370,7 +381,12 @@ impl Store {
             catalog_steps.push(format!("record the adoption (--from {})", from.word()));
         }
         let up_to_date_catalog = catalog_steps.is_empty();
-        steps.extend(catalog_steps.iter().map(|s| format!("in one transaction, lock waits at most {}ms (retried): {s}", ADOPT_LOCK_TIMEOUT.as_millis())));
+        steps.extend(catalog_steps.iter().map(|s| {
+            format!(
+                "in one transaction, lock waits at most {}ms (retried): {s}",
+                ADOPT_LOCK_TIMEOUT.as_millis()
+            )
+        }));
         let specs = index_specs(table, map);
         let mut builds = Vec::new();
         for spec in specs {
@@ -412,7 +428,11 @@ impl Store {
         if !retention_matches {
             steps.push(format!(
                 "{} the retention index {retention} CONCURRENTLY to match `retention`",
-                if outbox.retention.is_some() { "build" } else { "drop" }
+                if outbox.retention.is_some() {
+                    "build"
+                } else {
+                    "drop"
+                }
             ));
         }
         let up_to_date = up_to_date_catalog && builds.is_empty() && !number && retention_matches;
@@ -502,7 +522,8 @@ impl Store {
                     if e.code().as_deref() == Some("55P03") && attempt < ADOPT_ATTEMPTS =>
                 {
                     tracing::info!(table = %table, attempt, "the table is busy; trying the adoption's ALTER again");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10)))).await;
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10))))
+                        .await;
                 }
                 Err(e) => {
                     return Err(anyhow::anyhow!(super::db_message(&e)))
@@ -532,11 +553,12 @@ impl Store {
         let qualified = format!("{}.{}", quote_ident(&table.schema), quote_ident(&index));
         let c = Columns::new(Some(std::sync::Arc::new(map.clone())));
         let seq = quote_ident(SEQ_COLUMN);
-        let valid: Option<bool> =
-            sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)")
-                .bind(&qualified)
-                .fetch_optional(&self.pool)
-                .await?;
+        let valid: Option<bool> = sqlx::query_scalar(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
+        )
+        .bind(&qualified)
+        .fetch_optional(&self.pool)
+        .await?;
         if valid == Some(false) {
             sqlx::raw_sql(&format!("DROP INDEX CONCURRENTLY IF EXISTS {qualified}"))
                 .execute(&self.pool)
@@ -554,7 +576,9 @@ impl Store {
         }
         // The planner knows nothing of the new columns yet; its statistics make the batches
         // read the index in order.
-        sqlx::raw_sql(&format!("ANALYZE {t}")).execute(&self.pool).await?;
+        sqlx::raw_sql(&format!("ANALYZE {t}"))
+            .execute(&self.pool)
+            .await?;
         let mut remaining: i64 =
             sqlx::query_scalar(&format!("SELECT count(*) FROM {t} WHERE {seq} IS NULL"))
                 .fetch_one(&self.pool)
@@ -638,7 +662,11 @@ fn index_specs(table: &TableName, map: &ColumnMap) -> Vec<IndexSpec> {
         name: table.derived(suffix),
         definition: format!(
             "CREATE {} {} ON {t} {body}",
-            if suffix == "rows" { "UNIQUE INDEX CONCURRENTLY" } else { "INDEX CONCURRENTLY" },
+            if suffix == "rows" {
+                "UNIQUE INDEX CONCURRENTLY"
+            } else {
+                "INDEX CONCURRENTLY"
+            },
             quote_ident(&table.derived(suffix))
         ),
     };
@@ -673,10 +701,13 @@ fn type_problem(role: &str, map: &ColumnMap, typname: &str, category: &str) -> O
                 )
             })
         }
-        "headers" => (!matches!(typname, "jsonb" | "json")).then(|| "jsonb or json (an object of headers)".into()),
+        "headers" => (!matches!(typname, "jsonb" | "json"))
+            .then(|| "jsonb or json (an object of headers)".into()),
         "header_columns" | "table_fields_additional_placement" => None,
-        "created_at" | "table_field_event_timestamp" => (!matches!(typname, "timestamptz" | "timestamp"))
-            .then(|| "timestamptz or timestamp".into()),
+        "created_at" | "table_field_event_timestamp" => {
+            (!matches!(typname, "timestamptz" | "timestamp"))
+                .then(|| "timestamptz or timestamp".into())
+        }
         _ => (!texty).then(|| "text, varchar, uuid or an integer".into()),
     }
 }
