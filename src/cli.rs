@@ -160,9 +160,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// Checks the column mappings of adopted tables against the real tables before the relays
-/// start, when PostgreSQL answers: a mapping that does not fit stops `run` with exit 78. When
-/// it does not answer, the relays start and retry (and report the table as unusable if it
-/// does not fit once it answers).
+/// start, when PostgreSQL answers: a mapping that does not fit stops `run` with exit 78, a
+/// table not (or not completely) adopted with exit 1: above all while `migrate --adopt --from
+/// start` still numbers the rows from before, when a relay would send a key's new rows before
+/// its old ones. When PostgreSQL does not answer, the relays start and retry (and report the
+/// table as unusable if it does not fit once it answers).
 async fn check_mappings_at_start(settings: &Settings) -> anyhow::Result<()> {
     if settings.outbox.iter().all(|t| t.mapping.is_none()) {
         return Ok(());
@@ -186,12 +188,18 @@ async fn check_mappings_at_start(settings: &Settings) -> anyhow::Result<()> {
             },
         }
     }
-    store.close().await;
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(MappingError { problems }.into())
+    if !problems.is_empty() {
+        store.close().await;
+        return Err(MappingError { problems }.into());
     }
+    for table in settings.outbox.iter().filter(|t| t.mapping.is_some()) {
+        if let Err(e) = store.check_adopted(table).await {
+            store.close().await;
+            return Err(e);
+        }
+    }
+    store.close().await;
+    Ok(())
 }
 
 async fn migrate(settings: &Settings, args: &MigrateArgs) -> anyhow::Result<()> {

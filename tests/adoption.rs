@@ -379,6 +379,7 @@ async fn migrate_adopt_on_a_million_rows_never_blocks_a_concurrent_producer_for_
         .cli(&["migrate", "--adopt", "--from", "now", "--dry-run"])
         .await;
     assert_eq!(dry.code, 0, "{dry:?}");
+    print!("{}", dry.stdout);
     for step in [
         "add the columns",
         "install the order guard",
@@ -446,6 +447,7 @@ async fn migrate_adopt_on_a_million_rows_never_blocks_a_concurrent_producer_for_
     stop.store(true, Ordering::Relaxed);
     let waits = producer.await.unwrap();
     assert_eq!(adopted.code, 0, "{adopted:?}");
+    print!("{}", adopted.stdout);
     println!(
         "migrate --adopt on 1M rows took {migrate_took:?}; the producer inserted {inserts_during} rows meanwhile \
          ({} in all); its longest insert took {:?}",

@@ -545,8 +545,8 @@ impl Store {
     /// Numbers the rows from before adoption (`--from start`): in the table's order, below
     /// every number the sequence gives new rows (negative, ending at -1), a batch per
     /// transaction, through a temporary partial index of the unnumbered rows (dropped at the
-    /// end; while it exists the relay refuses the table, so no new row of a key can go before
-    /// its old ones).
+    /// end; while it exists `run` and `check-config` refuse the table: a relay running now
+    /// could send a key's new rows before its old ones).
     async fn number_backlog(&self, table: &TableName, map: &ColumnMap) -> anyhow::Result<()> {
         let t = table.quoted();
         let index = table.derived("backfill");
