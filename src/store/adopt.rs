@@ -436,6 +436,14 @@ impl Store {
             ));
         }
         let up_to_date = up_to_date_catalog && builds.is_empty() && !number && retention_matches;
+        if up_to_date && !dry_run && found.trigger {
+            // Only the guard's function, which takes no table lock: a changed ordering_key
+            // mapping takes effect.
+            sqlx::raw_sql(&guard_function(table, map, &sequence))
+                .execute(&self.pool)
+                .await
+                .with_context(|| format!("replacing the order guard of {table}"))?;
+        }
         if dry_run || up_to_date {
             return Ok(AdoptPlan {
                 table: table.clone(),
