@@ -152,3 +152,84 @@ impl Columns {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ColumnsSettings, DebeziumSettings};
+
+    #[test]
+    fn the_relays_own_tables_read_as_they_always_did() {
+        let c = Columns::default();
+        assert_eq!(
+            c.select_list("o"),
+            "o.id, o.dedup_key, o.ordering_key, o.routing_key, o.event_type, o.payload::text AS payload, \
+             o.headers, o.exchange, o.created_at, o.attempts, o.tableoid::bigint AS table_oid"
+        );
+        assert_eq!(
+            (c.seq("e"), c.key("e"), c.live("o")),
+            ("e.id".into(), "e.ordering_key".into(), String::new())
+        );
+    }
+
+    #[test]
+    fn mapped_columns_are_quoted_and_renamed_to_the_relays_names() {
+        let mut problems = Vec::new();
+        let map = ColumnsSettings {
+            dedup_key: "Event\"Id".into(),
+            ordering_key: "stream".into(),
+            routing_key: None,
+            routing_key_template: Some("app.{topic}'s".into()),
+            event_type: "kind".into(),
+            payload: "body".into(),
+            payload_type: PayloadType::Bytea,
+            content_type: None,
+            headers: None,
+            header_columns: vec!["tenant:x-tenant".into()],
+            exchange: None,
+            created_at: None,
+        }
+        .resolve("outbox[0].columns", &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(map.content_type, "application/octet-stream");
+        let c = Columns::new(Some(Arc::new(map)));
+        let select = c.select_list("o");
+        assert!(select.starts_with("o.\"outbox_relay_seq\" AS id, o.\"Event\"\"Id\"::text AS dedup_key, (o.\"stream\"::text) AS ordering_key"), "{select}");
+        assert!(
+            select.contains("('app.' || coalesce(o.\"topic\"::text, '') || '''s') AS routing_key"),
+            "{select}"
+        );
+        assert!(
+            select.contains("coalesce(o.\"body\", ''::bytea) AS payload"),
+            "{select}"
+        );
+        assert!(
+            select.contains("jsonb_build_object('x-tenant', to_jsonb(o.\"tenant\"))"),
+            "{select}"
+        );
+        assert!(
+            select.contains("o.\"outbox_relay_created_at\" AS created_at"),
+            "{select}"
+        );
+        assert_eq!(c.live("o"), "o.\"outbox_relay_seq\" IS NOT NULL AND ");
+    }
+
+    #[test]
+    fn a_debezium_table_routed_to_exchanges_names_them_from_the_routed_column() {
+        let mut problems = Vec::new();
+        let map = DebeziumSettings {
+            route_to: crate::config::RouteTo::Exchange,
+            ..Default::default()
+        }
+        .resolve("outbox[0].debezium", &mut problems);
+        let select = Columns::new(Some(Arc::new(map))).select_list("o");
+        assert!(
+            select.contains("coalesce(o.\"aggregateid\"::text, '') AS routing_key"),
+            "{select}"
+        );
+        assert!(
+            select.contains("nullif(coalesce(o.\"aggregatetype\"::text, ''), '') AS exchange"),
+            "{select}"
+        );
+    }
+}
