@@ -537,3 +537,70 @@ payload_type = \"text\"
     .unwrap();
     assert_eq!(added, 0, "nothing was changed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bytea_payload_goes_out_as_its_bytes_with_a_fixed_routing_key() {
+    let env = TestEnv::new(Setup::new().without_migrate().table("public.blobs")).await;
+    append_config(
+        &env,
+        "
+[outbox.columns]
+dedup_key = \"uid\"
+ordering_key = \"uid\"
+routing_key_template = \"blobs.stored\"
+event_type = \"kind\"
+payload = \"data\"
+payload_type = \"bytea\"
+content_type = \"application/x-protobuf\"
+",
+    );
+    sqlx::raw_sql(
+        "CREATE TABLE public.blobs (uid uuid NOT NULL DEFAULT gen_random_uuid(), kind text NOT NULL, data bytea)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let adopted = env.cli(&["migrate", "--adopt", "--from", "now"]).await;
+    assert_eq!(adopted.code, 0, "{adopted:?}");
+    let _relay = env.start_relay();
+    let uid: String = sqlx::query_scalar(
+        "INSERT INTO public.blobs (kind, data) VALUES ('Stored', '\\x00ff10'::bytea) RETURNING uid::text",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let received = env.consumer.wait_for_id(&uid).await;
+    let m = &received[0];
+    assert_eq!(m.body, [0x00, 0xff, 0x10]);
+    assert_eq!(m.content_type.as_deref(), Some("application/x-protobuf"));
+    assert_eq!(m.routing_key, "blobs.stored");
+    assert_eq!(m.kind.as_deref(), Some("Stored"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debezium_table_without_the_routed_column_exits_78_naming_the_debezium_option() {
+    let env = TestEnv::new(
+        Setup::new()
+            .without_migrate()
+            .table("public.dbz_outbox")
+            .set("outbox", "layout", "\"debezium\""),
+    )
+    .await;
+    append_config(
+        &env,
+        "\n[outbox.debezium]\nroute_by_field = \"aggregate_type\"\n",
+    );
+    sqlx::raw_sql(DEBEZIUM_TABLE)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let out = env.cli(&["check-config"]).await;
+    assert_eq!(out.code, 78, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "public.dbz_outbox: outbox[0].debezium.route_by_field: column \"aggregate_type\" does not exist"
+        ),
+        "{}",
+        out.stderr
+    );
+}
