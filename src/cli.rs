@@ -219,7 +219,14 @@ async fn migrate(settings: &Settings, args: &MigrateArgs) -> anyhow::Result<()> 
     if !problems.is_empty() {
         return Err(MappingError { problems }.into());
     }
-    if !own.is_empty() && !args.dry_run {
+    if args.dry_run {
+        for table in &own {
+            println!(
+                "{}: the relay's own table: --dry-run shows adopted tables only",
+                table.table
+            );
+        }
+    } else if !own.is_empty() {
         let own: Vec<OutboxSettings> = own.into_iter().cloned().collect();
         let tables: Vec<TableName> = own.iter().map(|t| t.table.clone()).collect();
         let applied = store.migrate(&own, settings.relay.notify).await?;
