@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{ConfigError, OnPublished, OutboxSettings, Settings, TableName, EX_CONFIG};
 use crate::publisher::Broker;
 use crate::shutdown::Shutdown;
-use crate::store::{Published, RetrySelector, Store, TableStatus};
+use crate::store::{
+    AdoptFrom, MappingError, Published, RetrySelector, Store, TableSql, TableStatus,
+};
 
 /// Publishes PostgreSQL outbox rows to RabbitMQ, in order per key, at least once.
 #[derive(Debug, Parser)]
@@ -32,8 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay until SIGTERM or SIGINT.
     Run,
-    /// Create missing outbox tables and upgrade the relay's own objects.
-    Migrate,
+    /// Create missing outbox tables and upgrade the relay's own objects; with --adopt, add
+    /// what the relay needs to existing tables with mapped columns.
+    Migrate(MigrateArgs),
     /// Print per table: pending, due, parked, published rows and the oldest pending age.
     Status(StatusArgs),
     /// Validate the config file and reach both servers.
@@ -42,6 +45,27 @@ pub enum Command {
     Retry(RetryArgs),
     /// Publish a range of published rows again (same message_id, header x-outbox-replay).
     Replay(crate::replay::ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Adopt the tables with mapped columns ([outbox.columns], layout = "debezium"): add the
+    /// relay's state columns, the ordering sequence, the indexes and the order guard.
+    #[arg(long)]
+    pub adopt: bool,
+    /// Which rows of a table adopted for the first time are published: only those inserted
+    /// from now on, or the rows already there too (first).
+    #[arg(long, value_enum, requires = "adopt")]
+    pub from: Option<FromRows>,
+    /// Print what --adopt would do, and what each step locks; change nothing.
+    #[arg(long, requires = "adopt")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FromRows {
+    Now,
+    Start,
 }
 
 #[derive(Debug, Args)]
@@ -89,10 +113,11 @@ pub fn main(cli: Cli) -> i32 {
             return 1;
         }
     };
+    let file = cli.config.clone();
     let outcome = runtime.block_on(async move {
         match cli.command {
             Command::Run => run(settings).await,
-            Command::Migrate => migrate(&settings).await,
+            Command::Migrate(args) => migrate(&settings, &args).await,
             Command::Status(args) => status(&settings, &args).await,
             Command::CheckConfig => check_config(&settings, &cli.config).await,
             Command::Retry(args) => retry(&settings, &args).await,
@@ -101,9 +126,17 @@ pub fn main(cli: Cli) -> i32 {
     });
     match outcome {
         Ok(()) => 0,
-        Err(e) => match e.downcast_ref::<ConfigError>() {
-            Some(config_error) => config_failure(config_error),
-            None => {
+        Err(e) => match (
+            e.downcast_ref::<ConfigError>(),
+            e.downcast_ref::<MappingError>(),
+        ) {
+            (Some(config_error), _) => config_failure(config_error),
+            // A mapping that does not fit the real table is a configuration error too.
+            (None, Some(mapping)) => config_failure(&ConfigError {
+                file,
+                problems: mapping.problems.clone(),
+            }),
+            (None, None) => {
                 eprintln!("outbox-relay: {e:#}");
                 e.downcast_ref::<crate::replay::ReplayError>()
                     .map_or(1, crate::replay::ReplayError::exit_code)
@@ -118,6 +151,7 @@ fn config_failure(e: &ConfigError) -> i32 {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    check_mappings_at_start(&settings).await?;
     let shutdown = Shutdown::new();
     shutdown
         .on_signals(settings.relay.shutdown_timeout)
@@ -125,35 +159,151 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     crate::service::run(settings, shutdown).await
 }
 
-async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let store = Store::connect(&settings.postgres).await?;
-    let tables: Vec<TableName> = settings.outbox.iter().map(|t| t.table.clone()).collect();
-    let applied = store
-        .migrate(&settings.outbox, settings.relay.notify)
-        .await?;
-    if applied.is_empty() {
-        println!("outbox tables up to date: {}", names(&tables));
-    } else {
-        for line in applied {
-            println!("applied {line}");
+/// Checks the column mappings of adopted tables against the real tables before the relays
+/// start, when PostgreSQL answers: a mapping that does not fit stops `run` with exit 78, a
+/// table not (or not completely) adopted with exit 1: above all while `migrate --adopt --from
+/// start` still numbers the rows from before, when a relay would send a key's new rows before
+/// its old ones. When PostgreSQL does not answer, the relays start and retry (and report the
+/// table as unusable if it does not fit once it answers).
+async fn check_mappings_at_start(settings: &Settings) -> anyhow::Result<()> {
+    if settings.outbox.iter().all(|t| t.mapping.is_none()) {
+        return Ok(());
+    }
+    let store = match Store::connect(&settings.postgres).await {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot check the column mappings at start; the relays retry");
+            return Ok(());
+        }
+    };
+    let mut problems = Vec::new();
+    for table in settings.outbox.iter().filter(|t| t.mapping.is_some()) {
+        match store.check_mapping(table).await {
+            Ok(()) => {}
+            Err(e) => match e.downcast::<MappingError>() {
+                Ok(mapping) => problems.extend(mapping.problems),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), table = %table.table, "cannot check the column mapping at start; the relay retries")
+                }
+            },
+        }
+    }
+    if !problems.is_empty() {
+        store.close().await;
+        return Err(MappingError { problems }.into());
+    }
+    for table in settings.outbox.iter().filter(|t| t.mapping.is_some()) {
+        if let Err(e) = store.check_adopted(table).await {
+            store.close().await;
+            return Err(e);
         }
     }
     store.close().await;
     Ok(())
 }
 
+async fn migrate(settings: &Settings, args: &MigrateArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&settings.postgres).await?;
+    let (adopted, own): (Vec<&OutboxSettings>, Vec<&OutboxSettings>) =
+        settings.outbox.iter().partition(|t| t.mapping.is_some());
+    // Every mapping is checked before anything changes.
+    let mut problems = Vec::new();
+    for table in &adopted {
+        if let Err(e) = store.check_mapping(table).await {
+            match e.downcast::<MappingError>() {
+                Ok(mapping) => problems.extend(mapping.problems),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(MappingError { problems }.into());
+    }
+    if args.dry_run {
+        for table in &own {
+            println!(
+                "{}: the relay's own table: --dry-run shows adopted tables only",
+                table.table
+            );
+        }
+    } else if !own.is_empty() {
+        let own: Vec<OutboxSettings> = own.into_iter().cloned().collect();
+        let tables: Vec<TableName> = own.iter().map(|t| t.table.clone()).collect();
+        let applied = store.migrate(&own, settings.relay.notify).await?;
+        if applied.is_empty() {
+            println!("outbox tables up to date: {}", names(&tables));
+        } else {
+            for line in applied {
+                println!("applied {line}");
+            }
+        }
+    }
+    if !adopted.is_empty() && !args.adopt {
+        // Without --adopt, tables adopted before are kept up to date (triggers, indexes);
+        // adopting a table is asked for explicitly.
+        for table in &adopted {
+            let plan = store
+                .adopt(table, None, settings.relay.notify, false)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:#} (with `migrate --adopt`)"))?;
+            print_plan(&plan, false);
+        }
+    }
+    if args.adopt {
+        let from = args.from.map(|f| match f {
+            FromRows::Now => AdoptFrom::Now,
+            FromRows::Start => AdoptFrom::Start,
+        });
+        if adopted.is_empty() {
+            anyhow::bail!(
+                "--adopt: no table has mapped columns ([outbox.columns] or layout = \"debezium\")"
+            );
+        }
+        for table in &adopted {
+            let plan = store
+                .adopt(table, from, settings.relay.notify, args.dry_run)
+                .await?;
+            print_plan(&plan, args.dry_run);
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn print_plan(plan: &crate::store::AdoptPlan, dry_run: bool) {
+    if plan.up_to_date {
+        println!("{}: adopted, up to date", plan.table);
+        return;
+    }
+    for (i, step) in plan.steps.iter().enumerate() {
+        if dry_run {
+            println!("{}: would {}. {step}", plan.table, i + 1);
+        } else {
+            println!("{}: adopted: {step}", plan.table);
+        }
+    }
+    if dry_run {
+        println!("{}: (dry run: nothing changed)", plan.table);
+    }
+}
+
 async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     let store = Store::connect(&settings.postgres).await?;
     let mut all = Vec::new();
-    for table in &settings.outbox {
-        all.push(store.status(&table.table).await?);
+    let sqls: Vec<TableSql> = settings
+        .outbox
+        .iter()
+        .map(|t| TableSql::for_outbox(t, settings.retry.with_override(&t.retry).on_exhausted))
+        .collect();
+    for sql in &sqls {
+        all.push(store.status(sql).await?);
     }
     if args.json {
         let mut json = Vec::new();
-        for (s, table) in all.iter().zip(&settings.outbox) {
+        for ((s, table), sql) in all.iter().zip(&settings.outbox).zip(&sqls) {
             let mut object = status_json(s, table);
             if args.parked > 0 {
-                let parked = store.parked_rows(&table.table, args.parked).await?;
+                let parked = store.parked_rows(sql, args.parked).await?;
                 object["parked_rows"] = parked
                     .iter()
                     .map(|r| {
@@ -196,8 +346,8 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
         }
     }
     if args.parked > 0 {
-        for table in &settings.outbox {
-            for row in store.parked_rows(&table.table, args.parked).await? {
+        for (table, sql) in settings.outbox.iter().zip(&sqls) {
+            for row in store.parked_rows(sql, args.parked).await? {
                 println!(
                     "parked {} id={} key={:?} dedup_key={:?} attempts={}: {}",
                     table.table,
@@ -239,6 +389,15 @@ async fn check_config(settings: &Settings, path: &std::path::Path) -> anyhow::Re
     let store = Store::connect(&settings.postgres).await?;
     println!("postgres {}: reachable", settings.postgres.url);
     for table in &settings.outbox {
+        if table.mapping.is_some() {
+            store.check_mapping(table).await?;
+            store.check_adopted(table).await?;
+            println!(
+                "outbox table {}: ready (adopted, columns mapped)",
+                table.table
+            );
+            continue;
+        }
         store.check_table(&table.table).await?;
         println!("outbox table {}: ready", table.table);
     }
@@ -276,17 +435,13 @@ async fn check_config(settings: &Settings, path: &std::path::Path) -> anyhow::Re
 }
 
 async fn retry(settings: &Settings, args: &RetryArgs) -> anyhow::Result<()> {
-    let tables: Vec<&TableName> = match &args.table {
+    let tables: Vec<&OutboxSettings> = match &args.table {
         Some(name) => {
             let wanted = TableName::parse(name).map_err(|e| anyhow::anyhow!("--table: {e}"))?;
-            let found = settings
-                .outbox
-                .iter()
-                .find(|t| t.table == wanted)
-                .map(|t| &t.table);
+            let found = settings.outbox.iter().find(|t| t.table == wanted);
             vec![found.with_context(|| format!("--table: {wanted} is not configured"))?]
         }
-        None => settings.outbox.iter().map(|t| &t.table).collect(),
+        None => settings.outbox.iter().collect(),
     };
     let selector = match (&args.id, &args.key) {
         (Some(id), _) => {
@@ -300,8 +455,12 @@ async fn retry(settings: &Settings, args: &RetryArgs) -> anyhow::Result<()> {
     };
     let store = Store::connect(&settings.postgres).await?;
     for table in tables {
-        let released = store.retry(table, &selector).await?;
-        println!("{table}: released {released} parked row(s)");
+        let sql = TableSql::for_outbox(
+            table,
+            settings.retry.with_override(&table.retry).on_exhausted,
+        );
+        let released = store.retry(&sql, &selector).await?;
+        println!("{}: released {released} parked row(s)", table.table);
     }
     store.close().await;
     Ok(())

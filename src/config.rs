@@ -8,6 +8,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod mapping;
+pub use mapping::{
+    ColumnMap, ColumnsSettings, DebeziumSettings, Layout, Part, PayloadType, RouteTo,
+};
+
 /// The most `[[outbox]]` tables one relay process serves.
 pub const MAX_TABLES: usize = 1000;
 
@@ -211,6 +216,17 @@ pub struct OutboxSettings {
     /// retention sweeper; unset, they are kept.
     #[serde(default, with = "humantime_serde")]
     pub retention: Option<Duration>,
+    /// `"relay"` (the relay's own columns, or those of `[outbox.columns]`) or `"debezium"`.
+    #[serde(default)]
+    pub layout: Layout,
+    /// `[outbox.columns]`: the names of an adopted table's own columns.
+    pub columns: Option<ColumnsSettings>,
+    /// `[outbox.debezium]`: Debezium's options, with `layout = "debezium"`.
+    pub debezium: Option<DebeziumSettings>,
+    /// The resolved mapping of an adopted table (`None`: the relay's own columns); set by
+    /// [`Settings::load`].
+    #[serde(skip)]
+    pub mapping: Option<std::sync::Arc<ColumnMap>>,
 }
 
 /// The shortest `retention` accepted: the sweeper looks once a minute, so a shorter one would
@@ -751,12 +767,48 @@ impl Settings {
             }
         };
         let mut problems = settings.read_url_files(credentials);
+        problems.extend(settings.resolve_mappings());
         problems.extend(settings.problems());
         if problems.is_empty() {
             Ok(settings)
         } else {
             Err(fail(problems))
         }
+    }
+
+    /// Resolves each table's column mapping into [`OutboxSettings::mapping`]; returns the
+    /// problems of form (checks against the real table come later, from the store).
+    fn resolve_mappings(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, table) in self.outbox.iter_mut().enumerate() {
+            let key = format!("outbox[{i}]");
+            table.mapping = match (table.layout, &table.columns, &table.debezium) {
+                (Layout::Relay, None, None) => None,
+                (Layout::Relay, Some(columns), None) => {
+                    Some(columns.resolve(&format!("{key}.columns"), &mut out))
+                }
+                (Layout::Debezium, None, debezium) => Some(
+                    debezium
+                        .clone()
+                        .unwrap_or_default()
+                        .resolve(&format!("{key}.debezium"), &mut out),
+                ),
+                (Layout::Relay, None, Some(_)) => {
+                    out.push(format!(
+                        "{key}.debezium: needs layout = \"debezium\""
+                    ));
+                    None
+                }
+                (_, Some(_), _) => {
+                    out.push(format!(
+                        "{key}: [outbox.columns] and layout = \"debezium\" (or [outbox.debezium]) are both set; keep one"
+                    ));
+                    None
+                }
+            }
+            .map(std::sync::Arc::new);
+        }
+        out
     }
 
     /// Reads each section's `url_file` into its `url`: a problem for each file that cannot be
@@ -1191,6 +1243,10 @@ mod tests {
             retry: RetryOverride::default(),
             on_published: OnPublished::Mark,
             retention: Some(Duration::from_secs(7 * 86_400)),
+            layout: Layout::Relay,
+            columns: None,
+            debezium: None,
+            mapping: None,
         };
         let problems = |t: &OutboxSettings| {
             let mut out = Vec::new();

@@ -61,6 +61,20 @@ pub fn build(
     default_exchange: &str,
     max_bytes: usize,
 ) -> Result<OutboundMessage, Unpublishable> {
+    build_with(row, table, default_exchange, JSON, max_bytes)
+}
+
+/// The content type of the relay's own `jsonb` payloads.
+pub const JSON: &str = "application/json";
+
+/// [`build`] with the body's content type given (an adopted table's `text` or `bytea` payload).
+pub fn build_with(
+    row: &mut OutboxRow,
+    table: &str,
+    default_exchange: &str,
+    content_type: &str,
+    max_bytes: usize,
+) -> Result<OutboundMessage, Unpublishable> {
     let exchange = row.exchange.as_deref().unwrap_or(default_exchange);
     if let Some(problem) = exchange_name_problem(exchange) {
         return Err(Unpublishable(problem));
@@ -97,7 +111,7 @@ pub fn build(
         .with_delivery_mode(2)
         .with_message_id(short("dedup_key", &row.dedup_key)?)
         .with_type(short("event_type", &row.event_type)?)
-        .with_content_type("application/json".into())
+        .with_content_type(short("content_type", content_type)?)
         .with_timestamp(row.created_at.timestamp().max(0) as u64)
         .with_headers(headers);
     let routing_key = short("routing_key", &row.routing_key)?.to_string();

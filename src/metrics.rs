@@ -20,7 +20,6 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::config::TableName;
 pub use crate::publisher::Refusal;
 use crate::relay::RetentionProgress;
 use crate::store::{Backlog, Store};
@@ -500,7 +499,8 @@ impl Metrics {
 /// Where the backlog gauges come from: the configured tables, read through the store.
 pub struct BacklogSource {
     pub store: Store,
-    pub tables: Vec<TableName>,
+    /// The statements of every table (their column names, for an adopted table).
+    pub tables: Vec<crate::store::TableSql>,
 }
 
 /// One table's handles into [`Metrics`]. Cheap to clone (they share the counters).

@@ -137,6 +137,12 @@ pub async fn main(
                 .join(", "),
         })?;
     check_bounds(args)?;
+    if table.mapping.is_some() {
+        anyhow::bail!(
+            "{}: replay does not serve adopted tables (mapped columns) yet",
+            table.table
+        );
+    }
     let store = Store::connect(&settings.postgres).await?;
     let outcome = replay(&store, settings, table, args).await;
     store.close().await;

@@ -33,7 +33,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         .iter()
         .map(|t| {
             let retry = settings.retry.with_override(&t.retry);
-            TableSql::new(&t.table, retry.on_exhausted).on_published(t.on_published)
+            TableSql::for_outbox(t, retry.on_exhausted)
         })
         .collect();
     let coordination = Coordination::start(
@@ -103,7 +103,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
                 metrics: metrics.clone(),
                 backlog: BacklogSource {
                     store: store.clone(),
-                    tables: settings.outbox.iter().map(|t| t.table.clone()).collect(),
+                    tables: sqls.clone(),
                 },
             };
             Some(tokio::spawn(crate::health::serve(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, FromRow, Row};
+use sqlx::{ConnectOptions, FromRow, Row, TypeInfo, ValueRef};
 
 use crate::config::{
     quote_ident, OnExhausted, OnPublished, OutboxSettings, PostgresSettings, TableName,
@@ -31,6 +31,10 @@ const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
+mod adopt;
+pub use adopt::{AdoptFrom, AdoptPlan, MappingError, ADOPT_LOCK_TIMEOUT};
+mod columns;
+pub use columns::Columns;
 mod coordination;
 pub use coordination::{Coordination, LockGuard, LockState, TableLock};
 mod replay;
@@ -505,20 +509,23 @@ impl Store {
     /// history: pending, due, held and parked rows are counted on the partial indexes (which
     /// hold unpublished rows only); published rows are counted up to [`PUBLISHED_COUNT_CAP`],
     /// and past that estimated from PostgreSQL's live-row count.
-    pub async fn status(&self, table: &TableName) -> anyhow::Result<TableStatus> {
+    pub async fn status(&self, q: &TableSql) -> anyhow::Result<TableStatus> {
+        let table = &q.table;
         let t = table.quoted();
+        let c = &q.columns;
+        let (id, key, created, live) = (c.seq(""), c.key(""), c.created_at(""), c.live(""));
         let sql = format!(
-            "SELECT (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND NOT held) AS ready, \
-                    (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()) AS due, \
+            "SELECT (SELECT count(*) FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held) AS ready, \
+                    (SELECT count(*) FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()) AS due, \
                     (SELECT count(*) FROM {t} WHERE published_at IS NULL AND held) AS held, \
                     (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NOT NULL) AS parked, \
                     (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE published_at IS NOT NULL LIMIT {PUBLISHED_COUNT_CAP}) p) AS published, \
                     greatest(pg_stat_get_live_tuples('{t}'::regclass), 0) AS live, \
                     extract(epoch FROM now() - least( \
-                        (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY id LIMIT 1), \
+                        (SELECT {created}::timestamptz FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY {id} LIMIT 1), \
                         (SELECT min(f.created_at) FROM outbox_relay.held_keys h CROSS JOIN LATERAL ( \
-                             SELECT created_at FROM {t} WHERE ordering_key = h.ordering_key AND held AND published_at IS NULL \
-                             ORDER BY id LIMIT 1) f \
+                             SELECT {created}::timestamptz AS created_at FROM {t} WHERE {key} = h.ordering_key AND held AND published_at IS NULL \
+                             ORDER BY {id} LIMIT 1) f \
                          WHERE h.table_oid = '{t}'::regclass::oid::bigint)))::float8 AS oldest"
         );
         let row = sqlx::query(&sql)
@@ -554,7 +561,7 @@ impl Store {
     /// tables, each count on a partial index and capped at [`BACKLOG_COUNT_CAP`] (a scrape
     /// never scans a long backlog, nor any of the history). A chunk that fails (a table dropped)
     /// is read again table by table, and the tables that still fail are left out.
-    pub async fn backlog(&self, tables: &[TableName]) -> Result<Vec<Backlog>, DbError> {
+    pub async fn backlog(&self, tables: &[TableSql]) -> Result<Vec<Backlog>, DbError> {
         let mut out = Vec::with_capacity(tables.len());
         for chunk in tables.chunks(BACKLOG_CHUNK) {
             match self.backlog_of(chunk).await {
@@ -575,26 +582,28 @@ impl Store {
         Ok(out)
     }
 
-    async fn backlog_of(&self, tables: &[TableName]) -> Result<Vec<Backlog>, DbError> {
+    async fn backlog_of(&self, tables: &[TableSql]) -> Result<Vec<Backlog>, DbError> {
         let cap = BACKLOG_COUNT_CAP;
         let selects: Vec<String> = tables
             .iter()
             .enumerate()
-            .map(|(i, table)| {
-                let t = table.quoted();
+            .map(|(i, q)| {
+                let t = q.table.quoted();
+                let c = &q.columns;
+                let (id, key, created, live) = (c.seq(""), c.key(""), c.created_at(""), c.live(""));
                 let count = |condition: &str| {
                     format!("(SELECT count(*) FROM (SELECT 1 FROM {t} WHERE {condition} LIMIT {cap}) c)")
                 };
                 format!(
                     "SELECT {i} AS i, {ready} AS ready, {due} AS due, {held} AS held, {parked} AS parked, \
                         extract(epoch FROM now() - least( \
-                            (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY id LIMIT 1), \
+                            (SELECT {created}::timestamptz FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY {id} LIMIT 1), \
                             (SELECT min(f.created_at) FROM outbox_relay.held_keys h CROSS JOIN LATERAL ( \
-                                 SELECT created_at FROM {t} WHERE ordering_key = h.ordering_key AND held AND published_at IS NULL \
-                                 ORDER BY id LIMIT 1) f \
+                                 SELECT {created}::timestamptz AS created_at FROM {t} WHERE {key} = h.ordering_key AND held AND published_at IS NULL \
+                                 ORDER BY {id} LIMIT 1) f \
                              WHERE h.table_oid = '{t}'::regclass::oid::bigint)))::float8 AS oldest",
-                    ready = count("published_at IS NULL AND parked_at IS NULL AND NOT held"),
-                    due = count("published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()"),
+                    ready = count(&format!("{live}published_at IS NULL AND parked_at IS NULL AND NOT held")),
+                    due = count(&format!("{live}published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()")),
                     held = count("published_at IS NULL AND held"),
                     parked = count("published_at IS NULL AND parked_at IS NOT NULL"),
                 )
@@ -610,7 +619,7 @@ impl Store {
                 let ready: i64 = row.try_get("ready")?;
                 let held: i64 = row.try_get("held")?;
                 Ok(Backlog {
-                    table: tables[i as usize].clone(),
+                    table: tables[i as usize].table.clone(),
                     pending: (ready + held).min(cap),
                     due: row.try_get("due")?,
                     held,
@@ -625,15 +634,15 @@ impl Store {
     }
 
     /// Parked rows with their errors, oldest first, for `status --parked`.
-    pub async fn parked_rows(
-        &self,
-        table: &TableName,
-        limit: i64,
-    ) -> anyhow::Result<Vec<ParkedRow>> {
+    pub async fn parked_rows(&self, q: &TableSql, limit: i64) -> anyhow::Result<Vec<ParkedRow>> {
+        let c = &q.columns;
         let sql = format!(
-            "SELECT id, ordering_key, dedup_key, attempts, coalesce(last_error, '') AS last_error \
-             FROM {} WHERE published_at IS NULL AND parked_at IS NOT NULL ORDER BY id LIMIT $1",
-            table.quoted()
+            "SELECT {id} AS id, {key} AS ordering_key, {dedup} AS dedup_key, attempts, coalesce(last_error, '') AS last_error \
+             FROM {} WHERE published_at IS NULL AND parked_at IS NOT NULL ORDER BY {id} LIMIT $1",
+            q.table.quoted(),
+            id = c.seq(""),
+            key = c.key(""),
+            dedup = c.dedup_key(""),
         );
         let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
         rows.iter()
@@ -650,16 +659,18 @@ impl Store {
     }
 
     /// Un-parks the selected rows (attempts back to 0, due now) and wakes the relay.
-    pub async fn retry(&self, table: &TableName, selector: &RetrySelector) -> anyhow::Result<u64> {
+    pub async fn retry(&self, q: &TableSql, selector: &RetrySelector) -> anyhow::Result<u64> {
+        let table = &q.table;
+        let (id, key) = (q.columns.seq(""), q.columns.key(""));
         let base = format!(
             "UPDATE {} SET parked_at = NULL, attempts = 0, next_attempt_at = now() \
              WHERE published_at IS NULL AND parked_at IS NOT NULL",
             table.quoted()
         );
         let sql = match selector {
-            RetrySelector::All => format!("{base} RETURNING id"),
-            RetrySelector::Id(_) => format!("{base} AND id = $1 RETURNING id"),
-            RetrySelector::Key(_) => format!("{base} AND ordering_key = $1 RETURNING id"),
+            RetrySelector::All => format!("{base} RETURNING {id}"),
+            RetrySelector::Id(_) => format!("{base} AND {id} = $1 RETURNING {id}"),
+            RetrySelector::Key(_) => format!("{base} AND {key} = $1 RETURNING {id}"),
         };
         let query = sqlx::query_scalar::<_, i64>(&sql);
         let query = match selector {
@@ -863,14 +874,19 @@ pub fn db_message(e: &sqlx::Error) -> String {
 /// Decodes a row selected with the columns of the fetch (`payload` as text).
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
     fn from_row(r: &'r sqlx::postgres::PgRow) -> sqlx::Result<Self> {
-        let payload: String = r.try_get("payload")?;
+        // Text (JSON rendered by PostgreSQL, or a text payload), or an adopted table's bytea.
+        let payload = if r.try_get_raw("payload")?.type_info().name() == "BYTEA" {
+            r.try_get::<Vec<u8>, _>("payload")?
+        } else {
+            r.try_get::<String, _>("payload")?.into_bytes()
+        };
         Ok(OutboxRow {
             id: r.try_get("id")?,
             dedup_key: r.try_get("dedup_key")?,
             ordering_key: r.try_get("ordering_key")?,
             routing_key: r.try_get("routing_key")?,
             event_type: r.try_get("event_type")?,
-            payload: payload.into_bytes(),
+            payload,
             headers: r.try_get("headers")?,
             exchange: r.try_get("exchange")?,
             created_at: r.try_get("created_at")?,
@@ -951,6 +967,7 @@ pub struct ParkedRow {
 #[derive(Debug, Clone)]
 pub struct TableSql {
     table: TableName,
+    columns: Columns,
     on_exhausted: OnExhausted,
     fetch: String,
     mark_published: String,
@@ -967,8 +984,28 @@ const DUE: &str =
     "published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()";
 
 impl TableSql {
+    /// The statements of a table with the relay's own columns.
     pub fn new(table: &TableName, on_exhausted: OnExhausted) -> Self {
+        Self::with_columns(table, Columns::default(), on_exhausted)
+    }
+
+    /// The statements of a configured table: its own columns, or its mapped ones.
+    pub fn for_outbox(outbox: &OutboxSettings, on_exhausted: OnExhausted) -> Self {
+        Self::with_columns(
+            &outbox.table,
+            Columns::new(outbox.mapping.clone()),
+            on_exhausted,
+        )
+        .on_published(outbox.on_published)
+    }
+
+    fn with_columns(table: &TableName, c: Columns, on_exhausted: OnExhausted) -> Self {
         let t = table.quoted();
+        // The row order/identity and the ordering key under each alias (`id` and
+        // `ordering_key` on the relay's own tables, so their statements read as always).
+        let (o_id, e_id, h_id, t_id) = (c.seq("o"), c.seq("e"), c.seq("h"), c.seq("t"));
+        let (o_key, e_key, h_key, t_key) = (c.key("o"), c.key("e"), c.key("h"), c.key("t"));
+        let (id, o_live) = (c.seq(""), c.live("o"));
         // A row is held back by an earlier row of its key that waits for a retry, or (with
         // hold_key) is parked. Such rows are few and sit in the small `failed` index, so the
         // check is one probe of an almost empty index per candidate row. The rows of held keys
@@ -980,39 +1017,39 @@ impl TableSql {
             OnExhausted::Skip => "(e.parked_at IS NULL AND e.next_attempt_at > now())",
         };
         let fetch = format!(
-            "SELECT o.id, o.dedup_key, o.ordering_key, o.routing_key, o.event_type, o.payload::text AS payload, \
-                    o.headers, o.exchange, o.created_at, o.attempts, o.tableoid::bigint AS table_oid \
+            "SELECT {select} \
              FROM {t} o \
-             WHERE o.published_at IS NULL AND o.parked_at IS NULL AND NOT o.held AND o.next_attempt_at <= now() \
+             WHERE {o_live}o.published_at IS NULL AND o.parked_at IS NULL AND NOT o.held AND o.next_attempt_at <= now() \
                AND NOT EXISTS ( \
                    SELECT 1 FROM {t} e \
-                   WHERE e.ordering_key = o.ordering_key AND e.id < o.id \
+                   WHERE {e_key} = {o_key} AND {e_id} < {o_id} \
                      AND e.published_at IS NULL AND (e.parked_at IS NOT NULL OR e.attempts > 0) \
                      AND {holds_back}) \
                AND NOT EXISTS ( \
                    SELECT 1 FROM {t} h \
-                   WHERE h.ordering_key = o.ordering_key AND h.id < o.id AND h.published_at IS NULL AND h.held) \
+                   WHERE {h_key} = {o_key} AND {h_id} < {o_id} AND h.published_at IS NULL AND h.held) \
                AND EXISTS ( \
                    SELECT 1 FROM pg_locks l \
                    WHERE l.locktype = 'advisory' AND l.pid = $2 AND l.granted AND l.objsubid = 1 \
                      AND l.classid::bigint = $3 AND l.objid::bigint = $4) \
-               AND (o.id > $6 OR o.id <> ALL($5::bigint[])) \
-             ORDER BY o.id LIMIT $1"
+               AND ({o_id} > $6 OR {o_id} <> ALL($5::bigint[])) \
+             ORDER BY {o_id} LIMIT $1",
+            select = c.select_list("o"),
         );
-        let mark_published = Self::mark_sql(table, OnPublished::Mark);
+        let mark_published = Self::mark_sql(table, &c, OnPublished::Mark);
         // Oldest first through the retention index (it stops at the cutoff: rows inside the
         // retention are never read); `FOR UPDATE SKIP LOCKED`: a row another session locked is
         // left for the next batch, never waited for. Only published rows: never a pending,
         // held or parked one, whatever their age.
         let sweep = format!(
             "WITH picked AS ( \
-                 SELECT id FROM {t} \
+                 SELECT {id} AS id FROM {t} \
                  WHERE published_at IS NOT NULL AND parked_at IS NULL \
                    AND published_at < now() - $1 * interval '1 millisecond' \
                  ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
              deleted AS ( \
                  DELETE FROM {t} AS t USING picked p \
-                 WHERE t.id = p.id AND t.published_at IS NOT NULL RETURNING 1) \
+                 WHERE {t_id} = p.id AND t.published_at IS NOT NULL RETURNING 1) \
              SELECT count(*) FROM deleted"
         );
         let oldest_published = format!(
@@ -1024,7 +1061,7 @@ impl TableSql {
                     next_attempt_at = now() + f.delay_ms * interval '1 millisecond', \
                     parked_at = CASE WHEN f.park THEN now() END \
              FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay_ms, park) \
-             WHERE t.id = f.id AND t.published_at IS NULL AND t.tableoid::bigint = $5"
+             WHERE {t_id} = f.id AND t.published_at IS NULL AND t.tableoid::bigint = $5"
         );
         // Both take the key's order-guard lock (without waiting: a producer's transaction may
         // hold it for long), so no insert of the key is in progress while its rows change
@@ -1045,12 +1082,12 @@ impl TableSql {
                  RETURNING ordering_key, holder), \
              picked AS ( \
                  SELECT x.id FROM noted n CROSS JOIN LATERAL ( \
-                     SELECT t.id FROM {t} t \
-                     WHERE t.ordering_key = n.ordering_key AND t.id > n.holder AND t.published_at IS NULL \
+                     SELECT {t_id} AS id FROM {t} t \
+                     WHERE {t_key} = n.ordering_key AND {t_id} > n.holder AND t.published_at IS NULL \
                        AND t.parked_at IS NULL AND NOT t.held \
-                     ORDER BY t.id LIMIT {HOLD_CHUNK}) x), \
+                     ORDER BY {t_id} LIMIT {HOLD_CHUNK}) x), \
              moved AS ( \
-                 UPDATE {t} AS t SET held = true FROM picked p WHERE t.id = p.id RETURNING t.ordering_key) \
+                 UPDATE {t} AS t SET held = true FROM picked p WHERE {t_id} = p.id RETURNING {t_key} AS ordering_key) \
              SELECT n.ordering_key, coalesce(c.rows, 0) < {HOLD_CHUNK} AS done FROM noted n \
              LEFT JOIN (SELECT ordering_key, count(*) AS rows FROM moved GROUP BY 1) c USING (ordering_key)"
         );
@@ -1060,11 +1097,11 @@ impl TableSql {
                  WHERE pg_try_advisory_xact_lock(hashtext($2), hashtext(k.key))), \
              picked AS ( \
                  SELECT x.id FROM locked l CROSS JOIN LATERAL ( \
-                     SELECT t.id FROM {t} t \
-                     WHERE t.ordering_key = l.key AND t.held AND t.published_at IS NULL \
-                     ORDER BY t.id LIMIT {HOLD_CHUNK}) x), \
+                     SELECT {t_id} AS id FROM {t} t \
+                     WHERE {t_key} = l.key AND t.held AND t.published_at IS NULL \
+                     ORDER BY {t_id} LIMIT {HOLD_CHUNK}) x), \
              moved AS ( \
-                 UPDATE {t} AS t SET held = false FROM picked p WHERE t.id = p.id RETURNING t.ordering_key), \
+                 UPDATE {t} AS t SET held = false FROM picked p WHERE {t_id} = p.id RETURNING {t_key} AS ordering_key), \
              counted AS ( \
                  SELECT l.key, coalesce(c.rows, 0) < {HOLD_CHUNK} AS done FROM locked l \
                  LEFT JOIN (SELECT ordering_key, count(*) AS rows FROM moved GROUP BY 1) c \
@@ -1080,11 +1117,12 @@ impl TableSql {
         };
         let stale_holds = format!(
             "SELECT h.ordering_key, NOT EXISTS ( \
-                 SELECT 1 FROM {t} o WHERE o.id = h.holder AND {holder_holds}) AS stale \
+                 SELECT 1 FROM {t} o WHERE {o_id} = h.holder AND {holder_holds}) AS stale \
              FROM outbox_relay.held_keys h WHERE h.table_oid = $1"
         );
         Self {
             table: table.clone(),
+            columns: c,
             on_exhausted,
             fetch,
             mark_published,
@@ -1099,7 +1137,7 @@ impl TableSql {
 
     /// The same statements with confirmed rows marked or deleted as `on_published` says.
     pub fn on_published(mut self, on_published: OnPublished) -> Self {
-        self.mark_published = Self::mark_sql(&self.table, on_published);
+        self.mark_published = Self::mark_sql(&self.table, &self.columns, on_published);
         self
     }
 
@@ -1107,16 +1145,17 @@ impl TableSql {
     /// dropped and created again reuses ids) that are still unpublished, set published or
     /// deleted; returns the keys whose holder it published, so they are released. A deleted
     /// holder is as gone as a published one: the stale-hold sweep treats both alike.
-    fn mark_sql(table: &TableName, on_published: OnPublished) -> String {
+    fn mark_sql(table: &TableName, c: &Columns, on_published: OnPublished) -> String {
         let t = table.quoted();
+        let id = c.seq("");
         let write = match on_published {
             OnPublished::Mark => format!(
                 "UPDATE {t} SET published_at = now() \
-                 WHERE id = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING id"
+                 WHERE {id} = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING {id} AS id"
             ),
             OnPublished::Delete => format!(
                 "DELETE FROM {t} \
-                 WHERE id = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING id"
+                 WHERE {id} = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING {id} AS id"
             ),
         };
         format!(
@@ -1143,9 +1182,15 @@ impl TableSql {
     /// index's first entries only.
     fn probe(&self, index: usize) -> String {
         format!(
-            "SELECT {index}::int4 WHERE EXISTS (SELECT 1 FROM {} WHERE {DUE})",
-            self.table.quoted()
+            "SELECT {index}::int4 WHERE EXISTS (SELECT 1 FROM {} WHERE {}{DUE})",
+            self.table.quoted(),
+            self.columns.live("")
         )
+    }
+
+    /// The table's column names.
+    pub fn columns(&self) -> &Columns {
+        &self.columns
     }
 
     fn render(&self, template: &str) -> String {

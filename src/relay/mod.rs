@@ -94,7 +94,7 @@ impl TableRelay {
         metrics: TableMetrics,
     ) -> Self {
         let policy = RetryPolicy::from(&settings.retry.with_override(&table.retry));
-        let sql = TableSql::new(&table.table, policy.on_exhausted).on_published(table.on_published);
+        let sql = TableSql::for_outbox(&table, policy.on_exhausted);
         let relay = &settings.relay;
         // Half the window per mark, so one half is marked while the other is published.
         let mark_chunk = (relay.max_in_flight / 2).clamp(1, relay.batch_size as usize);
@@ -213,6 +213,11 @@ impl TableRelay {
                 policy: &self.policy,
                 table: &self.name,
                 default_exchange: &self.table.exchange,
+                content_type: self
+                    .table
+                    .mapping
+                    .as_ref()
+                    .map_or(crate::message::JSON, |m| m.content_type.as_str()),
                 max_message_bytes: self.max_message_bytes,
                 more_waiting: self.more_waiting,
             })

@@ -61,6 +61,8 @@ pub(crate) struct Drive<'a> {
     pub policy: &'a RetryPolicy,
     pub table: &'a str,
     pub default_exchange: &'a str,
+    /// The body's `content_type` (`application/json` unless an adopted table says otherwise).
+    pub content_type: &'a str,
     pub max_message_bytes: usize,
     /// More rows are probably due: return as soon as a fetch fits.
     pub more_waiting: bool,
@@ -121,6 +123,7 @@ impl ConfirmWindow {
             policy: d.policy,
             table: d.table,
             default_exchange: d.default_exchange,
+            content_type: d.content_type,
             max_message_bytes: d.max_message_bytes,
         };
         let confirm_timeout = d.publisher.confirm_timeout();
@@ -238,20 +241,25 @@ impl ConfirmWindow {
             let Some(mut row) = self.queues.next_to_send() else {
                 break;
             };
-            let message =
-                match message::build(&mut row, f.table, f.default_exchange, f.max_message_bytes) {
-                    Ok(m) => m,
-                    Err(unpublishable) => {
-                        if f.policy.on_exhausted == OnExhausted::Skip {
-                            self.queues.release(&row);
-                        } else {
-                            self.queues.stop_key(&row);
-                        }
-                        let error = unpublishable.to_string();
-                        record(marks, f.policy, &self.metrics, out, &row, error, true);
-                        continue;
+            let message = match message::build_with(
+                &mut row,
+                f.table,
+                f.default_exchange,
+                f.content_type,
+                f.max_message_bytes,
+            ) {
+                Ok(m) => m,
+                Err(unpublishable) => {
+                    if f.policy.on_exhausted == OnExhausted::Skip {
+                        self.queues.release(&row);
+                    } else {
+                        self.queues.stop_key(&row);
                     }
-                };
+                    let error = unpublishable.to_string();
+                    record(marks, f.policy, &self.metrics, out, &row, error, true);
+                    continue;
+                }
+            };
             match publisher.ensure_exchange(&message.exchange).await {
                 Ok(()) => sends.push((row, message)),
                 Err(PublishError::Refused(refusal, reason)) => {
@@ -298,6 +306,7 @@ struct Fill<'a> {
     policy: &'a RetryPolicy,
     table: &'a str,
     default_exchange: &'a str,
+    content_type: &'a str,
     max_message_bytes: usize,
 }
 
