@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod postgres_url;
+pub use postgres_url::PgHost;
+
 /// The most `[[outbox]]` tables one relay process serves.
 pub const MAX_TABLES: usize = 1000;
 
@@ -42,8 +45,9 @@ pub struct HealthSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSettings {
-    /// `postgres://user:password@host:port/database`; the password never appears in logs.
-    /// Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
+    /// `postgres://user:password@host:port/database`, or several hosts tried in order for the
+    /// primary (`postgres://u@a:5432,b:5432/db`, `host=a,b port=5432 ...`); the password never
+    /// appears in logs. Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
     #[serde(default)]
     pub url: SecretUrl,
     /// A file that holds the URL (a systemd credential, say), read by [`Settings::load`]; a
@@ -59,6 +63,14 @@ pub struct PostgresSettings {
     /// 2 s later, so a silent network is noticed too.
     #[serde(default = "defaults::statement_timeout", with = "humantime_serde")]
     pub statement_timeout: Duration,
+}
+
+impl PostgresSettings {
+    /// The servers `url` names, in the order they are tried for the primary (one URL each).
+    /// [`Settings::load`] has checked that this succeeds.
+    pub fn hosts(&self) -> Result<Vec<PgHost>, String> {
+        postgres_url::hosts(&self.url)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -402,7 +414,8 @@ impl SecretUrl {
                 }
                 url.to_string()
             }
-            Err(_) => "<unparsable url>".into(),
+            // Several hosts, or key-value pairs: PostgreSQL's forms the URL parser cannot read.
+            Err(_) => postgres_url::redacted(&self.0).unwrap_or_else(|| "<unparsable url>".into()),
         }
     }
 
@@ -682,22 +695,28 @@ impl Settings {
     /// Every semantic problem in the settings (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (section, url, url_file, schemes, expected) in [
-            (
-                "postgres",
-                &self.postgres.url,
-                &self.postgres.url_file,
-                &["postgres", "postgresql"][..],
-                "postgres://user@host:port/database",
-            ),
-            (
-                "rabbitmq",
-                &self.rabbitmq.url,
-                &self.rabbitmq.url_file,
-                &["amqp", "amqps"][..],
-                "amqp://user:password@host:port/vhost",
-            ),
-        ] {
+        let postgres = &self.postgres;
+        match (&postgres.url_file, postgres.url.is_empty()) {
+            (None, true) => out
+                .push("postgres.url: required (or postgres.url_file, a file that holds it)".into()),
+            // The file could not be read: `load` has said why.
+            (Some(_), true) => {}
+            (file, false) => match postgres.hosts() {
+                // The hosts share every parameter: the TLS files are checked once.
+                Ok(hosts) => out.extend(crate::tls::postgres_url_problems(&hosts[0].url)),
+                Err(problem) => out.push(match file {
+                    None => format!("postgres.url: {problem}"),
+                    Some(file) => format!("postgres.url_file: {problem} (in {})", file.display()),
+                }),
+            },
+        }
+        for (section, url, url_file, schemes, expected) in [(
+            "rabbitmq",
+            &self.rabbitmq.url,
+            &self.rabbitmq.url_file,
+            &["amqp", "amqps"][..],
+            "amqp://user:password@host:port/vhost",
+        )] {
             let scheme_fits = url.scheme().is_some_and(|s| schemes.contains(&s.as_str()));
             match url_file {
                 None if url.is_empty() => out.push(format!(
@@ -717,7 +736,6 @@ impl Settings {
                 )),
             }
         }
-        out.extend(crate::tls::postgres_url_problems(&self.postgres.url));
         if let Some(tls) = &self.rabbitmq.tls {
             if self.rabbitmq.url.scheme().as_deref() == Some("amqp") {
                 out.push(format!(

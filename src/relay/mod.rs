@@ -77,8 +77,6 @@ pub struct TableRelay {
     /// The largest body the broker takes (lowered when it refuses a message as too large).
     max_message_bytes: usize,
     outage_attempts: u32,
-    /// `PostgreSQL at host:port`, for reports the driver's errors do not name it in.
-    postgres: String,
 }
 
 impl TableRelay {
@@ -112,7 +110,6 @@ impl TableRelay {
             max_message_bytes: settings.rabbitmq.max_message_bytes,
             more_waiting: false,
             outage_attempts: 0,
-            postgres: crate::store::server_label(&settings.postgres),
             sql,
             policy,
             store,
@@ -248,10 +245,15 @@ impl TableRelay {
     }
 
     fn down(&mut self, e: DbError) -> Step {
-        if matches!(e, DbError::Unavailable(_)) {
-            self.store.distrust_connections();
+        match e {
+            DbError::Unavailable(_) => self.store.distrust_connections(),
+            // Refused as read-only: the host is not the primary (any more); the coordination
+            // session gives up the locks and looks for it.
+            DbError::NotPrimary(_) => self.store.look_for_primary(),
+            _ => {}
         }
-        self.reporter.set(Health::database(e, &self.postgres));
+        self.reporter
+            .set(Health::database(e, &self.store.server_label()));
         Step::Down
     }
 

@@ -19,7 +19,8 @@ use sqlx::Row;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{answered_within, connect_options, DbError, TableSql};
+use super::primary::NOT_WRITABLE;
+use super::{answered_within, DbError, Servers, TableSql};
 use crate::config::{PostgresSettings, TableName};
 use crate::retry::RetryPolicy;
 
@@ -119,19 +120,27 @@ pub struct Coordination {
 
 impl Coordination {
     /// Starts the session's task for `tables` (in this order; see [`Coordination::lock`]). It
-    /// connects with its own one-connection pool, so it never takes a statement connection.
+    /// connects with its own one-connection pool, so it never takes a statement connection, to
+    /// the primary among `servers` (it looks for it, and the store's pool follows).
     pub fn start(
         settings: &PostgresSettings,
+        servers: Arc<Servers>,
         tables: &[TableSql],
         listen: bool,
         poll_interval: Duration,
         reconnect_max_delay: Duration,
         reconnects: Counter,
     ) -> anyhow::Result<Coordination> {
+        let follows = servers.clone();
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(settings.connect_timeout)
-            .connect_lazy_with(connect_options(settings)?);
+            // A session left to the pool on a host the relay moved away from is not reused.
+            .before_acquire(move |_, meta| {
+                let fresh = !follows.predates_move(meta.age);
+                Box::pin(async move { Ok(fresh) })
+            })
+            .connect_lazy_with(servers.options());
         let mut entries = Vec::new();
         let mut locks = Vec::new();
         for (index, sql) in tables.iter().enumerate() {
@@ -156,6 +165,7 @@ impl Coordination {
         let stop = CancellationToken::new();
         let session = Session {
             pool,
+            servers,
             entries,
             poll_interval,
             reconnect_max_delay,
@@ -184,6 +194,7 @@ impl Coordination {
 
 struct Session {
     pool: PgPool,
+    servers: Arc<Servers>,
     entries: Vec<Entry>,
     poll_interval: Duration,
     reconnect_max_delay: Duration,
@@ -228,14 +239,26 @@ impl Session {
         self.pool.close().await;
     }
 
+    /// Opens the session on the primary: with several hosts, the first in order that is one.
+    /// The session checks for itself that its server takes writes before it takes any lock: a
+    /// lock taken on a standby would let a relay publish rows it can never mark.
     async fn open(&mut self) -> Result<(PgListener, i32), DbError> {
+        self.servers
+            .find_primary()
+            .await
+            .map_err(|e| e.context("looking for the primary"))?;
+        self.pool.set_connect_options(self.servers.options());
         let open = async {
             let mut listener = PgListener::connect_with(&self.pool).await?;
             listener.ignore_pool_close_event(true);
             listener.eager_reconnect(false);
-            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut listener)
-                .await?;
+            let (pid, read_only): (i32, bool) =
+                sqlx::query_as(&format!("SELECT pg_backend_pid(), {NOT_WRITABLE}"))
+                    .fetch_one(&mut listener)
+                    .await?;
+            if read_only {
+                return Ok(None);
+            }
             let names: Vec<String> = self
                 .entries
                 .iter()
@@ -255,11 +278,17 @@ impl Session {
             if !channels.is_empty() {
                 listener.listen_all(channels).await?;
             }
-            Ok::<_, sqlx::Error>((listener, pid, keys))
+            Ok::<_, sqlx::Error>(Some((listener, pid, keys)))
         };
-        let (listener, pid, keys) = answered_within(self.answer_within, open)
+        let opened = answered_within(self.answer_within, open)
             .await
             .map_err(|e| DbError::from(e).context("opening the coordination session"))?;
+        let Some((listener, pid, keys)) = opened else {
+            return Err(DbError::NotPrimary(format!(
+                "{} is a standby or read-only",
+                self.servers.label()
+            )));
+        };
         for (entry, key) in self.entries.iter_mut().zip(keys) {
             entry.key = key;
         }
@@ -298,6 +327,16 @@ impl Session {
                     Ok(None) => return Err(DbError::Unavailable("the coordination session ended (its locks with it)".into())),
                     Err(e) => return Err(DbError::from(e).context("the coordination session failed")),
                 },
+                _ = self.servers.asked_to_look_again() => {
+                    // A statement was refused as read-only: this server no longer takes writes.
+                    // Give the locks up (the session may live on) and look for the primary.
+                    let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut listener);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), unlock).await;
+                    return Err(DbError::NotPrimary(format!(
+                        "{} refused a write as read-only",
+                        self.servers.label()
+                    )));
+                }
                 _ = tick.tick() => self.poll(&mut listener, pid, epoch).await?,
             }
         }
