@@ -275,9 +275,15 @@ impl TableRelay {
             }
             Unready::Database(e) => {
                 // The lock is gone with its session: another relay may already hold it. Stop,
-                // forget what is in memory (the new holder sends it), then try again.
+                // forget what is in memory (the new holder sends it), then try again. The
+                // session looks for the primary itself: no statement of this table was refused.
                 self.window.clear();
-                self.down(e)
+                if matches!(e, DbError::Unavailable(_)) {
+                    self.store.distrust_connections();
+                }
+                self.reporter
+                    .set(Health::database(e, &self.store.server_label()));
+                Step::Down
             }
             Unready::Broker(e) => {
                 self.window.clear();

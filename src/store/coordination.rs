@@ -165,6 +165,7 @@ impl Coordination {
         let stop = CancellationToken::new();
         let session = Session {
             pool,
+            look_again: servers.asked_to_look_again(),
             servers,
             entries,
             poll_interval,
@@ -195,6 +196,8 @@ impl Coordination {
 struct Session {
     pool: PgPool,
     servers: Arc<Servers>,
+    /// Changes when a statement was refused as read-only ([`Servers::look_again`]).
+    look_again: watch::Receiver<u64>,
     entries: Vec<Entry>,
     poll_interval: Duration,
     reconnect_max_delay: Duration,
@@ -243,22 +246,31 @@ impl Session {
     /// The session checks for itself that its server takes writes before it takes any lock: a
     /// lock taken on a standby would let a relay publish rows it can never mark.
     async fn open(&mut self) -> Result<(PgListener, i32), DbError> {
+        // A read-only refusal seen before this session opened is answered by this look.
+        self.look_again.mark_unchanged();
         self.servers
             .find_primary()
             .await
             .map_err(|e| e.context("looking for the primary"))?;
         self.pool.set_connect_options(self.servers.options());
         let open = async {
+            let mut conn = self.pool.acquire().await?;
+            let read_only: bool = sqlx::query_scalar(&format!("SELECT {NOT_WRITABLE}"))
+                .fetch_one(&mut *conn)
+                .await?;
+            if read_only {
+                // Not kept: the next look opens a session of its own.
+                let _ = conn.close().await;
+                return Ok(None);
+            }
+            // Back to the one-connection pool, where the listener takes it.
+            drop(conn);
             let mut listener = PgListener::connect_with(&self.pool).await?;
             listener.ignore_pool_close_event(true);
             listener.eager_reconnect(false);
-            let (pid, read_only): (i32, bool) =
-                sqlx::query_as(&format!("SELECT pg_backend_pid(), {NOT_WRITABLE}"))
-                    .fetch_one(&mut listener)
-                    .await?;
-            if read_only {
-                return Ok(None);
-            }
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut listener)
+                .await?;
             let names: Vec<String> = self
                 .entries
                 .iter()
@@ -327,7 +339,7 @@ impl Session {
                     Ok(None) => return Err(DbError::Unavailable("the coordination session ended (its locks with it)".into())),
                     Err(e) => return Err(DbError::from(e).context("the coordination session failed")),
                 },
-                _ = self.servers.asked_to_look_again() => {
+                _ = self.look_again.changed() => {
                     // A statement was refused as read-only: this server no longer takes writes.
                     // Give the locks up (the session may live on) and look for the primary.
                     let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut listener);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use super::{answered_within, DbError};
 use crate::config::PostgresSettings;
@@ -39,8 +39,8 @@ pub struct Servers {
     moved_at: Mutex<Option<Instant>>,
     connect_timeout: Duration,
     answer_within: Duration,
-    /// A statement was refused as read-only: the coordination session looks again.
-    look_again: Notify,
+    /// Counts the statements refused as read-only: the coordination session looks again.
+    look_again: watch::Sender<u64>,
 }
 
 impl Servers {
@@ -64,7 +64,7 @@ impl Servers {
             moved_at: Mutex::new(None),
             connect_timeout: settings.connect_timeout,
             answer_within: super::answer_deadline(settings),
-            look_again: Notify::new(),
+            look_again: watch::Sender::new(0),
         })
     }
 
@@ -98,12 +98,12 @@ impl Servers {
     /// Asks the coordination session to look for the primary again (a statement was refused
     /// as read-only: the host in use is not, or no longer, the primary).
     pub fn look_again(&self) {
-        self.look_again.notify_one();
+        self.look_again.send_modify(|n| *n += 1);
     }
 
-    /// Resolves when [`Servers::look_again`] was called.
-    pub async fn asked_to_look_again(&self) {
-        self.look_again.notified().await
+    /// Changes whenever [`Servers::look_again`] is called.
+    pub fn asked_to_look_again(&self) -> watch::Receiver<u64> {
+        self.look_again.subscribe()
     }
 
     /// With several hosts: asks each in order whether it is the primary, on a connection of

@@ -13,6 +13,7 @@
 //! faults ([`faults`]), and waiting for events instead of sleeping ([`wait`]).
 
 pub mod cli;
+pub mod cluster;
 pub mod consumer;
 pub mod database;
 pub mod env;

@@ -1,6 +1,7 @@
 //! Everything a relay test uses, for `use outbox_relay_testkit::prelude::*;`.
 
 pub use crate::cli::{run_cli, CliOutput};
+pub use crate::cluster::Cluster;
 pub use crate::database::Database;
 pub use crate::env::{amqp_url, broker_proxy, pg_url, servers, TestEnv};
 pub use crate::faults::{rabbitmqctl, FrozenBackends};
