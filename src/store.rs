@@ -842,8 +842,9 @@ fn pool_options(settings: &PostgresSettings, servers: &Arc<Servers>) -> (PgPoolO
         .max_connections(settings.max_connections)
         .test_before_acquire(false)
         .before_acquire(move |conn, meta| {
-            // A connection to the host the relay moved away from is closed, not used.
-            if servers.predates_move(meta.age) {
+            // A connection to the host the relay moved away from, or opened before a write was
+            // refused as read-only, is closed, not used.
+            if servers.retired(meta.age) {
                 return Box::pin(async { Ok(false) });
             }
             let ping = until

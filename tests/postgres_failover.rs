@@ -320,3 +320,98 @@ async fn a_relay_on_a_standby_reports_not_the_primary_and_publishes_once_it_is_p
     })
     .await;
 }
+
+/// Sessions opened in the test's database so far (PostgreSQL's own count), asked on `conn`, a
+/// session the test keeps open, so the asking opens none.
+async fn sessions(conn: &mut PgConnection, env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT sessions FROM pg_stat_database WHERE datname = $1")
+        .bind(&env.db)
+        .fetch_one(conn)
+        .await
+        .expect("read the database's session count")
+}
+
+/// Inserts `rows` on a session of its own that writes whatever the database's default.
+async fn insert_writable(env: &TestEnv, rows: &[NewRow]) -> Vec<i64> {
+    let mut conn = PgConnection::connect(&env.pg_url).await.expect("connect");
+    let mut tx = conn.begin().await.expect("begin");
+    sqlx::query("SET TRANSACTION READ WRITE")
+        .execute(&mut *tx)
+        .await
+        .expect("a writing transaction");
+    let ids = insert_rows(&mut tx, &env.table, rows)
+        .await
+        .expect("insert outbox rows");
+    tx.commit().await.expect("commit");
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_refused_as_read_only_is_not_the_primary_and_costs_the_rows_no_attempt() {
+    let env = TestEnv::new(Setup::new().set("health", "listen", "\"127.0.0.1:0\"")).await;
+    let relay = env.start_relay();
+    let addr = health_addr(&relay).await;
+    wait_for_state(&addr, "relaying").await;
+    let first = env.insert(&rows_over_keys("ro-a", 3, 6)).await;
+    env.consumer.wait_for(first.len()).await;
+
+    // The test's database turns read-only for new sessions; the relay's statement sessions are
+    // replaced by new ones, its lock session lives on: the next mark is refused (25006).
+    // The test's own session, opened before: it stays writable.
+    let mut admin = PgConnection::connect(&env.pg_url).await.expect("connect");
+    let db = format!("\"{}\"", env.db);
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE {db} SET default_transaction_read_only = on"
+    ))
+    .execute(&mut admin)
+    .await
+    .expect("make the database read-only");
+    sqlx::query(
+        "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a \
+         WHERE a.datname = $1 AND a.application_name = 'outbox-relay' AND NOT EXISTS ( \
+             SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted)",
+    )
+    .bind(&env.db)
+    .execute(&mut admin)
+    .await
+    .expect("terminate the relay's statement sessions");
+    let second = insert_writable(&env, &rows_over_keys("ro-b", 3, 6)).await;
+    let (status, state) = wait_for_state(&addr, "not ready: PostgreSQL is not the primary").await;
+    assert_eq!(status, 503, "{state}");
+    // It keeps looking, and nothing is counted against the rows meanwhile.
+    let seen = sessions(&mut admin, &env).await;
+    let admin = tokio::sync::Mutex::new(admin);
+    eventually("the relay to look for the primary again", || async {
+        sessions(&mut *admin.lock().await, &env).await >= seen + 3
+    })
+    .await;
+    let mut admin = admin.into_inner();
+    for id in first.iter().chain(&second) {
+        let row = env.row(*id).await;
+        assert_eq!(row.attempts, 0, "row {id}: {row:?}");
+        assert!(row.parked_at.is_none(), "row {id}: {row:?}");
+    }
+
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE {db} RESET default_transaction_read_only"
+    ))
+    .execute(&mut admin)
+    .await
+    .expect("make the database writable again");
+    wait_for_state(&addr, "relaying").await;
+    let received = env.consumer.wait_for(first.len() + second.len()).await;
+    assert_first_deliveries_in_id_order(&received);
+    assert_duplicates_share_message_id(&received);
+    env.wait_all_marked().await;
+    for id in &second {
+        assert_eq!(env.row(*id).await.attempts, 0, "row {id}");
+    }
+    let log = relay.log();
+    assert_eq!(
+        log.matches("PostgreSQL is not the primary (a standby, or read-only)")
+            .count(),
+        1,
+        "logged once:\n{log}"
+    );
+    assert!(log.contains("(SQLSTATE 25006)"), "the refusal:\n{log}");
+}

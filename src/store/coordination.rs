@@ -135,9 +135,10 @@ impl Coordination {
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(settings.connect_timeout)
-            // A session left to the pool on a host the relay moved away from is not reused.
+            // A session left to the pool on a host the relay moved away from (or that refused a
+            // write) is not reused.
             .before_acquire(move |_, meta| {
-                let fresh = !follows.predates_move(meta.age);
+                let fresh = !follows.retired(meta.age);
                 Box::pin(async move { Ok(fresh) })
             })
             .connect_lazy_with(servers.options());

@@ -4,8 +4,8 @@
 //! table lock; every pool follows its choice.
 //!
 //! Invariant: the relay's pools connect to the host last found primary, and a pooled connection
-//! opened before a move to another host is never handed out after it (see
-//! [`Servers::predates_move`]).
+//! opened before a move to another host, or before a statement was refused as read-only, is
+//! never handed out after it (see [`Servers::retired`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -36,7 +36,9 @@ pub struct Servers {
     chosen: AtomicUsize,
     /// Counts the moves to another host; the pools compare it with the one they follow.
     moves: AtomicU64,
-    moved_at: Mutex<Option<Instant>>,
+    /// Connections opened before this are not used: the last move, or the last read-only
+    /// refusal (a session opened while the server was read-only stays so).
+    retired_at: Mutex<Option<Instant>>,
     connect_timeout: Duration,
     answer_within: Duration,
     /// Counts the statements refused as read-only: the coordination session looks again.
@@ -61,7 +63,7 @@ impl Servers {
             hosts,
             chosen: AtomicUsize::new(0),
             moves: AtomicU64::new(0),
-            moved_at: Mutex::new(None),
+            retired_at: Mutex::new(None),
             connect_timeout: settings.connect_timeout,
             answer_within: super::answer_deadline(settings),
             look_again: watch::Sender::new(0),
@@ -88,16 +90,24 @@ impl Servers {
         self.moves.load(Ordering::Acquire)
     }
 
-    /// True for a connection `age` old when the relay moved to another host since it was
-    /// opened: it leads to the old host and must not be used.
-    pub fn predates_move(&self, age: Duration) -> bool {
-        let moved_at = self.moved_at.lock().ok().and_then(|at| *at);
-        moved_at.is_some_and(|at| at.elapsed() < age)
+    /// True for a connection `age` old that was opened before the relay moved to another host
+    /// (it leads to the old one) or before a statement was refused as read-only: not used.
+    pub fn retired(&self, age: Duration) -> bool {
+        let retired_at = self.retired_at.lock().ok().and_then(|at| *at);
+        retired_at.is_some_and(|at| at.elapsed() < age)
+    }
+
+    fn retire_connections(&self) {
+        if let Ok(mut at) = self.retired_at.lock() {
+            *at = Some(Instant::now());
+        }
     }
 
     /// Asks the coordination session to look for the primary again (a statement was refused
-    /// as read-only: the host in use is not, or no longer, the primary).
+    /// as read-only: the host in use is not, or no longer, the primary), and retires every
+    /// open connection: a session opened while its server was read-only stays read-only.
     pub fn look_again(&self) {
+        self.retire_connections();
         self.look_again.send_modify(|n| *n += 1);
     }
 
@@ -167,9 +177,7 @@ impl Servers {
         if before == index {
             return;
         }
-        if let Ok(mut at) = self.moved_at.lock() {
-            *at = Some(Instant::now());
-        }
+        self.retire_connections();
         self.moves.fetch_add(1, Ordering::AcqRel);
         tracing::info!(
             from = %self.hosts[before].label,
