@@ -710,31 +710,27 @@ impl Settings {
                 }),
             },
         }
-        for (section, url, url_file, schemes, expected) in [(
-            "rabbitmq",
-            &self.rabbitmq.url,
-            &self.rabbitmq.url_file,
-            &["amqp", "amqps"][..],
-            "amqp://user:password@host:port/vhost",
-        )] {
-            let scheme_fits = url.scheme().is_some_and(|s| schemes.contains(&s.as_str()));
-            match url_file {
-                None if url.is_empty() => out.push(format!(
-                    "{section}.url: required (or {section}.url_file, a file that holds it)"
-                )),
-                // The file could not be read: `load` has said why.
-                Some(_) if url.is_empty() => {}
-                _ if scheme_fits => {}
-                None => out.push(format!(
-                    "{section}.url: expected {expected}, got {}",
-                    url.redacted()
-                )),
-                Some(file) => out.push(format!(
-                    "{section}.url_file: expected {} to hold {expected}, got {}",
-                    file.display(),
-                    url.redacted()
-                )),
-            }
+        let rabbitmq = &self.rabbitmq;
+        let expected = "amqp://user:password@host:port/vhost";
+        let scheme_fits = rabbitmq
+            .url
+            .scheme()
+            .is_some_and(|s| ["amqp", "amqps"].contains(&s.as_str()));
+        match &rabbitmq.url_file {
+            None if rabbitmq.url.is_empty() => out
+                .push("rabbitmq.url: required (or rabbitmq.url_file, a file that holds it)".into()),
+            // The file could not be read: `load` has said why.
+            Some(_) if rabbitmq.url.is_empty() => {}
+            _ if scheme_fits => {}
+            None => out.push(format!(
+                "rabbitmq.url: expected {expected}, got {}",
+                rabbitmq.url.redacted()
+            )),
+            Some(file) => out.push(format!(
+                "rabbitmq.url_file: expected {} to hold {expected}, got {}",
+                file.display(),
+                rabbitmq.url.redacted()
+            )),
         }
         if let Some(tls) = &self.rabbitmq.tls {
             if self.rabbitmq.url.scheme().as_deref() == Some("amqp") {
@@ -991,6 +987,38 @@ mod tests {
         ] {
             assert!(text.contains(&expected), "{expected:?} not in:\n{text}");
         }
+    }
+
+    #[test]
+    fn several_postgres_hosts_load_in_either_form_and_a_bad_list_is_named() {
+        let dir = Scratch::new("pg-hosts");
+        let amqp = format!("url = {AMQP:?}");
+        for url in [
+            "postgres://relay:pg-s3cret@a:5432,b:5433/app?target_session_attrs=read-write",
+            "host=a,b port=5432,5433 user=relay password=pg-s3cret dbname=app",
+        ] {
+            let config = dir.config(&format!("url = {url:?}"), &amqp);
+            let s = Settings::load_with_credentials(&config, None).unwrap();
+            let hosts: Vec<String> = s
+                .postgres
+                .hosts()
+                .unwrap()
+                .into_iter()
+                .map(|h| h.label)
+                .collect();
+            assert_eq!(hosts, ["a:5432", "b:5433"], "{url}");
+            assert!(!s.postgres.url.redacted().contains("pg-s3cret"));
+        }
+        let config = dir.config(
+            "url = \"postgres://relay:pg-s3cret@a:5432,b:oops/app\"",
+            &amqp,
+        );
+        let text = problems_of(&config, None);
+        assert!(
+            text.contains("postgres.url: the port of b is not a port number"),
+            "{text}"
+        );
+        assert!(!text.contains("pg-s3cret"), "{text}");
     }
 
     #[test]
