@@ -66,6 +66,22 @@ fn url_hosts(scheme: &str, rest: &str) -> Result<Vec<PgHost>, String> {
         Some(u) => format!("{scheme}://{u}@"),
         None => format!("{scheme}://"),
     };
+    if host_list.is_empty() {
+        // No host in the authority: the driver's default, or a `host` parameter (a socket
+        // directory, say); one host, as written.
+        let query = tail.split_once('?').map_or("", |(_, q)| q);
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+        };
+        let host = param("host").unwrap_or("localhost");
+        let port = param("port").and_then(|p| p.parse().ok());
+        return Ok(vec![PgHost {
+            label: label(host, port),
+            url: SecretUrl::new(format!("{prefix}{tail}")),
+        }]);
+    }
     let mut out = Vec::new();
     for entry in host_list.split(',') {
         let (host, port) = split_host_port(entry)?;
@@ -394,6 +410,15 @@ mod tests {
         assert_eq!(
             parse(url).unwrap(),
             [("db.internal:5432".to_owned(), url.to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_url_without_a_host_keeps_its_host_parameter() {
+        let url = "postgres:///app?host=/var/run/postgresql&port=5433";
+        assert_eq!(
+            parse(url).unwrap(),
+            [("/var/run/postgresql:5433".to_owned(), url.to_owned())]
         );
     }
 
