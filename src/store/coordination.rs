@@ -5,9 +5,10 @@
 //! session and at most one statement per poll interval.
 //!
 //! Invariant: a table is [`LockState::Held`] only while this session lives and holds the
-//! table's lock; when the session ends, every table leaves `Held` at once (a standby may be
-//! taking over), and a new session's locks carry a new epoch, so nothing settled under the old
-//! one is trusted.
+//! table's lock, on a server that said on this session that it takes writes (the primary; see
+//! [`super::primary`]); when the session ends, every table leaves `Held` at once (a standby may
+//! be taking over), and a new session's locks carry a new epoch, so nothing settled under the
+//! old one is trusted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -269,9 +270,14 @@ impl Session {
             let mut listener = PgListener::connect_with(&self.pool).await?;
             listener.ignore_pool_close_event(true);
             listener.eager_reconnect(false);
-            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut listener)
-                .await?;
+            // The listener's session is asked too: the pool may have opened it anew.
+            let (pid, read_only): (i32, bool) =
+                sqlx::query_as(&format!("SELECT pg_backend_pid(), {NOT_WRITABLE}"))
+                    .fetch_one(&mut listener)
+                    .await?;
+            if read_only {
+                return Ok(None);
+            }
             let names: Vec<String> = self
                 .entries
                 .iter()
