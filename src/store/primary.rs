@@ -158,18 +158,25 @@ impl Servers {
         })
     }
 
-    /// Whether `host` is the primary: true when it takes writes.
+    /// Whether `host` is the primary: true when it takes writes. The connect is bounded by
+    /// `connect_timeout` (a host that does not answer at all costs no more), the question by the
+    /// statement deadline.
     async fn ask(&self, host: &Server) -> Result<bool, DbError> {
-        let ask = async {
-            let mut conn = PgConnection::connect_with(&host.options).await?;
-            let read_only: bool = sqlx::query_scalar(&format!("SELECT {NOT_WRITABLE}"))
-                .fetch_one(&mut conn)
-                .await?;
-            let _ = conn.close().await;
-            Ok::<_, sqlx::Error>(!read_only)
+        let connect = PgConnection::connect_with(&host.options);
+        let mut conn = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(connected) => connected?,
+            Err(_) => {
+                return Err(DbError::Unavailable(format!(
+                    "no connection within {} (postgres.connect_timeout)",
+                    humantime::format_duration(self.connect_timeout)
+                )))
+            }
         };
-        let deadline = self.connect_timeout + self.answer_within;
-        Ok(answered_within(deadline, ask).await?)
+        let question = format!("SELECT {NOT_WRITABLE}");
+        let asked = sqlx::query_scalar(&question).fetch_one(&mut conn);
+        let read_only: bool = answered_within(self.answer_within, asked).await?;
+        let _ = conn.close().await;
+        Ok(!read_only)
     }
 
     fn choose(&self, index: usize) {
