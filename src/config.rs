@@ -12,6 +12,8 @@ mod mapping;
 pub use mapping::{
     ColumnMap, ColumnsSettings, DebeziumSettings, Layout, Part, PayloadType, RouteTo,
 };
+mod postgres_url;
+pub use postgres_url::PgHost;
 
 /// The most `[[outbox]]` tables one relay process serves.
 pub const MAX_TABLES: usize = 1000;
@@ -47,8 +49,9 @@ pub struct HealthSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSettings {
-    /// `postgres://user:password@host:port/database`; the password never appears in logs.
-    /// Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
+    /// `postgres://user:password@host:port/database`, or several hosts tried in order for the
+    /// primary (`postgres://u@a:5432,b:5432/db`, `host=a,b port=5432 ...`); the password never
+    /// appears in logs. Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
     #[serde(default)]
     pub url: SecretUrl,
     /// A file that holds the URL (a systemd credential, say), read by [`Settings::load`]; a
@@ -64,6 +67,14 @@ pub struct PostgresSettings {
     /// 2 s later, so a silent network is noticed too.
     #[serde(default = "defaults::statement_timeout", with = "humantime_serde")]
     pub statement_timeout: Duration,
+}
+
+impl PostgresSettings {
+    /// The servers `url` names, in the order they are tried for the primary (one URL each).
+    /// [`Settings::load`] has checked that this succeeds.
+    pub fn hosts(&self) -> Result<Vec<PgHost>, String> {
+        postgres_url::hosts(&self.url)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -420,7 +431,8 @@ impl SecretUrl {
                 }
                 url.to_string()
             }
-            Err(_) => "<unparsable url>".into(),
+            // Several hosts, or key-value pairs: PostgreSQL's forms the URL parser cannot read.
+            Err(_) => postgres_url::redacted(&self.0).unwrap_or_else(|| "<unparsable url>".into()),
         }
     }
 
@@ -849,26 +861,20 @@ impl Settings {
     /// Every semantic problem in the settings (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        const PG_EXPECTED: &str = "postgres://user@host:port/database";
-        let pg = &self.postgres.url;
-        let pg_fits = pg
-            .scheme()
-            .is_some_and(|s| s == "postgres" || s == "postgresql");
-        match &self.postgres.url_file {
-            None if pg.is_empty() => out
+        let postgres = &self.postgres;
+        match (&postgres.url_file, postgres.url.is_empty()) {
+            (None, true) => out
                 .push("postgres.url: required (or postgres.url_file, a file that holds it)".into()),
             // The file could not be read: `load` has said why.
-            Some(_) if pg.is_empty() => {}
-            _ if pg_fits => {}
-            None => out.push(format!(
-                "postgres.url: expected {PG_EXPECTED}, got {}",
-                pg.redacted()
-            )),
-            Some(file) => out.push(format!(
-                "postgres.url_file: expected {} to hold {PG_EXPECTED}, got {}",
-                file.display(),
-                pg.redacted()
-            )),
+            (Some(_), true) => {}
+            (file, false) => match postgres.hosts() {
+                // The hosts share every parameter: the TLS files are checked once.
+                Ok(hosts) => out.extend(crate::tls::postgres_url_problems(&hosts[0].url)),
+                Err(problem) => out.push(match file {
+                    None => format!("postgres.url: {problem}"),
+                    Some(file) => format!("postgres.url_file: {problem} (in {})", file.display()),
+                }),
+            },
         }
         const AMQP_EXPECTED: &str = "amqp://user:password@host:port/vhost";
         let nodes = &self.rabbitmq.url;
@@ -887,7 +893,6 @@ impl Settings {
                 )
             })),
         }
-        out.extend(crate::tls::postgres_url_problems(&self.postgres.url));
         if let Some(tls) = &self.rabbitmq.tls {
             if let Some(plain) = nodes
                 .nodes()
@@ -1147,6 +1152,38 @@ mod tests {
         ] {
             assert!(text.contains(&expected), "{expected:?} not in:\n{text}");
         }
+    }
+
+    #[test]
+    fn several_postgres_hosts_load_in_either_form_and_a_bad_list_is_named() {
+        let dir = Scratch::new("pg-hosts");
+        let amqp = format!("url = {AMQP:?}");
+        for url in [
+            "postgres://relay:pg-s3cret@a:5432,b:5433/app?target_session_attrs=read-write",
+            "host=a,b port=5432,5433 user=relay password=pg-s3cret dbname=app",
+        ] {
+            let config = dir.config(&format!("url = {url:?}"), &amqp);
+            let s = Settings::load_with_credentials(&config, None).unwrap();
+            let hosts: Vec<String> = s
+                .postgres
+                .hosts()
+                .unwrap()
+                .into_iter()
+                .map(|h| h.label)
+                .collect();
+            assert_eq!(hosts, ["a:5432", "b:5433"], "{url}");
+            assert!(!s.postgres.url.redacted().contains("pg-s3cret"));
+        }
+        let config = dir.config(
+            "url = \"postgres://relay:pg-s3cret@a:5432,b:oops/app\"",
+            &amqp,
+        );
+        let text = problems_of(&config, None);
+        assert!(
+            text.contains("postgres.url: the port of b is not a port number"),
+            "{text}"
+        );
+        assert!(!text.contains("pg-s3cret"), "{text}");
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub enum State {
     Blocked,
     DatabaseDown,
     TableUnusable,
-    ReadOnly,
+    NotPrimary,
     BrokerDown,
     Misdeclared,
 }
@@ -90,7 +90,7 @@ impl State {
         State::Blocked,
         State::DatabaseDown,
         State::TableUnusable,
-        State::ReadOnly,
+        State::NotPrimary,
         State::BrokerDown,
         State::Misdeclared,
     ];
@@ -128,7 +128,7 @@ label_values! {
         Blocked => "blocked",
         DatabaseDown => "database_down",
         TableUnusable => "table_unusable",
-        ReadOnly => "read_only",
+        NotPrimary => "not_primary",
         BrokerDown => "broker_down",
         Misdeclared => "misdeclared",
     }

@@ -38,6 +38,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         .collect();
     let coordination = Coordination::start(
         &settings.postgres,
+        store.servers(),
         &sqls,
         settings.relay.notify,
         settings.relay.poll_interval,

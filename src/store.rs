@@ -37,6 +37,8 @@ mod columns;
 pub use columns::Columns;
 mod coordination;
 pub use coordination::{Coordination, LockGuard, LockState, TableLock};
+mod primary;
+pub use primary::Servers;
 mod replay;
 pub use replay::{CountChunk, ReplayChunk, ReplayRange, Retained, RetainedRow};
 
@@ -51,10 +53,11 @@ pub enum DbError {
     /// fix it; an operator does.
     #[error("{0}")]
     Refused(String),
-    /// The server is a read-only standby (SQLSTATE 25006), e.g. after a failover that left the
-    /// relay's address on the old primary.
+    /// The server is not the primary: a standby (in recovery), or it refused a write as
+    /// read-only (SQLSTATE 25006), e.g. after a failover. Not an outage of rows: nothing is
+    /// counted against them; the relay looks for the primary again with backoff.
     #[error("{0}")]
-    ReadOnly(String),
+    NotPrimary(String),
     /// A TLS check failed on connecting (an untrusted, expired or misnamed server certificate,
     /// a client certificate the server requires or refuses): retried with backoff, reported as
     /// a certificate problem. The driver's error does not name the server; the relay adds it.
@@ -68,7 +71,7 @@ impl DbError {
         match self {
             DbError::Unavailable(e) => DbError::Unavailable(format!("{what}: {e}")),
             DbError::Refused(e) => DbError::Refused(format!("{what}: {e}")),
-            DbError::ReadOnly(e) => DbError::ReadOnly(format!("{what}: {e}")),
+            DbError::NotPrimary(e) => DbError::NotPrimary(format!("{what}: {e}")),
             // Which check failed is the whole story, whatever the relay was doing.
             DbError::Tls(check) => DbError::Tls(check),
         }
@@ -84,7 +87,7 @@ impl From<sqlx::Error> for DbError {
         match &e {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some(c) if c.starts_with("42") || c.starts_with("3F") => DbError::Refused(text),
-                Some("25006") => DbError::ReadOnly(text),
+                Some("25006") => DbError::NotPrimary(text),
                 _ => DbError::Unavailable(text),
             },
             sqlx::Error::ColumnDecode { .. }
@@ -98,10 +101,16 @@ impl From<sqlx::Error> for DbError {
 
 pub(crate) type PingUntil = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
 
-/// The database side of the relay: a small pool for fetch, mark, status and retry.
+/// The database side of the relay: a small pool for fetch, mark, status and retry, on the
+/// primary of `postgres.url`'s hosts.
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The configured hosts and which is the primary (chosen by the coordination session, or by
+    /// [`Store::connect`]); the pool follows it.
+    servers: Arc<Servers>,
+    /// The [`Servers::moves`] the pool's connect options were last set for.
+    following: Arc<std::sync::atomic::AtomicU64>,
     /// Until when pooled connections are pinged before use (see [`Store::distrust_connections`]).
     ping_until: PingUntil,
     /// How long the relay's statements may wait for an answer (see [`answered_within`]).
@@ -109,37 +118,70 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects the pool. Sessions carry `application_name = outbox-relay` and the configured
+    /// Connects the pool to the primary (with several hosts, the first in order that is one).
+    /// Sessions carry `application_name = outbox-relay` and the configured
     /// `statement_timeout`, so a silent server fails a statement instead of hanging it.
     pub async fn connect(settings: &PostgresSettings) -> anyhow::Result<Store> {
-        let (options, ping_until) = pool_options(settings);
+        let servers = Arc::new(Servers::new(settings)?);
+        let cannot = || {
+            format!(
+                "cannot connect to PostgreSQL at {}",
+                settings.url.redacted()
+            )
+        };
+        servers
+            .find_primary()
+            .await
+            .map_err(|e| anyhow::anyhow!(e.to_string()))
+            .with_context(cannot)?;
+        let (options, ping_until) = pool_options(settings, &servers);
         let pool = options
-            .connect_with(connect_options(settings)?)
+            .connect_with(servers.options())
             .await
             // The server's words once, with their SQLSTATE (sqlx's own text repeats them).
             .map_err(|e| anyhow::anyhow!(db_message(&e)))
-            .with_context(|| {
-                format!(
-                    "cannot connect to PostgreSQL at {}",
-                    settings.url.redacted()
-                )
-            })?;
-        Ok(Store {
-            pool,
-            ping_until,
-            answer_within: answer_deadline(settings),
-        })
+            .with_context(cannot)?;
+        Ok(Store::with_pool(pool, servers, ping_until, settings))
     }
 
-    /// Builds the pool without connecting; connections are made on first use.
+    /// Builds the pool without connecting; connections are made on first use, on the host the
+    /// coordination session finds primary ([`Store::servers`]).
     pub fn connect_lazy(settings: &PostgresSettings) -> anyhow::Result<Store> {
-        let (options, ping_until) = pool_options(settings);
-        let pool = options.connect_lazy_with(connect_options(settings)?);
-        Ok(Store {
+        let servers = Arc::new(Servers::new(settings)?);
+        let (options, ping_until) = pool_options(settings, &servers);
+        let pool = options.connect_lazy_with(servers.options());
+        Ok(Store::with_pool(pool, servers, ping_until, settings))
+    }
+
+    fn with_pool(
+        pool: PgPool,
+        servers: Arc<Servers>,
+        ping_until: PingUntil,
+        settings: &PostgresSettings,
+    ) -> Store {
+        Store {
+            following: Arc::new(std::sync::atomic::AtomicU64::new(servers.moves())),
             pool,
+            servers,
             ping_until,
             answer_within: answer_deadline(settings),
-        })
+        }
+    }
+
+    /// The configured hosts and which one is the primary, shared with the coordination session.
+    pub fn servers(&self) -> Arc<Servers> {
+        self.servers.clone()
+    }
+
+    /// `PostgreSQL at host:port` of the host in use.
+    pub fn server_label(&self) -> String {
+        self.servers.label()
+    }
+
+    /// A statement was refused as read-only: the host in use is no longer the primary.
+    /// The coordination session looks for it again (and gives up the locks meanwhile).
+    pub fn look_for_primary(&self) {
+        self.servers.look_again();
     }
 
     /// After a database error: for the next few seconds, ping each pooled connection before
@@ -152,7 +194,16 @@ impl Store {
         }
     }
 
+    /// The pool, its connect options on the host in use (set again after a move).
     pub fn pool(&self) -> &PgPool {
+        let moves = self.servers.moves();
+        if self
+            .following
+            .swap(moves, std::sync::atomic::Ordering::AcqRel)
+            != moves
+        {
+            self.pool.set_connect_options(self.servers.options());
+        }
         &self.pool
     }
 
@@ -184,7 +235,7 @@ impl Store {
         tables: &[TableName],
         notify: bool,
     ) -> anyhow::Result<Vec<String>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         // Two `migrate` runs at once would race on CREATE OR REPLACE; serialize them.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('outbox_relay:migrate', 0))")
             .execute(&mut *tx)
@@ -269,21 +320,21 @@ impl Store {
         match (wanted, valid) {
             (true, Some(true)) | (false, None) => Ok(None),
             (false, Some(_)) => {
-                sqlx::raw_sql(&drop).execute(&self.pool).await?;
+                sqlx::raw_sql(&drop).execute(self.pool()).await?;
                 Ok(Some(format!(
                     "{table}: dropped the retention index {index} (no retention)"
                 )))
             }
             (true, state) => {
                 if state == Some(false) {
-                    sqlx::raw_sql(&drop).execute(&self.pool).await?;
+                    sqlx::raw_sql(&drop).execute(self.pool()).await?;
                 }
                 sqlx::raw_sql(&format!(
                     "CREATE INDEX CONCURRENTLY {} ON {} (published_at) WHERE published_at IS NOT NULL",
                     quote_ident(&index),
                     table.quoted()
                 ))
-                .execute(&self.pool)
+                .execute(self.pool())
                 .await?;
                 Ok(Some(format!("{table}: built the retention index {index}")))
             }
@@ -302,7 +353,7 @@ impl Store {
             "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
         )
         .bind(index);
-        Ok(answered_within(self.answer_within, query.fetch_optional(&self.pool)).await?)
+        Ok(answered_within(self.answer_within, query.fetch_optional(self.pool())).await?)
     }
 
     /// Fails with a clear message when `table` is missing or lacks the relay's columns.
@@ -312,7 +363,7 @@ impl Store {
              created_at, attempts, next_attempt_at, last_error, published_at, parked_at, held FROM {} LIMIT 0",
             table.quoted()
         );
-        sqlx::query(&sql).execute(&self.pool).await.map_err(|e| {
+        sqlx::query(&sql).execute(self.pool()).await.map_err(|e| {
             anyhow::anyhow!(
                 "outbox table {table} is not usable: {} (run `outbox-relay migrate`)",
                 db_message(&e)
@@ -340,7 +391,7 @@ impl Store {
             .bind(exclude)
             // Rows above every excluded id skip the (linear, in a generic plan) array check.
             .bind(exclude.iter().copied().max().unwrap_or(i64::MIN));
-        let rows = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        let rows = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(rows
             .iter()
             .map(OutboxRow::from_row)
@@ -362,7 +413,7 @@ impl Store {
         let query = sqlx::query_scalar(&q.mark_published)
             .bind(ids)
             .bind(table_oid);
-        Ok(answered_within(self.answer_within, query.fetch_all(&self.pool)).await?)
+        Ok(answered_within(self.answer_within, query.fetch_all(self.pool())).await?)
     }
 
     /// Records failed publishes in one statement: attempts + 1, the error, the next attempt
@@ -389,7 +440,7 @@ impl Store {
             .bind(&delays)
             .bind(&parks)
             .bind(table_oid);
-        answered_within(self.answer_within, query.execute(&self.pool)).await?;
+        answered_within(self.answer_within, query.execute(self.pool())).await?;
         Ok(())
     }
 
@@ -415,7 +466,7 @@ impl Store {
             .bind(&holders)
             .bind(q.table.to_string())
             .bind(table_oid);
-        let done = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        let done = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(unfinished(keys.into_iter().map(str::to_owned), &done)?)
     }
 
@@ -435,7 +486,7 @@ impl Store {
             .bind(keys)
             .bind(q.table.to_string())
             .bind(table_oid);
-        let done = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        let done = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(unfinished(keys.iter().cloned(), &done)?)
     }
 
@@ -443,7 +494,7 @@ impl Store {
     /// says of its rows).
     pub async fn table_oid(&self, q: &TableSql) -> Result<i64, DbError> {
         let query = sqlx::query_scalar("SELECT $1::regclass::oid::bigint").bind(q.table.quoted());
-        Ok(answered_within(self.answer_within, query.fetch_one(&self.pool)).await?)
+        Ok(answered_within(self.answer_within, query.fetch_one(self.pool())).await?)
     }
 
     /// Held keys of the table whose holder no longer holds them (published, deleted by the
@@ -455,7 +506,7 @@ impl Store {
         table_oid: i64,
     ) -> Result<(Vec<String>, i64), DbError> {
         let query = sqlx::query(&q.stale_holds).bind(table_oid);
-        let rows = answered_within(self.answer_within, query.fetch_all(&self.pool)).await?;
+        let rows = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         let mut stale = Vec::new();
         let mut held = 0;
         for row in rows {
@@ -478,7 +529,7 @@ impl Store {
         limit: u32,
     ) -> Result<u64, DbError> {
         let sweep = async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool().begin().await?;
             sqlx::query(
                 "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)",
             )
@@ -501,7 +552,7 @@ impl Store {
     /// is). One probe of the retention index.
     pub async fn oldest_published(&self, q: &TableSql) -> Result<Option<Duration>, DbError> {
         let query = sqlx::query_scalar::<_, Option<f64>>(&q.oldest_published);
-        let age = answered_within(self.answer_within, query.fetch_one(&self.pool)).await?;
+        let age = answered_within(self.answer_within, query.fetch_one(self.pool())).await?;
         Ok(age.map(|s| Duration::from_secs_f64(s.max(0.0))))
     }
 
@@ -529,7 +580,7 @@ impl Store {
                          WHERE h.table_oid = '{t}'::regclass::oid::bigint)))::float8 AS oldest"
         );
         let row = sqlx::query(&sql)
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await
             .with_context(|| {
                 format!("reading the status of {table} (run `outbox-relay migrate`?)")
@@ -610,7 +661,7 @@ impl Store {
             })
             .collect();
         let rows = sqlx::query(&selects.join(" UNION ALL "))
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(|e| DbError::from(e).context("reading the backlog"))?;
         rows.iter()
@@ -644,7 +695,7 @@ impl Store {
             key = c.key(""),
             dedup = c.dedup_key(""),
         );
-        let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).bind(limit).fetch_all(self.pool()).await?;
         rows.iter()
             .map(|r| {
                 Ok(ParkedRow {
@@ -678,7 +729,7 @@ impl Store {
             RetrySelector::Id(id) => query.bind(*id),
             RetrySelector::Key(key) => query.bind(key.as_str()),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         let ids = query
             .fetch_all(&mut *tx)
             .await
@@ -794,13 +845,19 @@ async fn answered_within<T>(
 
 /// The pool's options. No ping before each statement in normal operation (it would cost a
 /// round trip per statement); only while [`Store::distrust_connections`] asks for it.
-fn pool_options(settings: &PostgresSettings) -> (PgPoolOptions, PingUntil) {
+fn pool_options(settings: &PostgresSettings, servers: &Arc<Servers>) -> (PgPoolOptions, PingUntil) {
     let ping_until = PingUntil::default();
     let until = ping_until.clone();
+    let servers = servers.clone();
     let options = PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .test_before_acquire(false)
-        .before_acquire(move |conn, _| {
+        .before_acquire(move |conn, meta| {
+            // A connection to the host the relay moved away from, or opened before a write was
+            // refused as read-only, is closed, not used.
+            if servers.retired(meta.age) {
+                return Box::pin(async { Ok(false) });
+            }
             let ping = until
                 .lock()
                 .ok()
@@ -816,11 +873,16 @@ fn pool_options(settings: &PostgresSettings) -> (PgPoolOptions, PingUntil) {
     (options, ping_until)
 }
 
-fn connect_options(settings: &PostgresSettings) -> anyhow::Result<PgConnectOptions> {
-    let options: PgConnectOptions = settings.url.expose().parse().map_err(|_| {
+/// The driver's options for one host's URL (see [`crate::config::PgHost`]), with the relay's
+/// session settings.
+fn connect_options(
+    url: &crate::config::SecretUrl,
+    settings: &PostgresSettings,
+) -> anyhow::Result<PgConnectOptions> {
+    let options: PgConnectOptions = url.expose().parse().map_err(|_| {
         anyhow::anyhow!(
             "postgres.url is not a valid PostgreSQL URL: {}",
-            settings.url.redacted()
+            url.redacted()
         )
     })?;
     let timeout_ms = settings.statement_timeout.as_millis().to_string();
@@ -845,14 +907,6 @@ fn tls_check(e: &sqlx::Error) -> Option<TlsCheck> {
                 .unwrap_or_else(|| TlsCheck::Handshake(inner.to_string())),
         ),
         other => TlsCheck::find(other),
-    }
-}
-
-/// `PostgreSQL at host:port`, the server as the relay's reports name it.
-pub fn server_label(settings: &PostgresSettings) -> String {
-    match connect_options(settings) {
-        Ok(o) => format!("PostgreSQL at {}:{}", o.get_host(), o.get_port()),
-        Err(_) => format!("PostgreSQL at {}", settings.url.redacted()),
     }
 }
 

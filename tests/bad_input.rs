@@ -87,6 +87,28 @@ async fn an_unknown_key_is_a_config_error_naming_the_file_and_the_key() {
 }
 
 #[tokio::test]
+async fn a_postgres_host_list_that_cannot_be_used_is_a_config_error_saying_what_is_wrong() {
+    for (url, problem) in [
+        (
+            format!("postgres://postgres:{PG_PASSWORD}@a:5432,,b:5432/app"),
+            "a host is empty",
+        ),
+        (
+            format!("host=a,b port=5432,5433,5434 password={PG_PASSWORD} dbname=app"),
+            "3 ports for 2 hosts",
+        ),
+        (
+            format!("postgres://postgres:{PG_PASSWORD}@a,b/app?target_session_attrs=standby"),
+            "the relay works only against the primary",
+        ),
+    ] {
+        let text = format!("[postgres]\nurl = {url:?}\n{}{OUTBOX}", rabbitmq_section());
+        let stderr = assert_config_error(&text, "run", "postgres.url").await;
+        assert!(stderr.contains(problem), "{problem}: {stderr}");
+    }
+}
+
+#[tokio::test]
 async fn a_value_of_the_wrong_type_is_a_config_error_naming_the_key() {
     let text = format!(
         "{}{}[relay]\nbatch_size = \"many\"\n{OUTBOX}",

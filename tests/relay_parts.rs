@@ -29,6 +29,7 @@ impl Driven {
         let sql = TableSql::new(&table.table, OnExhausted::HoldKey);
         let coordination = Coordination::start(
             &settings.postgres,
+            store.servers(),
             std::slice::from_ref(&sql),
             true,
             settings.relay.poll_interval,

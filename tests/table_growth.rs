@@ -266,6 +266,7 @@ async fn sweeper(env: &TestEnv, retention: Duration) -> (Sweeper, Coordination, 
     let sql = TableSql::new(&table, OnExhausted::HoldKey);
     let coordination = Coordination::start(
         &settings.postgres,
+        store.servers(),
         std::slice::from_ref(&sql),
         false,
         Duration::from_millis(200),

@@ -77,8 +77,6 @@ pub struct TableRelay {
     /// The largest body the broker takes (lowered when it refuses a message as too large).
     max_message_bytes: usize,
     outage_attempts: u32,
-    /// `PostgreSQL at host:port`, for reports the driver's errors do not name it in.
-    postgres: String,
 }
 
 impl TableRelay {
@@ -112,7 +110,6 @@ impl TableRelay {
             max_message_bytes: settings.rabbitmq.max_message_bytes,
             more_waiting: false,
             outage_attempts: 0,
-            postgres: crate::store::server_label(&settings.postgres),
             sql,
             policy,
             store,
@@ -253,10 +250,15 @@ impl TableRelay {
     }
 
     fn down(&mut self, e: DbError) -> Step {
-        if matches!(e, DbError::Unavailable(_)) {
-            self.store.distrust_connections();
+        match e {
+            DbError::Unavailable(_) => self.store.distrust_connections(),
+            // Refused as read-only: the host is not the primary (any more); the coordination
+            // session gives up the locks and looks for it.
+            DbError::NotPrimary(_) => self.store.look_for_primary(),
+            _ => {}
         }
-        self.reporter.set(Health::database(e, &self.postgres));
+        self.reporter
+            .set(Health::database(e, &self.store.server_label()));
         Step::Down
     }
 
@@ -278,9 +280,15 @@ impl TableRelay {
             }
             Unready::Database(e) => {
                 // The lock is gone with its session: another relay may already hold it. Stop,
-                // forget what is in memory (the new holder sends it), then try again.
+                // forget what is in memory (the new holder sends it), then try again. The
+                // session looks for the primary itself: no statement of this table was refused.
                 self.window.clear();
-                self.down(e)
+                if matches!(e, DbError::Unavailable(_)) {
+                    self.store.distrust_connections();
+                }
+                self.reporter
+                    .set(Health::database(e, &self.store.server_label()));
+                Step::Down
             }
             Unready::Broker(e) => {
                 self.window.clear();

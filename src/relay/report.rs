@@ -22,8 +22,9 @@ pub(crate) enum Health {
     /// PostgreSQL answers but refuses the relay's statements: the table was dropped or
     /// altered, or a privilege was revoked. Retried with backoff like an outage.
     TableUnusable(String),
-    /// PostgreSQL is a read-only standby.
-    ReadOnly(String),
+    /// PostgreSQL is not the primary (a standby, or read-only): no host of `postgres.url` is
+    /// one now. Not an outage of rows; the relay keeps looking.
+    NotPrimary(String),
     BrokerDown(String),
     /// The broker has the table's exchange with other settings than `declare_exchange`.
     Misdeclared(String),
@@ -67,7 +68,7 @@ impl Health {
             Health::Blocked => State::Blocked,
             Health::DatabaseDown(_) => State::DatabaseDown,
             Health::TableUnusable(_) => State::TableUnusable,
-            Health::ReadOnly(_) => State::ReadOnly,
+            Health::NotPrimary(_) => State::NotPrimary,
             Health::BrokerDown(_) => State::BrokerDown,
             Health::Misdeclared(_) => State::Misdeclared,
             Health::Certificate(Server::Postgres, _) => State::DatabaseDown,
@@ -83,7 +84,7 @@ impl Health {
             Health::Blocked => "paused: broker blocked the connection".to_owned(),
             Health::DatabaseDown(e) => format!("not ready: PostgreSQL: {e}"),
             Health::TableUnusable(e) => format!("not ready: outbox table: {e}"),
-            Health::ReadOnly(e) => format!("not ready: PostgreSQL is read-only: {e}"),
+            Health::NotPrimary(e) => format!("not ready: PostgreSQL is not the primary: {e}"),
             Health::BrokerDown(e) => format!("not ready: RabbitMQ: {e}"),
             Health::Misdeclared(e) => format!("not ready: exchange declaration: {e}"),
             Health::Certificate(_, f) => format!("not ready: {f}"),
@@ -96,7 +97,7 @@ impl From<DbError> for Health {
         match e {
             DbError::Unavailable(e) => Health::DatabaseDown(e),
             DbError::Refused(e) => Health::TableUnusable(e),
-            DbError::ReadOnly(e) => Health::ReadOnly(e),
+            DbError::NotPrimary(e) => Health::NotPrimary(e),
             DbError::Tls(check) => Health::DatabaseDown(format!("TLS: {check}")),
         }
     }
@@ -170,8 +171,8 @@ impl Reporter {
             Health::TableUnusable(e) => {
                 tracing::warn!(%table, error = %e, "cannot use the outbox table (dropped, altered, or a privilege revoked); retrying with backoff")
             }
-            Health::ReadOnly(e) => {
-                tracing::warn!(%table, error = %e, "PostgreSQL is read-only (a standby?); retrying with backoff")
+            Health::NotPrimary(e) => {
+                tracing::warn!(%table, error = %e, "PostgreSQL is not the primary (a standby, or read-only); looking for the primary with backoff")
             }
             Health::BrokerDown(e) => {
                 tracing::warn!(%table, error = %e, "RabbitMQ unavailable; retrying with backoff")

@@ -5,9 +5,10 @@
 //! session and at most one statement per poll interval.
 //!
 //! Invariant: a table is [`LockState::Held`] only while this session lives and holds the
-//! table's lock; when the session ends, every table leaves `Held` at once (a standby may be
-//! taking over), and a new session's locks carry a new epoch, so nothing settled under the old
-//! one is trusted.
+//! table's lock, on a server that said on this session that it takes writes (the primary; see
+//! [`super::primary`]); when the session ends, every table leaves `Held` at once (a standby may
+//! be taking over), and a new session's locks carry a new epoch, so nothing settled under the
+//! old one is trusted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +20,8 @@ use sqlx::Row;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{answered_within, connect_options, DbError, TableSql};
+use super::primary::NOT_WRITABLE;
+use super::{answered_within, DbError, Servers, TableSql};
 use crate::config::{PostgresSettings, TableName};
 use crate::retry::RetryPolicy;
 
@@ -119,19 +121,28 @@ pub struct Coordination {
 
 impl Coordination {
     /// Starts the session's task for `tables` (in this order; see [`Coordination::lock`]). It
-    /// connects with its own one-connection pool, so it never takes a statement connection.
+    /// connects with its own one-connection pool, so it never takes a statement connection, to
+    /// the primary among `servers` (it looks for it, and the store's pool follows).
     pub fn start(
         settings: &PostgresSettings,
+        servers: Arc<Servers>,
         tables: &[TableSql],
         listen: bool,
         poll_interval: Duration,
         reconnect_max_delay: Duration,
         reconnects: Counter,
     ) -> anyhow::Result<Coordination> {
+        let follows = servers.clone();
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(settings.connect_timeout)
-            .connect_lazy_with(connect_options(settings)?);
+            // A session left to the pool on a host the relay moved away from (or that refused a
+            // write) is not reused.
+            .before_acquire(move |_, meta| {
+                let fresh = !follows.retired(meta.age);
+                Box::pin(async move { Ok(fresh) })
+            })
+            .connect_lazy_with(servers.options());
         let mut entries = Vec::new();
         let mut locks = Vec::new();
         for (index, sql) in tables.iter().enumerate() {
@@ -156,6 +167,8 @@ impl Coordination {
         let stop = CancellationToken::new();
         let session = Session {
             pool,
+            look_again: servers.asked_to_look_again(),
+            servers,
             entries,
             poll_interval,
             reconnect_max_delay,
@@ -184,6 +197,9 @@ impl Coordination {
 
 struct Session {
     pool: PgPool,
+    servers: Arc<Servers>,
+    /// Changes when a statement was refused as read-only ([`Servers::look_again`]).
+    look_again: watch::Receiver<u64>,
     entries: Vec<Entry>,
     poll_interval: Duration,
     reconnect_max_delay: Duration,
@@ -228,14 +244,40 @@ impl Session {
         self.pool.close().await;
     }
 
+    /// Opens the session on the primary: with several hosts, the first in order that is one.
+    /// The session checks for itself that its server takes writes before it takes any lock: a
+    /// lock taken on a standby would let a relay publish rows it can never mark.
     async fn open(&mut self) -> Result<(PgListener, i32), DbError> {
+        // A read-only refusal seen before this session opened is answered by this look.
+        self.look_again.mark_unchanged();
+        self.servers
+            .find_primary()
+            .await
+            .map_err(|e| e.context("looking for the primary"))?;
+        self.pool.set_connect_options(self.servers.options());
         let open = async {
+            let mut conn = self.pool.acquire().await?;
+            let read_only: bool = sqlx::query_scalar(&format!("SELECT {NOT_WRITABLE}"))
+                .fetch_one(&mut *conn)
+                .await?;
+            if read_only {
+                // Not kept: the next look opens a session of its own.
+                let _ = conn.close().await;
+                return Ok(None);
+            }
+            // Back to the one-connection pool, where the listener takes it.
+            drop(conn);
             let mut listener = PgListener::connect_with(&self.pool).await?;
             listener.ignore_pool_close_event(true);
             listener.eager_reconnect(false);
-            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut listener)
-                .await?;
+            // The listener's session is asked too: the pool may have opened it anew.
+            let (pid, read_only): (i32, bool) =
+                sqlx::query_as(&format!("SELECT pg_backend_pid(), {NOT_WRITABLE}"))
+                    .fetch_one(&mut listener)
+                    .await?;
+            if read_only {
+                return Ok(None);
+            }
             let names: Vec<String> = self
                 .entries
                 .iter()
@@ -255,11 +297,17 @@ impl Session {
             if !channels.is_empty() {
                 listener.listen_all(channels).await?;
             }
-            Ok::<_, sqlx::Error>((listener, pid, keys))
+            Ok::<_, sqlx::Error>(Some((listener, pid, keys)))
         };
-        let (listener, pid, keys) = answered_within(self.answer_within, open)
+        let opened = answered_within(self.answer_within, open)
             .await
             .map_err(|e| DbError::from(e).context("opening the coordination session"))?;
+        let Some((listener, pid, keys)) = opened else {
+            return Err(DbError::NotPrimary(format!(
+                "{} is a standby or read-only",
+                self.servers.label()
+            )));
+        };
         for (entry, key) in self.entries.iter_mut().zip(keys) {
             entry.key = key;
         }
@@ -298,6 +346,16 @@ impl Session {
                     Ok(None) => return Err(DbError::Unavailable("the coordination session ended (its locks with it)".into())),
                     Err(e) => return Err(DbError::from(e).context("the coordination session failed")),
                 },
+                _ = self.look_again.changed() => {
+                    // A statement was refused as read-only: this server no longer takes writes.
+                    // Give the locks up (the session may live on) and look for the primary.
+                    let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut listener);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), unlock).await;
+                    return Err(DbError::NotPrimary(format!(
+                        "{} refused a write as read-only",
+                        self.servers.label()
+                    )));
+                }
                 _ = tick.tick() => self.poll(&mut listener, pid, epoch).await?,
             }
         }

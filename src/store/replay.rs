@@ -90,7 +90,7 @@ impl Store {
              FROM (SELECT 1) one LEFT JOIN LATERAL ( \
                  SELECT id, created_at FROM {t} WHERE published_at IS NOT NULL ORDER BY id LIMIT 1) o ON true"
         );
-        let row = answered_within(self.answer_within, sqlx::query(&sql).fetch_one(&self.pool))
+        let row = answered_within(self.answer_within, sqlx::query(&sql).fetch_one(self.pool()))
             .await
             .with_context(|| {
                 format!("reading where {table} begins (run `outbox-relay migrate`?)")
@@ -123,7 +123,7 @@ impl Store {
             range.table.quoted()
         );
         let query = bind_range(sqlx::query(&sql), range, after, limit);
-        let row = answered_within(self.answer_within, query.fetch_one(&self.pool))
+        let row = answered_within(self.answer_within, query.fetch_one(self.pool()))
             .await
             .with_context(|| format!("counting the rows of {} to replay", range.table))?;
         Ok(CountChunk {
@@ -158,7 +158,7 @@ impl Store {
             range.table.quoted()
         );
         let query = bind_range(sqlx::query(&sql), range, after, limit);
-        let found = answered_within(self.answer_within, query.fetch_all(&self.pool))
+        let found = answered_within(self.answer_within, query.fetch_all(self.pool()))
             .await
             .with_context(|| format!("reading the rows of {} to replay", range.table))?;
         let mut chunk = ReplayChunk::default();

@@ -219,6 +219,28 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// Points the relay's `postgres.url` at `hosts` (`host:port`, tried in order for the
+    /// primary) in place of the server the test's database was made on; the user, the database
+    /// and the parameters stay. Returns the URL now in the config file.
+    pub fn relay_postgres_hosts(&self, hosts: &[String]) -> String {
+        let url = url::Url::parse(&self.pg_url).expect("the test's own URL");
+        let server = format!(
+            "{}:{}",
+            url.host_str().expect("a host"),
+            url.port().unwrap_or(5432)
+        );
+        let moved = self.pg_url.replacen(&server, &hosts.join(","), 1);
+        let quoted = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+        let config = std::fs::read_to_string(&self.config_path).expect("read the config file");
+        assert!(config.contains(&quoted(&self.pg_url)), "{config}");
+        std::fs::write(
+            &self.config_path,
+            config.replace(&quoted(&self.pg_url), &quoted(&moved)),
+        )
+        .expect("write the config file");
+        moved
+    }
+
     /// Waits until the test queue holds no message, ready or delivered and not yet acked: the
     /// consumer (which acks after recording) then has every message the broker accepted for
     /// the queue so far, duplicates included.

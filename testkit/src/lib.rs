@@ -4,7 +4,9 @@
 //! ([`database`]) and a vhost, or the queues and exchanges in a shared one ([`vhost`]), named
 //! uniquely ([`servers`]); it consumes with a real AMQP consumer ([`consumer`]), breaks or
 //! watches the network with a TCP proxy ([`proxy`]), and runs the real relay binary
-//! ([`relay`]), and starts a RabbitMQ cluster of a test's own ([`cluster`]). The kit drives the relay from outside only: it does not link the relay's
+//! ([`relay`]); servers of a test's own stand beside the shared ones: a RabbitMQ cluster
+//! ([`rabbit_cluster`]) and PostgreSQL clusters, a primary with its standby say
+//! ([`pg_cluster`]). The kit drives the relay from outside only: it does not link the relay's
 //! library.
 //!
 //! For the relay's integration tests (`use outbox_relay_testkit::prelude::*;`): a test's
@@ -13,15 +15,16 @@
 //! faults ([`faults`]), and waiting for events instead of sleeping ([`wait`]).
 
 pub mod cli;
-pub mod cluster;
 pub mod consumer;
 pub mod database;
 pub mod env;
 pub mod faults;
 pub mod health;
 pub mod metrics;
+pub mod pg_cluster;
 pub mod prelude;
 pub mod proxy;
+pub mod rabbit_cluster;
 pub mod received;
 pub mod relay;
 pub mod rows;

@@ -92,7 +92,7 @@ impl Setup {
     }
 
     /// Makes the test's exchange and queue on the broker of `url` (a vhost's URL: a node of a
-    /// [`crate::cluster::RabbitCluster`], say) instead of the test broker; the consumer and
+    /// [`crate::rabbit_cluster::RabbitCluster`], say) instead of the test broker; the consumer and
     /// the relay's `rabbitmq.url` use it (set `rabbitmq.url` to list more nodes).
     pub fn rabbitmq_server(mut self, url: &url::Url) -> Self {
         self.rabbitmq = Some(url.clone());

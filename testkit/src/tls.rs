@@ -1,6 +1,7 @@
 //! TLS servers of a test's own, with certificates of its own: a CA made in the test
 //! ([`TestCa`]) and the server and client certificates it signs, `stunnel` in front of the test
-//! broker ([`TlsTunnel`]), and a second PostgreSQL cluster with `ssl = on` ([`TlsPostgres`]).
+//! broker ([`TlsTunnel`]), and a second PostgreSQL cluster with `ssl = on` ([`TlsPostgres`], a
+//! [`PgCluster`] of the test's own).
 //! Each listens on a free port of 127.0.0.1, keeps its files in a temp dir, and is stopped and
 //! removed when dropped, also when the test panics. The shared servers are never touched:
 //! the tunnel forwards to the broker like any client, the cluster is a new one.
@@ -9,7 +10,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rcgen::{
@@ -18,9 +18,8 @@ use rcgen::{
 };
 use url::Url;
 
-use crate::faults::signal;
+use crate::pg_cluster::{free_port, postgres_id, wait_until_ready, PgCluster};
 use crate::servers::unique_name;
-use crate::wait::TIMEOUT;
 
 /// A certificate and its private key, as PEM files.
 #[derive(Debug, Clone)]
@@ -159,45 +158,6 @@ impl Drop for TestCa {
     }
 }
 
-/// A port on 127.0.0.1 that nothing listened on a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// The last lines of a server's log, for an error.
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// Polls `ready` every 50 ms until it holds; fails when `child` exits first or after
-/// [`TIMEOUT`], with the server's log.
-fn wait_until_ready(
-    what: &str,
-    child: &mut Child,
-    log: &Path,
-    mut ready: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if ready() {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "{what} exited ({status}) before it was ready:\n{}",
-                tail(log)
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("{what} was not ready within {TIMEOUT:?}:\n{}", tail(log));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `stunnel` terminating TLS on a free port of 127.0.0.1 in front of `upstream` (the test
 /// broker): the relay speaks `amqps://` to it, the broker sees a plain client. Killed and its
 /// dir removed when dropped.
@@ -300,10 +260,7 @@ impl Drop for TlsTunnel {
 /// certificate signed by the test CA when asked. Stopped (fast shutdown, then SIGKILL) and its
 /// dir removed when dropped.
 pub struct TlsPostgres {
-    child: Option<Child>,
-    dir: PathBuf,
-    data: PathBuf,
-    log: PathBuf,
+    cluster: PgCluster,
     pub port: u16,
 }
 
@@ -316,45 +273,10 @@ impl TlsPostgres {
         client_ca: &Path,
         require_client_cert: bool,
     ) -> anyhow::Result<TlsPostgres> {
-        let bin = postgres_bin_dir()?;
-        let dir = std::env::temp_dir().join(unique_name("obr_pgtls"));
-        let data = dir.join("data");
-        std::fs::create_dir_all(&dir)?;
-        let port = free_port()?;
-        let log = dir.join("postgres.log");
         // From here on, dropping removes the dir (and stops the server once it runs).
-        let mut cluster = TlsPostgres {
-            child: None,
-            dir: dir.clone(),
-            data: data.clone(),
-            log: log.clone(),
-            port,
-        };
+        let mut cluster = PgCluster::init("obr_pgtls")?;
+        let data = cluster.data().to_path_buf();
         let (uid, gid) = (postgres_id("-u")?, postgres_id("-g")?);
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
-        let initdb = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(bin.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "--no-instructions",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .context("running initdb with runuser")?;
-        if !initdb.status.success() {
-            bail!(
-                "initdb failed ({}): {}",
-                initdb.status,
-                String::from_utf8_lossy(&initdb.stderr).trim()
-            );
-        }
         // The server's files, owned by postgres with the key private, as the server requires.
         for (from, to) in [
             (&server.cert, "server.crt"),
@@ -367,20 +289,10 @@ impl TlsPostgres {
             std::os::unix::fs::chown(&copy, Some(uid), Some(gid))?;
             std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600))?;
         }
-        let mut conf = std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))?;
-        std::io::Write::write_all(
-            &mut conf,
-            format!(
-                "\n# outbox-relay test kit: a TLS-only cluster of one test\n\
-                 port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-                 ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
-                 ssl_ca_file = 'root.crt'\nfsync = off\nsynchronous_commit = off\n\
-                 shared_buffers = '16MB'\nmax_connections = 30\nlog_connections = on\n",
-                dir.display()
-            )
-            .as_bytes(),
+        cluster.configure(
+            "\n# a TLS-only cluster\n\
+             ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             ssl_ca_file = 'root.crt'\nsynchronous_commit = off\n",
         )?;
         let clientcert = if require_client_cert {
             " clientcert=verify-ca"
@@ -392,33 +304,16 @@ impl TlsPostgres {
             data.join("pg_hba.conf"),
             format!("local all all trust\nhostssl all all 127.0.0.1/32 trust{clientcert}\n"),
         )?;
-        let out = std::fs::File::create(&log)?;
-        let child = cluster.child.insert(
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(bin.join("postgres"))
-                .arg("-D")
-                .arg(&data)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(out.try_clone()?))
-                .stderr(Stdio::from(out))
-                .spawn()
-                .context("starting postgres with runuser")?,
-        );
-        let pid_file = data.join("postmaster.pid");
-        wait_until_ready("the TLS PostgreSQL", child, &log, || {
-            // The postmaster writes "ready" as the pid file's eighth line once it accepts
-            // connections.
-            std::fs::read_to_string(&pid_file)
-                .is_ok_and(|pid| pid.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
-        })?;
-        Ok(cluster)
+        cluster.start()?;
+        Ok(TlsPostgres {
+            port: cluster.port,
+            cluster,
+        })
     }
 
     /// `postgres://postgres@127.0.0.1:<port>` with `params` (the TLS parameters) as its query.
     pub fn url(&self, params: &[(&str, &str)]) -> Url {
-        let mut url = Url::parse(&format!("postgres://postgres@127.0.0.1:{}", self.port))
-            .expect("a valid URL");
+        let mut url = self.cluster.url();
         if !params.is_empty() {
             url.query_pairs_mut().extend_pairs(params);
         }
@@ -427,72 +322,11 @@ impl TlsPostgres {
 
     /// Connection attempts the server saw so far (`log_connections`), TLS or not.
     pub fn connections(&self) -> usize {
-        self.log().matches("connection received").count()
+        self.cluster.connections()
     }
 
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.cluster.log()
     }
-
-    fn postmaster_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.data.join("postmaster.pid"))
-            .ok()?
-            .lines()
-            .next()?
-            .trim()
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for TlsPostgres {
-    fn drop(&mut self) {
-        let pid = self.postmaster_pid();
-        if let Some(child) = &mut self.child {
-            if let Some(pid) = pid {
-                // Fast shutdown: sessions are ended, nothing is waited for.
-                signal("-INT", pid);
-                let deadline = Instant::now() + Duration::from_secs(15);
-                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                if matches!(child.try_wait(), Ok(None)) {
-                    signal("-KILL", pid);
-                }
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The `bin` dir of the newest PostgreSQL installed (`/usr/lib/postgresql/<version>/bin`).
-fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
-    let root = Path::new("/usr/lib/postgresql");
-    let newest = std::fs::read_dir(root)
-        .with_context(|| format!("reading {} (is PostgreSQL installed?)", root.display()))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let version: u32 = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").is_file().then_some((version, bin))
-        })
-        .max_by_key(|(version, _)| *version);
-    newest
-        .map(|(_, bin)| bin)
-        .with_context(|| format!("no PostgreSQL with initdb under {}", root.display()))
-}
-
-/// The uid (`-u`) or gid (`-g`) of the `postgres` user.
-fn postgres_id(which: &str) -> anyhow::Result<u32> {
-    let out = Command::new("id")
-        .args([which, "postgres"])
-        .output()
-        .context("running id")?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .with_context(|| "no postgres user (is PostgreSQL installed?)".to_string())
 }

@@ -690,6 +690,7 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
         let sql = TableSql::new(&table, OnExhausted::HoldKey);
         let coordination = Coordination::start(
             &settings,
+            store.servers(),
             std::slice::from_ref(&sql),
             false,
             Duration::from_secs(1),
