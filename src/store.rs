@@ -33,6 +33,7 @@ const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[
 
 mod coordination;
 pub use coordination::{Coordination, LockGuard, LockState, TableLock};
+pub mod leases;
 mod replay;
 pub use replay::{CountChunk, ReplayChunk, ReplayRange, Retained, RetainedRow};
 

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use outbox_relay::cluster::assignment::{plan, share, MemberId, Partition, Reading};
+use outbox_relay::cluster::assignment::{plan, share, MemberId, Partition, Plan};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -65,7 +65,9 @@ impl Table {
             .collect()
     }
 
-    fn join(&mut self, id: MemberId, rng: &mut StdRng) {
+    /// A new member, numbered after every member before it (the store's member sequence).
+    fn join(&mut self, rng: &mut StdRng) -> MemberId {
+        let id = self.members.keys().next_back().map_or(1, |last| last + 1);
         let member = Member {
             expires_at: self.now + LEASE_MS,
             phase: rng.random_range(0..HEARTBEAT_MS / STEP_MS) * STEP_MS,
@@ -74,6 +76,7 @@ impl Table {
         self.members.insert(id, member);
         self.row_writes += 1;
         self.statements += 1;
+        id
     }
 
     /// A clean stop: the member settles and releases everything, then deregisters.
@@ -104,43 +107,38 @@ impl Table {
         self.statements += 1;
 
         let live = self.live();
-        let holders: Vec<Option<MemberId>> = self
-            .owner
-            .iter()
-            .map(|o| o.filter(|m| live.contains(m)))
+        let owned: Vec<Partition> = (0..self.partitions)
+            .filter(|p| self.owner[*p as usize] == Some(id))
             .collect();
-        let reading = Reading {
-            partitions: self.partitions,
-            live: &live,
-            holders: &holders,
-        };
-        let plan = plan(id, &reading);
-        if !plan.release.is_empty() {
-            self.statements += 1;
-            for p in &plan.release {
-                debug_assert_eq!(self.owner[*p as usize], Some(id));
-                self.owner[*p as usize] = None;
-                self.row_writes += 1;
+        match plan(id, self.partitions, &live, &owned) {
+            Plan::Stay => {}
+            Plan::Release(partitions) => {
+                self.statements += 1;
+                for p in partitions {
+                    self.owner[p as usize] = None;
+                    self.row_writes += 1;
+                }
             }
-        }
-        if !plan.claim.is_empty() {
-            self.statements += 1;
-            for p in plan.claim {
-                self.claim(id, p, &live);
+            Plan::Claim(wanted) => {
+                self.statements += 1;
+                self.claim(id, wanted, &live);
             }
         }
     }
 
-    /// The store's conditional claim: takes `p` only if it is still free at this moment.
-    fn claim(&mut self, id: MemberId, p: Partition, live: &BTreeSet<MemberId>) {
-        let slot = &mut self.owner[p as usize];
-        if slot.is_some_and(|o| live.contains(&o)) {
-            return;
+    /// The store's claim: the `wanted` lowest partitions nobody holds (unowned, or their
+    /// owner's lease ran out), each with a new epoch.
+    fn claim(&mut self, id: MemberId, wanted: u32, live: &BTreeSet<MemberId>) {
+        let free = (0..self.partitions as usize)
+            .filter(|p| !self.owner[*p].is_some_and(|o| live.contains(&o)))
+            .take(wanted as usize)
+            .collect::<Vec<_>>();
+        for p in free {
+            self.owner[p] = Some(id);
+            self.epoch[p] += 1;
+            self.row_writes += 1;
+            self.moved += 1;
         }
-        *slot = Some(id);
-        self.epoch[p as usize] += 1;
-        self.row_writes += 1;
-        self.moved += 1;
     }
 
     fn step(&mut self) {
@@ -231,8 +229,7 @@ fn a_hundred_members_share_ten_thousand_partitions_and_rebalance_with_few_moves(
     let mut table = Table::new(PARTITIONS);
 
     for _ in 0..MEMBERS {
-        let id = rng.random();
-        table.join(id, &mut rng);
+        table.join(&mut rng);
     }
     let start = table.converge();
     println!("start: {MEMBERS} members balanced after {start:.1} heartbeats");
@@ -260,8 +257,7 @@ fn a_hundred_members_share_ten_thousand_partitions_and_rebalance_with_few_moves(
         let live: Vec<MemberId> = table.live().into_iter().collect();
         match change % 3 {
             0 => {
-                let id = rng.random();
-                table.join(id, &mut rng);
+                let id = table.join(&mut rng);
                 let heartbeats = table.converge();
                 // The newcomer ends with its share, all of which had to move to it.
                 let least = table.held_by(id);

@@ -23,26 +23,18 @@ pub type MemberId = u64;
 /// A partition number, `0..partitions`.
 pub type Partition = u32;
 
-/// One member's reading of its table: who is live, and who holds what.
-#[derive(Debug, Clone)]
-pub struct Reading<'a> {
-    /// The partitions of the table.
-    pub partitions: u32,
-    /// The members whose lease has not expired, the reader included.
-    pub live: &'a BTreeSet<MemberId>,
-    /// For each partition, the live member that holds it, or `None` when it is free (never
-    /// taken, released, or its owner's lease expired).
-    pub holders: &'a [Option<MemberId>],
-}
-
-/// What one member does after a reading.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// Own partitions to give up, highest first (the lowest stay where they are).
-    pub release: Vec<Partition>,
-    /// Free partitions to try to take, in this order; another member may take one first, and
-    /// the store's conditional claim decides.
-    pub claim: Vec<Partition>,
+/// What one member does after reading its table's live members and its own partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// At its share: renew and carry on.
+    Stay,
+    /// Above its share: give up these partitions of its own (the highest; the lowest stay
+    /// where they are), after settling their in-flight rows.
+    Release(Vec<Partition>),
+    /// Below its share: take up to this many free partitions. The store's claim takes only
+    /// partitions nobody holds (unowned, or their owner's lease expired), lowest first, and
+    /// skips those another member is claiming at the same moment.
+    Claim(u32),
 }
 
 /// The share of `member` among `live`: `partitions / live`, plus one for the first
@@ -53,35 +45,24 @@ pub fn share(partitions: u32, live: &BTreeSet<MemberId>, member: MemberId) -> Op
     Some(partitions / count + u32::from(rank < partitions % count))
 }
 
-/// What `me` does after `reading`. A member that is not live (its own lease expired) plans
-/// nothing: it must register again first.
-pub fn plan(me: MemberId, reading: &Reading<'_>) -> Plan {
-    let Some(share) = share(reading.partitions, reading.live, me) else {
-        return Plan::default();
+/// What `me` does, holding `owned` (ascending) among `live` members. A member that is not live
+/// (its own lease expired) must register again first: it stays and takes nothing.
+pub fn plan(me: MemberId, partitions: u32, live: &BTreeSet<MemberId>, owned: &[Partition]) -> Plan {
+    let Some(share) = share(partitions, live, me) else {
+        return Plan::Stay;
     };
-    let owned: Vec<Partition> = (0..reading.partitions)
-        .filter(|p| reading.holders[*p as usize] == Some(me))
-        .collect();
     let held = owned.len() as u32;
-    if held > share {
-        let surplus = (held - share) as usize;
-        return Plan {
-            release: owned.iter().rev().take(surplus).copied().collect(),
-            claim: Vec::new(),
-        };
-    }
-    let wanted = (share - held) as usize;
-    // Start the search at a place of the member's own, so members that claim at once mostly
-    // try different partitions instead of racing for the lowest free ones.
-    let start = (me % u64::from(reading.partitions.max(1))) as u32;
-    let claim = (0..reading.partitions)
-        .map(|i| (start + i) % reading.partitions)
-        .filter(|p| reading.holders[*p as usize].is_none())
-        .take(wanted)
-        .collect();
-    Plan {
-        release: Vec::new(),
-        claim,
+    match held.cmp(&share) {
+        std::cmp::Ordering::Equal => Plan::Stay,
+        std::cmp::Ordering::Greater => Plan::Release(
+            owned
+                .iter()
+                .rev()
+                .take((held - share) as usize)
+                .copied()
+                .collect(),
+        ),
+        std::cmp::Ordering::Less => Plan::Claim(share - held),
     }
 }
 
@@ -111,44 +92,22 @@ mod tests {
 
     #[test]
     fn a_single_member_claims_every_partition() {
-        let live = live(&[9]);
-        let holders = vec![None; 256];
-        let reading = Reading {
-            partitions: 256,
-            live: &live,
-            holders: &holders,
-        };
-        let plan = plan(9, &reading);
-        assert!(plan.release.is_empty());
+        assert_eq!(plan(9, 256, &live(&[9]), &[]), Plan::Claim(256));
+    }
+
+    #[test]
+    fn a_member_above_its_share_releases_its_highest_partitions() {
+        let all: Vec<Partition> = (0..10).collect();
         assert_eq!(
-            plan.claim.iter().copied().collect::<BTreeSet<_>>(),
-            (0..256).collect()
+            plan(1, 10, &live(&[1, 2]), &all),
+            Plan::Release(vec![9, 8, 7, 6, 5])
         );
+        assert_eq!(plan(2, 10, &live(&[1, 2]), &[]), Plan::Claim(5));
+        assert_eq!(plan(1, 10, &live(&[1, 2]), &all[..5]), Plan::Stay);
     }
 
     #[test]
-    fn a_member_never_claims_a_held_partition_and_releases_only_its_own() {
-        let live = live(&[1, 2]);
-        // Member 1 holds everything; member 2 just joined.
-        let holders = vec![Some(1); 10];
-        let reading = Reading {
-            partitions: 10,
-            live: &live,
-            holders: &holders,
-        };
-        assert_eq!(plan(2, &reading).claim, Vec::<Partition>::new());
-        assert_eq!(plan(1, &reading).release, vec![9, 8, 7, 6, 5]);
-    }
-
-    #[test]
-    fn a_member_that_is_not_live_plans_nothing() {
-        let live = live(&[1]);
-        let holders = vec![Some(7); 4];
-        let reading = Reading {
-            partitions: 4,
-            live: &live,
-            holders: &holders,
-        };
-        assert_eq!(plan(7, &reading), Plan::default());
+    fn a_member_that_is_not_live_takes_nothing() {
+        assert_eq!(plan(7, 4, &live(&[1]), &[0, 1]), Plan::Stay);
     }
 }
