@@ -3,3 +3,4 @@
 //! themselves, their store and the fencing of the relay's statements build on it.
 
 pub mod assignment;
+pub mod member;
