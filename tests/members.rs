@@ -25,11 +25,14 @@ fn settings(name: &str) -> MemberSettings {
     }
 }
 
+/// An ownership a relay saw: when, and its partitions.
+type Seen = (tokio::time::Instant, BTreeSet<u32>);
+
 struct Running {
     handle: MemberHandle,
     stop: CancellationToken,
     /// Every ownership its relay saw, with when it saw it.
-    changes: Arc<Mutex<Vec<(tokio::time::Instant, BTreeSet<u32>)>>>,
+    changes: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Running {
