@@ -68,3 +68,46 @@ BEGIN
     RETURN NEW;
 END
 $$;
+
+-- Partition leases (several active relays per table). A table's ordering keys hash into
+-- `partitions` partitions (fixed once chosen); a member is one relay process's incarnation on
+-- one table, live while `expires_at` (the database's clock) is in the future and renewed by its
+-- heartbeat. A lease row per partition names its owner and an epoch that grows on every change
+-- of owner; a lease counts only while its owner is live, so a member's heartbeat renews all its
+-- leases in one row. Members are numbered from one sequence, so a newcomer sorts after everyone
+-- already there and a join does not shift anyone's fair share but the newcomer's.
+CREATE SEQUENCE IF NOT EXISTS outbox_relay.member_seq;
+CREATE TABLE IF NOT EXISTS outbox_relay.lease_tables (
+    table_oid  bigint  PRIMARY KEY,
+    partitions integer NOT NULL CHECK (partitions > 0)
+);
+CREATE TABLE IF NOT EXISTS outbox_relay.members (
+    table_oid     bigint      NOT NULL,
+    member        bigint      NOT NULL DEFAULT nextval('outbox_relay.member_seq'),
+    name          text        NOT NULL,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    expires_at    timestamptz NOT NULL,
+    PRIMARY KEY (table_oid, member)
+);
+CREATE TABLE IF NOT EXISTS outbox_relay.leases (
+    table_oid  bigint      NOT NULL,
+    partition  integer     NOT NULL,
+    owner      bigint,
+    epoch      bigint      NOT NULL DEFAULT 0,
+    changed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_oid, partition)
+);
+CREATE INDEX IF NOT EXISTS leases_owner ON outbox_relay.leases (table_oid, owner);
+
+-- The fence: true only while `member` holds `partition` of the table at `epoch` and is live.
+-- Every statement that changes a row's state for the relay ANDs it in, so a deposed owner (a
+-- new epoch) or one whose lease ran out (a pause, a lost connection) changes nothing.
+CREATE OR REPLACE FUNCTION outbox_relay.lease_held(
+    p_table_oid bigint, p_partition integer, p_member bigint, p_epoch bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM outbox_relay.leases l
+        JOIN outbox_relay.members m ON m.table_oid = l.table_oid AND m.member = l.owner
+        WHERE l.table_oid = p_table_oid AND l.partition = p_partition
+          AND l.owner = p_member AND l.epoch = p_epoch AND m.expires_at > now())
+$$;

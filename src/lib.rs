@@ -2,6 +2,7 @@
 //! ordering key, at least once, and marks them published only after the broker confirmed them.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod health;

@@ -37,6 +37,7 @@ mod columns;
 pub use columns::Columns;
 mod coordination;
 pub use coordination::{Coordination, LockGuard, LockState, TableLock};
+pub mod leases;
 mod primary;
 pub use primary::Servers;
 mod replay;

@@ -1,0 +1,239 @@
+//! One relay process's membership on one table: registers, heartbeats, claims and releases
+//! partitions by `assignment::plan`, and tells the relay through a watch what it may publish.
+//! Owns the heartbeat's timing; the statements are the store's (`store::leases`), the rows the
+//! relay's.
+//!
+//! Invariants:
+//! - the relay is told a partition only after the claim took it, and only with the epoch the
+//!   claim gave it (the fence of every statement the relay writes for that partition);
+//! - a partition is released only after the relay acknowledged an [`Ownership`] without it, so
+//!   nothing of it is in flight when another member takes it;
+//! - [`Ownership::until`] is the moment the heartbeat that renewed the lease was *sent*, plus
+//!   the lease, minus the margin the relay needs to settle (confirm timeout and mark): the
+//!   database's expiry is later than that, so a relay that stops at `until` has stopped before
+//!   its lease can run out, however long the process was paused or the answer delayed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::assignment::{plan, MemberId, Partition, Plan};
+use crate::retry::RetryPolicy;
+use crate::store::leases::{Heartbeat, LeaseError, Leases, Member};
+
+/// The timings and identity of a membership.
+#[derive(Debug, Clone)]
+pub struct MemberSettings {
+    /// Shown in `status`: host and process.
+    pub name: String,
+    pub partitions: u32,
+    /// How long a member stays live after its last heartbeat.
+    pub lease: Duration,
+    /// How often it renews: well under the lease, so a few heartbeats may fail in a row.
+    pub heartbeat: Duration,
+    /// What the relay needs after its last publish to settle it (confirm timeout and the mark):
+    /// publishing stops this long before the lease could run out.
+    pub settle_margin: Duration,
+}
+
+impl MemberSettings {
+    /// The timings' one rule: an owner that cannot renew stops publishing (at `until`) before
+    /// its lease can expire, with at least one heartbeat's room to renew first.
+    pub fn check(&self) -> Result<(), String> {
+        if self.lease <= self.heartbeat + self.settle_margin {
+            return Err(format!(
+                "the lease ({}) must be longer than the heartbeat ({}) plus the confirm timeout \
+                 and the mark ({})",
+                humantime::format_duration(self.lease),
+                humantime::format_duration(self.heartbeat),
+                humantime::format_duration(self.settle_margin)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the relay may publish now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ownership {
+    /// The member this process is on the table, while registered.
+    pub member: Option<MemberId>,
+    /// The partitions the relay may fetch and publish, each with its epoch.
+    pub partitions: BTreeMap<Partition, i64>,
+    /// Publish nothing after this instant, unless a later heartbeat moved it on.
+    pub until: Option<Instant>,
+    /// Grows whenever partitions leave the set; the relay acknowledges it once nothing of the
+    /// partitions that left is in flight.
+    pub generation: u64,
+}
+
+impl Ownership {
+    /// True while the relay may publish `partition` (held, and the lease safely live).
+    pub fn may_publish(&self, partition: Partition, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until) && self.partitions.contains_key(&partition)
+    }
+}
+
+/// The relay's side of a membership.
+pub struct MemberHandle {
+    pub ownership: watch::Receiver<Ownership>,
+    /// The relay sends the generation of the last [`Ownership`] it has settled.
+    pub settled: watch::Sender<u64>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the membership: it runs until `stop`, then hands its partitions back (after the
+/// relay settled them) and leaves, so the others take them at their next heartbeat.
+pub fn start(leases: Leases, settings: MemberSettings, stop: CancellationToken) -> MemberHandle {
+    let (ownership_tx, ownership) = watch::channel(Ownership::default());
+    let (settled, settled_rx) = watch::channel(0);
+    let task = tokio::spawn(
+        Membership {
+            leases,
+            settings,
+            member: None,
+            ownership: ownership_tx,
+            settled: settled_rx,
+            releasing: Vec::new(),
+            failures: 0,
+        }
+        .run(stop),
+    );
+    MemberHandle {
+        ownership,
+        settled,
+        task,
+    }
+}
+
+struct Membership {
+    leases: Leases,
+    settings: MemberSettings,
+    member: Option<Member>,
+    ownership: watch::Sender<Ownership>,
+    settled: watch::Receiver<u64>,
+    /// Partitions taken out of the relay's set, released once it settled them.
+    releasing: Vec<Partition>,
+    /// Heartbeats or registrations failed in a row.
+    failures: u32,
+}
+
+impl Membership {
+    async fn run(mut self, stop: CancellationToken) {
+        let backoff = RetryPolicy::outage(self.settings.heartbeat);
+        while !stop.is_cancelled() {
+            let pause = match self.beat().await {
+                Ok(()) => {
+                    self.failures = 0;
+                    self.settings.heartbeat
+                }
+                Err(e) => {
+                    self.failures += 1;
+                    if self.failures == 1 {
+                        tracing::warn!(error = %e, "partition leases: cannot renew; publishing stops when the lease is near its end");
+                    }
+                    backoff
+                        .delay(self.failures, rand::random::<f64>())
+                        .min(self.settings.heartbeat)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+        self.leave().await;
+    }
+
+    /// One heartbeat: register if need be, renew, release what the relay settled, then claim
+    /// or give up partitions to reach the fair share.
+    async fn beat(&mut self) -> Result<(), LeaseError> {
+        let member = match &self.member {
+            Some(member) => member.clone(),
+            None => {
+                let member = self
+                    .leases
+                    .register(&self.settings.name, self.settings.partitions)
+                    .await?;
+                tracing::info!(member = member.id, "partition leases: registered");
+                self.member = Some(member.clone());
+                member
+            }
+        };
+        let sent = Instant::now();
+        let (live, owned) = match self.leases.heartbeat(&member).await? {
+            Heartbeat::Renewed { live, owned } => (live, owned),
+            Heartbeat::Expired => {
+                tracing::warn!(member = member.id, "partition leases: the lease ran out (a pause or a lost connection); registering again");
+                self.member = None;
+                self.releasing.clear();
+                self.publish(BTreeMap::new(), None);
+                return Ok(());
+            }
+        };
+        let until = sent + self.settings.lease - self.settings.settle_margin;
+        let mut owned: BTreeMap<Partition, i64> = owned.into_iter().collect();
+        if !self.releasing.is_empty() && *self.settled.borrow() >= self.generation() {
+            let releasing = std::mem::take(&mut self.releasing);
+            self.leases.release(&member, &releasing).await?;
+            for p in &releasing {
+                owned.remove(p);
+            }
+        }
+        for p in &self.releasing {
+            owned.remove(p);
+        }
+        let held: Vec<Partition> = owned.keys().copied().collect();
+        match plan(member.id, self.settings.partitions, &live, &held) {
+            Plan::Stay => {}
+            Plan::Claim(wanted) => {
+                owned.extend(self.leases.claim(&member, wanted).await?);
+            }
+            Plan::Release(give) => {
+                for p in &give {
+                    owned.remove(p);
+                }
+                self.releasing.extend(give);
+            }
+        }
+        self.publish(owned, Some(until));
+        Ok(())
+    }
+
+    fn generation(&self) -> u64 {
+        self.ownership.borrow().generation
+    }
+
+    /// Tells the relay what it may publish; a set that lost partitions is a new generation.
+    fn publish(&self, partitions: BTreeMap<Partition, i64>, until: Option<Instant>) {
+        self.ownership.send_modify(|now| {
+            if now.partitions.keys().any(|p| !partitions.contains_key(p)) {
+                now.generation += 1;
+            }
+            now.member = self.member.as_ref().map(|m| m.id);
+            now.partitions = partitions;
+            now.until = until;
+        });
+    }
+
+    /// Stops publishing, waits (at most the settle margin) for the relay to settle, and
+    /// leaves.
+    async fn leave(&mut self) {
+        let Some(member) = self.member.take() else {
+            return;
+        };
+        self.publish(BTreeMap::new(), None);
+        let generation = self.generation();
+        let settled = self.settled.wait_for(|g| *g >= generation);
+        let _ = tokio::time::timeout(self.settings.settle_margin, settled).await;
+        match self.leases.leave(&member).await {
+            Ok(()) => tracing::info!(member = member.id, "partition leases: left"),
+            Err(e) => {
+                tracing::warn!(member = member.id, error = %e, "partition leases: could not leave; the partitions move when the lease runs out")
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Partition leases in the real PostgreSQL: members share a table's partitions fairly, a
+//! partition changes owner only after its owner released it or its lease ran out, every change
+//! of owner gives a new epoch, the fence refuses any other member or epoch (a forged one too),
+//! and a member whose lease ran out can neither renew it nor take anything.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use outbox_relay::cluster::assignment::{plan, MemberId, Plan};
+use outbox_relay::config::TableName;
+use outbox_relay::store::leases::{Heartbeat, LeaseError, Leases, Member};
+use outbox_relay_testkit::prelude::*;
+
+const PARTITIONS: u32 = 64;
+
+async fn leases(env: &TestEnv, lease: Duration) -> Leases {
+    Leases::new(
+        env.pool.clone(),
+        TableName::parse(&env.table).unwrap(),
+        lease,
+    )
+}
+
+async fn renewed(leases: &Leases, member: &Member) -> (BTreeSet<MemberId>, Vec<(u32, i64)>) {
+    match leases.heartbeat(member).await.unwrap() {
+        Heartbeat::Renewed { live, owned } => (live, owned),
+        Heartbeat::Expired => panic!("member {} expired", member.id),
+    }
+}
+
+/// One heartbeat of `member` and its plan carried out; the partitions it holds after.
+async fn rebalance(leases: &Leases, member: &Member) -> Vec<u32> {
+    let (live, owned) = renewed(leases, member).await;
+    let partitions: Vec<u32> = owned.iter().map(|(p, _)| *p).collect();
+    match plan(member.id, PARTITIONS, &live, &partitions) {
+        Plan::Stay => {}
+        Plan::Release(give) => {
+            leases.release(member, &give).await.unwrap();
+        }
+        Plan::Claim(wanted) => {
+            leases.claim(member, wanted).await.unwrap();
+        }
+    }
+    let (_, owned) = renewed(leases, member).await;
+    owned.into_iter().map(|(p, _)| p).collect()
+}
+
+async fn held(env: &TestEnv, member: &Member, partition: u32, epoch: i64) -> bool {
+    sqlx::query_scalar("SELECT outbox_relay.lease_held($1, $2, $3, $4)")
+        .bind(member.table_oid)
+        .bind(partition as i32)
+        .bind(member.id as i64)
+        .bind(epoch)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_members_share_the_partitions_and_a_move_fences_the_old_owner() {
+    let env = TestEnv::new(Setup::new()).await;
+    let leases = leases(&env, Duration::from_secs(30)).await;
+    let a = leases.register("a", PARTITIONS).await.unwrap();
+    assert_eq!(rebalance(&leases, &a).await.len(), PARTITIONS as usize);
+    let (_, before) = renewed(&leases, &a).await;
+    let (last, last_epoch) = *before.last().unwrap();
+    assert!(held(&env, &a, last, last_epoch).await);
+
+    let b = leases.register("b", PARTITIONS).await.unwrap();
+    assert!(
+        b.id > a.id,
+        "a newcomer sorts after the members already there"
+    );
+    // B finds nothing free until A gave up its surplus.
+    assert_eq!(leases.claim(&b, PARTITIONS).await.unwrap(), vec![]);
+    let kept = rebalance(&leases, &a).await;
+    assert_eq!(kept, (0..PARTITIONS / 2).collect::<Vec<_>>());
+    let taken = rebalance(&leases, &b).await;
+    assert_eq!(taken, (PARTITIONS / 2..PARTITIONS).collect::<Vec<_>>());
+
+    // The partition moved with a new epoch: the old owner's fence fails at its epoch, and so
+    // does any forged one; the new owner's holds at exactly its own.
+    let (_, b_owned) = renewed(&leases, &b).await;
+    let (_, b_epoch) = *b_owned.iter().find(|(p, _)| *p == last).unwrap();
+    assert!(b_epoch > last_epoch);
+    assert!(!held(&env, &a, last, last_epoch).await);
+    assert!(!held(&env, &a, last, b_epoch).await);
+    assert!(held(&env, &b, last, b_epoch).await);
+    assert!(!held(&env, &b, last, b_epoch - 1).await);
+    assert!(!held(&env, &b, last, b_epoch + 1).await);
+    // A partition A kept is still A's at its old epoch.
+    let (_, a_owned) = renewed(&leases, &a).await;
+    let (p, e) = a_owned[0];
+    assert!(held(&env, &a, p, e).await);
+    assert!(!held(&env, &b, p, e).await);
+
+    // A clean leave hands everything over at once.
+    leases.leave(&a).await.unwrap();
+    assert_eq!(rebalance(&leases, &b).await.len(), PARTITIONS as usize);
+    assert!(!held(&env, &a, p, e).await);
+}
+
+#[tokio::test]
+async fn a_member_whose_lease_ran_out_loses_its_partitions_and_cannot_renew() {
+    let env = TestEnv::new(Setup::new()).await;
+    let leases = leases(&env, Duration::from_millis(1500)).await;
+    let a = leases.register("a", PARTITIONS).await.unwrap();
+    assert_eq!(rebalance(&leases, &a).await.len(), PARTITIONS as usize);
+    let (_, a_owned) = renewed(&leases, &a).await;
+
+    // A stops heartbeating (a pause). B keeps its own lease alive and waits to take over.
+    let b = leases.register("b", PARTITIONS).await.unwrap();
+    eventually(
+        "B to take every partition once A's lease ran out",
+        || async {
+            renewed(&leases, &b).await;
+            leases.claim(&b, PARTITIONS).await.unwrap();
+            let (_, owned) = renewed(&leases, &b).await;
+            owned.len() == PARTITIONS as usize
+        },
+    )
+    .await;
+
+    // A wakes up: its heartbeat says it expired, it takes nothing, and its fence fails.
+    assert_eq!(leases.heartbeat(&a).await.unwrap(), Heartbeat::Expired);
+    assert_eq!(leases.claim(&a, PARTITIONS).await.unwrap(), vec![]);
+    for (p, e) in a_owned {
+        assert!(!held(&env, &a, p, e).await);
+    }
+    // Registered again, it is a new member that shares from scratch.
+    let a2 = leases.register("a", PARTITIONS).await.unwrap();
+    assert!(a2.id > b.id);
+    rebalance(&leases, &b).await;
+    assert_eq!(rebalance(&leases, &a2).await.len(), PARTITIONS as usize / 2);
+}
+
+#[tokio::test]
+async fn members_claiming_at_once_take_disjoint_partitions() {
+    let env = TestEnv::new(Setup::new()).await;
+    let leases = leases(&env, Duration::from_secs(30)).await;
+    let mut members = Vec::new();
+    for name in ["a", "b", "c"] {
+        members.push(leases.register(name, PARTITIONS).await.unwrap());
+    }
+    let claims = members
+        .iter()
+        .map(|m| leases.claim(m, PARTITIONS))
+        .collect::<Vec<_>>();
+    let taken: Vec<Vec<(u32, i64)>> = futures_join(claims).await;
+    let mut all: Vec<u32> = taken.iter().flatten().map(|(p, _)| *p).collect();
+    all.sort_unstable();
+    let unique: BTreeSet<u32> = all.iter().copied().collect();
+    assert_eq!(all.len(), unique.len(), "a partition was taken twice");
+    assert!(all.len() <= PARTITIONS as usize);
+}
+
+async fn futures_join<F, T>(futures: Vec<F>) -> Vec<T>
+where
+    F: std::future::Future<Output = Result<T, outbox_relay::store::DbError>>,
+{
+    let mut out = Vec::new();
+    for result in futures::future::join_all(futures).await {
+        out.push(result.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_partition_count_is_fixed_once_chosen() {
+    let env = TestEnv::new(Setup::new()).await;
+    let leases = leases(&env, Duration::from_secs(30)).await;
+    leases.register("a", PARTITIONS).await.unwrap();
+    let err = leases.register("b", PARTITIONS * 2).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LeaseError::PartitionsChanged { configured, stored, .. }
+                if configured == PARTITIONS * 2 && stored == PARTITIONS
+        ),
+        "{err}"
+    );
+}
