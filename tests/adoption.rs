@@ -53,8 +53,10 @@ fn long_string(value: Option<&AMQPValue>) -> Option<String> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_debezium_outbox_table_is_relayed_with_the_presets_properties() {
+/// A test world whose table is Debezium's outbox (`DEBEZIUM_TABLE`, made but not adopted),
+/// relayed with `layout = "debezium"` and `options` appended to the config file (an
+/// `[outbox.debezium]` section, say).
+async fn debezium_env(options: Option<&str>) -> TestEnv {
     let env = TestEnv::new(
         Setup::new()
             .without_migrate()
@@ -62,14 +64,22 @@ async fn a_debezium_outbox_table_is_relayed_with_the_presets_properties() {
             .set("outbox", "layout", "\"debezium\""),
     )
     .await;
-    append_config(
-        &env,
-        "\n[outbox.debezium]\ntable_fields_additional_placement = \"tenant:header,type:header:eventType\"\n",
-    );
+    if let Some(options) = options {
+        append_config(&env, options);
+    }
     sqlx::raw_sql(DEBEZIUM_TABLE)
         .execute(&env.pool)
         .await
         .unwrap();
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debezium_outbox_table_is_relayed_with_the_presets_properties() {
+    let env = debezium_env(Some(
+        "\n[outbox.debezium]\ntable_fields_additional_placement = \"tenant:header,type:header:eventType\"\n",
+    ))
+    .await;
     // Rows from before adoption: with --from now they are never published.
     for n in 0..3 {
         insert_debezium(&env.pool, "order-old", n).await;
@@ -161,17 +171,7 @@ async fn a_debezium_outbox_table_is_relayed_with_the_presets_properties() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_row_of_an_adopted_table_holds_its_key_until_retry() {
-    let env = TestEnv::new(
-        Setup::new()
-            .without_migrate()
-            .table("public.dbz_outbox")
-            .set("outbox", "layout", "\"debezium\""),
-    )
-    .await;
-    sqlx::raw_sql(DEBEZIUM_TABLE)
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    let env = debezium_env(None).await;
     let adopted = env.cli(&["migrate", "--adopt", "--from", "now"]).await;
     assert_eq!(adopted.code, 0, "{adopted:?}");
     let _relay = env.start_relay();
@@ -346,17 +346,7 @@ fn longest_inserts(times: &InsertTimes, from: Instant, to: Instant) -> (Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_adopt_on_a_million_rows_never_blocks_a_concurrent_producer_for_long() {
-    let env = TestEnv::new(
-        Setup::new()
-            .without_migrate()
-            .table("public.dbz_outbox")
-            .set("outbox", "layout", "\"debezium\""),
-    )
-    .await;
-    sqlx::raw_sql(DEBEZIUM_TABLE)
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    let env = debezium_env(None).await;
     let started = Instant::now();
     sqlx::raw_sql(
         "INSERT INTO public.dbz_outbox (id, aggregatetype, aggregateid, type, payload) \
@@ -579,21 +569,10 @@ content_type = \"application/x-protobuf\"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debezium_table_without_the_routed_column_exits_78_naming_the_debezium_option() {
-    let env = TestEnv::new(
-        Setup::new()
-            .without_migrate()
-            .table("public.dbz_outbox")
-            .set("outbox", "layout", "\"debezium\""),
-    )
-    .await;
-    append_config(
-        &env,
+    let env = debezium_env(Some(
         "\n[outbox.debezium]\nroute_by_field = \"aggregate_type\"\n",
-    );
-    sqlx::raw_sql(DEBEZIUM_TABLE)
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    ))
+    .await;
     let out = env.cli(&["check-config"]).await;
     assert_eq!(out.code, 78, "{out:?}");
     assert!(

@@ -60,25 +60,13 @@ async fn env_on(primary: &PgCluster) -> TestEnv {
     .await
 }
 
-/// The table's state in words, from `/ready`, and its status.
-async fn ready(addr: &str) -> (u16, String) {
-    let (status, body) = http_get(addr, "/ready").await;
-    let json: serde_json::Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    let state = json["tables"][0]["state"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    (status, state)
-}
-
 async fn wait_for_state(addr: &str, starts_with: &str) -> (u16, String) {
     eventually(
         &format!("the health endpoint to say {starts_with:?}"),
-        || async { ready(addr).await.1.starts_with(starts_with) },
+        || async { table_state(addr).await.1.starts_with(starts_with) },
     )
     .await;
-    ready(addr).await
+    table_state(addr).await
 }
 
 /// The URL of the test's database on `cluster`.
@@ -295,7 +283,7 @@ async fn a_relay_on_a_standby_reports_not_the_primary_and_publishes_once_it_is_p
         standby.connections() >= seen + 3
     })
     .await;
-    assert_eq!(ready(&addr).await.1, state);
+    assert_eq!(table_state(&addr).await.1, state);
     assert!(
         env.consumer.received().is_empty(),
         "published from a standby"

@@ -35,26 +35,14 @@ fn through(tunnel: &TlsTunnel, host: &str) -> Setup {
         .set("health", "listen", "\"127.0.0.1:0\"")
 }
 
-/// `/ready`: its status and the table's state in words.
-async fn ready(addr: &str) -> (u16, String) {
-    let (status, body) = http_get(addr, "/ready").await;
-    let json: serde_json::Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    let state = json["tables"][0]["state"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    (status, state)
-}
-
 /// Waits until `/ready` says the table's state is `state`; returns the status and the state.
 async fn wait_for_state(relay: &Relay, state: &str) -> (u16, String) {
     let addr = health_addr(relay).await;
     eventually(&format!("the health endpoint to say {state:?}"), || async {
-        ready(&addr).await.1 == state
+        table_state(&addr).await.1 == state
     })
     .await;
-    ready(&addr).await
+    table_state(&addr).await
 }
 
 /// The relay's log lines that contain `needle`.

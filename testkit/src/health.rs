@@ -39,3 +39,16 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         .to_owned();
     (status, body)
 }
+
+/// `GET /ready`: the HTTP status and the first table's state in words (`relaying`, `not
+/// ready: ...`).
+pub async fn table_state(addr: &str) -> (u16, String) {
+    let (status, body) = http_get(addr, "/ready").await;
+    let json: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let state = json["tables"][0]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, state)
+}
