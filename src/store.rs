@@ -38,6 +38,8 @@ pub use columns::Columns;
 mod coordination;
 pub use coordination::{Coordination, LockGuard, LockState, TableLock};
 pub mod leases;
+mod members_status;
+pub use members_status::{LiveMember, TableLeases};
 mod primary;
 pub use primary::Servers;
 mod replay;
