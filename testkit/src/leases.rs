@@ -1,7 +1,6 @@
 //! The partition leases of a test's table as an operator reads them in PostgreSQL
-//! (`outbox_relay.leases`, `outbox_relay.members`), a key's partition computed the documented
-//! way, and which member a relay registered as (from its log). Reads only: the kit never
-//! changes a lease.
+//! (`outbox_relay.leases`, `outbox_relay.members`), and which member a relay registered as (from
+//! its log). Reads only: the kit never changes a lease.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -114,24 +113,5 @@ impl TestEnv {
                 .values()
                 .all(|owner| owner.is_some_and(|o| wanted.contains(&o)))
             && owning == wanted
-    }
-
-    /// The partition of each of `keys` among `partitions`, computed as documented:
-    /// `(hashtextextended(ordering_key, 0) & 2147483647) % partitions`.
-    pub async fn partitions_of_keys(
-        &self,
-        keys: &[String],
-        partitions: u32,
-    ) -> BTreeMap<String, i32> {
-        sqlx::query_as::<_, (String, i32)>(
-            "SELECT k, ((hashtextextended(k, 0) & 2147483647) % $2)::int4 FROM unnest($1::text[]) k",
-        )
-        .bind(keys)
-        .bind(partitions as i64)
-        .fetch_all(&self.pool)
-        .await
-        .expect("compute the keys' partitions")
-        .into_iter()
-        .collect()
     }
 }
