@@ -277,6 +277,8 @@ async fn a_relay_cut_off_from_postgresql_loses_its_partitions_after_the_lease_an
     let env = TestEnv::new(scale_out()).await;
     let a = env.start_relay();
     let b = env.start_relay();
+    // Registered: they have read the config.
+    let members = [a.member_id().await, b.member_id().await];
     // The third relay reaches PostgreSQL through a proxy: its config is written for it alone
     // (a relay reads its config at start) and put back once it started.
     let proxy = Proxy::start(
@@ -292,7 +294,6 @@ async fn a_relay_cut_off_from_postgresql_loses_its_partitions_after_the_lease_an
     let cut = env.start_relay();
     let cut_member = cut.member_id().await;
     std::fs::write(&env.config_path, config).expect("put the config back");
-    let members = [a.member_id().await, b.member_id().await];
     let sharing = [members[0], members[1], cut_member];
     eventually("the three relays to share every partition", || {
         env.partitions_shared_by(&sharing)
