@@ -30,7 +30,7 @@ pub enum LeaseError {
     #[error(transparent)]
     Db(#[from] DbError),
     /// The table does not exist (yet): `migrate` makes it.
-    #[error("{0}: no such table")]
+    #[error("{0}: the table does not exist (`outbox-relay migrate` creates it)")]
     NoTable(String),
     /// The partition count is fixed once chosen: every key's partition depends on it.
     #[error(
