@@ -164,11 +164,23 @@ impl TableRelay {
         let turn = match state {
             ShareState::Owns(turn) => turn,
             ShareState::Nothing if !settling => return self.owns_nothing().await,
+            ShareState::Registering if !settling => {
+                // Not a member yet (or again, after its lease ran out): nothing to publish.
+                self.window.clear();
+                self.turn = None;
+                self.reporter.set(Health::Starting);
+                return Step::Standby;
+            }
             // Partitions left the set: settle what is in flight with the last fence first.
-            ShareState::Nothing => match self.turn.clone() {
+            ShareState::Nothing | ShareState::Registering => match self.turn.clone() {
                 Some(turn) => turn,
                 None => return self.owns_nothing().await,
             },
+            ShareState::Unusable(problem) => {
+                self.window.clear();
+                self.reporter.set(Health::TableUnusable(problem));
+                return Step::Standby;
+            }
             ShareState::Expiring => {
                 // The leases could not be renewed in time: stop publishing before they can run
                 // out; what is in flight goes out again from their next owner.
@@ -186,10 +198,10 @@ impl TableRelay {
         }
         self.marks.set_fence(&turn.fence);
         let until = (!settling).then_some(turn.until);
-        let (fence, generation) = (turn.fence.clone(), turn.generation);
+        let fence = turn.fence.clone();
         self.turn = Some(turn);
         if settling && self.window.in_flight() == 0 {
-            return self.give_up(generation).await;
+            return self.give_up().await;
         }
         if !settling && self.window.has_room_to_fetch() && !self.shutdown.is_stopping() {
             let exclude: Vec<i64> = self
@@ -316,7 +328,7 @@ impl TableRelay {
     /// Partitions left the set and nothing is in flight: their marks, failures and holds are
     /// written, the rows queued for them are forgotten (the next owner reads them), and the
     /// membership may release them.
-    async fn give_up(&mut self, generation: u64) -> Step {
+    async fn give_up(&mut self) -> Step {
         if let Err(e) = self.marks.finish().await {
             return self.down(e.context("marking rows before giving partitions up"));
         }
@@ -324,8 +336,10 @@ impl TableRelay {
             // A hold or release waits for a producer's open transaction.
             return Step::Waiting;
         }
+        // Nothing is in flight and everything is written: whatever left the set by now (the
+        // turn's generation, or a later one) is settled.
         self.window.clear();
-        self.share.ack(generation);
+        self.share.ack(self.share.generation());
         Step::Batch {
             published: 0,
             failed: 0,
@@ -400,7 +414,9 @@ impl TableRelay {
                 break;
             }
             match self.step().await {
-                Step::Batch { .. } => continue,
+                // Back to back, but never without letting the process's other tasks (the
+                // membership, the other tables, the health endpoint) run.
+                Step::Batch { .. } => tokio::task::yield_now().await,
                 Step::Idle => self.wait_for_work().await,
                 // The coordination session is down or connecting: it retries, and says when.
                 Step::Down if !self.links.lock.is_held() => self.wait_for_lock().await,

@@ -208,16 +208,21 @@ impl Leases {
             .await
             .map_err(DbError::from)?;
         let table_oid = oid.ok_or_else(|| LeaseError::NoTable(self.table.to_string()))?;
-        let stored: i32 = sqlx::query_scalar(
-            "WITH made AS (
-                 INSERT INTO outbox_relay.lease_tables (table_oid, partitions) VALUES ($1, $2)
-                 ON CONFLICT (table_oid) DO NOTHING RETURNING partitions)
-             SELECT partitions FROM made
-             UNION ALL SELECT partitions FROM outbox_relay.lease_tables WHERE table_oid = $1
-             LIMIT 1",
+        // Two statements: a member registering at the same moment may have made the row; the
+        // insert waits for its commit, and only a statement after it sees the row.
+        sqlx::query(
+            "INSERT INTO outbox_relay.lease_tables (table_oid, partitions) VALUES ($1, $2)
+             ON CONFLICT (table_oid) DO NOTHING",
         )
         .bind(table_oid)
         .bind(partitions as i32)
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::from)?;
+        let stored: i32 = sqlx::query_scalar(
+            "SELECT partitions FROM outbox_relay.lease_tables WHERE table_oid = $1",
+        )
+        .bind(table_oid)
         .fetch_one(&mut *tx)
         .await
         .map_err(DbError::from)?;
