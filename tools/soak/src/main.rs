@@ -504,14 +504,20 @@ async fn run(
     Ok((report.passed, report.passed && report.slow_recoveries == 0))
 }
 
-/// One line per injected fault, kept with the relay logs for a failure's diagnosis.
+/// One line per injected fault, kept with the relay logs for a failure's diagnosis: times from
+/// the start of the run and, to match the relays' log lines, in UTC.
 fn write_fault_log(world: &World, started: Instant, log: &FaultLog) {
+    let wall_started = std::time::SystemTime::now() - started.elapsed();
+    let utc =
+        |t: Instant| humantime::format_rfc3339_millis(wall_started + t.duration_since(started));
     let mut text = String::new();
     for r in &log.records {
         text += &format!(
-            "t={:.3}s..{:.3}s {} {}\n",
+            "t={:.3}s..{:.3}s ({}..{}) {} {}\n",
             r.started.duration_since(started).as_secs_f64(),
             r.ended.duration_since(started).as_secs_f64(),
+            utc(r.started),
+            utc(r.ended),
             r.kind.name(),
             r.detail
         );
@@ -798,14 +804,22 @@ impl Report {
                     Resumed::Met => {}
                     Resumed::Missed => {
                         k.resumption_missed += 1;
+                        let which = if res.never > 0 {
+                            format!(
+                                "{} of {} partitions delivered none of their rows committed after it",
+                                res.never, res.partitions
+                            )
+                        } else {
+                            format!(
+                                "partition {} (of {}) was the last to deliver a row committed after it",
+                                res.slowest, res.partitions
+                            )
+                        };
                         slow_resumptions.push(format!(
-                            "{} ({}): {} ms until partition {} delivered a row committed after it ({} of {} partitions never did)",
+                            "{} ({}): {} ms; {which}",
                             r.kind.name(),
                             r.detail,
                             waited.as_millis(),
-                            res.slowest,
-                            res.never,
-                            res.partitions
                         ));
                     }
                     Resumed::Interrupted => k.resumption_interrupted += 1,

@@ -156,19 +156,25 @@ impl Relays {
         }
     }
 
-    /// SIGTERM to every relay, then SIGKILL after `grace`.
+    /// SIGTERM to every relay, then SIGKILL after `grace` (recorded as a problem).
     pub async fn terminate_all(&mut self, grace: Duration) {
         for c in &self.children {
             if let Some(pid) = c.child.id() {
                 send("-TERM", pid).await;
             }
         }
-        for mut c in self.children.drain(..) {
+        let children: Vec<RelayChild> = self.children.drain(..).collect();
+        for mut c in children {
             if tokio::time::timeout(grace, c.child.wait()).await.is_err() {
-                eprintln!(
-                    "soak: relay {} did not stop within {grace:?} of SIGTERM; killing it",
-                    c.number
+                // Its shutdown timeout is far shorter: a relay that ignores SIGTERM is a fault
+                // of the relay's, and fails the run.
+                let problem = format!(
+                    "relay {} did not stop within {grace:?} of SIGTERM at the end (SIGKILLed); last log lines:\n{}",
+                    c.number,
+                    log_tail(&c.log, 5)
                 );
+                eprintln!("soak: {problem}");
+                self.unexpected_exits.push(problem);
                 let _ = c.child.start_kill();
                 let _ = c.child.wait().await;
             }
