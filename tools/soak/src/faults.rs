@@ -481,14 +481,23 @@ impl Injector {
                 );
                 // However the run ends, the relay is woken again (and SIGKILLed at the end if
                 // something went wrong on the way).
-                self.hold(paused).await;
+                let cut_short = !self.hold(paused).await;
                 let woken = self.relays.lock().await.signal(number, "-CONT").await;
                 anyhow::ensure!(woken, "kill -CONT of relay {number} failed");
+                let ended = Instant::now();
                 Ok(Injected {
-                    ended: Instant::now(),
+                    ended,
                     from: Some(hit),
                     relays_hit: 1,
-                    detail: format!("SIGSTOPped relay {number} of {running} for {paused:?}"),
+                    detail: format!(
+                        "SIGSTOPped relay {number} of {running} for {:?}{}",
+                        ended.duration_since(hit),
+                        if cut_short {
+                            " (cut short: the run ended)"
+                        } else {
+                            ""
+                        }
+                    ),
                 })
             }
             FaultKind::MemberJoin => {

@@ -670,8 +670,9 @@ struct KindFigures {
 struct FaultFigures {
     recovery: Duration,
     duplicates: u64,
-    /// Delivery on every partition resuming, measured from the record's `from`.
-    resumption: Option<(Duration, Resumed)>,
+    /// Delivery on every partition resuming, measured from the record's `from`: the wait (up
+    /// to the next fault), the verdict, and what the rows said uncut.
+    resumption: Option<(Duration, Resumed, partitions::Resumption)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -811,8 +812,10 @@ impl Report {
                             )
                         } else {
                             format!(
-                                "partition {} (of {}) was the last to deliver a row committed after it",
-                                res.slowest, res.partitions
+                                "partition {} (of {}) was the last to deliver a row committed after it, {} ms after the fault",
+                                res.slowest,
+                                res.partitions,
+                                res.longest.as_millis()
                             )
                         };
                         slow_resumptions.push(format!(
@@ -824,7 +827,7 @@ impl Report {
                     }
                     Resumed::Interrupted => k.resumption_interrupted += 1,
                 }
-                (waited, verdict)
+                (waited, verdict, res)
             });
 
             let dups = duplicates[i];
@@ -1013,8 +1016,11 @@ impl Report {
                 "relays_hit": r.relays_hit,
                 "recovery_ms": f.recovery.as_millis() as u64,
                 "duplicates": f.duplicates,
-                "partitions_resumed_ms": f.resumption.map(|(d, _)| d.as_millis() as u64),
-                "partitions_resumed": f.resumption.map(|(_, v)| v.name()),
+                "partitions_resumed_ms": f.resumption.map(|(d, _, _)| d.as_millis() as u64),
+                "partitions_resumed": f.resumption.map(|(_, v, _)| v.name()),
+                "slowest_partition": f.resumption.map(|(_, _, res)| res.slowest),
+                "slowest_partition_ms": f.resumption.map(|(_, _, res)| res.longest.as_millis() as u64),
+                "partitions_never_resumed": f.resumption.map(|(_, _, res)| res.never),
             })).collect::<Vec<_>>(),
             "skipped_faults": fault_log.skipped.iter().map(|(k, why)| serde_json::json!({"kind": k.name(), "why": why})).collect::<Vec<_>>(),
             "producers": {
