@@ -7,6 +7,7 @@
 mod checker;
 mod consumer;
 mod faults;
+mod leases;
 mod partitions;
 mod producers;
 mod relays;
@@ -293,6 +294,14 @@ async fn run(
         });
     }
 
+    let stop_watch_leases = CancellationToken::new();
+    let lease_watch = tokio::spawn(leases::watch(
+        servers.clone(),
+        world.database.clone(),
+        world.dir.join("leases.log"),
+        stop_watch_leases.clone(),
+    ));
+
     let checker = Arc::new(Mutex::new(Checker::default()));
     let consumer = consumer::start(
         servers.rabbitmq_url(Some(&world.vhost)).to_string(),
@@ -436,6 +445,9 @@ async fn run(
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop_watch.cancel();
     let _ = watcher.await;
+    // Before the relays leave: their partitions are unowned after that, as they should be.
+    stop_watch_leases.cancel();
+    let lease_watch = lease_watch.await.unwrap_or_default();
     relays
         .lock()
         .await
@@ -478,6 +490,7 @@ async fn run(
             relays: args.relays,
             timeline: &timeline,
             lease_lines: relays.lease_lines(),
+            lease_watch,
         },
         started,
         drain_time,
@@ -634,6 +647,7 @@ struct Membership<'a> {
     relays: u32,
     timeline: &'a Timeline,
     lease_lines: LeaseLines,
+    lease_watch: leases::LeaseWatch,
 }
 
 /// The figures of a run, as text lines and as JSON.
@@ -805,24 +819,22 @@ impl Report {
                     Resumed::Met => {}
                     Resumed::Missed => {
                         k.resumption_missed += 1;
-                        let which = if res.never > 0 {
-                            format!(
-                                "{} of {} partitions delivered none of their rows committed after it",
-                                res.never, res.partitions
-                            )
-                        } else {
-                            format!(
-                                "partition {} (of {}) was the last to deliver a row committed after it, {} ms after the fault",
-                                res.slowest,
-                                res.partitions,
-                                res.longest.as_millis()
-                            )
-                        };
+                        let late: Vec<String> = res
+                            .later_than(resumption_bound)
+                            .iter()
+                            .map(|(p, w)| match w {
+                                Some(w) => format!("{p} after {} ms", w.as_millis()),
+                                None => format!("{p} never"),
+                            })
+                            .collect();
                         slow_resumptions.push(format!(
-                            "{} ({}): {} ms; {which}",
+                            "{} ({}): {} ms; of {} partitions with rows committed after it, these delivered one later than {} ms: {}",
                             r.kind.name(),
                             r.detail,
                             waited.as_millis(),
+                            res.partitions,
+                            resumption_bound.as_millis(),
+                            late.join(", ")
                         ));
                     }
                     Resumed::Interrupted => k.resumption_interrupted += 1,
@@ -929,7 +941,7 @@ impl Report {
         let lease_lines = members.lease_lines;
         let sharing = members.sharing;
         lines.push(format!(
-            "members: relays={} partitions={} channels={} heartbeat_ms={} lease_ms={} leases_in_table={} registered={} lease_ran_out={} left={} slow_partition_resumptions={} over_window={}",
+            "members: relays={} partitions={} channels={} heartbeat_ms={} lease_ms={} leases_in_table={} registered={} lease_ran_out={} left={} owner_changes={} longest_unowned_ms={} slow_partition_resumptions={} over_window={}",
             members.relays,
             sharing.partitions,
             sharing.channels,
@@ -939,6 +951,8 @@ impl Report {
             lease_lines.registered,
             lease_lines.lease_ran_out,
             lease_lines.left,
+            members.lease_watch.owner_changes,
+            members.lease_watch.longest_unowned.as_millis(),
             slow_resumptions.len(),
             over_window.len()
         ));
@@ -987,6 +1001,9 @@ impl Report {
                 "registered": lease_lines.registered,
                 "lease_ran_out": lease_lines.lease_ran_out,
                 "left": lease_lines.left,
+                "owner_changes": members.lease_watch.owner_changes,
+                "longest_unowned_ms": members.lease_watch.longest_unowned.as_millis() as u64,
+                "lease_samples": members.lease_watch.samples,
                 "slow_partition_resumptions": slow_resumptions.len(),
                 "over_window": over_window.len(),
             },
@@ -1016,11 +1033,11 @@ impl Report {
                 "relays_hit": r.relays_hit,
                 "recovery_ms": f.recovery.as_millis() as u64,
                 "duplicates": f.duplicates,
-                "partitions_resumed_ms": f.resumption.map(|(d, _, _)| d.as_millis() as u64),
-                "partitions_resumed": f.resumption.map(|(_, v, _)| v.name()),
-                "slowest_partition": f.resumption.map(|(_, _, res)| res.slowest),
-                "slowest_partition_ms": f.resumption.map(|(_, _, res)| res.longest.as_millis() as u64),
-                "partitions_never_resumed": f.resumption.map(|(_, _, res)| res.never),
+                "partitions_resumed_ms": f.resumption.as_ref().map(|(d, _, _)| d.as_millis() as u64),
+                "partitions_resumed": f.resumption.as_ref().map(|(_, v, _)| v.name()),
+                "slowest_partition": f.resumption.as_ref().map(|(_, _, res)| res.slowest),
+                "slowest_partition_ms": f.resumption.as_ref().map(|(_, _, res)| res.longest.as_millis() as u64),
+                "partitions_never_resumed": f.resumption.as_ref().map(|(_, _, res)| res.never),
             })).collect::<Vec<_>>(),
             "skipped_faults": fault_log.skipped.iter().map(|(k, why)| serde_json::json!({"kind": k.name(), "why": why})).collect::<Vec<_>>(),
             "producers": {

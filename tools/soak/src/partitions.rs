@@ -21,7 +21,7 @@ struct Rows {
 }
 
 /// How delivery resumed after one fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resumption {
     /// Partitions that had rows committed after the fault.
     pub partitions: usize,
@@ -32,6 +32,22 @@ pub struct Resumption {
     pub slowest: u32,
     /// Partitions none of whose rows committed after the fault arrived (lost rows).
     pub never: usize,
+    /// Each such partition's wait (`None`: never).
+    pub waits: Vec<(u32, Option<Duration>)>,
+}
+
+impl Resumption {
+    /// The partitions that waited longer than `bound` (or for ever), slowest first.
+    pub fn later_than(&self, bound: Duration) -> Vec<(u32, Option<Duration>)> {
+        let mut late: Vec<_> = self
+            .waits
+            .iter()
+            .filter(|(_, w)| w.is_none_or(|w| w > bound))
+            .copied()
+            .collect();
+        late.sort_by_key(|(_, w)| std::cmp::Reverse(w.unwrap_or(Duration::MAX)));
+        late
+    }
 }
 
 impl Timeline {
@@ -77,6 +93,7 @@ impl Timeline {
             longest: Duration::ZERO,
             slowest: 0,
             never: 0,
+            waits: Vec::new(),
         };
         for (p, rows) in self.partitions.iter().enumerate() {
             let i = rows.began.partition_point(|b| *b < from);
@@ -84,16 +101,16 @@ impl Timeline {
                 continue;
             }
             r.partitions += 1;
-            match rows.earliest[i] {
-                Some(at) => {
-                    let waited = at.saturating_duration_since(from);
-                    if waited >= r.longest {
-                        r.longest = waited;
-                        r.slowest = p as u32;
-                    }
+            let waited = rows.earliest[i].map(|at| at.saturating_duration_since(from));
+            match waited {
+                Some(waited) if waited >= r.longest => {
+                    r.longest = waited;
+                    r.slowest = p as u32;
                 }
+                Some(_) => {}
                 None => r.never += 1,
             }
+            r.waits.push((p as u32, waited));
         }
         (r.partitions > 0).then_some(r)
     }
@@ -127,6 +144,10 @@ mod tests {
         assert_eq!(r.slowest, 0);
         assert_eq!(r.longest, Duration::from_millis(800));
         assert_eq!(r.never, 0);
+        assert_eq!(
+            r.later_than(Duration::from_millis(500)),
+            vec![(0, Some(Duration::from_millis(800)))]
+        );
         assert_eq!(t.resumption(ms(t0, 400)), None);
     }
 
@@ -140,5 +161,6 @@ mod tests {
         let r = t.resumption(t0).unwrap();
         assert_eq!((r.partitions, r.never), (2, 1));
         assert_eq!(r.longest, Duration::from_millis(60));
+        assert_eq!(r.later_than(Duration::from_secs(1)), vec![(0, None)]);
     }
 }
