@@ -69,7 +69,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     for (index, (table, sql)) in settings.outbox.iter().zip(&sqls).enumerate() {
         let lock = coordination.lock(index);
         let membership = member::start_in(
-            Leases::new(store.pool().clone(), table.table.clone(), settings.lease()),
+            Leases::on_store(store.clone(), table.table.clone(), settings.lease()),
             MemberSettings {
                 name: member_name(),
                 partitions: table.partitions,

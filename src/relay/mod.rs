@@ -26,7 +26,7 @@ use crate::metrics::TableMetrics;
 use crate::publisher::{Broker, PublishError};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::store::{DbError, Store, TableLock, TableSql};
+use crate::store::{DbError, LockState, Store, TableLock, TableSql};
 
 use links::{Links, Unready};
 pub use marks::MarkPipeline;
@@ -144,17 +144,14 @@ impl TableRelay {
         if let Err(e) = self.marks.settle().await {
             return self.down(e.context("marking rows"));
         }
-        let guard = match self.links.ensure().await {
+        let (guard, fresh) = match self.links.ensure().await {
             Ok(ready) => {
                 if ready.fresh {
                     // A new lock session or channel: what was in flight on the old ones is
                     // unknown; it stays due and goes out again with the same message_id.
                     self.window.clear();
-                    if let Err(e) = self.marks.sweep_stale_holds(true).await {
-                        return self.down(e.context("looking for stale holds"));
-                    }
                 }
-                ready.guard
+                (ready.guard, ready.fresh)
             }
             Err(unready) => return self.unready(unready).await,
         };
@@ -196,7 +193,18 @@ impl TableRelay {
             // may be sent.
             self.window.clear();
         }
+        let gained = self
+            .turn
+            .as_ref()
+            .is_none_or(|t| turn.fence.owned.iter().any(|p| !t.fence.owned.contains(p)));
         self.marks.set_fence(&turn.fence);
+        if fresh || gained {
+            // New links, or partitions new to this relay: a relay that stopped between a mark
+            // and its release may have left their keys held; look once under the new fence.
+            if let Err(e) = self.marks.sweep_stale_holds(true).await {
+                return self.down(e.context("looking for stale holds"));
+            }
+        }
         let until = (!settling).then_some(turn.until);
         let fence = turn.fence.clone();
         self.turn = Some(turn);
@@ -349,6 +357,12 @@ impl TableRelay {
     }
 
     fn down(&mut self, e: DbError) -> Step {
+        // A statement that found no server says less than the coordination session, which
+        // asked every host: no primary among them is the state to report.
+        let e = match (e, self.links.lock.current()) {
+            (DbError::Unavailable(_), LockState::Down(found @ DbError::NotPrimary(_))) => found,
+            (e, _) => e,
+        };
         match e {
             DbError::Unavailable(_) => self.store.distrust_connections(),
             // Refused as read-only: the host is not the primary (any more); the coordination
