@@ -2,9 +2,10 @@
 //! relay SIGSTOPped past its lease and SIGCONTed, a member joining (one more relay) and leaving
 //! (SIGTERM), a second relay on the same table, broker connections closed, the broker stopped
 //! and started, resource alarms, PostgreSQL sessions terminated and the server restarted, and
-//! network faults through the proxies. Whole-server faults hold the exclusive server-fault lock for their
-//! duration only and always restore the server (guards that restore from `Drop`, and a pending
-//! file that the next run restores from if this one was killed).
+//! network faults through the proxies. Whole-server faults hold the exclusive server-fault lock
+//! for their duration only and always restore the server (guards that restore from `Drop`, and a
+//! pending file that the next run restores from if this one was killed). Member faults keep
+//! between 1 and `--relays` + 1 relays running, and never stop the last one.
 
 use std::fs::File;
 use std::sync::Arc;
