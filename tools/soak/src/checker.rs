@@ -25,6 +25,7 @@ pub struct Delivery {
 pub struct CommittedRow {
     pub id: i64,
     pub dedup_key: String,
+    pub ordering_key: String,
     pub body_hash: u64,
 }
 
@@ -38,6 +39,7 @@ pub fn body_hash(bytes: &[u8]) -> u64 {
 struct First {
     message_id: String,
     body_hash: u64,
+    at: Instant,
 }
 
 /// Everything the consumer saw, and the violations found so far.
@@ -105,6 +107,7 @@ impl Checker {
             First {
                 message_id: d.message_id,
                 body_hash: d.body_hash,
+                at: d.at,
             },
         );
     }
@@ -116,6 +119,11 @@ impl Checker {
 
     pub fn has(&self, id: i64) -> bool {
         self.first.contains_key(&id)
+    }
+
+    /// When row `id` first arrived.
+    pub fn first_delivered(&self, id: i64) -> Option<Instant> {
+        self.first.get(&id).map(|f| f.at)
     }
 
     /// Compares what arrived with what the table says was committed.
@@ -211,11 +219,13 @@ mod tests {
             CommittedRow {
                 id: 1,
                 dedup_key: "m1".into(),
+                ordering_key: "a".into(),
                 body_hash: 1,
             },
             CommittedRow {
                 id: 2,
                 dedup_key: "m2".into(),
+                ordering_key: "a".into(),
                 body_hash: 2,
             },
         ];

@@ -1,9 +1,11 @@
-//! The faults, injected for real at seeded random times: the relay SIGKILLed and restarted, a
-//! second relay on the same table, broker connections closed, the broker stopped and started,
-//! resource alarms, PostgreSQL sessions terminated and the server restarted, and network faults
-//! through the proxies. Whole-server faults hold the exclusive server-fault lock for their
-//! duration only and always restore the server (guards that restore from `Drop`, and a pending
-//! file that the next run restores from if this one was killed).
+//! The faults, injected for real at seeded random times: a relay SIGKILLed and restarted, a
+//! relay SIGSTOPped past its lease and SIGCONTed, a member joining (one more relay) and leaving
+//! (SIGTERM), a second relay on the same table, broker connections closed, the broker stopped
+//! and started, resource alarms, PostgreSQL sessions terminated and the server restarted, and
+//! network faults through the proxies. Whole-server faults hold the exclusive server-fault lock
+//! for their duration only and always restore the server (guards that restore from `Drop`, and a
+//! pending file that the next run restores from if this one was killed). Member faults keep
+//! between 1 and `--relays` + 1 relays running, and never stop the last one.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -27,6 +29,9 @@ use crate::setup::World;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FaultKind {
     RelayKill,
+    RelayPause,
+    MemberJoin,
+    MemberLeave,
     TwoRelays,
     AmqpClose,
     BrokerRestart,
@@ -39,8 +44,11 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::RelayKill,
+        FaultKind::RelayPause,
+        FaultKind::MemberJoin,
+        FaultKind::MemberLeave,
         FaultKind::TwoRelays,
         FaultKind::AmqpClose,
         FaultKind::BrokerRestart,
@@ -55,6 +63,9 @@ impl FaultKind {
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::RelayKill => "relay-kill",
+            FaultKind::RelayPause => "relay-pause",
+            FaultKind::MemberJoin => "member-join",
+            FaultKind::MemberLeave => "member-leave",
             FaultKind::TwoRelays => "two-relays",
             FaultKind::AmqpClose => "amqp-close",
             FaultKind::BrokerRestart => "broker-restart",
@@ -69,6 +80,14 @@ impl FaultKind {
 
     pub fn parse(name: &str) -> Option<FaultKind> {
         FaultKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Faults about several members sharing a table: in `all` only with `--relays` >= 2.
+    pub fn needs_members(self) -> bool {
+        matches!(
+            self,
+            FaultKind::RelayPause | FaultKind::MemberJoin | FaultKind::MemberLeave
+        )
     }
 
     /// Faults that touch the whole server and so need the exclusive lock.
@@ -87,7 +106,34 @@ pub struct FaultRecord {
     pub started: Instant,
     /// When the fault condition was lifted (recovery is measured from here).
     pub ended: Instant,
+    /// Where "delivery on every partition resuming" is measured from: the moment a relay was
+    /// killed, paused, stopped or started (the other members are to take over while it lasts),
+    /// otherwise the end of the fault (nobody can deliver while it lasts).
+    pub from: Instant,
+    /// How many relays the fault hit: each may send its window again.
+    pub relays_hit: usize,
     pub detail: String,
+}
+
+/// What [`Injector::inject`] did.
+struct Injected {
+    ended: Instant,
+    /// `None`: measured from `ended`.
+    from: Option<Instant>,
+    relays_hit: usize,
+    detail: String,
+}
+
+impl Injected {
+    /// A fault the relays could only wait out: measured from its end.
+    fn lifted(relays_hit: usize, detail: String) -> Injected {
+        Injected {
+            ended: Instant::now(),
+            from: None,
+            relays_hit,
+            detail,
+        }
+    }
 }
 
 const LOCK_PATH: &str = "/tmp/obr-server-faults.lock";
@@ -287,6 +333,10 @@ pub struct Injector {
     pub rng: ChaCha8Rng,
     pub kinds: Vec<FaultKind>,
     pub mean_gap: Duration,
+    /// `--relays`: member-join never goes beyond one more than this.
+    pub members: usize,
+    /// The relays' lease: a pause lasts this + 1..3 s.
+    pub lease: Duration,
     pub relays: Arc<Mutex<Relays>>,
     pub pg_proxy: Arc<Proxy>,
     pub amqp_proxy: Arc<Proxy>,
@@ -330,11 +380,13 @@ impl Injector {
                 let outcome = self.inject(kind).await;
                 let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
                 match outcome {
-                    Ok((ended, detail)) => log.records.push(FaultRecord {
+                    Ok(done) => log.records.push(FaultRecord {
                         kind,
                         started,
-                        ended,
-                        detail,
+                        ended: done.ended,
+                        from: done.from.unwrap_or(done.ended),
+                        relays_hit: done.relays_hit,
+                        detail: done.detail,
                     }),
                     Err(e) => {
                         eprintln!("soak: fault {} not injected: {e:#}", kind.name());
@@ -376,21 +428,125 @@ impl Injector {
         }
     }
 
+    /// Relays running now: the ones a fault on every connection hits.
+    async fn running(&self) -> usize {
+        self.relays.lock().await.running()
+    }
+
     /// Injects one fault; returns when its condition was lifted, and what was done.
-    async fn inject(&mut self, kind: FaultKind) -> anyhow::Result<(Instant, String)> {
+    async fn inject(&mut self, kind: FaultKind) -> anyhow::Result<Injected> {
         match kind {
             FaultKind::RelayKill => {
                 let down = self.millis(0, 1500);
                 let relays = self.relays.clone();
+                // Held through the pause, so the watcher does not replace the relay early.
                 let mut relays = relays.lock().await;
-                let killed = relays.running();
-                relays.kill_all().await;
-                self.hold(down).await;
+                let running = relays.running();
+                let hit = Instant::now();
+                let detail = if running <= 1 {
+                    relays.kill_all().await;
+                    self.hold(down).await;
+                    relays.spawn()?;
+                    format!("SIGKILLed {running} relay(s), restarted after {down:?}")
+                } else {
+                    let index = self.rng.random_range(0..running);
+                    let number = relays.number(index).unwrap_or_default();
+                    relays.kill(index).await;
+                    self.hold(down).await;
+                    relays.spawn()?;
+                    format!(
+                        "SIGKILLed relay {number} of {running}, started relay {} after {down:?}",
+                        relays.spawned()
+                    )
+                };
+                Ok(Injected {
+                    ended: Instant::now(),
+                    from: Some(hit),
+                    relays_hit: running.min(1),
+                    detail,
+                })
+            }
+            FaultKind::RelayPause => {
+                let paused = self.lease + self.millis(1000, 3000);
+                let (number, running) = {
+                    let relays = self.relays.lock().await;
+                    let running = relays.running();
+                    anyhow::ensure!(running > 0, "no relay is running");
+                    let index = self.rng.random_range(0..running);
+                    (relays.number(index).unwrap_or_default(), running)
+                };
+                let hit = Instant::now();
+                anyhow::ensure!(
+                    self.relays.lock().await.signal(number, "-STOP").await,
+                    "kill -STOP of relay {number} failed"
+                );
+                // However the run ends, the relay is woken again (and SIGKILLed at the end if
+                // something went wrong on the way).
+                let cut_short = !self.hold(paused).await;
+                let woken = self.relays.lock().await.signal(number, "-CONT").await;
+                anyhow::ensure!(woken, "kill -CONT of relay {number} failed");
+                let ended = Instant::now();
+                Ok(Injected {
+                    ended,
+                    from: Some(hit),
+                    relays_hit: 1,
+                    detail: format!(
+                        "SIGSTOPped relay {number} of {running} for {:?}{}",
+                        ended.duration_since(hit),
+                        if cut_short {
+                            " (cut short: the run ended)"
+                        } else {
+                            ""
+                        }
+                    ),
+                })
+            }
+            FaultKind::MemberJoin => {
+                let mut relays = self.relays.lock().await;
+                anyhow::ensure!(
+                    relays.wanted <= self.members,
+                    "already {} relays (at most --relays + 1)",
+                    relays.wanted
+                );
+                relays.wanted += 1;
+                let hit = Instant::now();
                 relays.spawn()?;
-                Ok((
-                    Instant::now(),
-                    format!("SIGKILLed {killed} relay(s), restarted after {down:?}"),
-                ))
+                Ok(Injected {
+                    ended: Instant::now(),
+                    from: Some(hit),
+                    relays_hit: 1,
+                    detail: format!(
+                        "relay {} joined ({} running)",
+                        relays.spawned(),
+                        relays.running()
+                    ),
+                })
+            }
+            FaultKind::MemberLeave => {
+                let (leaving, running) = {
+                    let mut relays = self.relays.lock().await;
+                    let running = relays.running();
+                    anyhow::ensure!(
+                        running >= 2 && relays.wanted >= 2,
+                        "{running} relay(s) running: the last one never leaves"
+                    );
+                    let index = self.rng.random_range(0..running);
+                    relays.wanted -= 1;
+                    (relays.take(index).context("no relay to stop")?, running)
+                };
+                let number = leaving.number();
+                let hit = Instant::now();
+                // Not under the lock: draining takes up to the relay's shutdown timeout.
+                if let Err(problem) = leaving.terminate(Duration::from_secs(15)).await {
+                    eprintln!("soak: {problem}");
+                    self.relays.lock().await.unexpected_exits.push(problem);
+                }
+                Ok(Injected {
+                    ended: Instant::now(),
+                    from: Some(hit),
+                    relays_hit: 1,
+                    detail: format!("SIGTERMed relay {number} of {running}"),
+                })
             }
             FaultKind::TwoRelays => {
                 let overlap = self.millis(1000, 4000);
@@ -409,8 +565,8 @@ impl Injector {
                 } else {
                     "the older relay"
                 };
-                Ok((
-                    Instant::now(),
+                Ok(Injected::lifted(
+                    1,
                     format!("second relay for {overlap:?}, then SIGKILLed {which}"),
                 ))
             }
@@ -422,8 +578,8 @@ impl Injector {
                     "soak",
                 ])
                 .await?;
-                Ok((
-                    Instant::now(),
+                Ok(Injected::lifted(
+                    self.running().await,
                     format!("closed every connection of vhost {}", self.world.vhost),
                 ))
             }
@@ -434,8 +590,8 @@ impl Injector {
                 rabbitmqctl(&["stop_app"]).await?;
                 self.hold(down).await;
                 restore.done().await?;
-                Ok((
-                    Instant::now(),
+                Ok(Injected::lifted(
+                    self.running().await,
                     format!("stop_app, start_app after {down:?}"),
                 ))
             }
@@ -466,7 +622,10 @@ impl Injector {
                 self.hold(held).await;
                 restore.done().await?;
                 let which = if memory { "memory" } else { "disk" };
-                Ok((Instant::now(), format!("{which} alarm for {held:?}")))
+                Ok(Injected::lifted(
+                    self.running().await,
+                    format!("{which} alarm for {held:?}"),
+                ))
             }
             FaultKind::PgTerminate => {
                 let mut admin = self
@@ -481,8 +640,8 @@ impl Injector {
                 .fetch_one(&mut admin)
                 .await?;
                 admin.close().await.ok();
-                Ok((
-                    Instant::now(),
+                Ok(Injected::lifted(
+                    self.running().await,
                     format!("terminated {terminated} relay session(s)"),
                 ))
             }
@@ -507,8 +666,8 @@ impl Injector {
                 run_tool("pg_ctlcluster", &stop, Duration::from_secs(120)).await?;
                 self.hold(down).await;
                 restore.done().await?;
-                Ok((
-                    Instant::now(),
+                Ok(Injected::lifted(
+                    self.running().await,
                     format!("stopped (fast), started after {down:?}"),
                 ))
             }
@@ -517,7 +676,10 @@ impl Injector {
                 for p in self.proxies(target) {
                     p.reset();
                 }
-                Ok((Instant::now(), format!("reset {target:?} connections")))
+                Ok(Injected::lifted(
+                    self.running().await,
+                    format!("reset {target:?} connections"),
+                ))
             }
             FaultKind::NetSilent => {
                 let target = self.target();
@@ -529,7 +691,10 @@ impl Injector {
                 for p in self.proxies(target) {
                     p.heal();
                 }
-                Ok((Instant::now(), format!("{target:?} silent for {silent:?}")))
+                Ok(Injected::lifted(
+                    self.running().await,
+                    format!("{target:?} silent for {silent:?}"),
+                ))
             }
             FaultKind::NetLatency => {
                 let target = self.target();
@@ -542,8 +707,8 @@ impl Injector {
                 for p in self.proxies(target) {
                     p.heal();
                 }
-                Ok((
-                    Instant::now(),
+                Ok(Injected::lifted(
+                    self.running().await,
                     format!("{target:?} +{latency:?} for {held:?}"),
                 ))
             }

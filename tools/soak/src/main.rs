@@ -1,11 +1,14 @@
 //! `outbox-relay-soak`: a seeded fault-injection soak. Runs real producers, the real relay
-//! binary (as child processes) and a real consumer against the local PostgreSQL and RabbitMQ,
-//! injects faults at seeded random times, checks the relay's promises continuously and against
-//! the table at the end, and prints one summary line (plus one line per fault kind).
+//! binary (one or several processes sharing the table's partitions) and a real consumer
+//! against the local PostgreSQL and RabbitMQ, injects faults at seeded random times, checks the
+//! relay's promises continuously and against the table at the end, and prints one summary line
+//! (plus one line per fault kind).
 
 mod checker;
 mod consumer;
 mod faults;
+mod leases;
+mod partitions;
 mod producers;
 mod relays;
 mod setup;
@@ -25,9 +28,10 @@ use checker::{body_hash, Checker, CommittedRow};
 use faults::{FaultKind, FaultLog, Injector};
 use outbox_relay_testkit::proxy::Proxy;
 use outbox_relay_testkit::servers::Servers;
+use partitions::Timeline;
 use producers::{Load, ProducerLog, ProducerStats};
-use relays::Relays;
-use setup::World;
+use relays::{LeaseLines, Relays};
+use setup::{Sharing, World};
 
 /// Seeded fault-injection soak for outbox-relay: producers, the relay binary and a consumer
 /// under real faults; prints `soak: seed=S produced=N delivered=N lost=N order_violations=N
@@ -51,8 +55,29 @@ struct Args {
     /// Ordering keys the rows are spread over.
     #[arg(long, default_value_t = 100)]
     keys: u32,
-    /// Fault kinds, comma-separated, or `all` or `none`: relay-kill, two-relays, amqp-close,
-    /// broker-restart, broker-alarm, pg-terminate, pg-restart, net-reset, net-silent, net-latency.
+    /// Relay processes running on the table the whole time (members sharing its partitions);
+    /// relay-kill kills one of them at random and starts another.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    relays: u32,
+    /// The table's partitions (`[[outbox]] partitions`): with the default 100 keys, 16 gives
+    /// each partition about six keys.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    partitions: u32,
+    /// Broker channels per table and relay (`[relay] channels`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    channels: u32,
+    /// How often a member renews (`[relay] heartbeat`).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// How long a member stays live after its last heartbeat (`[relay] lease`); must be longer
+    /// than the heartbeat + 4 s (the soak's confirm and statement timeouts, 2 s each). A pause
+    /// lasts the lease + 1..3 s; delivery on every partition should resume within lease + 2 s.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Fault kinds, comma-separated, or `all` or `none`: relay-kill, relay-pause, member-join,
+    /// member-leave, two-relays, amqp-close, broker-restart, broker-alarm, pg-terminate,
+    /// pg-restart, net-reset, net-silent, net-latency. `all` has relay-pause, member-join and
+    /// member-leave only with --relays 2 or more.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     faults: Vec<String>,
     /// Leave out the whole-server faults (broker-restart, broker-alarm, pg-restart), e.g. when
@@ -117,7 +142,11 @@ fn fault_kinds(args: &Args) -> anyhow::Result<Vec<FaultKind>> {
     let mut kinds = Vec::new();
     for name in &args.faults {
         match name.trim() {
-            "all" => kinds.extend(FaultKind::ALL),
+            "all" => kinds.extend(
+                FaultKind::ALL
+                    .into_iter()
+                    .filter(|k| args.relays >= 2 || !k.needs_members()),
+            ),
             "none" | "" => {}
             other => kinds.push(FaultKind::parse(other).with_context(|| {
                 let names: Vec<_> = FaultKind::ALL.iter().map(|k| k.name()).collect();
@@ -172,9 +201,13 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
     let world = World::named(&run_id);
     let names: Vec<_> = kinds.iter().map(|k| k.name()).collect();
     eprintln!(
-        "soak: seed={seed} duration={} events_per_second={} faults={} logs in {}",
+        "soak: seed={seed} duration={} events_per_second={} relays={} partitions={} lease={} heartbeat={} faults={} logs in {}",
         humantime::format_duration(args.duration),
         args.events_per_second,
+        args.relays,
+        args.partitions,
+        humantime::format_duration(args.lease),
+        humantime::format_duration(args.heartbeat),
         if names.is_empty() {
             "none".to_string()
         } else {
@@ -223,8 +256,26 @@ async fn run(
 ) -> anyhow::Result<(bool, bool)> {
     let pg_proxy = Arc::new(Proxy::start("postgres", servers.postgres_addr()?).await?);
     let amqp_proxy = Arc::new(Proxy::start("rabbitmq", servers.rabbitmq_addr()?).await?);
-    let config = world.write_config(servers, &pg_proxy, &amqp_proxy)?;
+    let sharing = Sharing {
+        partitions: args.partitions,
+        channels: args.channels,
+        heartbeat: args.heartbeat,
+        lease: args.lease,
+    };
+    let config = world.write_config(servers, &pg_proxy, &amqp_proxy, sharing)?;
     setup::migrate(&relay_bin, &config).await?;
+    let key_partitions =
+        setup::key_partitions(servers, &world.database, args.keys.max(1), args.partitions).await?;
+    let mut keys_per_partition = vec![0u32; args.partitions as usize];
+    for p in &key_partitions {
+        keys_per_partition[*p as usize] += 1;
+    }
+    eprintln!(
+        "soak: keys per partition: min {} max {} (empty partitions: {})",
+        keys_per_partition.iter().min().unwrap_or(&0),
+        keys_per_partition.iter().max().unwrap_or(&0),
+        keys_per_partition.iter().filter(|n| **n == 0).count()
+    );
 
     // Ctrl-C or SIGTERM ends the run early; faults in progress restore the servers on the way out.
     let stop_faults = CancellationToken::new();
@@ -243,6 +294,14 @@ async fn run(
         });
     }
 
+    let stop_watch_leases = CancellationToken::new();
+    let lease_watch = tokio::spawn(leases::watch(
+        servers.clone(),
+        world.database.clone(),
+        world.dir.join("leases.log"),
+        stop_watch_leases.clone(),
+    ));
+
     let checker = Arc::new(Mutex::new(Checker::default()));
     let consumer = consumer::start(
         servers.rabbitmq_url(Some(&world.vhost)).to_string(),
@@ -255,8 +314,14 @@ async fn run(
         config,
         world.dir.clone(),
     )));
-    relays.lock().await.spawn()?;
-    // Keeps one relay running: a relay that exits by itself is recorded and replaced.
+    {
+        let mut r = relays.lock().await;
+        r.wanted = args.relays as usize;
+        for _ in 0..r.wanted {
+            r.spawn()?;
+        }
+    }
+    // Keeps the wanted relays running: a relay that exits by itself is recorded and replaced.
     let stop_watch = CancellationToken::new();
     let watcher = {
         let (relays, stop) = (relays.clone(), stop_watch.clone());
@@ -268,9 +333,10 @@ async fn run(
                 }
                 let mut r = relays.lock().await;
                 r.reap();
-                if r.running() == 0 {
+                while r.running() < r.wanted {
                     if let Err(e) = r.spawn() {
                         eprintln!("soak: {e:#}");
+                        break;
                     }
                 }
             }
@@ -302,6 +368,8 @@ async fn run(
         rng: Injector::new_rng(seed),
         kinds: kinds.clone(),
         mean_gap: args.fault_gap,
+        members: args.relays as usize,
+        lease: args.lease,
         relays: relays.clone(),
         pg_proxy: pg_proxy.clone(),
         amqp_proxy: amqp_proxy.clone(),
@@ -334,9 +402,12 @@ async fn run(
             .unwrap_or_else(|e| e.into_inner())
             .records
             .len();
-        let spawned = relays.lock().await.spawned();
+        let (spawned, running) = {
+            let r = relays.lock().await;
+            (r.spawned(), r.running())
+        };
         eprintln!(
-            "soak: t={}s committed={} delivered={delivered} faults={faults} relays_started={spawned}",
+            "soak: t={}s committed={} delivered={delivered} faults={faults} relays_running={running} relays_started={spawned}",
             started.elapsed().as_secs(),
             stats.committed_rows.load(Ordering::Relaxed),
         );
@@ -374,6 +445,9 @@ async fn run(
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop_watch.cancel();
     let _ = watcher.await;
+    // Before the relays leave: their partitions are unowned after that, as they should be.
+    stop_watch_leases.cancel();
+    let lease_watch = lease_watch.await.unwrap_or_default();
     relays
         .lock()
         .await
@@ -395,6 +469,13 @@ async fn run(
     let relays = relays.lock().await;
     let checker = checker.lock().unwrap_or_else(|e| e.into_inner());
     let fault_log = fault_log.lock().unwrap_or_else(|e| e.into_inner());
+    let timeline = partition_timeline(
+        &committed,
+        &logs,
+        &checker,
+        &key_partitions,
+        args.partitions,
+    );
     let report = Report::build(
         seed,
         &checker,
@@ -404,6 +485,14 @@ async fn run(
         &stats,
         &relays,
         &table,
+        &Membership {
+            sharing,
+            relays: args.relays,
+            timeline: &timeline,
+            lease_lines: relays.lease_lines(),
+            lease_watch,
+        },
+        started,
         drain_time,
         run_ended,
         consumer_reconnects,
@@ -428,14 +517,20 @@ async fn run(
     Ok((report.passed, report.passed && report.slow_recoveries == 0))
 }
 
-/// One line per injected fault, kept with the relay logs for a failure's diagnosis.
+/// One line per injected fault, kept with the relay logs for a failure's diagnosis: times from
+/// the start of the run and, to match the relays' log lines, in UTC.
 fn write_fault_log(world: &World, started: Instant, log: &FaultLog) {
+    let wall_started = std::time::SystemTime::now() - started.elapsed();
+    let utc =
+        |t: Instant| humantime::format_rfc3339_millis(wall_started + t.duration_since(started));
     let mut text = String::new();
     for r in &log.records {
         text += &format!(
-            "t={:.3}s..{:.3}s {} {}\n",
+            "t={:.3}s..{:.3}s ({}..{}) {} {}\n",
             r.started.duration_since(started).as_secs_f64(),
             r.ended.duration_since(started).as_secs_f64(),
+            utc(r.started),
+            utc(r.ended),
             r.kind.name(),
             r.detail
         );
@@ -443,11 +538,37 @@ fn write_fault_log(world: &World, started: Instant, log: &FaultLog) {
     let _ = std::fs::write(world.dir.join("faults.log"), text);
 }
 
+/// Each committed row by partition, with when it was committed (its producer's first attempt
+/// began) and when it first arrived. Rows no producer saw commit (given up at shutdown) are left
+/// out: when they were committed is not known.
+fn partition_timeline(
+    committed: &[CommittedRow],
+    logs: &[ProducerLog],
+    checker: &Checker,
+    key_partitions: &[u32],
+    partitions: u32,
+) -> Timeline {
+    let began: std::collections::HashMap<&str, Instant> = logs
+        .iter()
+        .flat_map(|l| l.acknowledged.iter())
+        .map(|a| (a.dedup_key.as_str(), a.began))
+        .collect();
+    Timeline::new(
+        partitions,
+        committed.iter().filter_map(|r| {
+            let key: usize = r.ordering_key.strip_prefix("key-")?.parse().ok()?;
+            let partition = *key_partitions.get(key)?;
+            let began = *began.get(r.dedup_key.as_str())?;
+            Some((partition, began, checker.first_delivered(r.id)))
+        }),
+    )
+}
+
 /// Every committed row, read once producers have stopped.
 async fn read_committed(servers: &Servers, database: &str) -> anyhow::Result<Vec<CommittedRow>> {
     let mut conn = connect_with_retry(servers, database).await?;
     let rows = sqlx::query(
-        "SELECT id, dedup_key, payload::text AS payload FROM public.outbox ORDER BY id",
+        "SELECT id, dedup_key, ordering_key, payload::text AS payload FROM public.outbox ORDER BY id",
     )
     .fetch_all(&mut conn)
     .await
@@ -459,6 +580,7 @@ async fn read_committed(servers: &Servers, database: &str) -> anyhow::Result<Vec
             Ok(CommittedRow {
                 id: r.try_get("id")?,
                 dedup_key: r.try_get("dedup_key")?,
+                ordering_key: r.try_get("ordering_key")?,
                 body_hash: body_hash(payload.as_bytes()),
             })
         })
@@ -489,6 +611,9 @@ struct TableState {
     unpublished: i64,
     parked: i64,
     retried: i64,
+    /// Lease rows of the table (one per partition once a relay registered), `None` before the
+    /// relay has leases.
+    leases: Option<i64>,
 }
 
 async fn read_table_state(servers: &Servers, database: &str) -> anyhow::Result<TableState> {
@@ -500,12 +625,29 @@ async fn read_table_state(servers: &Servers, database: &str) -> anyhow::Result<T
     )
     .fetch_one(&mut conn)
     .await?;
+    let leases = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_relay.leases WHERE table_oid = 'public.outbox'::regclass",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .ok();
     conn.close().await.ok();
     Ok(TableState {
         unpublished: row.try_get("unpublished")?,
         parked: row.try_get("parked")?,
         retried: row.try_get("retried")?,
+        leases,
     })
+}
+
+/// How the relays shared the table, and what the figures about sharing are read from.
+struct Membership<'a> {
+    sharing: Sharing,
+    /// `--relays`.
+    relays: u32,
+    timeline: &'a Timeline,
+    lease_lines: LeaseLines,
+    lease_watch: leases::LeaseWatch,
 }
 
 /// The figures of a run, as text lines and as JSON.
@@ -513,6 +655,8 @@ struct Report {
     lines: Vec<String>,
     json: serde_json::Value,
     passed: bool,
+    /// Recoveries and partition resumptions over their targets: not failures, but the logs are
+    /// kept.
     slow_recoveries: usize,
 }
 
@@ -525,6 +669,42 @@ struct KindFigures {
     interrupted: u64,
     duplicates: u64,
     max_duplicates_per_fault: u64,
+    /// Faults whose duplicates were more than the window of each relay they hit.
+    over_window: u64,
+    /// Faults after which rows were committed (so resumption could be measured).
+    resumption_measured: u64,
+    longest_resumption_ms: u64,
+    /// Resumptions longer than the bound (lease + 2 s).
+    resumption_missed: u64,
+    /// Faults followed by the next one before every partition resumed, within the bound.
+    resumption_interrupted: u64,
+}
+
+/// One fault's own figures.
+struct FaultFigures {
+    recovery: Duration,
+    duplicates: u64,
+    /// Delivery on every partition resuming, measured from the record's `from`: the wait (up
+    /// to the next fault), the verdict, and what the rows said uncut.
+    resumption: Option<(Duration, Resumed, partitions::Resumption)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resumed {
+    Met,
+    Missed,
+    /// The next fault came first; what is known is within the bound.
+    Interrupted,
+}
+
+impl Resumed {
+    fn name(self) -> &'static str {
+        match self {
+            Resumed::Met => "met",
+            Resumed::Missed => "missed",
+            Resumed::Interrupted => "interrupted",
+        }
+    }
 }
 
 impl Report {
@@ -538,6 +718,8 @@ impl Report {
         stats: &ProducerStats,
         relays: &Relays,
         table: &TableState,
+        members: &Membership,
+        run_started: Instant,
         drain_time: Duration,
         run_ended: Instant,
         consumer_reconnects: u64,
@@ -548,23 +730,37 @@ impl Report {
             .collect();
         let verdict = checker.verdict(committed, &rolled_back);
         let in_table: HashSet<&str> = committed.iter().map(|r| r.dedup_key.as_str()).collect();
-        let acknowledged_missing: Vec<&String> = logs
+        let acknowledged_missing: Vec<&str> = logs
             .iter()
             .flat_map(|l| l.acknowledged.iter())
-            .filter(|k| !in_table.contains(k.as_str()))
+            .map(|a| a.dedup_key.as_str())
+            .filter(|k| !in_table.contains(k))
             .collect();
         let uncertain: usize = logs.iter().map(|l| l.uncertain.len()).sum();
 
-        // Per kind: recovery (fault end to the next delivery) and the duplicates that arrived
-        // while it was the latest fault.
-        let mut kinds: BTreeMap<FaultKind, KindFigures> = BTreeMap::new();
         let records = &fault_log.records;
+        // The duplicates that arrived while a fault was the latest one.
+        let mut duplicates = vec![0u64; records.len()];
+        for t in &checker.duplicate_times {
+            let i = records.partition_point(|r| r.started <= *t);
+            if i > 0 {
+                duplicates[i - 1] += 1;
+            }
+        }
+        let recovery_target = setup::RECONNECT_MAX_DELAY + Duration::from_secs(2);
+        let resumption_bound = members.sharing.lease + Duration::from_secs(2);
+        let mut kinds: BTreeMap<FaultKind, KindFigures> = BTreeMap::new();
+        let mut per_fault = Vec::with_capacity(records.len());
         let mut longest_recovery = Duration::ZERO;
         let mut slow = Vec::new();
-        let target = setup::RECONNECT_MAX_DELAY + Duration::from_secs(2);
+        let mut slow_resumptions = Vec::new();
+        let mut over_window = Vec::new();
         for (i, r) in records.iter().enumerate() {
             let k = kinds.entry(r.kind).or_default();
             k.count += 1;
+            let next = records.get(i + 1).map(|n| n.started);
+
+            // Recovery: fault end to the next delivery.
             let mut recovery = match checker.recovery_after(r.ended) {
                 Some(d) => d,
                 None => {
@@ -574,8 +770,8 @@ impl Report {
             };
             // The next fault began before delivery resumed: this fault's recovery is only
             // known to be at least the time until then (and is slow if even that is too long).
-            if let Some(next) = records.get(i + 1) {
-                let until_next = next.started.saturating_duration_since(r.ended);
+            if let Some(next) = next {
+                let until_next = next.saturating_duration_since(r.ended);
                 if until_next < recovery {
                     k.interrupted += 1;
                     recovery = until_next;
@@ -584,7 +780,7 @@ impl Report {
             k.longest_recovery_ms = k.longest_recovery_ms.max(recovery.as_millis() as u64);
             longest_recovery = longest_recovery.max(recovery);
             // Target: delivery resumes within the relay's maximum reconnect backoff + 2 s.
-            if recovery > target {
+            if recovery > recovery_target {
                 slow.push(format!(
                     "{} ({}): {} ms",
                     r.kind.name(),
@@ -592,22 +788,83 @@ impl Report {
                     recovery.as_millis()
                 ));
             }
-        }
-        let mut per_fault = vec![0u64; records.len()];
-        for t in &checker.duplicate_times {
-            let i = records.partition_point(|r| r.started <= *t);
-            if i > 0 {
-                per_fault[i - 1] += 1;
-            }
-        }
-        for (r, dups) in records.iter().zip(&per_fault) {
-            let k = kinds.entry(r.kind).or_default();
+
+            // Delivery on every partition resuming, from `from` (the kill or pause itself for
+            // the faults the other members are to cover, else the fault's end).
+            let resumption = members.timeline.resumption(r.from).map(|res| {
+                let mut waited = if res.never > 0 {
+                    run_ended.saturating_duration_since(r.from)
+                } else {
+                    res.longest
+                };
+                let mut verdict = if waited > resumption_bound {
+                    Resumed::Missed
+                } else {
+                    Resumed::Met
+                };
+                if let Some(next) = next {
+                    let until_next = next.saturating_duration_since(r.from);
+                    if until_next < waited {
+                        waited = until_next;
+                        verdict = if until_next > resumption_bound {
+                            Resumed::Missed
+                        } else {
+                            Resumed::Interrupted
+                        };
+                    }
+                }
+                k.resumption_measured += 1;
+                k.longest_resumption_ms = k.longest_resumption_ms.max(waited.as_millis() as u64);
+                match verdict {
+                    Resumed::Met => {}
+                    Resumed::Missed => {
+                        k.resumption_missed += 1;
+                        let late: Vec<String> = res
+                            .later_than(resumption_bound)
+                            .iter()
+                            .map(|(p, w)| match w {
+                                Some(w) => format!("{p} after {} ms", w.as_millis()),
+                                None => format!("{p} never"),
+                            })
+                            .collect();
+                        slow_resumptions.push(format!(
+                            "{} ({}): {} ms; of {} partitions with rows committed after it, these delivered one later than {} ms: {}",
+                            r.kind.name(),
+                            r.detail,
+                            waited.as_millis(),
+                            res.partitions,
+                            resumption_bound.as_millis(),
+                            late.join(", ")
+                        ));
+                    }
+                    Resumed::Interrupted => k.resumption_interrupted += 1,
+                }
+                (waited, verdict, res)
+            });
+
+            let dups = duplicates[i];
             k.duplicates += dups;
-            k.max_duplicates_per_fault = k.max_duplicates_per_fault.max(*dups);
+            k.max_duplicates_per_fault = k.max_duplicates_per_fault.max(dups);
+            if dups > setup::WINDOW * r.relays_hit.max(1) as u64 {
+                k.over_window += 1;
+                over_window.push(format!(
+                    "{} ({}): {dups} duplicates, more than the window ({}) of the {} relay(s) it hit",
+                    r.kind.name(),
+                    r.detail,
+                    setup::WINDOW,
+                    r.relays_hit.max(1)
+                ));
+            }
+            per_fault.push(FaultFigures {
+                recovery,
+                duplicates: dups,
+                resumption,
+            });
         }
 
         let produced = committed.len() as u64;
         let order_violations = checker.order_violations.len() as u64;
+        let bound_ms = resumption_bound.as_millis() as u64;
         let mut lines = vec![format!(
             "soak: seed={seed} produced={produced} delivered={} lost={} order_violations={order_violations} duplicates={} faults={} longest_recovery_ms={}",
             checker.delivered(),
@@ -617,13 +874,33 @@ impl Report {
             longest_recovery.as_millis()
         )];
         for (kind, k) in &kinds {
+            let resumed = if k.resumption_measured == 0 {
+                String::new()
+            } else {
+                format!(
+                    " partitions_resumed_longest_ms={} bound_ms={bound_ms} resumption={}{}",
+                    k.longest_resumption_ms,
+                    if k.resumption_missed == 0 {
+                        "met".to_string()
+                    } else {
+                        format!("missed({})", k.resumption_missed)
+                    },
+                    if k.resumption_interrupted > 0 {
+                        format!(" resumption_interrupted={}", k.resumption_interrupted)
+                    } else {
+                        String::new()
+                    }
+                )
+            };
             lines.push(format!(
-                "fault kind={} count={} longest_recovery_ms={} duplicates={} max_duplicates_per_fault={}{}{}",
+                "fault kind={} count={} longest_recovery_ms={} duplicates={} max_duplicates_per_fault={}{}{}{}{}",
                 kind.name(),
                 k.count,
                 k.longest_recovery_ms,
                 k.duplicates,
                 k.max_duplicates_per_fault,
+                if k.over_window > 0 { format!(" over_window={}", k.over_window) } else { String::new() },
+                resumed,
                 if k.interrupted > 0 { format!(" interrupted={}", k.interrupted) } else { String::new() },
                 if k.no_recovery > 0 { format!(" no_delivery_after={}", k.no_recovery) } else { String::new() }
             ));
@@ -661,6 +938,24 @@ impl Report {
             drain_time.as_millis(),
             slow.len()
         ));
+        let lease_lines = members.lease_lines;
+        let sharing = members.sharing;
+        lines.push(format!(
+            "members: relays={} partitions={} channels={} heartbeat_ms={} lease_ms={} leases_in_table={} registered={} lease_ran_out={} left={} owner_changes={} longest_unowned_ms={} slow_partition_resumptions={} over_window={}",
+            members.relays,
+            sharing.partitions,
+            sharing.channels,
+            sharing.heartbeat.as_millis(),
+            sharing.lease.as_millis(),
+            table.leases.map_or("none".to_string(), |n| n.to_string()),
+            lease_lines.registered,
+            lease_lines.lease_ran_out,
+            lease_lines.left,
+            members.lease_watch.owner_changes,
+            members.lease_watch.longest_unowned.as_millis(),
+            slow_resumptions.len(),
+            over_window.len()
+        ));
         let details = [
             ("lost", &verdict.lost_examples),
             ("order violation", &checker.order_violations),
@@ -668,6 +963,8 @@ impl Report {
             ("duplicate mismatch", &checker.mismatches),
             ("wrong content", &verdict.wrong_content),
             ("slow recovery", &slow),
+            ("slow partition resumption", &slow_resumptions),
+            ("duplicates over the window", &over_window),
             ("relay exit", &relays.unexpected_exits),
         ];
         for (what, list) in details {
@@ -692,14 +989,56 @@ impl Report {
             "faults": records.len(),
             "longest_recovery_ms": longest_recovery.as_millis() as u64,
             "passed": passed,
+            "members": {
+                "relays": members.relays,
+                "partitions": sharing.partitions,
+                "channels": sharing.channels,
+                "heartbeat_ms": sharing.heartbeat.as_millis() as u64,
+                "lease_ms": sharing.lease.as_millis() as u64,
+                "partition_resumption_bound_ms": bound_ms,
+                "window": setup::WINDOW,
+                "leases_in_table": table.leases,
+                "registered": lease_lines.registered,
+                "lease_ran_out": lease_lines.lease_ran_out,
+                "left": lease_lines.left,
+                "owner_changes": members.lease_watch.owner_changes,
+                "longest_unowned_ms": members.lease_watch.longest_unowned.as_millis() as u64,
+                "lease_samples": members.lease_watch.samples,
+                "slow_partition_resumptions": slow_resumptions.len(),
+                "over_window": over_window.len(),
+            },
             "faults_by_kind": kinds.iter().map(|(kind, k)| (kind.name().to_string(), serde_json::json!({
                 "count": k.count,
                 "longest_recovery_ms": k.longest_recovery_ms,
                 "duplicates": k.duplicates,
                 "max_duplicates_per_fault": k.max_duplicates_per_fault,
+                "over_window": k.over_window,
                 "no_delivery_after": k.no_recovery,
                 "interrupted": k.interrupted,
+                "partitions_resumed": {
+                    "measured": k.resumption_measured,
+                    "longest_ms": k.longest_resumption_ms,
+                    "bound_ms": bound_ms,
+                    "met": k.resumption_missed == 0,
+                    "missed": k.resumption_missed,
+                    "interrupted": k.resumption_interrupted,
+                },
             }))).collect::<serde_json::Map<_, _>>(),
+            // Times in seconds from the start of the run.
+            "fault_records": records.iter().zip(&per_fault).map(|(r, f)| serde_json::json!({
+                "kind": r.kind.name(),
+                "started_s": r.started.duration_since(run_started).as_secs_f64(),
+                "ended_s": r.ended.duration_since(run_started).as_secs_f64(),
+                "detail": r.detail,
+                "relays_hit": r.relays_hit,
+                "recovery_ms": f.recovery.as_millis() as u64,
+                "duplicates": f.duplicates,
+                "partitions_resumed_ms": f.resumption.as_ref().map(|(d, _, _)| d.as_millis() as u64),
+                "partitions_resumed": f.resumption.as_ref().map(|(_, v, _)| v.name()),
+                "slowest_partition": f.resumption.as_ref().map(|(_, _, res)| res.slowest),
+                "slowest_partition_ms": f.resumption.as_ref().map(|(_, _, res)| res.longest.as_millis() as u64),
+                "partitions_never_resumed": f.resumption.as_ref().map(|(_, _, res)| res.never),
+            })).collect::<Vec<_>>(),
             "skipped_faults": fault_log.skipped.iter().map(|(k, why)| serde_json::json!({"kind": k.name(), "why": why})).collect::<Vec<_>>(),
             "producers": {
                 "committed_txs": stats.committed_txs.load(Ordering::Relaxed),
@@ -734,7 +1073,7 @@ impl Report {
             lines,
             json,
             passed,
-            slow_recoveries: slow.len(),
+            slow_recoveries: slow.len() + slow_resumptions.len() + over_window.len(),
         }
     }
 

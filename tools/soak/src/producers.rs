@@ -37,11 +37,19 @@ pub struct ProducerStats {
 /// What one producer knows at the end.
 #[derive(Default)]
 pub struct ProducerLog {
-    /// dedup_keys whose transaction this producer saw commit.
-    pub acknowledged: Vec<String>,
+    /// Rows whose transaction this producer saw commit.
+    pub acknowledged: Vec<Acknowledged>,
     pub rolled_back: Vec<String>,
     /// dedup_keys of a transaction given up at shutdown: committed or not, nobody knows.
     pub uncertain: Vec<String>,
+}
+
+/// A row this producer saw commit.
+pub struct Acknowledged {
+    pub dedup_key: String,
+    /// When its first attempt began: the row was committed after this (an ambiguous commit's
+    /// retry may be later than the commit itself, so the retry's start would not do).
+    pub began: Instant,
 }
 
 #[derive(Clone)]
@@ -156,7 +164,8 @@ pub async fn run(
                     .iter()
                     .map(|r| recent.iter().any(|p| p.dedup_key == r.dedup_key))
                     .collect();
-                let given_up_at = Instant::now() + Duration::from_secs(60);
+                let began = Instant::now();
+                let given_up_at = began + Duration::from_secs(60);
                 loop {
                     match write(&mut conn, &servers, &database, &rows, true).await {
                         Ok(inserted) => {
@@ -169,7 +178,10 @@ pub async fn run(
                                         stats.dedup_reinserted.fetch_add(1, Ordering::Relaxed);
                                     }
                                 } else {
-                                    log.acknowledged.push(row.dedup_key.clone());
+                                    log.acknowledged.push(Acknowledged {
+                                        dedup_key: row.dedup_key.clone(),
+                                        began,
+                                    });
                                     stats.committed_rows.fetch_add(1, Ordering::Relaxed);
                                     if recent.len() == 64 {
                                         recent.pop_front();

@@ -1,5 +1,6 @@
-//! The real relay binary as child processes: started, SIGKILLed and restarted by the faults,
-//! watched for exits nobody asked for, and stopped with SIGTERM at the end.
+//! The real relay binary as child processes: started, SIGKILLed, SIGSTOPped and SIGTERMed by
+//! the faults, kept at the wanted count (a relay that exits by itself is recorded and replaced),
+//! and stopped with SIGTERM at the end.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +16,9 @@ pub struct Relays {
     dir: PathBuf,
     children: Vec<RelayChild>,
     spawned: u32,
+    /// How many relays should be running between faults: the watcher replaces exits up to it,
+    /// member-join and member-leave move it.
+    pub wanted: usize,
     /// Exits the soak did not cause, with the tail of the relay's log.
     pub unexpected_exits: Vec<String>,
 }
@@ -47,6 +51,7 @@ impl Relays {
             dir,
             children: Vec::new(),
             spawned: 0,
+            wanted: 0,
             unexpected_exits: Vec::new(),
         }
     }
@@ -82,6 +87,31 @@ impl Relays {
 
     pub fn spawned(&self) -> u32 {
         self.spawned
+    }
+
+    /// The number (as in `relay-N.log`) of the relay at `index` (0 = the oldest running one).
+    pub fn number(&self, index: usize) -> Option<u32> {
+        self.children.get(index).map(|c| c.number)
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, ...) to relay `number`; false when it is not running
+    /// or `kill` failed.
+    pub async fn signal(&self, number: u32, signal: &str) -> bool {
+        let Some(pid) = self
+            .children
+            .iter()
+            .find(|c| c.number == number)
+            .and_then(|c| c.child.id())
+        else {
+            return false;
+        };
+        send(signal, pid).await
+    }
+
+    /// Takes the relay at `index` out of the run (the watcher no longer sees it), to be
+    /// stopped with [`Stopping::terminate`] without holding the relays' lock.
+    pub fn take(&mut self, index: usize) -> Option<Stopping> {
+        (index < self.children.len()).then(|| Stopping(self.children.remove(index)))
     }
 
     pub fn logs(&self) -> Vec<PathBuf> {
@@ -126,27 +156,103 @@ impl Relays {
         }
     }
 
-    /// SIGTERM to every relay, then SIGKILL after `grace`.
+    /// SIGTERM to every relay, then SIGKILL after `grace` (recorded as a problem).
     pub async fn terminate_all(&mut self, grace: Duration) {
         for c in &self.children {
             if let Some(pid) = c.child.id() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status()
-                    .await;
+                send("-TERM", pid).await;
             }
         }
-        for mut c in self.children.drain(..) {
+        let children: Vec<RelayChild> = self.children.drain(..).collect();
+        for mut c in children {
             if tokio::time::timeout(grace, c.child.wait()).await.is_err() {
-                eprintln!(
-                    "soak: relay {} did not stop within {grace:?} of SIGTERM; killing it",
-                    c.number
+                // Its shutdown timeout is far shorter: a relay that ignores SIGTERM is a fault
+                // of the relay's, and fails the run.
+                let problem = format!(
+                    "relay {} did not stop within {grace:?} of SIGTERM at the end (SIGKILLed); last log lines:\n{}",
+                    c.number,
+                    log_tail(&c.log, 5)
                 );
+                eprintln!("soak: {problem}");
+                self.unexpected_exits.push(problem);
                 let _ = c.child.start_kill();
                 let _ = c.child.wait().await;
             }
         }
+    }
+}
+
+/// A relay taken out of the run, on its way out.
+pub struct Stopping(RelayChild);
+
+impl Stopping {
+    pub fn number(&self) -> u32 {
+        self.0.number
+    }
+
+    /// SIGTERM, then waits up to `grace` for the relay to drain and exit (SIGKILL after that).
+    /// `Err` says what went wrong: it did not stop in time, or it exited with a failure.
+    pub async fn terminate(mut self, grace: Duration) -> Result<(), String> {
+        let c = &mut self.0;
+        if let Some(pid) = c.child.id() {
+            send("-TERM", pid).await;
+        }
+        match tokio::time::timeout(grace, c.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(format!(
+                "relay {} exited with {status} after SIGTERM; last log lines:\n{}",
+                c.number,
+                log_tail(&c.log, 5)
+            )),
+            Ok(Err(e)) => Err(format!("relay {}: waiting for it: {e}", c.number)),
+            Err(_) => {
+                let _ = c.child.start_kill();
+                let _ = c.child.wait().await;
+                Err(format!(
+                    "relay {} did not stop within {grace:?} of SIGTERM (SIGKILLed); last log lines:\n{}",
+                    c.number,
+                    log_tail(&c.log, 5)
+                ))
+            }
+        }
+    }
+}
+
+/// `kill SIGNAL PID`; true when it succeeded.
+async fn send(signal: &str, pid: u32) -> bool {
+    Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+/// Counts of the relay logs' partition-lease lines, over every relay of the run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LeaseLines {
+    pub registered: u64,
+    pub lease_ran_out: u64,
+    pub left: u64,
+}
+
+impl Relays {
+    /// Counts "partition leases: registered / the lease ran out / left" in every relay log.
+    pub fn lease_lines(&self) -> LeaseLines {
+        let mut n = LeaseLines::default();
+        for log in self.logs() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            for line in text.lines() {
+                if line.contains("partition leases: registered") {
+                    n.registered += 1;
+                } else if line.contains("partition leases: the lease ran out") {
+                    n.lease_ran_out += 1;
+                } else if line.contains("partition leases: left") {
+                    n.left += 1;
+                }
+            }
+        }
+        n
     }
 }
 

@@ -1,6 +1,7 @@
 //! The soak's own world: a database, a RabbitMQ vhost with its exchange and durable queue, the
-//! relay's config pointing at the proxies, and their removal at the end (the test kit makes and
-//! removes the database and the vhost).
+//! relay's config pointing at the proxies (with the table's partitions and the members'
+//! timings), each key's partition, and their removal at the end (the test kit makes and removes
+//! the database and the vhost).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +18,25 @@ pub const QUEUE: &str = "soak.deliveries";
 pub const TABLE: &str = "public.outbox";
 /// The relay's `reconnect_max_delay` in the soak: recoveries are measured against it + 2 s.
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+/// The relay's `max_in_flight`: the most a relay sends again after one fault.
+pub const WINDOW: u64 = 100;
+/// The relay's `rabbitmq.confirm_timeout` and `postgres.statement_timeout`: short, so that the
+/// lease rule (lease > heartbeat + confirm timeout + statement timeout) leaves a short lease.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the relays share the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Sharing {
+    /// `[[outbox]] partitions`.
+    pub partitions: u32,
+    /// `[[outbox]] channels`.
+    pub channels: u32,
+    /// `[relay] heartbeat`.
+    pub heartbeat: Duration,
+    /// `[relay] lease`.
+    pub lease: Duration,
+}
 
 /// The names of this run's objects.
 #[derive(Debug, Clone)]
@@ -81,23 +101,33 @@ impl World {
         servers: &Servers,
         pg_proxy: &Proxy,
         amqp_proxy: &Proxy,
+        sharing: Sharing,
     ) -> anyhow::Result<PathBuf> {
         let pg = pg_proxy.route(&servers.postgres_url(&self.database))?;
         let amqp = amqp_proxy.route(&servers.rabbitmq_url(Some(&self.vhost)))?;
         let reconnect_max_delay = humantime::format_duration(RECONNECT_MAX_DELAY);
+        let statement_timeout = humantime::format_duration(STATEMENT_TIMEOUT);
+        let confirm_timeout = humantime::format_duration(CONFIRM_TIMEOUT);
+        let heartbeat = humantime::format_duration(sharing.heartbeat);
+        let lease = humantime::format_duration(sharing.lease);
+        let Sharing {
+            partitions,
+            channels,
+            ..
+        } = sharing;
         let config = format!(
             r#"# Written by outbox-relay-soak: the relay reaches both servers through the soak's proxies.
 [postgres]
 url = "{pg}"
 max_connections = 4
 connect_timeout = "2s"
-statement_timeout = "3s"
+statement_timeout = "{statement_timeout}"
 
 [rabbitmq]
 url = "{amqp}"
 connection_name = "outbox-relay"
 connect_timeout = "2s"
-confirm_timeout = "3s"
+confirm_timeout = "{confirm_timeout}"
 
 [relay]
 batch_size = 200
@@ -105,6 +135,9 @@ max_in_flight = 100
 poll_interval = "1s"
 shutdown_timeout = "3s"
 reconnect_max_delay = "{reconnect_max_delay}"
+heartbeat = "{heartbeat}"
+lease = "{lease}"
+channels = {channels}
 
 [retry]
 initial_delay = "200ms"
@@ -117,12 +150,40 @@ level = "info"
 [[outbox]]
 table = "{TABLE}"
 exchange = "{EXCHANGE}"
+partitions = {partitions}
 "#
         );
         let path = self.dir.join("relay.toml");
         std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
+}
+
+/// The partition of each key the producers write (`key-0` .. `key-{keys-1}`; index = key
+/// number), by the relay's documented formula, computed by PostgreSQL itself.
+pub async fn key_partitions(
+    servers: &Servers,
+    database: &str,
+    keys: u32,
+    partitions: u32,
+) -> anyhow::Result<Vec<u32>> {
+    let mut conn = servers
+        .connect_pg(database, "obr-soak-setup")
+        .await
+        .context("connecting to compute the keys' partitions")?;
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT k, (hashtextextended('key-' || k, 0) & 2147483647) % $2 \
+         FROM generate_series(0, $1 - 1) AS k ORDER BY k",
+    )
+    .bind(i32::try_from(keys).context("--keys is too large")?)
+    .bind(i64::from(partitions))
+    .fetch_all(&mut conn)
+    .await
+    .context("computing the keys' partitions")?;
+    sqlx::Connection::close(conn).await.ok();
+    rows.into_iter()
+        .map(|(_, p)| u32::try_from(p).context("a negative partition"))
+        .collect()
 }
 
 /// Runs `outbox-relay migrate` with the soak's config.
