@@ -317,7 +317,8 @@ pub struct ScaleOut {
     /// Raw publishing of the same backlog, one run before each relay drain.
     pub raw: Vec<Run>,
     pub cells: Vec<ScaleCell>,
-    pub failover: Option<Failover>,
+    /// The failover's figures, or why it could not be measured.
+    pub failover: Result<Failover, String>,
     /// The drains' relay logs, and the failover's (where faults make warnings expected).
     pub log: LogProblems,
     pub failover_log: LogProblems,
@@ -1306,7 +1307,7 @@ impl ScaleOut {
                 "confirm_timeout_s": t.confirm_timeout.as_secs_f64(),
                 "statement_timeout_s": t.statement_timeout.as_secs_f64(),
             },
-            "failover": self.failover.as_ref().map(|f| json!({
+            "failover": self.failover.as_ref().map_or_else(|e| json!({"error": e}), |f| json!({
                 "relays": f.relays,
                 "offered_events_per_s": f.offered_rate,
                 "probe_events_per_s": f.probe_rate,
@@ -1390,7 +1391,10 @@ impl ScaleOut {
             s += &format!("{:<11}   {limit}\n", "");
         }
         s += &log_rows(&self.log);
-        if let Some(f) = &self.failover {
+        if let Err(e) = &self.failover {
+            s += &format!("{:<11}   failover not measured: {e}\n", "");
+        }
+        if let Ok(f) = &self.failover {
             let t = &self.timings;
             s += &format!(
                 "{:<11}   failover, {} relays, {} rows/s ({}/s on the probe key), heartbeat {:.0} s, lease {:.0} s (confirm {:.0} s + statement {:.0} s):\n",

@@ -75,46 +75,56 @@ pub async fn scale_out(env: &BenchEnv, plan: &Plan) -> anyhow::Result<ScaleOut> 
     let pool = env.pool()?;
     let oid = leases::table_oid(pool, &table).await?;
     let (rows, keys) = (plan.drain_rows, plan.ordering_keys);
-    let mut result = ScaleOut {
-        rows,
-        keys,
-        partitions: None,
-        timings: TIMINGS,
-        raw: Vec::new(),
-        cells: grid(plan.quick)
-            .into_iter()
-            .map(|(relays, channels)| ScaleCell {
-                relays,
-                channels,
-                drains: Vec::new(),
-                settle_s: Vec::new(),
-            })
-            .collect(),
-        failover: None,
-        log: LogProblems::default(),
-        failover_log: LogProblems::default(),
-    };
+    let mut cells: Vec<ScaleCell> = grid(plan.quick)
+        .into_iter()
+        .map(|(relays, channels)| ScaleCell {
+            relays,
+            channels,
+            drains: Vec::new(),
+            settle_s: Vec::new(),
+        })
+        .collect();
+    let (mut raws, mut log) = (Vec::new(), LogProblems::default());
     for round in 1..=plan.rounds {
-        for cell in result.cells.iter_mut() {
+        for cell in cells.iter_mut() {
             let who = format!("{}r x {}ch", cell.relays, cell.channels);
             let tag = format!("so{round}raw{}x{}", cell.relays, cell.channels);
             scenarios::prepare_backlog(env, &table, &tag, rows, keys).await?;
             let raw = scenarios::raw_round(env, &table, &tag, rows, plan.max_in_flight).await?;
             progress("scale-out", round, plan.rounds, "raw", &raw);
-            result.raw.push(raw);
+            raws.push(raw);
 
             let tag = format!("so{round}relays{}x{}", cell.relays, cell.channels);
-            let (drained, settle_s) =
-                drain(env, plan, &table, oid, cell, &tag, &mut result.log).await?;
+            let (drained, settle_s) = drain(env, plan, &table, oid, cell, &tag, &mut log).await?;
             report_round("scale-out", round, plan.rounds, &who, &drained);
-            eprintln!("      partitions shared fairly {settle_s:.1} s after the relays started");
+            if let Some(settle_s) = settle_s {
+                eprintln!(
+                    "      partitions shared fairly {settle_s:.1} s after the relays started"
+                );
+                cell.settle_s.push(settle_s);
+            }
             cell.drains.push(drained);
-            cell.settle_s.push(settle_s);
         }
     }
-    result.partitions = leases::partitions(pool, oid).await?;
-    result.failover = Some(failover(env, plan, &table, oid, &mut result.failover_log).await?);
-    Ok(result)
+    let mut failover_log = LogProblems::default();
+    // A failover that goes wrong is a figure too: it does not end the bench.
+    let failover = failover(env, plan, &table, oid, &mut failover_log)
+        .await
+        .map_err(|e| {
+            eprintln!("  scale-out failover: {e:#}");
+            format!("{e:#}")
+        });
+    Ok(ScaleOut {
+        rows,
+        keys,
+        partitions: leases::partitions(pool, oid).await?,
+        timings: TIMINGS,
+        raw: raws,
+        cells,
+        failover,
+        log,
+        failover_log,
+    })
 }
 
 /// One relay of this scenario's config: the bench's window, the scenario's lease timings.
@@ -128,7 +138,7 @@ fn relay_config(env: &BenchEnv, plan: &Plan, table: &TableName, channels: u32) -
 /// Starts the cell's relays on the empty table, waits until they share its partitions, then
 /// commits the backlog in one transaction and times from the commit until every row is
 /// received and marked published (bounded: a drain that does not finish is reported as not
-/// delivered). Also returns the seconds the relays took to share the partitions.
+/// delivered). Also returns the seconds the relays took to share the partitions, if they did.
 async fn drain(
     env: &BenchEnv,
     plan: &Plan,
@@ -137,7 +147,7 @@ async fn drain(
     cell: &ScaleCell,
     tag: &str,
     log: &mut LogProblems,
-) -> anyhow::Result<(Drained, f64)> {
+) -> anyhow::Result<(Drained, Option<f64>)> {
     let pool = env.pool()?;
     let rows = plan.drain_rows;
     workload::truncate(pool, table).await?;
@@ -150,8 +160,18 @@ async fn drain(
     let started = Instant::now();
     if let Err(e) = fleet.settle(pool, &fleet.running(), SETTLE_LIMIT).await {
         fleet.read_logs(log);
-        let _ = fleet.stop().await;
-        return Err(e);
+        let stopped = fleet.stop().await.err();
+        let note = match stopped {
+            Some(s) => format!("{e:#}; stopping them: {s:#}"),
+            None => format!("{e:#}"),
+        };
+        let short = Shortfall {
+            received: 0,
+            expected: rows,
+            seconds: started.elapsed().as_secs_f64(),
+            note: Some(note),
+        };
+        return Ok((Drained::NotDelivered(short), None));
     }
     let settle_s = started.elapsed().as_secs_f64();
 
@@ -198,7 +218,7 @@ async fn drain(
             })
         }
     };
-    Ok((drained, settle_s))
+    Ok((drained, Some(settle_s)))
 }
 
 /// A drain's bound: a minute plus a millisecond per row (the single relay drains at more
