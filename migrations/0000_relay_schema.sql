@@ -111,3 +111,11 @@ LANGUAGE sql STABLE AS $$
         WHERE l.table_oid = p_table_oid AND l.partition = p_partition
           AND l.owner = p_member AND l.epoch = p_epoch AND m.expires_at > now())
 $$;
+
+-- The member's coordination session (the one holding the table's advisory lock, shared among
+-- relays of this release): a member whose session is gone (its process was killed) is dead at
+-- once, without waiting for its lease; a paused or cut-off one keeps its session, and waits.
+ALTER TABLE outbox_relay.members
+    ADD COLUMN IF NOT EXISTS session_pid  integer,
+    ADD COLUMN IF NOT EXISTS lock_classid bigint,
+    ADD COLUMN IF NOT EXISTS lock_objid   bigint;

@@ -144,6 +144,17 @@ pub struct RelaySettings {
     /// Cap of the reconnect backoff after a broker or database outage.
     #[serde(default = "defaults::reconnect_max_delay", with = "humantime_serde")]
     pub reconnect_max_delay: Duration,
+    /// How often a relay renews its partition leases (one statement per table).
+    #[serde(default = "defaults::heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// How long a relay's leases outlive its last heartbeat: a relay that stopped (paused, cut
+    /// off) loses its partitions this long after it last renewed. Unset: three heartbeats plus
+    /// [`RelaySettings::settle_margin`].
+    #[serde(default, with = "humantime_serde")]
+    pub lease: Option<Duration>,
+    /// Broker channels per table; partition p goes out on channel p % channels.
+    #[serde(default = "defaults::channels")]
+    pub channels: u32,
 }
 
 /// Retry policy, global with optional per-table overrides.
@@ -238,7 +249,14 @@ pub struct OutboxSettings {
     /// [`Settings::load`].
     #[serde(skip)]
     pub mapping: Option<std::sync::Arc<ColumnMap>>,
+    /// How many partitions the table's ordering keys hash into (the unit of order, and what
+    /// the relays share through leases). Fixed once the table's leases exist.
+    #[serde(default = "defaults::partitions")]
+    pub partitions: u32,
 }
+
+/// The most partitions a table may have.
+pub const MAX_PARTITIONS: u32 = 65_536;
 
 /// The shortest `retention` accepted: the sweeper looks once a minute, so a shorter one would
 /// not be kept anyway, and a typo ("7s" for "7d") would delete what an operator meant to keep.
@@ -312,6 +330,15 @@ mod defaults {
     pub fn reconnect_max_delay() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn heartbeat() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn channels() -> u32 {
+        1
+    }
+    pub fn partitions() -> u32 {
+        256
+    }
     pub fn initial_delay() -> Duration {
         Duration::from_secs(1)
     }
@@ -341,6 +368,9 @@ impl Default for RelaySettings {
             notify: true,
             shutdown_timeout: defaults::shutdown_timeout(),
             reconnect_max_delay: defaults::reconnect_max_delay(),
+            heartbeat: defaults::heartbeat(),
+            lease: None,
+            channels: defaults::channels(),
         }
     }
 }
@@ -726,6 +756,20 @@ pub struct ConfigError {
 }
 
 impl Settings {
+    /// What a relay needs after its last publish to settle it: the confirm may take
+    /// `rabbitmq.confirm_timeout`, the mark `postgres.statement_timeout`. Publishing stops
+    /// this long before a lease could run out.
+    pub fn settle_margin(&self) -> Duration {
+        self.rabbitmq.confirm_timeout + self.postgres.statement_timeout
+    }
+
+    /// `relay.lease`, or its default: three heartbeats plus the settle margin.
+    pub fn lease(&self) -> Duration {
+        self.relay
+            .lease
+            .unwrap_or(self.relay.heartbeat * 3 + self.settle_margin())
+    }
+
     /// Loads `path` and the `OUTBOX_RELAY__SECTION__KEY` environment, reads the `url_file`s
     /// (relative ones in `$CREDENTIALS_DIRECTORY`), then validates everything.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
@@ -924,6 +968,7 @@ impl Settings {
             ("rabbitmq.confirm_timeout", self.rabbitmq.confirm_timeout),
             ("relay.poll_interval", self.relay.poll_interval),
             ("relay.reconnect_max_delay", self.relay.reconnect_max_delay),
+            ("relay.heartbeat", self.relay.heartbeat),
         ] {
             if d.is_zero() {
                 out.push(format!("{key}: must be more than 0"));
@@ -939,6 +984,32 @@ impl Settings {
             out.push(format!(
                 "relay.max_in_flight: expected 1 to 65535, got {}",
                 self.relay.max_in_flight
+            ));
+        }
+        if !(1..=64).contains(&self.relay.channels) {
+            out.push(format!(
+                "relay.channels: expected 1 to 64, got {}",
+                self.relay.channels
+            ));
+        }
+        let margin = self.settle_margin();
+        if self.lease() <= self.relay.heartbeat + margin {
+            out.push(format!(
+                "relay.lease: {} must be longer than relay.heartbeat ({}) plus \
+                 rabbitmq.confirm_timeout and postgres.statement_timeout ({}): an owner that \
+                 cannot renew must stop publishing and settle before its lease can expire",
+                humantime::format_duration(self.lease()),
+                humantime::format_duration(self.relay.heartbeat),
+                humantime::format_duration(margin)
+            ));
+        }
+        let channels = self.outbox.len() * self.relay.channels as usize;
+        if channels > MAX_TABLES {
+            out.push(format!(
+                "relay.channels: {} tables x {} channels = {channels} channels; one relay process \
+                 opens at most {MAX_TABLES} (RabbitMQ's default channel_max is 2047)",
+                self.outbox.len(),
+                self.relay.channels
             ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
@@ -975,6 +1046,12 @@ impl Settings {
                 .with_override(&table.retry)
                 .problems(&format!("{key}.retry"), &mut out);
             table.growth_problems(&key, &mut out);
+            if !(1..=MAX_PARTITIONS).contains(&table.partitions) {
+                out.push(format!(
+                    "{key}.partitions: expected 1 to {MAX_PARTITIONS}, got {}",
+                    table.partitions
+                ));
+            }
         }
         out
     }
@@ -1284,6 +1361,7 @@ mod tests {
             columns: None,
             debezium: None,
             mapping: None,
+            partitions: defaults::partitions(),
         };
         let problems = |t: &OutboxSettings| {
             let mut out = Vec::new();

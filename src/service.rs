@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
+use crate::cluster::member::{self, MemberSettings};
 use crate::config::Settings;
 use crate::metrics::{BacklogSource, Metrics, Server};
 use crate::publisher::Broker;
-use crate::relay::{Heartbeat, Sweeper, TableRelay};
+use crate::relay::{Acks, Heartbeat, Share, Sweeper, TableRelay};
 use crate::shutdown::Shutdown;
+use crate::store::leases::Leases;
 use crate::store::{Coordination, Store, TableSql};
 
 /// Runs every table's relay until `shutdown`, then waits for them to drain.
@@ -74,18 +76,51 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
             sweepers.push(tokio::spawn(sweeper.run()));
         }
     }
+    // One membership per table (its partition leases), and one relay per table and channel.
+    let members_stop = tokio_util::sync::CancellationToken::new();
+    let mut members = Vec::new();
+    let channels = settings.relay.channels;
     for (index, table) in settings.outbox.iter().enumerate() {
-        let relay = TableRelay::new(
-            settings.clone(),
-            table.clone(),
-            store.clone(),
-            coordination.lock(index),
-            broker.clone(),
-            shutdown.clone(),
-            metrics.table(&table.table.to_string()),
+        let lock = coordination.lock(index);
+        let membership = member::start_in(
+            Leases::new(store.pool().clone(), table.table.clone(), settings.lease()),
+            MemberSettings {
+                name: member_name(),
+                partitions: table.partitions,
+                lease: settings.lease(),
+                heartbeat: settings.relay.heartbeat,
+                settle_margin: settings.settle_margin(),
+            },
+            Some(lock.clone()),
+            members_stop.clone(),
         );
-        beats.push(relay.heartbeat());
-        tasks.push(tokio::spawn(relay.run()));
+        let acks = Acks::new(channels, membership.settled);
+        members.push(membership.task);
+        let metrics = metrics.table(&table.table.to_string());
+        for channel in 0..channels {
+            let relay = TableRelay::new(
+                settings.clone(),
+                table.clone(),
+                store.clone(),
+                if channel == 0 {
+                    lock.clone()
+                } else {
+                    lock.for_another_relay()
+                },
+                Share::new(
+                    membership.ownership.clone(),
+                    acks.clone(),
+                    channel,
+                    channels,
+                    table.partitions,
+                ),
+                broker.clone(),
+                shutdown.clone(),
+                metrics.clone(),
+            );
+            beats.push(relay.heartbeat());
+            tasks.push(tokio::spawn(relay.run()));
+        }
     }
     tracing::info!(
         tables = %settings.outbox.iter().map(|t| t.table.to_string()).collect::<Vec<_>>().join(", "),
@@ -136,6 +171,11 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     for (table, progress) in &retention {
         tracing::debug!(table = %table, rows_deleted = progress.rows_deleted_total(), "retention sweeper stopped");
     }
+    // The relays have settled: the memberships hand their partitions back and leave.
+    members_stop.cancel();
+    for membership in members {
+        let _ = membership.await;
+    }
     // Shutdown order: the relays have settled and closed their channels; then the broker
     // connection, the locks and LISTEN (the coordination session), the pool.
     broker.close().await;
@@ -183,4 +223,12 @@ async fn notify_systemd(beats: Vec<Arc<Heartbeat>>, shutdown: Shutdown) {
             let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
         }
     }
+}
+
+/// A member's name in `status`: the host and the process id.
+fn member_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".into());
+    format!("{host}/{}", std::process::id())
 }

@@ -38,6 +38,8 @@ pub use columns::Columns;
 mod coordination;
 pub use coordination::{Coordination, LockGuard, LockState, TableLock};
 pub mod leases;
+pub use leases::Fence;
+use leases::{bind_fence, fenced, partition_of};
 mod primary;
 pub use primary::Servers;
 mod replay;
@@ -376,14 +378,18 @@ impl Store {
     /// Due rows of `table` in id order that no earlier row of their key holds back, except
     /// `exclude` (rows the relay holds in memory: queued, in flight, or confirmed with the
     /// mark not written yet). Returns nothing unless `lock`'s session still holds the table's
-    /// lock. Reads the due index only: rows behind held keys are not in it.
+    /// lock. Only rows of `fence`'s partitions, unless it holds them all (a single relay on one
+    /// channel: then no key is hashed). Reads the due index only: rows behind held keys are
+    /// not in it.
     pub async fn fetch_due(
         &self,
         q: &TableSql,
         lock: &LockGuard,
+        fence: &Fence,
         limit: u32,
         exclude: &[i64],
     ) -> Result<Vec<OutboxRow>, DbError> {
+        let only = (!fence.holds_all()).then_some(&fence.owned);
         let query = sqlx::query(&q.fetch)
             .bind(limit as i64)
             .bind(lock.pid)
@@ -391,7 +397,9 @@ impl Store {
             .bind(lock.objid)
             .bind(exclude)
             // Rows above every excluded id skip the (linear, in a generic plan) array check.
-            .bind(exclude.iter().copied().max().unwrap_or(i64::MIN));
+            .bind(exclude.iter().copied().max().unwrap_or(i64::MIN))
+            .bind(only)
+            .bind(fence.partitions as i32);
         let rows = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(rows
             .iter()
@@ -407,13 +415,17 @@ impl Store {
         q: &TableSql,
         ids: &[i64],
         table_oid: i64,
+        fence: &Fence,
     ) -> Result<Vec<String>, DbError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let query = sqlx::query_scalar(&q.mark_published)
-            .bind(ids)
-            .bind(table_oid);
+        let query = bind_fence!(
+            sqlx::query_scalar(&q.mark_published)
+                .bind(ids)
+                .bind(table_oid),
+            fence
+        );
         Ok(answered_within(self.answer_within, query.fetch_all(self.pool())).await?)
     }
 
@@ -424,6 +436,7 @@ impl Store {
         q: &TableSql,
         failures: &[Failure],
         table_oid: i64,
+        fence: &Fence,
     ) -> Result<(), DbError> {
         if failures.is_empty() {
             return Ok(());
@@ -441,6 +454,7 @@ impl Store {
             .bind(&delays)
             .bind(&parks)
             .bind(table_oid);
+        let query = bind_fence!(query, fence);
         answered_within(self.answer_within, query.execute(self.pool())).await?;
         Ok(())
     }
@@ -456,6 +470,7 @@ impl Store {
         q: &TableSql,
         holds: &[(String, i64)],
         table_oid: i64,
+        fence: &Fence,
     ) -> Result<Vec<String>, DbError> {
         if holds.is_empty() {
             return Ok(Vec::new());
@@ -467,6 +482,7 @@ impl Store {
             .bind(&holders)
             .bind(q.table.to_string())
             .bind(table_oid);
+        let query = bind_fence!(query, fence);
         let done = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(unfinished(keys.into_iter().map(str::to_owned), &done)?)
     }
@@ -479,6 +495,7 @@ impl Store {
         q: &TableSql,
         keys: &[String],
         table_oid: i64,
+        fence: &Fence,
     ) -> Result<Vec<String>, DbError> {
         if keys.is_empty() {
             return Ok(Vec::new());
@@ -487,6 +504,7 @@ impl Store {
             .bind(keys)
             .bind(q.table.to_string())
             .bind(table_oid);
+        let query = bind_fence!(query, fence);
         let done = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(unfinished(keys.iter().cloned(), &done)?)
     }
@@ -505,8 +523,9 @@ impl Store {
         &self,
         q: &TableSql,
         table_oid: i64,
+        fence: &Fence,
     ) -> Result<(Vec<String>, i64), DbError> {
-        let query = sqlx::query(&q.stale_holds).bind(table_oid);
+        let query = bind_fence!(sqlx::query(&q.stale_holds).bind(table_oid), fence);
         let rows = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         let mut stale = Vec::new();
         let mut held = 0;
@@ -1088,8 +1107,10 @@ impl TableSql {
                    WHERE l.locktype = 'advisory' AND l.pid = $2 AND l.granted AND l.objsubid = 1 \
                      AND l.classid::bigint = $3 AND l.objid::bigint = $4) \
                AND ({o_id} > $6 OR {o_id} <> ALL($5::bigint[])) \
+               AND ($7::int4[] IS NULL OR {o_part} = ANY($7::int4[])) \
              ORDER BY {o_id} LIMIT $1",
             select = c.select_list("o"),
+            o_part = partition_of(&o_key, 8),
         );
         let mark_published = Self::mark_sql(table, &c, OnPublished::Mark);
         // Oldest first through the retention index (it stops at the cutoff: rows inside the
@@ -1116,7 +1137,9 @@ impl TableSql {
                     next_attempt_at = now() + f.delay_ms * interval '1 millisecond', \
                     parked_at = CASE WHEN f.park THEN now() END \
              FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay_ms, park) \
-             WHERE {t_id} = f.id AND t.published_at IS NULL AND t.tableoid::bigint = $5"
+             WHERE {t_id} = f.id AND t.published_at IS NULL AND t.tableoid::bigint = $5 \
+               AND {fence}",
+            fence = fenced(&t_key, 6),
         );
         // Both take the key's order-guard lock (without waiting: a producer's transaction may
         // hold it for long), so no insert of the key is in progress while its rows change
@@ -1129,7 +1152,7 @@ impl TableSql {
         let hold_keys = format!(
             "WITH locked AS ( \
                  SELECT h.key, h.holder FROM unnest($1::text[], $2::int8[]) AS h(key, holder) \
-                 WHERE pg_try_advisory_xact_lock(hashtext($3), hashtext(h.key))), \
+                 WHERE {hold_fence} AND pg_try_advisory_xact_lock(hashtext($3), hashtext(h.key))), \
              noted AS ( \
                  INSERT INTO outbox_relay.held_keys (table_oid, ordering_key, holder) \
                  SELECT $4, key, holder FROM locked \
@@ -1144,12 +1167,14 @@ impl TableSql {
              moved AS ( \
                  UPDATE {t} AS t SET held = true FROM picked p WHERE {t_id} = p.id RETURNING {t_key} AS ordering_key) \
              SELECT n.ordering_key, coalesce(c.rows, 0) < {HOLD_CHUNK} AS done FROM noted n \
-             LEFT JOIN (SELECT ordering_key, count(*) AS rows FROM moved GROUP BY 1) c USING (ordering_key)"
+             LEFT JOIN (SELECT ordering_key, count(*) AS rows FROM moved GROUP BY 1) c USING (ordering_key) \
+             UNION ALL SELECT h.key, true FROM unnest($1::text[]) AS h(key) WHERE NOT {hold_fence}",
+            hold_fence = fenced("h.key", 5),
         );
         let release_keys = format!(
             "WITH locked AS ( \
                  SELECT k.key FROM unnest($1::text[]) AS k(key) \
-                 WHERE pg_try_advisory_xact_lock(hashtext($2), hashtext(k.key))), \
+                 WHERE {release_fence} AND pg_try_advisory_xact_lock(hashtext($2), hashtext(k.key))), \
              picked AS ( \
                  SELECT x.id FROM locked l CROSS JOIN LATERAL ( \
                      SELECT {t_id} AS id FROM {t} t \
@@ -1164,7 +1189,9 @@ impl TableSql {
              dropped AS ( \
                  DELETE FROM outbox_relay.held_keys h USING counted c \
                  WHERE h.table_oid = $3 AND h.ordering_key = c.key AND c.done RETURNING 1) \
-             SELECT key, done FROM counted"
+             SELECT key, done FROM counted \
+             UNION ALL SELECT k.key, true FROM unnest($1::text[]) AS k(key) WHERE NOT {release_fence}",
+            release_fence = fenced("k.key", 4),
         );
         let holder_holds = match on_exhausted {
             OnExhausted::HoldKey => "o.published_at IS NULL",
@@ -1173,7 +1200,8 @@ impl TableSql {
         let stale_holds = format!(
             "SELECT h.ordering_key, NOT EXISTS ( \
                  SELECT 1 FROM {t} o WHERE {o_id} = h.holder AND {holder_holds}) AS stale \
-             FROM outbox_relay.held_keys h WHERE h.table_oid = $1"
+             FROM outbox_relay.held_keys h WHERE h.table_oid = $1 AND {fence}",
+            fence = fenced("h.ordering_key", 2),
         );
         Self {
             table: table.clone(),
@@ -1203,14 +1231,17 @@ impl TableSql {
     fn mark_sql(table: &TableName, c: &Columns, on_published: OnPublished) -> String {
         let t = table.quoted();
         let id = c.seq("");
+        let fence = fenced(&c.key(""), 3);
         let write = match on_published {
             OnPublished::Mark => format!(
                 "UPDATE {t} SET published_at = now() \
-                 WHERE {id} = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING {id} AS id"
+                 WHERE {id} = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 AND {fence} \
+                 RETURNING {id} AS id"
             ),
             OnPublished::Delete => format!(
                 "DELETE FROM {t} \
-                 WHERE {id} = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 RETURNING {id} AS id"
+                 WHERE {id} = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 AND {fence} \
+                 RETURNING {id} AS id"
             ),
         };
         format!(

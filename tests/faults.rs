@@ -186,11 +186,14 @@ async fn sigterm_drains_in_flight_confirms_marks_them_and_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_relay_on_the_same_table_stands_by_and_takes_over_in_order() {
+async fn a_second_relay_on_a_table_of_one_partition_stands_by_and_takes_over_in_order() {
     const BATCH: usize = 200;
     const WINDOW: usize = 150;
+    // One partition: one relay owns it, the other owns nothing (the degenerate case of the
+    // partition leases, and the shape of the single-lock relays before them).
     let env = TestEnv::new(
         Setup::new()
+            .set("outbox", "partitions", "1")
             .set("relay", "batch_size", &BATCH.to_string())
             .set("relay", "max_in_flight", &WINDOW.to_string()),
     )
@@ -238,11 +241,12 @@ async fn a_second_relay_on_the_same_table_stands_by_and_takes_over_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_loses_its_lock_session_stops_publishing_before_the_standby_takes_over() {
-    let env = TestEnv::new(Setup::new().set("relay", "batch_size", "4000").set(
-        "relay",
-        "max_in_flight",
-        "20",
-    ))
+    let env = TestEnv::new(
+        Setup::new()
+            .set("outbox", "partitions", "1")
+            .set("relay", "batch_size", "4000")
+            .set("relay", "max_in_flight", "20"),
+    )
     .await;
     let active = env.start_relay();
     active.wait_for_log("relaying").await;
@@ -255,7 +259,7 @@ async fn a_relay_that_loses_its_lock_session_stops_publishing_before_the_standby
     env.consumer.wait_for(100).await;
     // Only the active relay's lock session: its lock passes to the standby, while the active
     // relay is still busy with its batch.
-    assert_eq!(env.terminate_lock_session().await, 1);
+    assert_eq!(env.terminate_owner_session(0).await, 1);
     let at_termination = env.consumer.unique_count();
     let duplicates = assert_nothing_lost(&env, BACKLOG).await;
     let (key, restarts) = most_restarts_of_a_key(&env.consumer.received());

@@ -117,7 +117,13 @@ async fn metrics_count_rows_as_they_flow_fail_park_and_are_released() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_relay_reports_standby_and_a_closed_connection_counts_as_a_reconnect() {
-    let env = TestEnv::new(with_metrics(Setup::new().own_vhost())).await;
+    // One partition: the second relay owns nothing.
+    let env = TestEnv::new(with_metrics(Setup::new().own_vhost().set(
+        "outbox",
+        "partitions",
+        "1",
+    )))
+    .await;
     let active = env.start_relay();
     let active_addr = health_addr(&active).await;
     active.wait_for_log("relaying").await;

@@ -5,13 +5,16 @@
 
 use std::sync::Arc;
 
+use outbox_relay::cluster::member::{self, MemberSettings};
 use outbox_relay::config::{OnExhausted, Settings, TableName};
 use outbox_relay::metrics::TableMetrics;
 use outbox_relay::publisher::Broker;
-use outbox_relay::relay::{MarkPipeline, Step, TableRelay};
+use outbox_relay::relay::{Acks, MarkPipeline, Share, Step, TableRelay};
 use outbox_relay::shutdown::Shutdown;
+use outbox_relay::store::leases::Leases;
 use outbox_relay::store::{Coordination, LockState, Store, TableSql};
 use outbox_relay_testkit::prelude::*;
+use tokio_util::sync::CancellationToken;
 
 /// A table relay of `env`'s config in this process, with its lock already held.
 struct Driven {
@@ -19,6 +22,7 @@ struct Driven {
     coordination: Coordination,
     broker: Arc<Broker>,
     store: Store,
+    membership: CancellationToken,
 }
 
 impl Driven {
@@ -41,12 +45,39 @@ impl Driven {
         while !matches!(lock.state(), LockState::Held(_)) {
             lock.changed().await;
         }
+        // The table's only member: it owns every partition.
+        let membership = CancellationToken::new();
+        let handle = member::start_in(
+            Leases::new(store.pool().clone(), table.table.clone(), settings.lease()),
+            MemberSettings {
+                name: "relay_parts".into(),
+                partitions: table.partitions,
+                lease: settings.lease(),
+                heartbeat: settings.relay.heartbeat,
+                settle_margin: settings.settle_margin(),
+            },
+            Some(coordination.lock(0)),
+            membership.clone(),
+        );
+        let mut ownership = handle.ownership.clone();
+        ownership
+            .wait_for(|o| o.partitions.len() as u32 == table.partitions)
+            .await
+            .unwrap();
+        let share = Share::new(
+            handle.ownership,
+            Acks::new(1, handle.settled),
+            0,
+            1,
+            table.partitions,
+        );
         let broker = Arc::new(Broker::new(&settings.rabbitmq));
         let relay = TableRelay::new(
             settings,
             table,
             store.clone(),
             coordination.lock(0),
+            share,
             broker.clone(),
             Shutdown::new(),
             TableMetrics::unregistered(),
@@ -56,11 +87,13 @@ impl Driven {
             coordination,
             broker,
             store,
+            membership,
         }
     }
 
     async fn close(self) {
         drop(self.relay);
+        self.membership.cancel();
         self.broker.close().await;
         self.coordination.close().await;
         self.store.close().await;
@@ -178,8 +211,13 @@ async fn the_last_mark_at_shutdown_is_written_even_when_the_mark_before_it_faile
         .fetch_one(&env.pool)
         .await
         .unwrap();
+    let fence = Leases::new(store.pool().clone(), table.clone(), settings.lease())
+        .fence_all("relay_parts", settings.outbox[0].partitions)
+        .await
+        .unwrap();
     let mut marks = MarkPipeline::new(store.clone(), sql, 100);
     marks.read_from(oid);
+    marks.set_fence(&fence);
 
     // The first mark runs into a lock held past the statement timeout, and fails.
     let mut blocker = env.pool.begin().await.unwrap();

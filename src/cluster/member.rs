@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::assignment::{plan, MemberId, Partition, Plan};
 use crate::retry::RetryPolicy;
 use crate::store::leases::{Heartbeat, LeaseError, Leases, Member};
+use crate::store::{LockState, TableLock};
 
 /// The timings and identity of a membership.
 #[derive(Debug, Clone)]
@@ -61,6 +62,8 @@ impl MemberSettings {
 pub struct Ownership {
     /// The member this process is on the table, while registered.
     pub member: Option<MemberId>,
+    /// The table's oid when the member registered (what its leases are for).
+    pub table_oid: i64,
     /// The partitions the relay may fetch and publish, each with its epoch.
     pub partitions: BTreeMap<Partition, i64>,
     /// Publish nothing after this instant, unless a later heartbeat moved it on.
@@ -88,6 +91,19 @@ pub struct MemberHandle {
 /// Starts the membership: it runs until `stop`, then hands its partitions back (after the
 /// relay settled them) and leaves, so the others take them at their next heartbeat.
 pub fn start(leases: Leases, settings: MemberSettings, stop: CancellationToken) -> MemberHandle {
+    start_in(leases, settings, None, stop)
+}
+
+/// [`start`] under the process's table lock (`lock`, held shared by every relay of this
+/// release): the member registers only while the lock is held, from the session holding it,
+/// so a killed process's partitions are free at once; while a relay of an earlier release
+/// holds the lock (exclusively) this one takes no partition at all.
+pub fn start_in(
+    leases: Leases,
+    settings: MemberSettings,
+    lock: Option<TableLock>,
+    stop: CancellationToken,
+) -> MemberHandle {
     let (ownership_tx, ownership) = watch::channel(Ownership::default());
     let (settled, settled_rx) = watch::channel(0);
     let task = tokio::spawn(
@@ -99,6 +115,7 @@ pub fn start(leases: Leases, settings: MemberSettings, stop: CancellationToken) 
             settled: settled_rx,
             releasing: Vec::new(),
             failures: 0,
+            lock,
         }
         .run(stop),
     );
@@ -119,6 +136,7 @@ struct Membership {
     releasing: Vec<Partition>,
     /// Heartbeats or registrations failed in a row.
     failures: u32,
+    lock: Option<TableLock>,
 }
 
 impl Membership {
@@ -126,6 +144,11 @@ impl Membership {
         let backoff = RetryPolicy::outage(self.settings.heartbeat);
         while !stop.is_cancelled() {
             let pause = match self.beat().await {
+                // Waiting for the table's lock to register: look again soon.
+                Ok(()) if self.member.is_none() => {
+                    self.failures = 0;
+                    self.settings.heartbeat.min(Duration::from_millis(250))
+                }
                 Ok(()) => {
                     self.failures = 0;
                     self.settings.heartbeat
@@ -133,7 +156,7 @@ impl Membership {
                 Err(e) => {
                     self.failures += 1;
                     if self.failures == 1 {
-                        tracing::warn!(error = %e, "partition leases: cannot renew; publishing stops when the lease is near its end");
+                        tracing::warn!(table = %self.leases.table(), error = %e, "partition leases: cannot renew; publishing stops when the lease is near its end");
                     }
                     backoff
                         .delay(self.failures, rand::random::<f64>())
@@ -151,14 +174,35 @@ impl Membership {
     /// One heartbeat: register if need be, renew, release what the relay settled, then claim
     /// or give up partitions to reach the fair share.
     async fn beat(&mut self) -> Result<(), LeaseError> {
+        let session = match self.lock.as_ref().map(TableLock::current) {
+            None => None,
+            Some(LockState::Held(guard)) => Some(guard),
+            Some(LockState::Standby) => {
+                // A relay of an earlier release holds the table: take no part while it does.
+                if self.member.is_some() {
+                    tracing::warn!(table = %self.leases.table(), "partition leases: a relay of an earlier release holds the table's lock; giving up the partitions");
+                    self.leave().await;
+                }
+                return Ok(());
+            }
+            // The session is reconnecting: the leases stay until they run out; the relay
+            // publishes nothing meanwhile (its links are down).
+            Some(LockState::Connecting | LockState::Down(_)) if self.member.is_none() => {
+                return Ok(())
+            }
+            Some(_) => self.member.as_ref().and_then(|m| m.session),
+        };
+        if let Some(member) = self.member.as_mut() {
+            member.session = session;
+        }
         let member = match &self.member {
             Some(member) => member.clone(),
             None => {
                 let member = self
                     .leases
-                    .register(&self.settings.name, self.settings.partitions)
+                    .register_in(&self.settings.name, self.settings.partitions, session)
                     .await?;
-                tracing::info!(member = member.id, "partition leases: registered");
+                tracing::info!(table = %self.leases.table(), member = member.id, "partition leases: registered");
                 self.member = Some(member.clone());
                 member
             }
@@ -167,7 +211,7 @@ impl Membership {
         let (live, owned) = match self.leases.heartbeat(&member).await? {
             Heartbeat::Renewed { live, owned } => (live, owned),
             Heartbeat::Expired => {
-                tracing::warn!(member = member.id, "partition leases: the lease ran out (a pause or a lost connection); registering again");
+                tracing::warn!(table = %self.leases.table(), member = member.id, "partition leases: the lease ran out (a pause or a lost connection); registering again");
                 self.member = None;
                 self.releasing.clear();
                 self.publish(BTreeMap::new(), None);
@@ -182,6 +226,7 @@ impl Membership {
             for p in &releasing {
                 owned.remove(p);
             }
+            tracing::info!(table = %self.leases.table(), member = member.id, released = releasing.len(), owned = owned.len(), "partition leases: handed partitions over (their rows settled)");
         }
         for p in &self.releasing {
             owned.remove(p);
@@ -190,7 +235,12 @@ impl Membership {
         match plan(member.id, self.settings.partitions, &live, &held) {
             Plan::Stay => {}
             Plan::Claim(wanted) => {
-                owned.extend(self.leases.claim(&member, wanted).await?);
+                let taken = self.leases.claim(&member, wanted).await?;
+                if !taken.is_empty() {
+                    let claimed = taken.len();
+                    owned.extend(taken);
+                    tracing::info!(table = %self.leases.table(), member = member.id, claimed, owned = owned.len(), members = live.len(), "partition leases: claimed partitions");
+                }
             }
             Plan::Release(give) => {
                 for p in &give {
@@ -214,6 +264,7 @@ impl Membership {
                 now.generation += 1;
             }
             now.member = self.member.as_ref().map(|m| m.id);
+            now.table_oid = self.member.as_ref().map_or(0, |m| m.table_oid);
             now.partitions = partitions;
             now.until = until;
         });
@@ -230,9 +281,11 @@ impl Membership {
         let settled = self.settled.wait_for(|g| *g >= generation);
         let _ = tokio::time::timeout(self.settings.settle_margin, settled).await;
         match self.leases.leave(&member).await {
-            Ok(()) => tracing::info!(member = member.id, "partition leases: left"),
+            Ok(()) => {
+                tracing::info!(table = %self.leases.table(), member = member.id, "partition leases: left")
+            }
             Err(e) => {
-                tracing::warn!(member = member.id, error = %e, "partition leases: could not leave; the partitions move when the lease runs out")
+                tracing::warn!(table = %self.leases.table(), member = member.id, error = %e, "partition leases: could not leave; the partitions move when the lease runs out")
             }
         }
     }

@@ -15,7 +15,7 @@ use crate::store::{DbError, LockGuard, LockState, TableLock};
 pub(crate) enum Unready {
     /// The coordination session is still connecting.
     Connecting,
-    /// Another relay holds the table's lock.
+    /// A relay of an earlier release holds the table's lock.
     Standby,
     Database(DbError),
     Broker(PublishError),

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::config::OnExhausted;
-use crate::store::{DbError, Failure, Store, TableSql};
+use crate::store::{DbError, Failure, Fence, Store, TableSql};
 
 pub struct MarkPipeline {
     store: Store,
@@ -27,6 +27,8 @@ pub struct MarkPipeline {
     /// then (a holder deleted by hand); none, never.
     held_keys: i64,
     last_sweep: Option<std::time::Instant>,
+    /// The leases every write is fenced by (what the membership last told the relay).
+    fence: Fence,
 }
 
 /// A mark being written in the background.
@@ -54,6 +56,7 @@ impl MarkPipeline {
             releases: Vec::new(),
             held_keys: 0,
             last_sweep: None,
+            fence: Fence::default(),
         }
     }
 
@@ -90,6 +93,14 @@ impl MarkPipeline {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// The leases the next writes are fenced by. A write for a partition the fence does not
+    /// hold (any more) changes nothing: the row stays due for its new owner.
+    pub fn set_fence(&mut self, fence: &Fence) {
+        if self.fence != *fence {
+            self.fence = fence.clone();
         }
     }
 
@@ -147,9 +158,12 @@ impl MarkPipeline {
         if !self.confirmed.is_empty() {
             let ids = std::mem::take(&mut self.confirmed);
             let (store, sql, task_ids) = (self.store.clone(), self.sql.clone(), ids.clone());
+            let fence = self.fence.clone();
             self.marking = Some(Marking {
                 ids,
-                task: tokio::spawn(async move { store.mark_published(&sql, &task_ids, oid).await }),
+                task: tokio::spawn(async move {
+                    store.mark_published(&sql, &task_ids, oid, &fence).await
+                }),
             });
         }
         settled
@@ -193,7 +207,7 @@ impl MarkPipeline {
             }
         };
         self.last_sweep = Some(std::time::Instant::now());
-        let (stale, held) = self.store.stale_holds(&self.sql, oid).await?;
+        let (stale, held) = self.store.stale_holds(&self.sql, oid, &self.fence).await?;
         self.held_keys = held;
         if !stale.is_empty() {
             tracing::info!(table = %self.sql.table(), keys = stale.len(), "releasing keys whose holding row is gone");
@@ -239,14 +253,14 @@ impl MarkPipeline {
         if !self.unmarked.is_empty() {
             let freed = self
                 .store
-                .mark_published(&self.sql, &self.unmarked, oid)
+                .mark_published(&self.sql, &self.unmarked, oid, &self.fence)
                 .await?;
             self.unmarked.clear();
             self.releases.extend(freed);
         }
         if !self.unrecorded.is_empty() {
             self.store
-                .record_failures(&self.sql, &self.unrecorded, oid)
+                .record_failures(&self.sql, &self.unrecorded, oid, &self.fence)
                 .await?;
             for f in self.unrecorded.iter().filter(|f| f.retry_after.is_none()) {
                 tracing::warn!(table = %self.sql.table(), id = f.id, error = %f.error, "row parked");
@@ -255,7 +269,10 @@ impl MarkPipeline {
         }
         if !self.holds.is_empty() {
             let holds = std::mem::take(&mut self.holds);
-            let busy = self.store.hold_keys(&self.sql, &holds, oid).await?;
+            let busy = self
+                .store
+                .hold_keys(&self.sql, &holds, oid, &self.fence)
+                .await?;
             self.held_keys += (holds.len() - busy.len()) as i64;
             self.holds = holds
                 .into_iter()
@@ -264,7 +281,10 @@ impl MarkPipeline {
         }
         if !self.releases.is_empty() {
             let releases = std::mem::take(&mut self.releases);
-            let unfinished = self.store.release_keys(&self.sql, &releases, oid).await?;
+            let unfinished = self
+                .store
+                .release_keys(&self.sql, &releases, oid, &self.fence)
+                .await?;
             self.held_keys = (self.held_keys - (releases.len() - unfinished.len()) as i64).max(0);
             self.releases = unfinished;
         }

@@ -15,6 +15,7 @@ mod links;
 pub mod marks;
 mod report;
 pub mod retention;
+mod share;
 mod window;
 
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub use marks::MarkPipeline;
 pub use report::Heartbeat;
 use report::{Health, Reporter};
 pub use retention::{RetentionProgress, SweepStep, Sweeper};
+pub use share::{Acks, Share};
+use share::{ShareState, Turn};
 use window::{ConfirmWindow, Drive};
 
 /// What one [`TableRelay::step`] did.
@@ -50,7 +53,9 @@ pub enum Step {
     /// Nothing to send, and a key's hold or release waits for a producer's open transaction
     /// (it holds the key's lock); tried again shortly.
     Waiting,
-    /// Another relay holds this table's lock; this one waits as a standby.
+    /// This relay owns none of the table's partitions (the other relays have them), a relay
+    /// of an earlier release holds the table's lock, or its leases wait to be renewed: it
+    /// waits for the membership or the lock to change.
     Standby,
     /// The broker blocked the connection (resource alarm): fetching is paused.
     Paused,
@@ -77,16 +82,22 @@ pub struct TableRelay {
     /// The largest body the broker takes (lowered when it refuses a message as too large).
     max_message_bytes: usize,
     outage_attempts: u32,
+    /// This relay's share of the table's partitions, and what it held last turn.
+    share: Share,
+    turn: Option<Turn>,
 }
 
 impl TableRelay {
-    /// The relay for `table`, under `lock` (from the process's coordination session) and on a
-    /// channel of `broker`'s connection, counting into `metrics`.
+    /// The relay for `table`'s partitions in `share`, under `lock` (from the process's
+    /// coordination session) and on a channel of `broker`'s connection, counting into
+    /// `metrics`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Arc<Settings>,
         table: OutboxSettings,
         store: Store,
         lock: TableLock,
+        share: Share,
         broker: Arc<Broker>,
         shutdown: Shutdown,
         metrics: TableMetrics,
@@ -110,6 +121,8 @@ impl TableRelay {
             max_message_bytes: settings.rabbitmq.max_message_bytes,
             more_waiting: false,
             outage_attempts: 0,
+            share,
+            turn: None,
             sql,
             policy,
             store,
@@ -145,7 +158,40 @@ impl TableRelay {
             }
             Err(unready) => return self.unready(unready).await,
         };
-        if self.window.has_room_to_fetch() && !self.shutdown.is_stopping() {
+        // Which partitions this relay may publish, and until when.
+        let state = self.share.state();
+        let settling = self.share.must_settle();
+        let turn = match state {
+            ShareState::Owns(turn) => turn,
+            ShareState::Nothing if !settling => return self.owns_nothing().await,
+            // Partitions left the set: settle what is in flight with the last fence first.
+            ShareState::Nothing => match self.turn.clone() {
+                Some(turn) => turn,
+                None => return self.owns_nothing().await,
+            },
+            ShareState::Expiring => {
+                // The leases could not be renewed in time: stop publishing before they can run
+                // out; what is in flight goes out again from their next owner.
+                self.window.clear();
+                self.reporter.set(Health::DatabaseDown(
+                    "the partition leases could not be renewed in time; publishing stopped until they are".into(),
+                ));
+                return Step::Standby;
+            }
+        };
+        if self.turn.as_ref().is_some_and(|t| t.member != turn.member) {
+            // A new membership (the last one's lease ran out): nothing held for the old one
+            // may be sent.
+            self.window.clear();
+        }
+        self.marks.set_fence(&turn.fence);
+        let until = (!settling).then_some(turn.until);
+        let (fence, generation) = (turn.fence.clone(), turn.generation);
+        self.turn = Some(turn);
+        if settling && self.window.in_flight() == 0 {
+            return self.give_up(generation).await;
+        }
+        if !settling && self.window.has_room_to_fetch() && !self.shutdown.is_stopping() {
             let exclude: Vec<i64> = self
                 .window
                 .held_ids()
@@ -154,7 +200,7 @@ impl TableRelay {
             let limit = self.settings.relay.batch_size;
             let rows = match self
                 .store
-                .fetch_due(&self.sql, &guard, limit, &exclude)
+                .fetch_due(&self.sql, &guard, &fence, limit, &exclude)
                 .await
             {
                 Ok(rows) => rows,
@@ -205,6 +251,7 @@ impl TableRelay {
                 marks: &mut self.marks,
                 lock,
                 guard,
+                until,
                 reporter: &mut self.reporter,
                 shutdown: &self.shutdown,
                 policy: &self.policy,
@@ -220,6 +267,10 @@ impl TableRelay {
             })
             .await;
         self.more_waiting |= settled.announced;
+        if settled.lease_ran_out {
+            // Paused or starved past `until`: what was taken for sending stays due.
+            self.window.clear();
+        }
         // Failures are recorded (and their keys held) before the next fetch.
         let mut written = self.marks.settle().await;
         if self.marks.wants_mark() || self.window.in_flight() == 0 || settled.broken.is_some() {
@@ -249,6 +300,40 @@ impl TableRelay {
         }
     }
 
+    /// Nothing of the table is this relay's: a standby (ready) until the membership gives it
+    /// partitions.
+    async fn owns_nothing(&mut self) -> Step {
+        self.window.clear();
+        self.turn = None;
+        if let Err(e) = self.marks.finish().await {
+            return self.down(e.context("marking rows"));
+        }
+        self.share.ack(self.share.generation());
+        self.reporter.set(Health::Standby);
+        Step::Standby
+    }
+
+    /// Partitions left the set and nothing is in flight: their marks, failures and holds are
+    /// written, the rows queued for them are forgotten (the next owner reads them), and the
+    /// membership may release them.
+    async fn give_up(&mut self, generation: u64) -> Step {
+        if let Err(e) = self.marks.finish().await {
+            return self.down(e.context("marking rows before giving partitions up"));
+        }
+        if self.marks.has_work() {
+            // A hold or release waits for a producer's open transaction.
+            return Step::Waiting;
+        }
+        self.window.clear();
+        self.share.ack(generation);
+        Step::Batch {
+            published: 0,
+            failed: 0,
+            parked: 0,
+            full: true,
+        }
+    }
+
     fn down(&mut self, e: DbError) -> Step {
         match e {
             DbError::Unavailable(_) => self.store.distrust_connections(),
@@ -275,7 +360,7 @@ impl TableRelay {
             Unready::Connecting => Step::Down,
             Unready::Standby => {
                 self.window.clear();
-                self.reporter.set(Health::Standby);
+                self.reporter.set(Health::OlderRelay);
                 Step::Standby
             }
             Unready::Database(e) => {
@@ -335,6 +420,9 @@ impl TableRelay {
         if self.marks.finish().await.is_err() {
             tracing::warn!(table = %self.table.table, "could not mark the last confirmed rows; they will be published again (same message_id)");
         }
+        // Nothing is in flight any more: the membership may hand every partition back.
+        self.window.clear();
+        self.share.ack_all();
         self.links.close_channel().await;
         tracing::info!(table = %self.table.table, "relay stopped");
     }
@@ -347,6 +435,7 @@ impl TableRelay {
             tokio::select! {
                 _ = wake.notified() => break,
                 _ = self.links.lock.changed() => break,
+                _ = self.share.changed() => break,
                 _ = self.shutdown.stopping() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {
                     self.reporter.beat();
@@ -365,6 +454,7 @@ impl TableRelay {
         loop {
             tokio::select! {
                 _ = self.links.lock.changed() => break,
+                _ = self.share.changed() => break,
                 _ = self.shutdown.stopping() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => self.reporter.beat(),
             }

@@ -16,7 +16,11 @@ use crate::tls::TlsFailure;
 pub(crate) enum Health {
     Starting,
     Relaying,
+    /// The table's other relays own all its partitions.
     Standby,
+    /// A relay of an earlier release holds the table's lock (exclusively): a rolling upgrade
+    /// is under way, and this relay takes no partition until that one stops.
+    OlderRelay,
     Blocked,
     DatabaseDown(String),
     /// PostgreSQL answers but refuses the relay's statements: the table was dropped or
@@ -57,14 +61,17 @@ impl Health {
     }
 
     fn is_ready(&self) -> bool {
-        matches!(self, Health::Relaying | Health::Standby)
+        matches!(
+            self,
+            Health::Relaying | Health::Standby | Health::OlderRelay
+        )
     }
 
     fn state(&self) -> State {
         match self {
             Health::Starting => State::Starting,
             Health::Relaying => State::Relaying,
-            Health::Standby => State::Standby,
+            Health::Standby | Health::OlderRelay => State::Standby,
             Health::Blocked => State::Blocked,
             Health::DatabaseDown(_) => State::DatabaseDown,
             Health::TableUnusable(_) => State::TableUnusable,
@@ -80,7 +87,12 @@ impl Health {
         match self {
             Health::Starting => "starting".to_owned(),
             Health::Relaying => "relaying".to_owned(),
-            Health::Standby => "standby (another relay holds the lock)".to_owned(),
+            Health::Standby => {
+                "standby (the table's other relays own all its partitions)".to_owned()
+            }
+            Health::OlderRelay => {
+                "standby (a relay of an earlier release holds the table's lock)".to_owned()
+            }
             Health::Blocked => "paused: broker blocked the connection".to_owned(),
             Health::DatabaseDown(e) => format!("not ready: PostgreSQL: {e}"),
             Health::TableUnusable(e) => format!("not ready: outbox table: {e}"),
@@ -155,12 +167,20 @@ impl Reporter {
     fn log(&self, health: &Health) {
         let table = &self.table;
         match health {
-            Health::Relaying if matches!(self.health, Health::Starting | Health::Standby) => {
-                tracing::info!(%table, "relaying: holding the table's lock, connected to PostgreSQL and RabbitMQ")
+            Health::Relaying
+                if matches!(
+                    self.health,
+                    Health::Starting | Health::Standby | Health::OlderRelay
+                ) =>
+            {
+                tracing::info!(%table, "relaying: owning partitions of the table, connected to PostgreSQL and RabbitMQ")
             }
             Health::Relaying => tracing::info!(%table, "recovered: relaying again"),
             Health::Standby => {
-                tracing::info!(%table, "standby: another relay holds this table's lock")
+                tracing::info!(%table, "standby: the table's other relays own all its partitions")
+            }
+            Health::OlderRelay => {
+                tracing::warn!(%table, "standby: a relay of an earlier release holds the table's lock; taking no partition until it stops")
             }
             Health::Blocked => {
                 tracing::warn!(%table, "RabbitMQ blocked the connection (resource alarm); fetching paused")

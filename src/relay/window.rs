@@ -48,6 +48,8 @@ pub(crate) struct Settled {
     pub broken: Option<PublishError>,
     /// New rows are announced (a NOTIFY arrived while confirms were outstanding).
     pub announced: bool,
+    /// Publishing stopped at the leases' `until`: rows taken for sending were not sent.
+    pub lease_ran_out: bool,
 }
 
 /// What `drive` needs from the table relay around it.
@@ -56,6 +58,9 @@ pub(crate) struct Drive<'a> {
     pub marks: &'a mut MarkPipeline,
     pub lock: &'a TableLock,
     pub guard: LockGuard,
+    /// Publish nothing at or after this instant (the partition leases' safe end); `None`:
+    /// publish nothing, only settle what is in flight.
+    pub until: Option<tokio::time::Instant>,
     pub reporter: &'a mut Reporter,
     pub shutdown: &'a Shutdown,
     pub policy: &'a RetryPolicy,
@@ -125,12 +130,18 @@ impl ConfirmWindow {
             default_exchange: d.default_exchange,
             content_type: d.content_type,
             max_message_bytes: d.max_message_bytes,
+            until: d.until,
         };
         let confirm_timeout = d.publisher.confirm_timeout();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if out.broken.is_none() && !d.shutdown.is_stopping() && d.lock.still_holds(&d.guard) {
+            if out.broken.is_none()
+                && !out.lease_ran_out
+                && d.until.is_some()
+                && !d.shutdown.is_stopping()
+                && d.lock.still_holds(&d.guard)
+            {
                 if let Err(e) = self.fill(&fill, d.publisher, d.marks, &mut out).await {
                     out.broken = Some(e);
                 }
@@ -276,6 +287,14 @@ impl ConfirmWindow {
         if sends.is_empty() {
             return Ok(());
         }
+        // The last moment to look: a process paused since the turn began (SIGSTOP, a stall)
+        // may have lost its partitions meanwhile; it sends nothing before it has checked.
+        if f.until
+            .is_none_or(|until| tokio::time::Instant::now() >= until)
+        {
+            out.lease_ran_out = true;
+            return Ok(());
+        }
         let sent_at = Instant::now();
         if self.in_flight.is_empty() {
             self.last_progress = sent_at;
@@ -308,6 +327,7 @@ struct Fill<'a> {
     default_exchange: &'a str,
     content_type: &'a str,
     max_message_bytes: usize,
+    until: Option<tokio::time::Instant>,
 }
 
 /// Hands a failed row to the mark pipeline with the policy's verdict (`park_now` for rows that

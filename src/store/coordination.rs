@@ -1,8 +1,15 @@
-//! The relay process's one coordination session: it holds every table's advisory lock (one
-//! active relay per table), LISTENs on every table's channel, and once per poll interval asks,
-//! in one statement for all tables, which idle tables have due rows and which standby tables
-//! can take their lock now. Its cost does not grow with the number of tables: one PostgreSQL
-//! session and at most one statement per poll interval.
+//! The relay process's one coordination session: it holds every table's advisory lock, LISTENs
+//! on every table's channel, and once per poll interval asks, in one statement for all tables,
+//! which idle tables have due rows and which standby tables can take their lock now. Its cost
+//! does not grow with the number of tables: one PostgreSQL session and at most one statement
+//! per poll interval.
+//!
+//! The lock is taken *shared*: every relay of this release holds it at once (they divide the
+//! table's partitions through leases, `super::leases`), while a relay of an earlier release,
+//! which takes it exclusively, excludes them all and is excluded by any of them. That is the
+//! rolling upgrade's guarantee: an old and a new relay never publish one table at once. The
+//! session is also the member's liveness: a process whose session is gone (killed) loses its
+//! partitions at once.
 //!
 //! Invariant: a table is [`LockState::Held`] only while this session lives and holds the
 //! table's lock, on a server that said on this session that it takes writes (the primary; see
@@ -10,8 +17,9 @@
 //! be taking over), and a new session's locks carry a new epoch, so nothing settled under the
 //! old one is trusted.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -42,7 +50,7 @@ pub enum LockState {
     Connecting,
     /// This process holds the table's lock.
     Held(LockGuard),
-    /// Another relay holds it; tried again every poll interval.
+    /// A relay of an earlier release holds it (exclusively); tried again every poll interval.
     Standby,
     /// The session cannot be opened or ended; tables wait until it is back.
     Down(DbError),
@@ -53,13 +61,41 @@ pub enum LockState {
 pub struct TableLock {
     state: watch::Receiver<LockState>,
     wake: Arc<Notify>,
-    idle: Arc<AtomicBool>,
+    wakes: Arc<Wakes>,
+    /// How many of the table's relays (one per channel) wait for work.
+    idle: Arc<AtomicUsize>,
+}
+
+/// The wake-ups of one table's relays: a NOTIFY or a poll wakes each of them.
+#[derive(Default)]
+struct Wakes(Mutex<Vec<Arc<Notify>>>);
+
+impl Wakes {
+    fn add(&self) -> Arc<Notify> {
+        let wake = Arc::new(Notify::new());
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(wake.clone());
+        wake
+    }
+
+    fn notify(&self) {
+        for wake in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            wake.notify_one();
+        }
+    }
 }
 
 impl TableLock {
     /// The lock's state, seen: [`TableLock::changed`] waits for the next change after it.
     pub fn state(&mut self) -> LockState {
         self.state.borrow_and_update().clone()
+    }
+
+    /// The lock's state, without marking it seen.
+    pub fn current(&self) -> LockState {
+        self.state.borrow().clone()
     }
 
     /// True while the lock is held (without marking its state seen).
@@ -92,9 +128,25 @@ impl TableLock {
         self.wake.clone()
     }
 
-    /// Says whether the relay is waiting for work: only idle tables are polled.
+    /// Says whether the relay is waiting for work: only idle tables are polled. Each `true`
+    /// is followed by a `false` from the same relay.
     pub fn set_idle(&self, idle: bool) {
-        self.idle.store(idle, Ordering::Relaxed);
+        if idle {
+            self.idle.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.idle.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The same lock for another relay of the table (one per channel), with a wake-up of its
+    /// own: every NOTIFY and poll wakes each of them.
+    pub fn for_another_relay(&self) -> TableLock {
+        TableLock {
+            state: self.state.clone(),
+            wake: self.wakes.add(),
+            wakes: self.wakes.clone(),
+            idle: self.idle.clone(),
+        }
     }
 }
 
@@ -108,8 +160,8 @@ struct Entry {
     /// `SELECT <index> WHERE EXISTS (<a due row>)`.
     probe: String,
     state: watch::Sender<LockState>,
-    wake: Arc<Notify>,
-    idle: Arc<AtomicBool>,
+    wake: Arc<Wakes>,
+    idle: Arc<AtomicUsize>,
 }
 
 /// The coordination session's task and the tables it serves.
@@ -147,11 +199,12 @@ impl Coordination {
         let mut locks = Vec::new();
         for (index, sql) in tables.iter().enumerate() {
             let (state, receiver) = watch::channel(LockState::Connecting);
-            let wake = Arc::new(Notify::new());
-            let idle = Arc::new(AtomicBool::new(false));
+            let wake = Arc::new(Wakes::default());
+            let idle = Arc::new(AtomicUsize::new(0));
             locks.push(TableLock {
                 state: receiver,
-                wake: wake.clone(),
+                wake: wake.add(),
+                wakes: wake.clone(),
                 idle: idle.clone(),
             });
             entries.push(Entry {
@@ -340,7 +393,7 @@ impl Session {
                     // Notifications that pile up while a relay is busy collapse into one wake-up.
                     Ok(Some(n)) => {
                         if let Some(entry) = self.entries.iter().find(|e| e.channel.as_deref() == Some(n.channel())) {
-                            entry.wake.notify_one();
+                            entry.wake.notify();
                         }
                     }
                     Ok(None) => return Err(DbError::Unavailable("the coordination session ended (its locks with it)".into())),
@@ -377,7 +430,7 @@ impl Session {
             .map(|&i| (i as i32, self.entries[i].key))
             .unzip();
         let query = sqlx::query(
-            "SELECT s.i FROM unnest($1::int4[], $2::int8[]) AS s(i, k) WHERE pg_try_advisory_lock(s.k)",
+            "SELECT s.i FROM unnest($1::int4[], $2::int8[]) AS s(i, k) WHERE pg_try_advisory_lock_shared(s.k)",
         )
         .bind(&idx)
         .bind(&keys);
@@ -421,7 +474,8 @@ impl Session {
             .entries
             .iter()
             .filter(|e| {
-                e.idle.load(Ordering::Relaxed) && matches!(*e.state.borrow(), LockState::Held(_))
+                e.idle.load(Ordering::Relaxed) > 0
+                    && matches!(*e.state.borrow(), LockState::Held(_))
             })
             .collect();
         if idle.is_empty() {
@@ -453,7 +507,7 @@ impl Session {
                 for row in rows {
                     let i: i32 = row.try_get(0)?;
                     if let Some(entry) = self.entries.get(i as usize) {
-                        entry.wake.notify_one();
+                        entry.wake.notify();
                     }
                 }
             }
@@ -461,7 +515,7 @@ impl Session {
             // table, so each finds out for itself (and reports the broken one by name).
             Err(DbError::Refused(_)) => {
                 for entry in idle {
-                    entry.wake.notify_one();
+                    entry.wake.notify();
                 }
             }
             Err(e) => return Err(e.context("polling")),

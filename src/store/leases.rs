@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use sqlx::{PgPool, Row};
 
-use super::DbError;
+use super::{DbError, LockGuard};
 use crate::cluster::assignment::{MemberId, Partition};
 use crate::config::TableName;
 
@@ -52,7 +52,107 @@ pub struct Member {
     pub table_oid: i64,
     pub id: MemberId,
     pub partitions: u32,
+    /// The coordination session that holds the table's lock for this process: while it lives,
+    /// only the lease's expiry ends the membership; once it is gone (the process was killed),
+    /// the others take the partitions at once.
+    pub session: Option<LockGuard>,
 }
+
+/// A member is dead (its partitions free) once its lease ran out, or once the coordination
+/// session it registered from no longer holds the table's lock (the process is gone: a paused
+/// or cut-off process keeps its session, so only its lease decides). For alias `m`.
+const DEAD: &str =
+    "(m.expires_at <= clock_timestamp() OR (m.session_pid IS NOT NULL AND NOT EXISTS ( \
+     SELECT 1 FROM pg_locks k WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1 \
+       AND k.pid = m.session_pid AND k.classid::bigint = m.lock_classid \
+       AND k.objid::bigint = m.lock_objid)))";
+
+/// The writer's proof that it holds its partitions: ANDed into every statement that changes a
+/// row's state for the relay (mark, failure record, park, hold, release), so a member that
+/// was deposed (a new epoch) or whose lease ran out changes nothing, however late its
+/// statement arrives. Built from what the membership last claimed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fence {
+    /// The table whose leases these are (its oid when the member registered).
+    pub table_oid: i64,
+    pub member: i64,
+    /// The table's partition count: a key's partition depends on it.
+    pub partitions: u32,
+    /// The partitions held, ascending, and the epoch each was claimed at.
+    pub owned: Vec<i32>,
+    pub epochs: Vec<i64>,
+}
+
+impl Fence {
+    /// `member`'s fence over `owned` (partition, epoch) pairs.
+    pub fn new(member: &Member, owned: impl IntoIterator<Item = (Partition, i64)>) -> Fence {
+        let (owned, epochs) = owned.into_iter().map(|(p, e)| (p as i32, e)).unzip();
+        Fence {
+            table_oid: member.table_oid,
+            member: member.id as i64,
+            partitions: member.partitions,
+            owned,
+            epochs,
+        }
+    }
+
+    /// Holds every partition of the table (a single relay, or one channel of one).
+    pub fn holds_all(&self) -> bool {
+        self.owned.len() as u32 == self.partitions
+    }
+
+    /// The same fence restricted to the partitions `keep` accepts (one channel's share).
+    pub fn only(&self, keep: impl Fn(u32) -> bool) -> Fence {
+        let (owned, epochs) = self
+            .owned
+            .iter()
+            .zip(&self.epochs)
+            .filter(|(p, _)| keep(**p as u32))
+            .map(|(p, e)| (*p, *e))
+            .unzip();
+        Fence {
+            owned,
+            epochs,
+            ..self.clone()
+        }
+    }
+}
+
+/// A key's partition, in SQL, for the key expression `key` and the partition count in
+/// parameter `$count`: `(hashtextextended(key, 0) & 2147483647) % partitions`. Stable across
+/// releases and servers (PostgreSQL's own hash of text, seed 0), so an operator can compute it.
+pub(crate) fn partition_of(key: &str, count: usize) -> String {
+    format!("((hashtextextended({key}, 0) & 2147483647) % ${count})::int4")
+}
+
+/// The fence's predicate for the row or key whose ordering key is `key`, over the fence's five
+/// parameters from `$first` (table oid, member, partitions, epochs, partition count: the order
+/// [`bind_fence!`] binds them in): true only while the member holds the key's partition at the
+/// epoch it claimed it and its lease has not run out, as the database's clock reads now.
+pub(crate) fn fenced(key: &str, first: usize) -> String {
+    let [oid, member, parts, epochs, count] = std::array::from_fn(|i| first + i);
+    format!(
+        "{part} IN (SELECT f.p FROM unnest(${parts}::int4[], ${epochs}::int8[]) AS f(p, e) \
+           JOIN outbox_relay.leases fl ON fl.table_oid = ${oid} AND fl.partition = f.p \
+             AND fl.owner = ${member} AND fl.epoch = f.e \
+           JOIN outbox_relay.members fm ON fm.table_oid = fl.table_oid AND fm.member = fl.owner \
+           WHERE fm.expires_at > clock_timestamp())",
+        part = partition_of(key, count)
+    )
+}
+
+/// Binds a [`Fence`]'s five parameters, in [`fenced`]'s order.
+macro_rules! bind_fence {
+    ($query:expr, $fence:expr) => {
+        $query
+            .bind($fence.table_oid)
+            .bind($fence.member)
+            .bind(&$fence.owned)
+            .bind(&$fence.epochs)
+            .bind($fence.partitions as i32)
+    };
+}
+pub(crate) use bind_fence;
 
 /// What a heartbeat found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,10 +182,25 @@ impl Leases {
         Leases { pool, table, lease }
     }
 
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
     /// Registers a new member named `name` (host and process, for `status`), live for one
     /// lease. Creates the table's lease rows on first use with `partitions`, and refuses a
     /// different count later.
     pub async fn register(&self, name: &str, partitions: u32) -> Result<Member, LeaseError> {
+        self.register_in(name, partitions, None).await
+    }
+
+    /// [`Leases::register`] from `session`, the coordination session holding the table's lock
+    /// (see [`Member::session`]).
+    pub async fn register_in(
+        &self,
+        name: &str,
+        partitions: u32,
+        session: Option<LockGuard>,
+    ) -> Result<Member, LeaseError> {
         let mut tx = self.pool.begin().await.map_err(DbError::from)?;
         let oid: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::bigint")
             .bind(self.table.quoted())
@@ -123,22 +238,26 @@ impl Leases {
         .execute(&mut *tx)
         .await
         .map_err(DbError::from)?;
-        // Members whose lease ran out leave no rows behind; their partitions are free.
-        sqlx::query(
-            "DELETE FROM outbox_relay.members
-             WHERE table_oid = $1 AND expires_at <= clock_timestamp()",
-        )
+        // Dead members leave no rows behind; their partitions are free.
+        sqlx::query(&format!(
+            "DELETE FROM outbox_relay.members m WHERE m.table_oid = $1 AND {DEAD}"
+        ))
         .bind(table_oid)
         .execute(&mut *tx)
         .await
         .map_err(DbError::from)?;
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox_relay.members (table_oid, name, expires_at)
-             VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3)) RETURNING member",
+            "INSERT INTO outbox_relay.members
+                 (table_oid, name, expires_at, session_pid, lock_classid, lock_objid)
+             VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3), $4, $5, $6)
+             RETURNING member",
         )
         .bind(table_oid)
         .bind(name)
         .bind(self.lease.as_secs_f64())
+        .bind(session.map(|s| s.pid))
+        .bind(session.map(|s| s.classid))
+        .bind(session.map(|s| s.objid))
         .fetch_one(&mut *tx)
         .await
         .map_err(DbError::from)?;
@@ -147,29 +266,51 @@ impl Leases {
             table_oid,
             id: id as MemberId,
             partitions,
+            session,
         })
     }
 
-    /// Renews `member`'s lease, if it has not run out, and reads the live members and the
-    /// member's own partitions: one statement.
+    /// Registers a member and claims every partition, for one lease: the fence of a writer
+    /// that is the table's only one (the bench's database-only run, tests of the relay's
+    /// parts). Fails when another member holds any partition.
+    pub async fn fence_all(&self, name: &str, partitions: u32) -> Result<Fence, LeaseError> {
+        let member = self.register(name, partitions).await?;
+        let owned = self.claim(&member, partitions).await?;
+        if owned.len() as u32 != partitions {
+            return Err(LeaseError::Db(DbError::Refused(format!(
+                "{}: {} of {partitions} partitions are held by other members",
+                self.table,
+                partitions - owned.len() as u32
+            ))));
+        }
+        Ok(Fence::new(&member, owned))
+    }
+
+    /// Renews `member`'s lease, if it has not run out (and notes its coordination session,
+    /// which may have been opened anew), and reads the live members and the member's own
+    /// partitions: one statement.
     pub async fn heartbeat(&self, member: &Member) -> Result<Heartbeat, DbError> {
-        let row = sqlx::query(
+        let row = sqlx::query(&format!(
             "WITH renewed AS (
                  UPDATE outbox_relay.members
-                 SET expires_at = clock_timestamp() + make_interval(secs => $3)
+                 SET expires_at = clock_timestamp() + make_interval(secs => $3),
+                     session_pid = $4, lock_classid = $5, lock_objid = $6
                  WHERE table_oid = $1 AND member = $2 AND expires_at > clock_timestamp()
                  RETURNING member)
              SELECT EXISTS (SELECT 1 FROM renewed) AS renewed,
-                    ARRAY(SELECT member FROM outbox_relay.members
-                          WHERE table_oid = $1 AND expires_at > now()) AS live,
+                    ARRAY(SELECT m.member FROM outbox_relay.members m
+                          WHERE m.table_oid = $1 AND (m.member = $2 OR NOT {DEAD})) AS live,
                     ARRAY(SELECT partition FROM outbox_relay.leases
                           WHERE table_oid = $1 AND owner = $2 ORDER BY partition) AS partitions,
                     ARRAY(SELECT epoch FROM outbox_relay.leases
-                          WHERE table_oid = $1 AND owner = $2 ORDER BY partition) AS epochs",
-        )
+                          WHERE table_oid = $1 AND owner = $2 ORDER BY partition) AS epochs"
+        ))
         .bind(member.table_oid)
         .bind(member.id as i64)
         .bind(self.lease.as_secs_f64())
+        .bind(member.session.map(|s| s.pid))
+        .bind(member.session.map(|s| s.classid))
+        .bind(member.session.map(|s| s.objid))
         .fetch_one(&self.pool)
         .await?;
         if !row.try_get::<bool, _>("renewed")? {
@@ -201,11 +342,11 @@ impl Leases {
         // heartbeat that comes after finds no row, so a member can never believe it renewed a
         // lease another member took. The clock is read when each row is checked
         // (`clock_timestamp()`), not when the statement began.
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "WITH dead AS (
-                 DELETE FROM outbox_relay.members
-                 WHERE table_oid = $1 AND expires_at <= clock_timestamp()
-                 RETURNING member),
+                 DELETE FROM outbox_relay.members m
+                 WHERE m.table_oid = $1 AND m.member <> $2 AND {DEAD}
+                 RETURNING m.member),
              free AS (
                  SELECT f.partition FROM outbox_relay.leases f
                  WHERE f.table_oid = $1
@@ -222,8 +363,8 @@ impl Leases {
                AND EXISTS (SELECT 1 FROM outbox_relay.members me
                            WHERE me.table_oid = $1 AND me.member = $2
                              AND me.expires_at > clock_timestamp())
-             RETURNING l.partition, l.epoch",
-        )
+             RETURNING l.partition, l.epoch"
+        ))
         .bind(member.table_oid)
         .bind(member.id as i64)
         .bind(i64::from(wanted))

@@ -6,18 +6,19 @@
 use crate::env::TestEnv;
 
 impl TestEnv {
-    /// Terminates only the session holding the table's advisory lock (the relay's lock and
-    /// LISTEN session); returns how many were terminated.
-    pub async fn terminate_lock_session(&self) -> i64 {
+    /// Terminates only the coordination session (the table's lock and LISTEN) of the relay
+    /// owning partition `partition` of the table; returns how many were terminated.
+    pub async fn terminate_owner_session(&self, partition: i32) -> i64 {
         sqlx::query_scalar(
-            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
-             JOIN pg_database d ON d.oid = l.database \
-             WHERE d.datname = $1 AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1",
+            "SELECT count(pg_terminate_backend(m.session_pid)) FROM outbox_relay.leases l \
+             JOIN outbox_relay.members m ON m.table_oid = l.table_oid AND m.member = l.owner \
+             WHERE l.table_oid = $1::regclass::oid::bigint AND l.partition = $2",
         )
-        .bind(&self.db)
+        .bind(crate::rows::quoted_table(&self.table))
+        .bind(partition)
         .fetch_one(&self.pool)
         .await
-        .expect("terminate the lock session")
+        .expect("terminate the owner's coordination session")
     }
 
     /// Terminates this test database's sessions opened by the relay (never the test's own).

@@ -708,11 +708,21 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
                 LockState::Down(e) => anyhow::bail!("pg-only: {e}"),
             }
         };
+        // The table's only writer: one member holding every partition, as a lone relay does.
+        let fence = outbox_relay::store::leases::Leases::new(
+            store.pool().clone(),
+            table.clone(),
+            Duration::from_secs(600),
+        )
+        .fence_all("bench pg-only", 256)
+        .await?;
         let (mut fetch, mut mark, mut done) = (Duration::ZERO, Duration::ZERO, 0u64);
         let started = Instant::now();
         loop {
             let t = Instant::now();
-            let rows = store.fetch_due(&sql, &guard, plan.batch_size, &[]).await?;
+            let rows = store
+                .fetch_due(&sql, &guard, &fence, plan.batch_size, &[])
+                .await?;
             fetch += t.elapsed();
             if rows.is_empty() {
                 break;
@@ -720,7 +730,7 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
             let t = Instant::now();
             let oid = rows.first().map_or(0, |r| r.table_oid);
-            store.mark_published(&sql, &ids, oid).await?;
+            store.mark_published(&sql, &ids, oid, &fence).await?;
             mark += t.elapsed();
             done += ids.len() as u64;
         }

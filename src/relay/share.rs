@@ -1,0 +1,160 @@
+//! One table relay's share of its table's partitions: what the membership holds
+//! (`cluster::member`), narrowed to the relay's channel (partition p goes out on channel
+//! p % channels), as the fence its writes carry and the instant its publishing must stop.
+//! Also the other way: the relay's acknowledgement that nothing of the partitions it gave up
+//! is in flight any more, which lets the membership release them.
+//!
+//! Invariant: a relay publishes a partition only while the last [`Turn`] it took holds it and
+//! its `until` has not passed; it acknowledges a generation only once its window is empty and
+//! its marks are written.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::cluster::assignment::{MemberId, Partition};
+use crate::cluster::member::Ownership;
+use crate::store::Fence;
+
+/// What a relay may do this turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ShareState {
+    /// It owns partitions (in its channel) and may publish them until `until`.
+    Owns(Turn),
+    /// Registered or not, it owns nothing in its channel: a standby, ready.
+    Nothing,
+    /// Its leases could not be renewed in time: it must publish nothing until the membership
+    /// renews them, or they run out and it registers again.
+    Expiring,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Turn {
+    pub member: MemberId,
+    pub fence: Fence,
+    pub until: Instant,
+    /// The membership's generation this turn was taken at (see [`Share::ack`]).
+    pub generation: u64,
+}
+
+/// The acknowledgements of one table's relays, the lowest of which the membership sees.
+pub struct Acks {
+    acked: Mutex<Vec<u64>>,
+    settled: watch::Sender<u64>,
+}
+
+impl Acks {
+    pub fn new(channels: u32, settled: watch::Sender<u64>) -> Arc<Acks> {
+        Arc::new(Acks {
+            acked: Mutex::new(vec![0; channels as usize]),
+            settled,
+        })
+    }
+
+    fn ack(&self, channel: u32, generation: u64) {
+        let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        acked[channel as usize] = acked[channel as usize].max(generation);
+        let lowest = acked.iter().copied().min().unwrap_or(generation);
+        self.settled.send_if_modified(|s| {
+            let moved = lowest > *s;
+            *s = (*s).max(lowest);
+            moved
+        });
+    }
+}
+
+/// One relay's view of the membership.
+pub struct Share {
+    ownership: watch::Receiver<Ownership>,
+    acks: Arc<Acks>,
+    channel: u32,
+    channels: u32,
+    /// The table's partition count.
+    partitions: u32,
+    acked: u64,
+}
+
+impl Share {
+    /// The share of channel `channel` of `channels` of a table of `partitions` partitions.
+    pub fn new(
+        ownership: watch::Receiver<Ownership>,
+        acks: Arc<Acks>,
+        channel: u32,
+        channels: u32,
+        partitions: u32,
+    ) -> Share {
+        Share {
+            ownership,
+            acks,
+            channel,
+            channels,
+            partitions,
+            acked: 0,
+        }
+    }
+
+    /// What the relay may do now (and the membership's state, seen: [`Share::changed`] waits
+    /// for the next change after it).
+    pub(crate) fn state(&mut self) -> ShareState {
+        let (channel, channels) = (self.channel, self.channels);
+        let own = self.ownership.borrow_and_update();
+        let Some(member) = own.member else {
+            return ShareState::Nothing;
+        };
+        let owned: Vec<(Partition, i64)> = own
+            .partitions
+            .iter()
+            .filter(|(p, _)| **p % channels == channel)
+            .map(|(p, e)| (*p, *e))
+            .collect();
+        if owned.is_empty() {
+            return ShareState::Nothing;
+        }
+        match own.until {
+            Some(until) if Instant::now() < until => ShareState::Owns(Turn {
+                member,
+                fence: Fence {
+                    table_oid: own.table_oid,
+                    member: member as i64,
+                    partitions: self.partitions,
+                    owned: owned.iter().map(|(p, _)| *p as i32).collect(),
+                    epochs: owned.iter().map(|(_, e)| *e).collect(),
+                },
+                until,
+                generation: own.generation,
+            }),
+            _ => ShareState::Expiring,
+        }
+    }
+
+    /// The membership's generation now: partitions left the set since the relay acknowledged
+    /// when it is above what [`Share::ack`] last said.
+    pub fn generation(&self) -> u64 {
+        self.ownership.borrow().generation
+    }
+
+    /// True when partitions left the set since the last acknowledgement.
+    pub fn must_settle(&self) -> bool {
+        self.generation() > self.acked
+    }
+
+    /// Nothing of the partitions that left the set by `generation` is in flight or unmarked.
+    pub fn ack(&mut self, generation: u64) {
+        self.acked = self.acked.max(generation);
+        self.acks.ack(self.channel, self.acked);
+    }
+
+    /// The relay stopped with everything settled: whatever leaves the set from now on is
+    /// settled too.
+    pub fn ack_all(&mut self) {
+        self.ack(u64::MAX);
+    }
+
+    /// Resolves when the membership changed after it was last read with [`Share::state`].
+    pub async fn changed(&mut self) {
+        if self.ownership.changed().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    }
+}
