@@ -1,7 +1,7 @@
 //! What a table's partition leases say, read from the relay's own rows
 //! (`outbox_relay.lease_tables`, `leases`, `members`) and its log: how many partitions the
 //! table has, a key's partition, who owns which partition, and which member a relay process
-//! registered as. Only reads; never writes a lease row.
+//! registered as. Only reads (and analyzes); never writes a lease row.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -28,6 +28,18 @@ pub async fn partitions(pool: &PgPool, table_oid: i64) -> anyhow::Result<Option<
             .await
             .context("reading outbox_relay.lease_tables")?;
     Ok(n.map(|n| n.max(0) as u32))
+}
+
+/// Fresh planner statistics of the lease tables, as autovacuum leaves them once the relays
+/// ran for a while. A new database has none, and without them PostgreSQL plans the relay's
+/// fenced mark as a nested loop over every partition for every row (seconds for a batch of
+/// 1,000 rows: past the statement timeout); the drains measure the relays at rest, not that.
+pub async fn analyze(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("ANALYZE outbox_relay.lease_tables, outbox_relay.members, outbox_relay.leases")
+        .execute(pool)
+        .await
+        .context("analyzing the lease tables")?;
+    Ok(())
 }
 
 /// Each key's partition, as the relay computes it (the documented hash, in SQL).

@@ -347,6 +347,8 @@ pub struct Failover {
     pub lost: u64,
     pub duplicates: u64,
     pub faults: Vec<Fault>,
+    /// What went wrong besides the figures (a relay that would not stop).
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,6 +385,8 @@ pub struct Fault {
     pub victim_partitions: u32,
     /// For each of them with a row inserted after the fault: fault -> its first arrival, sorted.
     pub partition_resumed_ms: Vec<f64>,
+    /// What went wrong after the takeover (a paused relay that did not come back).
+    pub note: Option<String>,
 }
 
 pub struct Report {
@@ -1176,9 +1180,10 @@ impl ScaleOut {
         median(self.raw.iter().map(|r| r.events_per_s))
     }
 
-    /// Where adding relays stops paying (one channel each): the gain of each step, and the
-    /// first number of relays that adds less than 10 % over one fewer.
-    fn flattening(&self) -> (Vec<(u32, f64)>, Option<u32>) {
+    /// Where adding relays stops paying (one channel each): each number of relays' events/s
+    /// over one relay's, and the first step of the grid (from, to relays) that adds less than
+    /// 10 %.
+    fn flattening(&self) -> (Vec<(u32, f64)>, Option<(u32, u32)>) {
         let mut one_channel: Vec<(u32, f64)> = self
             .cells
             .iter()
@@ -1196,7 +1201,7 @@ impl ScaleOut {
         let flat = one_channel
             .windows(2)
             .find(|w| w[1].1 < w[0].1 * 1.1)
-            .map(|w| w[1].0);
+            .map(|w| (w[0].0, w[1].0));
         (gains, flat)
     }
 
@@ -1226,7 +1231,12 @@ impl ScaleOut {
             .collect();
         let verdict = if busy >= 0.9 {
             format!(
-                "CPU-bound: the machine's CPUs, shared by the broker, PostgreSQL and the relays, are the limit, {} first",
+                "CPU-bound: the machine's CPUs, shared by the broker, PostgreSQL and the relays, are the limit, {} the largest user",
+                users[0].0
+            )
+        } else if busy >= 0.75 {
+            format!(
+                "close to CPU-bound (the rest is waits: round trips, confirms), {} the largest user",
                 users[0].0
             )
         } else {
@@ -1284,6 +1294,7 @@ impl ScaleOut {
                 "partition_resumed_ms_p50": (!f.partition_resumed_ms.is_empty())
                     .then(|| round(percentile(&f.partition_resumed_ms, 50.0), 1)),
                 "partition_resumed_ms_max": f.partition_resumed_ms.last().map(|m| round(*m, 1)),
+                "note": f.note,
             })).collect::<Vec<_>>(),
         })
     }
@@ -1299,7 +1310,7 @@ impl ScaleOut {
             "raw_events_per_s": round(raw, 1),
             "cells": self.cells.iter().map(|c| c.json(self.rows, raw)).collect::<Vec<_>>(),
             "one_channel_gain_over_one_relay": gains.iter().map(|(relays, g)| json!({"relays": relays, "gain": round(*g, 3)})).collect::<Vec<_>>(),
-            "flat_from_relays": flat,
+            "no_gain_from_relays": flat.map(|(from, to)| json!({"from": from, "to": to})),
             "limit": self.limit(),
             "timings": {
                 "heartbeat_s": t.heartbeat.as_secs_f64(),
@@ -1315,6 +1326,7 @@ impl ScaleOut {
                 "committed": f.committed,
                 "lost": f.lost,
                 "duplicates": f.duplicates,
+                "notes": f.notes,
                 "sigkill": self.faults_json(FaultKind::Kill),
                 "sigstop": self.faults_json(FaultKind::Pause),
                 "measured": "resumed: fault -> the first arrival of a row of the faulted owner's probe-key partition inserted after the fault (only a new owner can have published it); \
@@ -1382,9 +1394,10 @@ impl ScaleOut {
                 "{:<11}   curve (1 channel, vs 1 relay): {}; {}\n",
                 "",
                 steps.join(", "),
-                flat.map_or("no flattening within the grid".to_owned(), |k| format!(
-                    "flat from {k} relays (< 10% over one fewer)"
-                ))
+                flat.map_or(
+                    "each step adds 10% or more".to_owned(),
+                    |(from, to)| format!("no gain from {from} to {to} relays (< 10% more)")
+                )
             );
         }
         if let Some(limit) = self.limit() {
@@ -1430,7 +1443,13 @@ impl ScaleOut {
                             )
                         }
                     );
+                    if let Some(note) = &fault.note {
+                        s += &format!("{:<11}       {note}\n", "");
+                    }
                 }
+            }
+            for note in &f.notes {
+                s += &format!("{:<11}     {note}\n", "");
             }
             s += &format!(
                 "{:<11}     {} rows in {:.0} s: {} lost, {} duplicates\n",

@@ -40,6 +40,10 @@ pub const TIMINGS: LeaseTimings = LeaseTimings {
 /// How long the relays may take to share the partitions after a start, a join or a fault.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
+/// How long a relay continued after SIGSTOP may take to register again and take its share
+/// (a few heartbeats).
+const REJOIN_LIMIT: Duration = Duration::from_secs(20);
+
 /// How often the lease rows are read while waiting for a rebalance.
 const SETTLE_POLL: Duration = Duration::from_millis(50);
 
@@ -174,6 +178,7 @@ async fn drain(
         return Ok((Drained::NotDelivered(short), None));
     }
     let settle_s = started.elapsed().as_secs_f64();
+    leases::analyze(pool).await?;
 
     let consumer = env.consumer()?;
     let all_received = consumer.expect(tag, rows as usize, false);
@@ -253,8 +258,10 @@ async fn failover(
     let outcome = faults(env, plan, table, oid, &mut fleet, &mut started).await;
     fleet.read_logs(log);
     let stopped = fleet.stop().await;
-    let failover = outcome?;
-    stopped?;
+    let mut failover = outcome?;
+    if let Err(e) = stopped {
+        failover.notes.push(format!("stopping the relays: {e:#}"));
+    }
     Ok(failover)
 }
 
@@ -270,6 +277,7 @@ async fn faults(
 ) -> anyhow::Result<Failover> {
     let pool = env.pool()?;
     fleet.settle(pool, &fleet.running(), SETTLE_LIMIT).await?;
+    leases::analyze(pool).await?;
     let partitions = leases::partitions(pool, oid)
         .await?
         .ok_or_else(|| anyhow::anyhow!("scale-out: {table} has no partition leases"))?;
@@ -300,7 +308,10 @@ async fn faults(
                 fault.partitions.len(),
                 fault.taken_over_ms
             );
-            if kind == FaultKind::Kill {
+            if let Some(note) = &fault.note {
+                eprintln!("  scale-out failover: {note}");
+            }
+            if fault.replace {
                 // A replacement joins, as systemd would restart the killed relay.
                 let config = relay_config(env, plan, table, 1);
                 fleet.add(env, config, &format!("fo-r{started}"))?;
@@ -343,6 +354,7 @@ async fn faults(
         .map(|f| f.measure(&committed, probe, &partition, &received))
         .collect();
     Ok(Failover {
+        notes: Vec::new(),
         relays: FAILOVER_RELAYS as u32,
         offered_rate: LOAD_RATE,
         probe_rate: LOAD_RATE / PROBE_EVERY as u32,
@@ -361,10 +373,15 @@ struct Injected {
     /// The faulted relay's partitions at the fault.
     partitions: Vec<u32>,
     taken_over_ms: f64,
+    /// The faulted relay is gone (killed) and a new one should take its place.
+    replace: bool,
+    /// What went wrong after the takeover (a paused relay that did not come back).
+    note: Option<String>,
 }
 
 /// Faults the owner of partition `probe` and waits until the other relays share every
-/// partition; a paused relay is then continued and waited for until it shares them again.
+/// partition; a paused relay is then continued and waited for until it shares them again
+/// (one that does not within `REJOIN_LIMIT` is noted and SIGKILLed, to be replaced).
 async fn inject(
     pool: &PgPool,
     fleet: &mut Fleet,
@@ -395,15 +412,25 @@ async fn inject(
         fleet.signal(victim, libc::SIGCONT)?;
     }
     let taken = taken?;
+    let (mut replace, mut note) = (kind == FaultKind::Kill, None);
     if kind == FaultKind::Pause {
         // It wakes to a lease that ran out: it must register again and be given its share.
-        fleet.settle(pool, &fleet.running(), SETTLE_LIMIT).await?;
+        if let Err(e) = fleet.settle(pool, &fleet.running(), REJOIN_LIMIT).await {
+            note = Some(format!(
+                "the relay continued after SIGSTOP did not take a share again: {e:#}"
+            ));
+            // It may not answer SIGTERM either.
+            fleet.kill(victim).await?;
+            replace = true;
+        }
     }
     Ok(Injected {
         kind,
         at,
         partitions,
         taken_over_ms: taken.saturating_duration_since(at).as_secs_f64() * 1000.0,
+        replace,
+        note,
     })
 }
 
@@ -451,6 +478,7 @@ impl Injected {
             taken_over_ms: self.taken_over_ms,
             victim_partitions: self.partitions.len() as u32,
             partition_resumed_ms,
+            note: self.note,
         }
     }
 }
@@ -523,10 +551,10 @@ impl Load {
     }
 
     /// Stops the producers and returns every row they committed.
-    async fn stop(self) -> anyhow::Result<Vec<Committed>> {
+    async fn stop(mut self) -> anyhow::Result<Vec<Committed>> {
         self.stop.store(true, Ordering::Relaxed);
         let mut all = Vec::new();
-        for producer in self.producers {
+        for producer in std::mem::take(&mut self.producers) {
             all.extend(
                 producer
                     .await?
@@ -534,6 +562,13 @@ impl Load {
             );
         }
         Ok(all)
+    }
+}
+
+impl Drop for Load {
+    /// A failover that ends early stops its producers too (they are detached tasks).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

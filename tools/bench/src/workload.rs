@@ -109,7 +109,9 @@ async fn seed_with(
 }
 
 /// As [`seed`], in one transaction: every row becomes visible to the relays at once, when it
-/// commits. Returns the moment the commit was acknowledged.
+/// commits. The table is analyzed in the same transaction (ANALYZE counts the transaction's own
+/// rows), so the relays plan their statements for the backlog as after [`vacuum_analyze`] of
+/// the other drains. Returns the moment the commit was acknowledged.
 pub async fn seed_at_once(
     pool: &PgPool,
     table: &TableName,
@@ -128,6 +130,10 @@ pub async fn seed_at_once(
         PAYLOAD_SQL,
     )
     .await?;
+    sqlx::query(&format!("ANALYZE {}", table.quoted()))
+        .execute(&mut *transaction)
+        .await
+        .with_context(|| format!("analyzing {table}"))?;
     transaction
         .commit()
         .await
