@@ -1175,6 +1175,14 @@ impl ScaleCell {
     }
 }
 
+/// Events/s with one channel per relay as the relays grow (over one relay's), and the first
+/// step of the grid (from, to relays) that adds less than 10 %.
+#[derive(Debug, Default)]
+struct Curve {
+    gains: Vec<(u32, f64)>,
+    no_gain: Option<(u32, u32)>,
+}
+
 impl ScaleOut {
     fn raw_events_per_s(&self) -> f64 {
         median(self.raw.iter().map(|r| r.events_per_s))
@@ -1183,7 +1191,7 @@ impl ScaleOut {
     /// Where adding relays stops paying (one channel each): each number of relays' events/s
     /// over one relay's, and the first step of the grid (from, to relays) that adds less than
     /// 10 %.
-    fn flattening(&self) -> (Vec<(u32, f64)>, Option<(u32, u32)>) {
+    fn flattening(&self) -> Curve {
         let mut one_channel: Vec<(u32, f64)> = self
             .cells
             .iter()
@@ -1192,7 +1200,7 @@ impl ScaleOut {
             .collect();
         one_channel.sort_by_key(|(relays, _)| *relays);
         let Some(&(_, single)) = one_channel.first() else {
-            return (Vec::new(), None);
+            return Curve::default();
         };
         let gains: Vec<(u32, f64)> = one_channel
             .iter()
@@ -1202,7 +1210,10 @@ impl ScaleOut {
             .windows(2)
             .find(|w| w[1].1 < w[0].1 * 1.1)
             .map(|w| (w[0].0, w[1].0));
-        (gains, flat)
+        Curve {
+            gains,
+            no_gain: flat,
+        }
     }
 
     /// What the CPU did in the cell with the most relays: saturated or not, and who used it.
@@ -1301,7 +1312,10 @@ impl ScaleOut {
 
     fn json(&self) -> Value {
         let raw = self.raw_events_per_s();
-        let (gains, flat) = self.flattening();
+        let Curve {
+            gains,
+            no_gain: flat,
+        } = self.flattening();
         let t = &self.timings;
         json!({
             "rows": self.rows,
@@ -1383,7 +1397,10 @@ impl ScaleOut {
                 }
             }
         }
-        let (gains, flat) = self.flattening();
+        let Curve {
+            gains,
+            no_gain: flat,
+        } = self.flattening();
         if gains.len() > 1 {
             let steps: Vec<String> = gains
                 .iter()
