@@ -99,9 +99,11 @@ CREATE TABLE IF NOT EXISTS outbox_relay.leases (
 );
 CREATE INDEX IF NOT EXISTS leases_owner ON outbox_relay.leases (table_oid, owner);
 
--- The fence: true only while `member` holds `partition` of the table at `epoch` and is live.
--- Every statement that changes a row's state for the relay ANDs it in, so a deposed owner (a
--- new epoch) or one whose lease ran out (a pause, a lost connection) changes nothing.
+-- The fence for one partition: true only while `member` holds `partition` of the table at
+-- `epoch` and is live. The relay's statements inline the same check for all the partitions
+-- they touch at once (store/leases.rs, `fenced`), so a deposed owner (a new epoch) or one
+-- whose lease ran out (a pause, a lost connection) changes nothing; this function is for
+-- operators and tests asking about one partition.
 CREATE OR REPLACE FUNCTION outbox_relay.lease_held(
     p_table_oid bigint, p_partition integer, p_member bigint, p_epoch bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$

@@ -10,7 +10,7 @@ use crate::config::{ConfigError, OnPublished, OutboxSettings, Settings, TableNam
 use crate::publisher::Broker;
 use crate::shutdown::Shutdown;
 use crate::store::{
-    AdoptFrom, MappingError, Published, RetrySelector, Store, TableSql, TableStatus,
+    AdoptFrom, MappingError, Published, RetrySelector, Store, TableLeases, TableSql, TableStatus,
 };
 
 /// Publishes PostgreSQL outbox rows to RabbitMQ, in order per key, at least once.
@@ -37,7 +37,8 @@ pub enum Command {
     /// Create missing outbox tables and upgrade the relay's own objects; with --adopt, add
     /// what the relay needs to existing tables with mapped columns.
     Migrate(MigrateArgs),
-    /// Print per table: pending, due, parked, published rows and the oldest pending age.
+    /// Print per table: pending, due, parked, published rows and the oldest pending age; the
+    /// partition leases: live members, the partitions each owns, and the unowned ones.
     Status(StatusArgs),
     /// Validate the config file and reach both servers.
     CheckConfig,
@@ -295,13 +296,17 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
         .iter()
         .map(|t| TableSql::for_outbox(t, settings.retry.with_override(&t.retry).on_exhausted))
         .collect();
-    for sql in &sqls {
+    let mut leases = Vec::new();
+    for (sql, table) in sqls.iter().zip(&settings.outbox) {
         all.push(store.status(sql).await?);
+        leases.push(store.leases_status(&table.table).await?);
     }
     if args.json {
         let mut json = Vec::new();
-        for ((s, table), sql) in all.iter().zip(&settings.outbox).zip(&sqls) {
+        for (((s, table), sql), leases) in all.iter().zip(&settings.outbox).zip(&sqls).zip(&leases)
+        {
             let mut object = status_json(s, table);
+            object["leases"] = leases_json(leases.as_ref());
             if args.parked > 0 {
                 let parked = store.parked_rows(sql, args.parked).await?;
                 object["parked_rows"] = parked
@@ -344,6 +349,9 @@ async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
                     .unwrap_or_else(|| "-".into())
             );
         }
+        for (s, leases) in all.iter().zip(&leases) {
+            print_leases(&s.table, leases.as_ref());
+        }
     }
     if args.parked > 0 {
         for (table, sql) in settings.outbox.iter().zip(&sqls) {
@@ -381,6 +389,56 @@ fn status_json(s: &TableStatus, table: &OutboxSettings) -> serde_json::Value {
             OnPublished::Delete => "delete",
         },
         "retention_s": table.retention.map(|d| d.as_secs_f64()),
+    })
+}
+
+/// A table's partition leases under the status table: the counts, then one line per live
+/// member.
+fn print_leases(table: &TableName, leases: Option<&TableLeases>) {
+    let Some(leases) = leases else {
+        println!("\n{table}: no partition leases yet (no relay of this release has run on it)");
+        return;
+    };
+    println!(
+        "\n{table}: {} partitions, {} live member(s), {} unowned",
+        leases.partitions,
+        leases.members.len(),
+        leases.unowned()
+    );
+    if leases.members.is_empty() {
+        return;
+    }
+    println!(
+        "  {:>8} {:>10} {:>10}  {:<20}  NAME",
+        "MEMBER", "PARTITIONS", "EXPIRES IN", "REGISTERED"
+    );
+    for m in &leases.members {
+        println!(
+            "  {:>8} {:>10} {:>10}  {:<20}  {}",
+            m.member,
+            m.partitions,
+            format!("{:.1}s", m.expires_in.as_secs_f64()),
+            m.registered_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            m.name
+        );
+    }
+}
+
+/// `leases` in `status --json`: null while the table has none yet.
+fn leases_json(leases: Option<&TableLeases>) -> serde_json::Value {
+    let Some(leases) = leases else {
+        return serde_json::Value::Null;
+    };
+    serde_json::json!({
+        "partitions": leases.partitions,
+        "unowned": leases.unowned(),
+        "members": leases.members.iter().map(|m| serde_json::json!({
+            "member": m.member,
+            "name": m.name,
+            "registered_at": m.registered_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "expires_in_s": m.expires_in.as_secs_f64(),
+            "partitions": m.partitions,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -62,28 +62,14 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     // One retention sweeper per table with `retention`; their progress is for the metrics.
     let mut sweepers = Vec::new();
     let mut retention = Vec::new();
-    for (index, (table, sql)) in settings.outbox.iter().zip(&sqls).enumerate() {
-        if let Some(keep) = table.retention {
-            let sweeper = Sweeper::new(
-                store.clone(),
-                sql.clone(),
-                keep,
-                coordination.lock(index),
-                shutdown.clone(),
-            );
-            metrics.add_sweeper(&table.table.to_string(), sweeper.progress());
-            retention.push((table.table.clone(), sweeper.progress()));
-            sweepers.push(tokio::spawn(sweeper.run()));
-        }
-    }
     // One membership per table (its partition leases), and one relay per table and channel.
     let members_stop = tokio_util::sync::CancellationToken::new();
     let mut members = Vec::new();
     let channels = settings.relay.channels;
-    for (index, table) in settings.outbox.iter().enumerate() {
+    for (index, (table, sql)) in settings.outbox.iter().zip(&sqls).enumerate() {
         let lock = coordination.lock(index);
         let membership = member::start_in(
-            Leases::new(store.pool().clone(), table.table.clone(), settings.lease()),
+            Leases::on_store(store.clone(), table.table.clone(), settings.lease()),
             MemberSettings {
                 name: member_name(),
                 partitions: table.partitions,
@@ -94,6 +80,19 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
             Some(lock.clone()),
             members_stop.clone(),
         );
+        if let Some(keep) = table.retention {
+            let sweeper = Sweeper::new(
+                store.clone(),
+                sql.clone(),
+                keep,
+                lock.clone(),
+                membership.ownership.clone(),
+                shutdown.clone(),
+            );
+            metrics.add_sweeper(&table.table.to_string(), sweeper.progress());
+            retention.push((table.table.clone(), sweeper.progress()));
+            sweepers.push(tokio::spawn(sweeper.run()));
+        }
         let acks = Acks::new(channels, membership.settled);
         members.push(membership.task);
         let metrics = metrics.table(&table.table.to_string());

@@ -40,6 +40,8 @@ pub use coordination::{Coordination, LockGuard, LockState, TableLock};
 pub mod leases;
 pub use leases::Fence;
 use leases::{bind_fence, fenced, partition_of};
+mod members_status;
+pub use members_status::{LiveMember, TableLeases};
 mod primary;
 pub use primary::Servers;
 mod replay;

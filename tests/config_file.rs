@@ -79,6 +79,10 @@ fn the_example_config_loads_with_the_values_it_states() {
     assert!(s.relay.notify);
     assert_eq!(s.relay.shutdown_timeout, Duration::from_secs(10));
     assert_eq!(s.relay.reconnect_max_delay, Duration::from_secs(30));
+    assert_eq!(s.relay.heartbeat, Duration::from_secs(2));
+    assert_eq!(s.relay.lease, None);
+    assert_eq!(s.lease(), Duration::from_secs(66));
+    assert_eq!(s.relay.channels, 1);
 
     assert_eq!(s.retry.initial_delay, Duration::from_secs(1));
     assert_eq!(s.retry.max_delay, Duration::from_secs(300));
@@ -104,6 +108,7 @@ fn the_example_config_loads_with_the_values_it_states() {
     assert_eq!(table.retry.on_exhausted, Some(OnExhausted::HoldKey));
     assert_eq!(table.on_published, OnPublished::Mark);
     assert_eq!(table.retention, Some(Duration::from_secs(7 * 24 * 3600)));
+    assert_eq!(table.partitions, 256);
 }
 
 #[test]
@@ -154,7 +159,10 @@ exchange = "events"
             e.max_in_flight,
             e.notify,
             e.shutdown_timeout,
-            e.reconnect_max_delay
+            e.reconnect_max_delay,
+            e.heartbeat,
+            example.lease(),
+            e.channels
         ),
         (
             d.batch_size,
@@ -162,9 +170,13 @@ exchange = "events"
             d.max_in_flight,
             d.notify,
             d.shutdown_timeout,
-            d.reconnect_max_delay
+            d.reconnect_max_delay,
+            d.heartbeat,
+            defaults.lease(),
+            d.channels
         )
     );
+    assert_eq!(example.outbox[0].partitions, defaults.outbox[0].partitions);
     let (e, d) = (&example.retry, &defaults.retry);
     assert_eq!(
         (
@@ -249,6 +261,13 @@ fn the_example_config_mentions_every_setting_the_code_knows() {
             // made): shown commented out, its keys checked below. `mapping` is what load
             // resolves them into, not a key.
             "columns" | "debezium" | "mapping" => continue,
+            // Derived from other settings unless set: shown commented out with its default.
+            "lease" => {
+                if !example.contains("# lease = ") {
+                    missing.push("lease (commented out)".to_owned());
+                }
+                continue;
+            }
             // The alternative to `url` (one of the two, never both): shown commented out.
             "url_file" => {
                 if !example.contains("# url_file = ") {

@@ -225,10 +225,16 @@ async fn an_idle_relay_polling_every_twenty_seconds_stays_live_and_wakes_on_noti
         assert_eq!(http_get(&addr, "/live").await.0, 200, "at second {second}");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // Idle costs the database about one statement per poll interval (two polls here), plus
-    // this test's own reads: nothing like a loop.
+    // Idle costs the database about one statement per poll interval (two polls here) and one
+    // lease renewal per heartbeat (twelve at the default 2 s; each renewal also takes a pooled
+    // connection, whose check counts as a transaction of its own), plus this test's own reads:
+    // nothing like a loop (a relay turning idle would run hundreds).
     let idle = transactions().await - before;
-    assert!(idle <= 20, "{idle} transactions in 24 idle seconds");
+    eprintln!("{idle} transactions in 24 idle seconds");
+    assert!(
+        idle <= 20 + 2 * 12,
+        "{idle} transactions in 24 idle seconds"
+    );
     let ids = env.insert(&rows_over_keys("late", 2, 4)).await;
     let received = env.consumer.wait_for(ids.len()).await;
     assert_eq!(first_deliveries(&received).len(), 4);

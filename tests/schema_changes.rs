@@ -234,7 +234,10 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
             "CREATE ROLE \"{role}\" LOGIN; GRANT USAGE ON SCHEMA public TO \"{role}\"; \
              GRANT SELECT, UPDATE ON public.outbox TO \"{role}\"; \
              GRANT USAGE ON SCHEMA outbox_relay TO \"{role}\"; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay.held_keys TO \"{role}\";"
+             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay.held_keys TO \"{role}\"; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay.lease_tables, \
+                 outbox_relay.members, outbox_relay.leases TO \"{role}\"; \
+             GRANT USAGE ON SEQUENCE outbox_relay.member_seq TO \"{role}\";"
         ),
     )
     .await;
@@ -289,7 +292,10 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
         &env,
         &format!(
             "REVOKE ALL ON public.outbox FROM \"{role}\"; REVOKE USAGE ON SCHEMA public FROM \"{role}\"; \
-             REVOKE ALL ON outbox_relay.held_keys FROM \"{role}\"; REVOKE USAGE ON SCHEMA outbox_relay FROM \"{role}\"; \
+             REVOKE ALL ON outbox_relay.held_keys FROM \"{role}\"; \
+             REVOKE ALL ON outbox_relay.lease_tables, outbox_relay.members, outbox_relay.leases FROM \"{role}\"; \
+             REVOKE ALL ON SEQUENCE outbox_relay.member_seq FROM \"{role}\"; \
+             REVOKE USAGE ON SCHEMA outbox_relay FROM \"{role}\"; \
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
              DROP ROLE \"{role}\";"
         ),

@@ -5,9 +5,11 @@
 
 use std::time::Duration;
 
+use outbox_relay::cluster::member::{self, MemberSettings};
 use outbox_relay::config::{OnExhausted, Settings, TableName};
 use outbox_relay::relay::{SweepStep, Sweeper};
 use outbox_relay::shutdown::Shutdown;
+use outbox_relay::store::leases::Leases;
 use outbox_relay::store::{Coordination, LockState, Store, TableSql};
 use outbox_relay_testkit::prelude::*;
 
@@ -258,7 +260,8 @@ async fn the_sweeper_deletes_only_published_rows_older_than_the_retention_under_
 }
 
 /// The sweeper of the test's table in this process, and the coordination session holding the
-/// table's lock (or standing by behind another process's).
+/// table's lock, with a membership of the table: the first one owns every partition, a second
+/// one (another process's) none, so only the first sweeps.
 async fn sweeper(env: &TestEnv, retention: Duration) -> (Sweeper, Coordination, Store) {
     let settings = Settings::load(&env.config_path).expect("the test's config");
     let store = Store::connect(&settings.postgres).await.unwrap();
@@ -278,7 +281,33 @@ async fn sweeper(env: &TestEnv, retention: Duration) -> (Sweeper, Coordination, 
     while matches!(lock.state(), LockState::Connecting) {
         lock.changed().await;
     }
-    let sweeper = Sweeper::new(store.clone(), sql, retention, lock, Shutdown::new());
+    let membership = member::start_in(
+        Leases::new(store.pool().clone(), table, settings.lease()),
+        MemberSettings {
+            name: "table_growth".into(),
+            partitions: settings.outbox[0].partitions,
+            lease: settings.lease(),
+            heartbeat: settings.relay.heartbeat,
+            settle_margin: settings.settle_margin(),
+        },
+        Some(lock.clone()),
+        // Ends with the test (the membership's lease runs out with it).
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let mut ownership = membership.ownership.clone();
+    // Registered, and done claiming what was free (all of it, or nothing).
+    ownership
+        .wait_for(|o| o.member.is_some() && o.until.is_some())
+        .await
+        .unwrap();
+    let sweeper = Sweeper::new(
+        store.clone(),
+        sql,
+        retention,
+        lock,
+        membership.ownership,
+        Shutdown::new(),
+    );
     (sweeper, coordination, store)
 }
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::assignment::{plan, MemberId, Partition, Plan};
 use crate::retry::RetryPolicy;
 use crate::store::leases::{Heartbeat, LeaseError, Leases, Member};
-use crate::store::{LockState, TableLock};
+use crate::store::{DbError, LockState, TableLock};
 
 /// The timings and identity of a membership.
 #[derive(Debug, Clone)]
@@ -71,6 +71,9 @@ pub struct Ownership {
     /// Grows whenever partitions leave the set; the relay acknowledges it once nothing of the
     /// partitions that left is in flight.
     pub generation: u64,
+    /// Why the member cannot take part (no such table, a changed partition count): the relay
+    /// reports it, not ready, until it is mended.
+    pub problem: Option<String>,
 }
 
 impl Ownership {
@@ -147,11 +150,28 @@ impl Membership {
                 // Waiting for the table's lock to register: look again soon.
                 Ok(()) if self.member.is_none() => {
                     self.failures = 0;
+                    self.clear_problem();
                     self.settings.heartbeat.min(Duration::from_millis(250))
                 }
                 Ok(()) => {
                     self.failures = 0;
+                    self.clear_problem();
                     self.settings.heartbeat
+                }
+                Err(
+                    e @ (LeaseError::NoTable(_)
+                    | LeaseError::PartitionsChanged { .. }
+                    | LeaseError::Db(DbError::Refused(_))),
+                ) => {
+                    self.failures += 1;
+                    let problem = e.to_string();
+                    if self.ownership.borrow().problem.as_ref() != Some(&problem) {
+                        tracing::warn!(table = %self.leases.table(), error = %e, "partition leases: cannot take part; retrying with backoff");
+                        self.ownership.send_modify(|o| o.problem = Some(problem));
+                    }
+                    backoff
+                        .delay(self.failures, rand::random::<f64>())
+                        .min(self.settings.heartbeat * 5)
                 }
                 Err(e) => {
                     self.failures += 1;
@@ -253,20 +273,38 @@ impl Membership {
         Ok(())
     }
 
+    fn clear_problem(&self) {
+        self.ownership
+            .send_if_modified(|o| o.problem.take().is_some());
+    }
+
     fn generation(&self) -> u64 {
         self.ownership.borrow().generation
     }
 
     /// Tells the relay what it may publish; a set that lost partitions is a new generation.
+    /// The relays are woken only by a change they act on: a renewal that merely moves `until`
+    /// on is read at their next turn (an idle relay stays asleep), unless the last `until` had
+    /// passed (the relay stopped publishing and waits for it).
     fn publish(&self, partitions: BTreeMap<Partition, i64>, until: Option<Instant>) {
-        self.ownership.send_modify(|now| {
-            if now.partitions.keys().any(|p| !partitions.contains_key(p)) {
+        let member = self.member.as_ref().map(|m| m.id);
+        let table_oid = self.member.as_ref().map_or(0, |m| m.table_oid);
+        self.ownership.send_if_modified(|now| {
+            let lost = now.partitions.keys().any(|p| !partitions.contains_key(p));
+            if lost {
                 now.generation += 1;
             }
-            now.member = self.member.as_ref().map(|m| m.id);
-            now.table_oid = self.member.as_ref().map_or(0, |m| m.table_oid);
+            let stopped = now.until.is_none_or(|u| Instant::now() >= u) != until.is_none();
+            let changed = lost
+                || stopped
+                || now.member != member
+                || now.table_oid != table_oid
+                || now.partitions != partitions;
+            now.member = member;
+            now.table_oid = table_oid;
             now.partitions = partitions;
             now.until = until;
+            changed
         });
     }
 

@@ -26,7 +26,7 @@ use crate::metrics::TableMetrics;
 use crate::publisher::{Broker, PublishError};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::store::{DbError, Store, TableLock, TableSql};
+use crate::store::{DbError, LockState, Store, TableLock, TableSql};
 
 use links::{Links, Unready};
 pub use marks::MarkPipeline;
@@ -144,17 +144,14 @@ impl TableRelay {
         if let Err(e) = self.marks.settle().await {
             return self.down(e.context("marking rows"));
         }
-        let guard = match self.links.ensure().await {
+        let (guard, fresh) = match self.links.ensure().await {
             Ok(ready) => {
                 if ready.fresh {
                     // A new lock session or channel: what was in flight on the old ones is
                     // unknown; it stays due and goes out again with the same message_id.
                     self.window.clear();
-                    if let Err(e) = self.marks.sweep_stale_holds(true).await {
-                        return self.down(e.context("looking for stale holds"));
-                    }
                 }
-                ready.guard
+                (ready.guard, ready.fresh)
             }
             Err(unready) => return self.unready(unready).await,
         };
@@ -164,11 +161,23 @@ impl TableRelay {
         let turn = match state {
             ShareState::Owns(turn) => turn,
             ShareState::Nothing if !settling => return self.owns_nothing().await,
+            ShareState::Registering if !settling => {
+                // Not a member yet (or again, after its lease ran out): nothing to publish.
+                self.window.clear();
+                self.turn = None;
+                self.reporter.set(Health::Starting);
+                return Step::Standby;
+            }
             // Partitions left the set: settle what is in flight with the last fence first.
-            ShareState::Nothing => match self.turn.clone() {
+            ShareState::Nothing | ShareState::Registering => match self.turn.clone() {
                 Some(turn) => turn,
                 None => return self.owns_nothing().await,
             },
+            ShareState::Unusable(problem) => {
+                self.window.clear();
+                self.reporter.set(Health::TableUnusable(problem));
+                return Step::Standby;
+            }
             ShareState::Expiring => {
                 // The leases could not be renewed in time: stop publishing before they can run
                 // out; what is in flight goes out again from their next owner.
@@ -184,12 +193,23 @@ impl TableRelay {
             // may be sent.
             self.window.clear();
         }
+        let gained = self
+            .turn
+            .as_ref()
+            .is_none_or(|t| turn.fence.owned.iter().any(|p| !t.fence.owned.contains(p)));
         self.marks.set_fence(&turn.fence);
+        if fresh || gained {
+            // New links, or partitions new to this relay: a relay that stopped between a mark
+            // and its release may have left their keys held; look once under the new fence.
+            if let Err(e) = self.marks.sweep_stale_holds(true).await {
+                return self.down(e.context("looking for stale holds"));
+            }
+        }
         let until = (!settling).then_some(turn.until);
-        let (fence, generation) = (turn.fence.clone(), turn.generation);
+        let fence = turn.fence.clone();
         self.turn = Some(turn);
         if settling && self.window.in_flight() == 0 {
-            return self.give_up(generation).await;
+            return self.give_up().await;
         }
         if !settling && self.window.has_room_to_fetch() && !self.shutdown.is_stopping() {
             let exclude: Vec<i64> = self
@@ -316,7 +336,7 @@ impl TableRelay {
     /// Partitions left the set and nothing is in flight: their marks, failures and holds are
     /// written, the rows queued for them are forgotten (the next owner reads them), and the
     /// membership may release them.
-    async fn give_up(&mut self, generation: u64) -> Step {
+    async fn give_up(&mut self) -> Step {
         if let Err(e) = self.marks.finish().await {
             return self.down(e.context("marking rows before giving partitions up"));
         }
@@ -324,8 +344,10 @@ impl TableRelay {
             // A hold or release waits for a producer's open transaction.
             return Step::Waiting;
         }
+        // Nothing is in flight and everything is written: whatever left the set by now (the
+        // turn's generation, or a later one) is settled.
         self.window.clear();
-        self.share.ack(generation);
+        self.share.ack(self.share.generation());
         Step::Batch {
             published: 0,
             failed: 0,
@@ -335,6 +357,12 @@ impl TableRelay {
     }
 
     fn down(&mut self, e: DbError) -> Step {
+        // A statement that found no server says less than the coordination session, which
+        // asked every host: no primary among them is the state to report.
+        let e = match (e, self.links.lock.current()) {
+            (DbError::Unavailable(_), LockState::Down(found @ DbError::NotPrimary(_))) => found,
+            (e, _) => e,
+        };
         match e {
             DbError::Unavailable(_) => self.store.distrust_connections(),
             // Refused as read-only: the host is not the primary (any more); the coordination
@@ -400,7 +428,9 @@ impl TableRelay {
                 break;
             }
             match self.step().await {
-                Step::Batch { .. } => continue,
+                // Back to back, but never without letting the process's other tasks (the
+                // membership, the other tables, the health endpoint) run.
+                Step::Batch { .. } => tokio::task::yield_now().await,
                 Step::Idle => self.wait_for_work().await,
                 // The coordination session is down or connecting: it retries, and says when.
                 Step::Down if !self.links.lock.is_held() => self.wait_for_lock().await,

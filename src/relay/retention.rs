@@ -1,6 +1,6 @@
 //! The retention sweeper of one table (`retention` set, `on_published = "mark"`): it deletes
 //! published rows older than the retention, in batches, while this process holds the table's
-//! lock (a standby relay does not sweep). Has no SQL of its own (`store.rs`,
+//! lock and, of several relays on the table, owns its partition 0 (the others do not sweep). Has no SQL of its own (`store.rs`,
 //! `sweep_published`).
 //!
 //! Invariant: it deletes only rows whose `published_at` is older than the retention, never a
@@ -15,6 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::watch;
+
+use crate::cluster::member::Ownership;
 use crate::config::TableName;
 use crate::shutdown::Shutdown;
 use crate::store::{DbError, LockState, Store, TableLock, TableSql};
@@ -91,6 +94,9 @@ pub struct Sweeper {
     table: TableName,
     retention: Duration,
     lock: TableLock,
+    /// The process's membership of the table: of several relays, the owner of partition 0
+    /// sweeps.
+    ownership: watch::Receiver<Ownership>,
     shutdown: Shutdown,
     progress: Arc<RetentionProgress>,
     /// The last round failed (logged once, until a round succeeds again).
@@ -99,12 +105,13 @@ pub struct Sweeper {
 
 impl Sweeper {
     /// The sweeper of the table `sql` is for, deleting published rows older than `retention`
-    /// while `lock` is held.
+    /// while `lock` is held and the membership (`ownership`) owns the table's partition 0.
     pub fn new(
         store: Store,
         sql: TableSql,
         retention: Duration,
         lock: TableLock,
+        ownership: watch::Receiver<Ownership>,
         shutdown: Shutdown,
     ) -> Self {
         Sweeper {
@@ -113,6 +120,7 @@ impl Sweeper {
             sql,
             retention,
             lock,
+            ownership,
             shutdown,
             progress: Arc::default(),
             failing: false,
@@ -127,7 +135,7 @@ impl Sweeper {
     /// One batch: deletes at most [`SWEEP_BATCH`] published rows older than the retention,
     /// oldest first, if this process holds the table's lock.
     pub async fn step(&mut self) -> Result<SweepStep, DbError> {
-        if !matches!(self.lock.state(), LockState::Held(_)) {
+        if !self.holding() {
             return Ok(SweepStep::NotHolding);
         }
         let rows = self
@@ -173,7 +181,7 @@ impl Sweeper {
     /// One sweep: batches until none is full (or the lock is lost, or shutdown), then the
     /// oldest published row's age. One log line when it deleted anything.
     async fn sweep(&mut self) -> Result<(), DbError> {
-        if !matches!(self.lock.state(), LockState::Held(_)) {
+        if !self.holding() {
             return Ok(());
         }
         if self.store.retention_index_valid(&self.table).await? != Some(true) {
@@ -221,14 +229,30 @@ impl Sweeper {
             if self.shutdown.is_stopping() {
                 return false;
             }
-            if matches!(self.lock.state(), LockState::Held(_)) {
+            if self.holding() {
                 return true;
             }
             tokio::select! {
                 _ = self.lock.changed() => {}
+                changed = self.ownership.changed() => {
+                    if changed.is_err() {
+                        // The membership ended: the process is stopping.
+                        return false;
+                    }
+                }
                 _ = self.shutdown.stopping() => return false,
             }
         }
+    }
+
+    /// The lock is held, and of the table's relays this one sweeps (it owns partition 0).
+    fn holding(&mut self) -> bool {
+        matches!(self.lock.state(), LockState::Held(_))
+            && self
+                .ownership
+                .borrow_and_update()
+                .partitions
+                .contains_key(&0)
     }
 
     /// Sleeps `pause`; false when shutdown began.

@@ -22,11 +22,15 @@ use crate::store::Fence;
 pub(crate) enum ShareState {
     /// It owns partitions (in its channel) and may publish them until `until`.
     Owns(Turn),
-    /// Registered or not, it owns nothing in its channel: a standby, ready.
+    /// The membership has not registered yet (or registers again).
+    Registering,
+    /// It owns nothing in its channel: a standby, ready.
     Nothing,
     /// Its leases could not be renewed in time: it must publish nothing until the membership
     /// renews them, or they run out and it registers again.
     Expiring,
+    /// The member cannot take part (no such table, a changed partition count).
+    Unusable(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,8 +103,11 @@ impl Share {
     pub(crate) fn state(&mut self) -> ShareState {
         let (channel, channels) = (self.channel, self.channels);
         let own = self.ownership.borrow_and_update();
+        if let Some(problem) = &own.problem {
+            return ShareState::Unusable(problem.clone());
+        }
         let Some(member) = own.member else {
-            return ShareState::Nothing;
+            return ShareState::Registering;
         };
         let owned: Vec<(Partition, i64)> = own
             .partitions

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use sqlx::{PgPool, Row};
 
-use super::{DbError, LockGuard};
+use super::{DbError, LockGuard, Store};
 use crate::cluster::assignment::{MemberId, Partition};
 use crate::config::TableName;
 
@@ -169,17 +169,45 @@ pub enum Heartbeat {
 }
 
 /// The lease statements of one table.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Leases {
-    pool: PgPool,
+    pool: Pool,
     table: TableName,
     /// How long a member stays live after its last heartbeat.
     lease: Duration,
 }
 
+/// Where the statements go: a plain pool (tests, tools), or the relay's store, whose pool
+/// follows the primary when it moves (a failover), so the leases move with the relay.
+#[derive(Clone)]
+enum Pool {
+    Plain(PgPool),
+    Store(Store),
+}
+
 impl Leases {
     pub fn new(pool: PgPool, table: TableName, lease: Duration) -> Leases {
-        Leases { pool, table, lease }
+        Leases {
+            pool: Pool::Plain(pool),
+            table,
+            lease,
+        }
+    }
+
+    /// The leases of `table` on `store`'s pool, following the primary as the relay does.
+    pub fn on_store(store: Store, table: TableName, lease: Duration) -> Leases {
+        Leases {
+            pool: Pool::Store(store),
+            table,
+            lease,
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        match &self.pool {
+            Pool::Plain(pool) => pool,
+            Pool::Store(store) => store.pool(),
+        }
     }
 
     pub fn table(&self) -> &TableName {
@@ -201,23 +229,28 @@ impl Leases {
         partitions: u32,
         session: Option<LockGuard>,
     ) -> Result<Member, LeaseError> {
-        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+        let mut tx = self.pool().begin().await.map_err(DbError::from)?;
         let oid: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::bigint")
             .bind(self.table.quoted())
             .fetch_one(&mut *tx)
             .await
             .map_err(DbError::from)?;
         let table_oid = oid.ok_or_else(|| LeaseError::NoTable(self.table.to_string()))?;
-        let stored: i32 = sqlx::query_scalar(
-            "WITH made AS (
-                 INSERT INTO outbox_relay.lease_tables (table_oid, partitions) VALUES ($1, $2)
-                 ON CONFLICT (table_oid) DO NOTHING RETURNING partitions)
-             SELECT partitions FROM made
-             UNION ALL SELECT partitions FROM outbox_relay.lease_tables WHERE table_oid = $1
-             LIMIT 1",
+        // Two statements: a member registering at the same moment may have made the row; the
+        // insert waits for its commit, and only a statement after it sees the row.
+        sqlx::query(
+            "INSERT INTO outbox_relay.lease_tables (table_oid, partitions) VALUES ($1, $2)
+             ON CONFLICT (table_oid) DO NOTHING",
         )
         .bind(table_oid)
         .bind(partitions as i32)
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::from)?;
+        let stored: i32 = sqlx::query_scalar(
+            "SELECT partitions FROM outbox_relay.lease_tables WHERE table_oid = $1",
+        )
+        .bind(table_oid)
         .fetch_one(&mut *tx)
         .await
         .map_err(DbError::from)?;
@@ -311,7 +344,7 @@ impl Leases {
         .bind(member.session.map(|s| s.pid))
         .bind(member.session.map(|s| s.classid))
         .bind(member.session.map(|s| s.objid))
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool())
         .await?;
         if !row.try_get::<bool, _>("renewed")? {
             return Ok(Heartbeat::Expired);
@@ -368,7 +401,7 @@ impl Leases {
         .bind(member.table_oid)
         .bind(member.id as i64)
         .bind(i64::from(wanted))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         let mut taken = rows
             .iter()
@@ -394,7 +427,7 @@ impl Leases {
         .bind(member.table_oid)
         .bind(member.id as i64)
         .bind(&partitions)
-        .execute(&self.pool)
+        .execute(self.pool())
         .await?;
         Ok(done.rows_affected())
     }
@@ -402,7 +435,7 @@ impl Leases {
     /// A clean stop: gives up every partition and ends the membership, in one transaction, so
     /// the others can take the partitions at their next heartbeat instead of after the lease.
     pub async fn leave(&self, member: &Member) -> Result<(), DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         sqlx::query(
             "UPDATE outbox_relay.leases SET owner = NULL, changed_at = now()
              WHERE table_oid = $1 AND owner = $2",

@@ -12,7 +12,8 @@
 //! For the relay's integration tests (`use outbox_relay_testkit::prelude::*;`): a test's
 //! private world ([`env`], set up by [`setup`]), rows written and read back ([`rows`]), what
 //! the consumer received and the assertions on it ([`received`]), the CLI ([`cli`]), real
-//! faults ([`faults`]), and waiting for events instead of sleeping ([`wait`]).
+//! faults ([`faults`]), the partition leases the relays share ([`leases`]), and waiting for
+//! events instead of sleeping ([`wait`]).
 
 pub mod cli;
 pub mod consumer;
@@ -20,6 +21,7 @@ pub mod database;
 pub mod env;
 pub mod faults;
 pub mod health;
+pub mod leases;
 pub mod metrics;
 pub mod pg_cluster;
 pub mod prelude;
