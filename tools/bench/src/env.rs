@@ -26,15 +26,17 @@ pub const LATENCY_TABLE: &str = "bench.latency_outbox";
 pub const IDLE_TABLE: &str = "bench.idle_outbox";
 pub const HISTORY_TABLE: &str = "bench.history_outbox";
 pub const HELD_KEY_TABLE: &str = "bench.held_key_outbox";
+pub const SCALE_TABLE: &str = "bench.scale_outbox";
 /// The many-tables scenario's tables are `tenants.t0` … (made by that scenario's `migrate`).
 pub const MANY_TABLES_SCHEMA: &str = "tenants";
-const TABLES: [&str; 6] = [
+const TABLES: [&str; 7] = [
     DRAIN_TABLE,
     HOT_KEY_TABLE,
     LATENCY_TABLE,
     IDLE_TABLE,
     HISTORY_TABLE,
     HELD_KEY_TABLE,
+    SCALE_TABLE,
 ];
 
 pub fn table(name: &str) -> TableName {

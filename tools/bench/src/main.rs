@@ -1,16 +1,19 @@
 //! `outbox-relay-bench`: measures the real relay binary against the broker's own limit
 //! (raw lapin publishing) in the same run, plus latency, idle cost, history, the
-//! PostgreSQL-only ceiling, two production shapes (many tables, a held key) and delete mode
-//! against mark mode. Thin: parses
+//! PostgreSQL-only ceiling, two production shapes (many tables, a held key), delete mode
+//! against mark mode, and scale-out (several relays on one table, and their failover). Thin:
+//! parses
 //! arguments, sets up and tears down the bench's own database, exchange and queue, runs the
 //! scenarios and prints the report.
 
 mod consumer;
 mod env;
+mod leases;
 mod process;
 mod raw;
 mod report;
 mod resources;
+mod scale;
 mod scenarios;
 mod shapes;
 mod workload;
@@ -64,6 +67,22 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            missing exchange (retry delay 1 h); the queue is inserted after the relay recorded
            the head's failure and stopped, so with a schema that has held keys the queued rows
            start out held, as a producer's would. Same bound as many-tables.
+
+  scale-out
+           --events rows (1,000 keys) drained by 1, 2 and 3 relay processes on one table at
+           once, with relay.channels 1 and 4 (--quick: 1 and 3 relays with 1 channel, 1 relay
+           with 4), each against raw publishing of the same backlog run just before it; the
+           baseline is the median of those raw runs. The relays start on the empty table and the
+           clock starts when the backlog, inserted in one transaction, commits, once their
+           /ready answers 200 and the lease rows show them sharing every partition fairly.
+           Relays run with heartbeat 1 s, lease 6 s, confirm_timeout 2 s, statement_timeout 2 s.
+           Then the failover: 3 relays under 500 rows/s (single-row transactions from 2
+           connections; 1 row in 5 on a probe key); the owner of the probe key's partition (from
+           outbox_relay.leases, mapped to a process by its log line \"partition leases: registered
+           member=N\") is SIGKILLed (then replaced by a new relay), later the owner at that time
+           is SIGSTOPped until the others hold its partitions and SIGCONTed (--rounds times each).
+           Figures: fault -> the first arrival of a row of that partition inserted after the
+           fault, and the gap from its last arrival before; every inserted row must arrive.
 
 Defaults: full run = 100,000 events, 10,000,000 history rows, 2 rounds, 20 s latency, 10 s idle,
 200 tables. --quick = 10,000 events, 100,000 history rows, 1 round, 5 s latency, 3 s idle, 50
@@ -155,6 +174,7 @@ enum Scenario {
     ManyTables,
     HeldKey,
     DeleteMode,
+    ScaleOut,
     All,
 }
 
@@ -312,6 +332,9 @@ async fn measure(env: &mut BenchEnv, plan: &Plan, scenario: Scenario) -> anyhow:
     }
     if wants(Scenario::DeleteMode) {
         report.delete_mode = Some(scenarios::delete_mode(env, plan).await?);
+    }
+    if wants(Scenario::ScaleOut) {
+        report.scale_out = Some(scale::scale_out(env, plan).await?);
     }
     Ok(report)
 }

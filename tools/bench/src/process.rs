@@ -25,8 +25,27 @@ pub struct RelayConfig {
     retry: Vec<(&'static str, String)>,
     /// Every table's `on_published` (`"mark"` or `"delete"`); the relay's default when unset.
     on_published: Option<&'static str>,
-    /// `health.listen`, for `GET /metrics`.
+    /// `health.listen`, for `GET /metrics` and `GET /ready`.
     health: Option<std::net::SocketAddr>,
+    /// `relay.heartbeat` and `relay.lease` with the two timeouts the lease must outlast; the
+    /// relay's defaults when unset.
+    leases: Option<LeaseTimings>,
+    /// `relay.channels`; the relay's default when unset.
+    channels: Option<u32>,
+}
+
+/// How quickly a relay's partitions move when it stops: it renews every `heartbeat`, and its
+/// leases run out `lease` after its last renewal. The relay requires
+/// `lease > heartbeat + confirm_timeout + statement_timeout` (an owner that cannot renew stops
+/// and settles before its lease can expire), so the two timeouts are set with them.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTimings {
+    pub heartbeat: Duration,
+    pub lease: Duration,
+    /// `rabbitmq.confirm_timeout`.
+    pub confirm_timeout: Duration,
+    /// `postgres.statement_timeout`.
+    pub statement_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -46,7 +65,21 @@ impl RelayConfig {
             retry: Vec::new(),
             on_published: None,
             health: None,
+            leases: None,
+            channels: None,
         }
+    }
+
+    /// Sets the lease timings (see [`LeaseTimings`]).
+    pub fn leases(mut self, timings: LeaseTimings) -> Self {
+        self.leases = Some(timings);
+        self
+    }
+
+    /// Sets `relay.channels`: broker channels per table.
+    pub fn channels(mut self, channels: u32) -> Self {
+        self.channels = Some(channels);
+        self
     }
 
     /// Serves the health endpoint (and `/metrics`) on `addr`.
@@ -88,17 +121,28 @@ impl RelayConfig {
         use std::os::unix::fs::OpenOptionsExt;
         // JSON string literals are valid TOML basic strings.
         let s = |v: &str| serde_json::Value::String(v.to_owned()).to_string();
-        let mut text = format!(
-            "[postgres]\nurl = {}\n\n[rabbitmq]\nurl = {}\nconnection_name = {}\n\n\
-             [relay]\nbatch_size = {}\nmax_in_flight = {}\npoll_interval = \"{}ms\"\nnotify = true\n\n\
-             [log]\nlevel = \"info\"\n",
-            s(&self.pg_url),
+        let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
+        let mut postgres = format!("[postgres]\nurl = {}\n", s(&self.pg_url));
+        let mut rabbitmq = format!(
+            "[rabbitmq]\nurl = {}\nconnection_name = {}\n",
             s(&self.amqp_url),
-            s(&self.connection_name),
+            s(&self.connection_name)
+        );
+        let mut relay = format!(
+            "[relay]\nbatch_size = {}\nmax_in_flight = {}\npoll_interval = {}\nnotify = true\n",
             self.batch_size,
             self.max_in_flight,
-            self.poll_interval.as_millis()
+            ms(self.poll_interval)
         );
+        if let Some(t) = &self.leases {
+            postgres += &format!("statement_timeout = {}\n", ms(t.statement_timeout));
+            rabbitmq += &format!("confirm_timeout = {}\n", ms(t.confirm_timeout));
+            relay += &format!("heartbeat = {}\nlease = {}\n", ms(t.heartbeat), ms(t.lease));
+        }
+        if let Some(channels) = self.channels {
+            relay += &format!("channels = {channels}\n");
+        }
+        let mut text = format!("{postgres}\n{rabbitmq}\n{relay}\n[log]\nlevel = \"info\"\n");
         if let Some(addr) = self.health {
             text += &format!("\n[health]\nlisten = {}\n", s(&addr.to_string()));
         }
@@ -275,6 +319,30 @@ impl RelayProcess {
         }
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT) to the relay, which stays the bench's child.
+    pub fn signal(&mut self, signal: libc::c_int) -> anyhow::Result<()> {
+        self.check_alive()?;
+        // SAFETY: signalling our own child, whose pid is still ours (it has not been reaped).
+        if unsafe { libc::kill(self.pid as libc::pid_t, signal) } != 0 {
+            anyhow::bail!(
+                "signal {signal} to the relay {}: {}",
+                self.pid,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would: no drain, no hand-over. Returns once the relay is reaped.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.signal(libc::SIGKILL)?;
+        self.child
+            .wait()
+            .await
+            .with_context(|| format!("reaping the killed relay {}", self.pid))?;
+        Ok(())
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }
@@ -427,9 +495,9 @@ impl ProcessCpu {
         ProcessCpu { ticks }
     }
 
-    /// CPU used since `earlier`, split by kind; `relay` is the relay's pid, if one ran.
+    /// CPU used since `earlier`, split by kind; `relays` are the pids of the relays that ran.
     /// Processes that started in between count from zero; ones that ended are lost.
-    pub fn since(&self, earlier: &ProcessCpu, relay: Option<u32>) -> CpuSplit {
+    pub fn since(&self, earlier: &ProcessCpu, relays: &[u32]) -> CpuSplit {
         // SAFETY: sysconf only reads a system constant.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let me = std::process::id();
@@ -437,7 +505,7 @@ impl ProcessCpu {
         for (pid, (comm, now)) in &self.ticks {
             let before = earlier.ticks.get(pid).map_or(0, |(_, t)| *t);
             let s = now.saturating_sub(before) as f64 / per_second;
-            let slot = if Some(*pid) == relay {
+            let slot = if relays.contains(pid) {
                 &mut split.relay_s
             } else if *pid == me {
                 &mut split.bench_s

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::env::Machine;
-use crate::process::{CpuSplit, LogProblems, Usage};
+use crate::process::{CpuSplit, LeaseTimings, LogProblems, Usage};
 use crate::Plan;
 
 /// One timed run of the relay or of its baseline.
@@ -306,6 +306,89 @@ impl HeldKey {
     }
 }
 
+/// One table drained by several relays at once against raw publishing, and the failover time.
+#[derive(Debug, Clone)]
+pub struct ScaleOut {
+    pub rows: u64,
+    pub keys: u64,
+    /// The table's partition count, from its lease rows.
+    pub partitions: Option<u32>,
+    pub timings: LeaseTimings,
+    /// Raw publishing of the same backlog, one run before each relay drain.
+    pub raw: Vec<Run>,
+    pub cells: Vec<ScaleCell>,
+    /// The failover's figures, or why it could not be measured.
+    pub failover: Result<Failover, String>,
+    /// The drains' relay logs, and the failover's (where faults make warnings expected).
+    pub log: LogProblems,
+    pub failover_log: LogProblems,
+}
+
+/// The drains of one number of relays with one number of channels each.
+#[derive(Debug, Clone)]
+pub struct ScaleCell {
+    pub relays: u32,
+    pub channels: u32,
+    pub drains: Vec<Drained>,
+    /// Seconds from the relays' start until they shared the partitions (before the clock).
+    pub settle_s: Vec<f64>,
+}
+
+/// Several relays under a steady load while the owner of a partition is faulted.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    pub relays: u32,
+    pub offered_rate: u32,
+    /// Of the offered rate, rows on the probe key (whose partition's owner is faulted).
+    pub probe_rate: u32,
+    pub seconds: f64,
+    pub committed: u64,
+    /// Committed rows the consumer never received.
+    pub lost: u64,
+    pub duplicates: u64,
+    pub faults: Vec<Fault>,
+    /// What went wrong besides the figures (a relay that would not stop).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// SIGKILL: the process and its PostgreSQL sessions are gone at once.
+    Kill,
+    /// SIGSTOP until the others took the partitions, then SIGCONT: only the lease's expiry
+    /// frees them.
+    Pause,
+}
+
+impl FaultKind {
+    pub fn signal(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "SIGKILL",
+            FaultKind::Pause => "SIGSTOP",
+        }
+    }
+}
+
+/// One fault's figures, from the consumer's arrival times.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub kind: FaultKind,
+    /// The probe key's partition, owned by the faulted relay.
+    pub partition: u32,
+    /// Fault -> the first arrival of a row of the partition inserted after the fault.
+    pub resumed_ms: Option<f64>,
+    /// The partition's last arrival before the fault -> that first arrival after it.
+    pub gap_ms: Option<f64>,
+    /// Fault -> the lease rows show the other relays sharing every partition (read every 50 ms).
+    pub taken_over_ms: f64,
+    /// Partitions the faulted relay owned.
+    pub victim_partitions: u32,
+    /// For each of them with a row inserted after the fault: fault -> its first arrival, sorted.
+    pub partition_resumed_ms: Vec<f64>,
+    /// What went wrong after the takeover (a paused relay that did not come back).
+    pub note: Option<String>,
+}
+
 pub struct Report {
     plan: Plan,
     machine: Machine,
@@ -318,6 +401,7 @@ pub struct Report {
     pub many_tables: Option<ManyTables>,
     pub held_key: Option<HeldKey>,
     pub delete_mode: Option<DeleteMode>,
+    pub scale_out: Option<ScaleOut>,
 }
 
 pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
@@ -722,6 +806,7 @@ impl Report {
             many_tables: None,
             held_key: None,
             delete_mode: None,
+            scale_out: None,
         }
     }
 
@@ -743,6 +828,14 @@ impl Report {
         if let Some(h) = &self.held_key {
             let drains = h.without.iter().chain(&h.parked).chain(&h.retrying);
             runs.extend(drains.filter_map(Drained::run));
+        }
+        if let Some(o) = &self.scale_out {
+            runs.extend(&o.raw);
+            runs.extend(
+                o.cells
+                    .iter()
+                    .flat_map(|c| c.drains.iter().filter_map(Drained::run)),
+            );
         }
         runs
     }
@@ -793,6 +886,9 @@ impl Report {
             let drains = h.without.iter().chain(&h.parked).chain(&h.retrying);
             let runs: Vec<Run> = drains.filter_map(Drained::run).cloned().collect();
             peaks.push(peak_rss(&runs));
+        }
+        if let Some(o) = &self.scale_out {
+            peaks.extend(o.cells.iter().map(ScaleCell::peak_rss_mib));
         }
         peaks.into_iter().reduce(f64::max)
     }
@@ -852,6 +948,9 @@ impl Report {
         }
         if let Some(d) = &self.delete_mode {
             out.insert("delete_mode".into(), d.json());
+        }
+        if let Some(o) = &self.scale_out {
+            out.insert("scale_out".into(), o.json());
         }
         if let Some(peak) = self.peak_rss_mib() {
             out.insert("peak_rss_mib".into(), json!(round(peak, 1)));
@@ -989,6 +1088,9 @@ impl Report {
         if let Some(d) = &self.delete_mode {
             s += &d.table();
         }
+        if let Some(o) = &self.scale_out {
+            s += &o.table();
+        }
         let noise = self.other_cpu_share();
         if let Some(peak) = self.peak_rss_mib() {
             s += &format!(
@@ -1013,6 +1115,376 @@ impl Report {
         }
         s
     }
+}
+
+impl ScaleCell {
+    fn events_per_s(&self) -> Option<f64> {
+        drained_events_per_s(&self.drains)
+    }
+    fn runs(&self) -> Vec<&Run> {
+        self.drains.iter().filter_map(Drained::run).collect()
+    }
+    /// Median CPU seconds per kind of process over the cell's drains, per event (us).
+    fn cpu_us(&self, rows: u64, kind: fn(&CpuSplit) -> f64) -> f64 {
+        median(
+            self.runs()
+                .iter()
+                .filter_map(|r| r.cpu_split.map(|c| kind(&c) * 1e6 / rows.max(1) as f64)),
+        )
+    }
+    fn host_busy(&self) -> Option<f64> {
+        let busy: Vec<f64> = self.runs().iter().filter_map(|r| r.host_cpu_busy).collect();
+        (!busy.is_empty()).then(|| median(busy))
+    }
+    fn peak_rss_mib(&self) -> f64 {
+        self.runs()
+            .iter()
+            .filter_map(|r| r.usage.map(|u| u.peak_rss_mib))
+            .fold(0.0, f64::max)
+    }
+    fn name(&self) -> String {
+        let plural = |n: u32| if n == 1 { "" } else { "s" };
+        format!(
+            "{} relay{} x {} channel{}",
+            self.relays,
+            plural(self.relays),
+            self.channels,
+            plural(self.channels)
+        )
+    }
+    fn json(&self, rows: u64, raw: f64) -> Value {
+        let us = |kind: fn(&CpuSplit) -> f64| round(self.cpu_us(rows, kind), 1);
+        json!({
+            "relays": self.relays,
+            "channels": self.channels,
+            "events_per_s": self.events_per_s().map(|e| round(e, 1)),
+            "ratio": self.events_per_s().map(|e| round(ratio(e, raw), 3)),
+            "not_delivered": shortfall(&self.drains).map(|s| s.to_string()),
+            "settle_s": self.settle_s.iter().map(|s| round(*s, 2)).collect::<Vec<_>>(),
+            "cpu_us_per_event": {
+                "relays": us(|c| c.relay_s),
+                "rabbitmq": us(|c| c.rabbitmq_s),
+                "postgresql": us(|c| c.postgresql_s),
+                "bench": us(|c| c.bench_s),
+                "other": us(|c| c.other_s),
+            },
+            "host_cpu_busy": self.host_busy().map(|b| round(b, 2)),
+            "peak_rss_mib": round(self.peak_rss_mib(), 1),
+            "runs": drained_json(&self.drains),
+        })
+    }
+}
+
+/// Events/s with one channel per relay as the relays grow (over one relay's), and the first
+/// step of the grid (from, to relays) that adds less than 10 %.
+#[derive(Debug, Default)]
+struct Curve {
+    gains: Vec<(u32, f64)>,
+    no_gain: Option<(u32, u32)>,
+}
+
+impl ScaleOut {
+    fn raw_events_per_s(&self) -> f64 {
+        median(self.raw.iter().map(|r| r.events_per_s))
+    }
+
+    /// Where adding relays stops paying (one channel each): each number of relays' events/s
+    /// over one relay's, and the first step of the grid (from, to relays) that adds less than
+    /// 10 %.
+    fn flattening(&self) -> Curve {
+        let mut one_channel: Vec<(u32, f64)> = self
+            .cells
+            .iter()
+            .filter(|c| c.channels == 1)
+            .filter_map(|c| Some((c.relays, c.events_per_s()?)))
+            .collect();
+        one_channel.sort_by_key(|(relays, _)| *relays);
+        let Some(&(_, single)) = one_channel.first() else {
+            return Curve::default();
+        };
+        let gains: Vec<(u32, f64)> = one_channel
+            .iter()
+            .map(|(relays, eps)| (*relays, ratio(*eps, single)))
+            .collect();
+        let flat = one_channel
+            .windows(2)
+            .find(|w| w[1].1 < w[0].1 * 1.1)
+            .map(|w| (w[0].0, w[1].0));
+        Curve {
+            gains,
+            no_gain: flat,
+        }
+    }
+
+    /// What the CPU did in the cell with the most relays: saturated or not, and who used it.
+    fn limit(&self) -> Option<String> {
+        let cell = self
+            .cells
+            .iter()
+            .filter(|c| c.events_per_s().is_some())
+            .max_by_key(|c| (c.relays, c.channels))?;
+        let busy = cell.host_busy()?;
+        let mut users = [
+            ("RabbitMQ", cell.cpu_us(self.rows, |c| c.rabbitmq_s)),
+            ("PostgreSQL", cell.cpu_us(self.rows, |c| c.postgresql_s)),
+            ("the relays", cell.cpu_us(self.rows, |c| c.relay_s)),
+            (
+                "the bench (consumer)",
+                cell.cpu_us(self.rows, |c| c.bench_s),
+            ),
+            ("other processes", cell.cpu_us(self.rows, |c| c.other_s)),
+        ];
+        let used: f64 = users.iter().map(|(_, us)| us).sum();
+        users.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let shares: Vec<String> = users
+            .iter()
+            .map(|(who, us)| format!("{who} {:.0}%", ratio(*us, used) * 100.0))
+            .collect();
+        let verdict = if busy >= 0.9 {
+            format!(
+                "CPU-bound: the machine's CPUs, shared by the broker, PostgreSQL and the relays, are the limit, {} the largest user",
+                users[0].0
+            )
+        } else if busy >= 0.75 {
+            format!(
+                "close to CPU-bound (the rest is waits: round trips, confirms), {} the largest user",
+                users[0].0
+            )
+        } else {
+            "not CPU-bound: waits (round trips, confirms), not CPU, limit it".to_owned()
+        };
+        Some(format!(
+            "at {}: machine CPU {:.0}% busy; of the CPU used: {}; {verdict}",
+            cell.name(),
+            busy * 100.0,
+            shares.join(", ")
+        ))
+    }
+
+    fn faults(&self, kind: FaultKind) -> Vec<&Fault> {
+        self.failover
+            .iter()
+            .flat_map(|f| &f.faults)
+            .filter(|f| f.kind == kind)
+            .collect()
+    }
+
+    fn faults_json(&self, kind: FaultKind) -> Value {
+        let faults = self.faults(kind);
+        let med = |v: Vec<f64>| (!v.is_empty()).then(|| round(median(v), 1));
+        let max = |v: Vec<f64>| v.into_iter().reduce(f64::max).map(|m| round(m, 1));
+        let resumed = || {
+            faults
+                .iter()
+                .filter_map(|f| f.resumed_ms)
+                .collect::<Vec<_>>()
+        };
+        let gap = || faults.iter().filter_map(|f| f.gap_ms).collect::<Vec<_>>();
+        let taken = || faults.iter().map(|f| f.taken_over_ms).collect::<Vec<_>>();
+        let every = || {
+            faults
+                .iter()
+                .filter_map(|f| f.partition_resumed_ms.last().copied())
+                .collect::<Vec<_>>()
+        };
+        json!({
+            "faults": faults.len(),
+            "resumed_ms_median": med(resumed()),
+            "resumed_ms_max": max(resumed()),
+            "gap_ms_median": med(gap()),
+            "gap_ms_max": max(gap()),
+            "taken_over_ms_median": med(taken()),
+            "all_partitions_resumed_ms_max": max(every()),
+            "runs": faults.iter().map(|f| json!({
+                "partition": f.partition,
+                "resumed_ms": f.resumed_ms.map(|m| round(m, 1)),
+                "gap_ms": f.gap_ms.map(|m| round(m, 1)),
+                "taken_over_ms": round(f.taken_over_ms, 1),
+                "victim_partitions": f.victim_partitions,
+                "partitions_with_rows_after": f.partition_resumed_ms.len(),
+                "partition_resumed_ms_p50": (!f.partition_resumed_ms.is_empty())
+                    .then(|| round(percentile(&f.partition_resumed_ms, 50.0), 1)),
+                "partition_resumed_ms_max": f.partition_resumed_ms.last().map(|m| round(*m, 1)),
+                "note": f.note,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    fn json(&self) -> Value {
+        let raw = self.raw_events_per_s();
+        let Curve {
+            gains,
+            no_gain: flat,
+        } = self.flattening();
+        let t = &self.timings;
+        json!({
+            "rows": self.rows,
+            "ordering_keys": self.keys,
+            "partitions": self.partitions,
+            "raw_events_per_s": round(raw, 1),
+            "cells": self.cells.iter().map(|c| c.json(self.rows, raw)).collect::<Vec<_>>(),
+            "one_channel_gain_over_one_relay": gains.iter().map(|(relays, g)| json!({"relays": relays, "gain": round(*g, 3)})).collect::<Vec<_>>(),
+            "no_gain_from_relays": flat.map(|(from, to)| json!({"from": from, "to": to})),
+            "limit": self.limit(),
+            "timings": {
+                "heartbeat_s": t.heartbeat.as_secs_f64(),
+                "lease_s": t.lease.as_secs_f64(),
+                "confirm_timeout_s": t.confirm_timeout.as_secs_f64(),
+                "statement_timeout_s": t.statement_timeout.as_secs_f64(),
+            },
+            "failover": self.failover.as_ref().map_or_else(|e| json!({"error": e}), |f| json!({
+                "relays": f.relays,
+                "offered_events_per_s": f.offered_rate,
+                "probe_events_per_s": f.probe_rate,
+                "seconds": round(f.seconds, 1),
+                "committed": f.committed,
+                "lost": f.lost,
+                "duplicates": f.duplicates,
+                "notes": f.notes,
+                "sigkill": self.faults_json(FaultKind::Kill),
+                "sigstop": self.faults_json(FaultKind::Pause),
+                "measured": "resumed: fault -> the first arrival of a row of the faulted owner's probe-key partition inserted after the fault (only a new owner can have published it); \
+                             gap: that partition's last arrival before the fault -> that first arrival; taken_over: fault -> the lease rows show the other relays sharing every partition (polled every 50 ms); \
+                             partition_resumed: the same as resumed for each of the faulted owner's partitions that had a row inserted after the fault (includes waiting for that row)",
+            })),
+            "raw_runs": runs_json(&self.raw),
+            "relay_log": log_json(&self.log),
+            "failover_relay_log": log_json(&self.failover_log),
+        })
+    }
+
+    fn table(&self) -> String {
+        let raw = self.raw_events_per_s();
+        let mut s = format!(
+            "{:<11} {}\n",
+            "scale-out",
+            format_args!(
+                "{} rows, {} keys, {} partitions, backlog committed after the relays shared the partitions",
+                self.rows,
+                self.keys,
+                self.partitions.map_or("?".to_owned(), |p| p.to_string())
+            )
+        );
+        for cell in &self.cells {
+            let figure = format!("  events/s, {}", cell.name());
+            match cell.events_per_s() {
+                Some(eps) => {
+                    s += &format!(
+                        "{:<11} {:<44} {:>10.0} {:>10.0} {:>6.2}\n",
+                        "",
+                        figure,
+                        eps,
+                        raw,
+                        ratio(eps, raw)
+                    );
+                    let us = |kind: fn(&CpuSplit) -> f64| cell.cpu_us(self.rows, kind);
+                    s += &format!(
+                        "{:<11}     CPU us/event relays {:.1}, RabbitMQ {:.1}, PostgreSQL {:.1}, bench {:.1}; machine {}\n",
+                        "",
+                        us(|c| c.relay_s),
+                        us(|c| c.rabbitmq_s),
+                        us(|c| c.postgresql_s),
+                        us(|c| c.bench_s),
+                        cell.host_busy()
+                            .map_or("?".to_owned(), |b| format!("{:.0}% busy", b * 100.0))
+                    );
+                }
+                None => {
+                    let short = shortfall(&cell.drains)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    s += &format!("{:<11} {:<44} {short}\n", "", figure);
+                }
+            }
+        }
+        let Curve {
+            gains,
+            no_gain: flat,
+        } = self.flattening();
+        if gains.len() > 1 {
+            let steps: Vec<String> = gains
+                .iter()
+                .skip(1)
+                .map(|(relays, g)| format!("{relays} relays {g:.2}x"))
+                .collect();
+            s += &format!(
+                "{:<11}   curve (1 channel, vs 1 relay): {}; {}\n",
+                "",
+                steps.join(", "),
+                flat.map_or(
+                    "each step adds 10% or more".to_owned(),
+                    |(from, to)| format!("no gain from {from} to {to} relays (< 10% more)")
+                )
+            );
+        }
+        if let Some(limit) = self.limit() {
+            s += &format!("{:<11}   {limit}\n", "");
+        }
+        s += &log_rows(&self.log);
+        if let Err(e) = &self.failover {
+            s += &format!("{:<11}   failover not measured: {e}\n", "");
+        }
+        if let Ok(f) = &self.failover {
+            let t = &self.timings;
+            s += &format!(
+                "{:<11}   failover, {} relays, {} rows/s ({}/s on the probe key), heartbeat {:.0} s, lease {:.0} s (confirm {:.0} s + statement {:.0} s):\n",
+                "",
+                f.relays,
+                f.offered_rate,
+                f.probe_rate,
+                t.heartbeat.as_secs_f64(),
+                t.lease.as_secs_f64(),
+                t.confirm_timeout.as_secs_f64(),
+                t.statement_timeout.as_secs_f64()
+            );
+            for kind in [FaultKind::Kill, FaultKind::Pause] {
+                for fault in self.faults(kind) {
+                    let ms =
+                        |m: Option<f64>| m.map_or("never".to_owned(), |m| format!("{m:.0} ms"));
+                    s += &format!(
+                        "{:<11}     {} of a partition's owner: its rows flow again after {} (gap {}); leases taken over after {:.0} ms; its {} partitions: {}\n",
+                        "",
+                        kind.signal(),
+                        ms(fault.resumed_ms),
+                        ms(fault.gap_ms),
+                        fault.taken_over_ms,
+                        fault.victim_partitions,
+                        if fault.partition_resumed_ms.is_empty() {
+                            "no rows after".to_owned()
+                        } else {
+                            format!(
+                                "{} resumed, p50 {:.0} ms, max {:.0} ms",
+                                fault.partition_resumed_ms.len(),
+                                percentile(&fault.partition_resumed_ms, 50.0),
+                                fault.partition_resumed_ms.last().copied().unwrap_or(0.0)
+                            )
+                        }
+                    );
+                    if let Some(note) = &fault.note {
+                        s += &format!("{:<11}       {note}\n", "");
+                    }
+                }
+            }
+            for note in &f.notes {
+                s += &format!("{:<11}     {note}\n", "");
+            }
+            s += &format!(
+                "{:<11}     {} rows in {:.0} s: {} lost, {} duplicates\n",
+                "", f.committed, f.seconds, f.lost, f.duplicates
+            );
+            s += &log_rows(&self.failover_log);
+        }
+        s
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 #[cfg(test)]

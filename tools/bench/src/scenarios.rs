@@ -147,7 +147,7 @@ pub(crate) async fn prepare_backlog(
 
 /// Publishes the table's pending rows from memory with lapin (built by the relay's own
 /// message code, so properties and headers are identical), `window` confirms in flight.
-async fn raw_round(
+pub(crate) async fn raw_round(
     env: &BenchEnv,
     table: &TableName,
     tag: &str,
@@ -176,7 +176,7 @@ async fn raw_round(
     .await?;
     wait_for_consumer(env, None, Some(table), all_received, rows, deadline(rows)).await?;
     let seconds = started.elapsed().as_secs_f64();
-    let split = ProcessCpu::now().since(&processes, None);
+    let split = ProcessCpu::now().since(&processes, &[]);
     Ok(timed_run(
         rows,
         started,
@@ -236,7 +236,7 @@ async fn relay_round_with(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let split = ProcessCpu::now().since(&processes, Some(relay.pid));
+    let split = ProcessCpu::now().since(&processes, &[relay.pid]);
     let usage = relay.stop().await?;
     Ok(timed_run(
         rows,
@@ -455,7 +455,7 @@ pub async fn idle(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Idle> {
 }
 
 /// An address on loopback nobody listens on now (the relay binds it next).
-fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
+pub(crate) fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?)
 }

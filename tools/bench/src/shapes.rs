@@ -162,7 +162,8 @@ async fn warm_up_each(
     }
     let unmarked = workload::any_unpublished_sql(tables);
     let until = tokio::time::Instant::now() + WARM_UP_LIMIT;
-    let ended = wait_delivered(relay, all_received, pool, &unmarked, until).await?;
+    let ended =
+        wait_delivered(|| relay.check_alive(), all_received, pool, &unmarked, until).await?;
     let received = consumer.progress() as u64;
     consumer.finish();
     Ok(ended.err().map(|note| Shortfall {
@@ -374,7 +375,7 @@ fn unmarked_after_sql(table: &TableName, after: i64, held_schema: bool) -> Strin
     )
 }
 
-fn report_round(name: &str, round: u32, rounds: u32, who: &str, drained: &Drained) {
+pub(crate) fn report_round(name: &str, round: u32, rounds: u32, who: &str, drained: &Drained) {
     match drained {
         Drained::Done(run) => progress(name, round, rounds, who, run),
         Drained::NotDelivered(short) => {
@@ -415,9 +416,9 @@ async fn drain_within(
     let sessions = SessionSampler::start(pool, &env.id);
     let started = relay.started;
     let until = tokio::time::Instant::now() + limit;
-    let ended = wait_delivered(&mut relay, all_received, pool, unmarked, until).await;
+    let ended = wait_delivered(|| relay.check_alive(), all_received, pool, unmarked, until).await;
     let seconds = started.elapsed().as_secs_f64();
-    let split = ProcessCpu::now().since(&processes, Some(relay.pid));
+    let split = ProcessCpu::now().since(&processes, &[relay.pid]);
     let sessions_max = sessions.stop();
     let amqp_connections = resources::amqp_connections(&process::relay_connection_name(env))
         .await
@@ -458,9 +459,10 @@ async fn drain_within(
 }
 
 /// Waits until the consumer has the round (`all_received`) and `unmarked` turns false.
-/// `Ok(Err(None))`: `until` passed first; `Ok(Err(Some(why)))`: the relay exited.
-async fn wait_delivered(
-    relay: &mut RelayProcess,
+/// `Ok(Err(None))`: `until` passed first; `Ok(Err(Some(why)))`: a relay exited (`alive`, the
+/// check of the relays, failed).
+pub(crate) async fn wait_delivered(
+    mut alive: impl FnMut() -> anyhow::Result<()>,
     all_received: oneshot::Receiver<Instant>,
     pool: &PgPool,
     unmarked: &str,
@@ -484,7 +486,7 @@ async fn wait_delivered(
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
-        if let Err(e) = relay.check_alive() {
+        if let Err(e) = alive() {
             return Ok(Err(Some(format!("{e:#}"))));
         }
         if tokio::time::Instant::now() >= until {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use outbox_relay::config::TableName;
 use outbox_relay::message::OutboxRow;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Row;
 
 pub const ROUTING_KEY: &str = "bench";
@@ -93,6 +93,64 @@ async fn seed_with(
     payload_sql: &str,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
+    let mut connection = pool.acquire().await?;
+    // Each chunk is its own transaction (autocommit).
+    insert_chunks(
+        &mut connection,
+        table,
+        tag,
+        range,
+        keys,
+        published,
+        payload_sql,
+    )
+    .await?;
+    Ok(started.elapsed())
+}
+
+/// As [`seed`], in one transaction: every row becomes visible to the relays at once, when it
+/// commits. The table is analyzed in the same transaction (ANALYZE counts the transaction's own
+/// rows), so the relays plan their statements for the backlog as after [`vacuum_analyze`] of
+/// the other drains. Returns the moment the commit was acknowledged.
+pub async fn seed_at_once(
+    pool: &PgPool,
+    table: &TableName,
+    tag: &str,
+    rows: u64,
+    keys: u64,
+) -> anyhow::Result<Instant> {
+    let mut transaction = pool.begin().await?;
+    insert_chunks(
+        &mut transaction,
+        table,
+        tag,
+        0..rows,
+        keys,
+        false,
+        PAYLOAD_SQL,
+    )
+    .await?;
+    sqlx::query(&format!("ANALYZE {}", table.quoted()))
+        .execute(&mut *transaction)
+        .await
+        .with_context(|| format!("analyzing {table}"))?;
+    transaction
+        .commit()
+        .await
+        .with_context(|| format!("committing the backlog of {table}"))?;
+    Ok(Instant::now())
+}
+
+/// The rows `<tag>-<from>` … `<tag>-<to-1>`, 50,000 rows a statement.
+async fn insert_chunks(
+    connection: &mut PgConnection,
+    table: &TableName,
+    tag: &str,
+    range: std::ops::Range<u64>,
+    keys: u64,
+    published: bool,
+    payload_sql: &str,
+) -> anyhow::Result<()> {
     let sql = format!(
         "INSERT INTO {} (dedup_key, ordering_key, routing_key, event_type, payload, published_at) \
          SELECT $1 || '-' || g, 'key-' || ((hashint8(g)::bigint + 2147483648) % $2), $3, $4, {payload_sql}, \
@@ -112,12 +170,12 @@ async fn seed_with(
             .bind(published)
             .bind(from as i64)
             .bind(to as i64)
-            .execute(pool)
+            .execute(&mut *connection)
             .await
             .with_context(|| format!("seeding {table}"))?;
         from = to + 1;
     }
-    Ok(started.elapsed())
+    Ok(())
 }
 
 /// Queues `rows` rows on one ordering key in one statement (dedup keys `<tag>-1` …), with
