@@ -709,13 +709,12 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
             }
         };
         // The table's only writer: one member holding every partition, as a lone relay does.
-        let fence = outbox_relay::store::leases::Leases::new(
+        let leases = outbox_relay::store::leases::Leases::new(
             store.pool().clone(),
             table.clone(),
             Duration::from_secs(600),
-        )
-        .fence_all("bench pg-only", 256)
-        .await?;
+        );
+        let fence = leases.fence_all("bench pg-only", 256).await?;
         let (mut fetch, mut mark, mut done) = (Duration::ZERO, Duration::ZERO, 0u64);
         let started = Instant::now();
         loop {
@@ -735,6 +734,9 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
             done += ids.len() as u64;
         }
         let seconds = started.elapsed().as_secs_f64();
+        // The scenarios after this one run relays on the same table: they must find every
+        // partition free, not held by this member for the rest of its lease.
+        leases.leave_fence(&fence).await?;
         coordination.close().await;
         store.close().await;
         if done != plan.drain_rows {
