@@ -125,7 +125,8 @@ pub struct Store {
 impl Store {
     /// Connects the pool to the primary (with several hosts, the first in order that is one).
     /// Sessions carry `application_name = outbox-relay` and the configured
-    /// `statement_timeout`, so a silent server fails a statement instead of hanging it.
+    /// `statement_timeout` (also as `idle_in_transaction_session_timeout`), so a silent server
+    /// fails a statement instead of hanging it.
     pub async fn connect(settings: &PostgresSettings) -> anyhow::Result<Store> {
         let servers = Arc::new(Servers::new(settings)?);
         let cannot = || {
@@ -171,6 +172,11 @@ impl Store {
             ping_until,
             answer_within: answer_deadline(settings),
         }
+    }
+
+    /// How long a statement of the relay's may wait for its answer (see [`answered_within`]).
+    pub(crate) fn answer_within(&self) -> Duration {
+        self.answer_within
     }
 
     /// The configured hosts and which one is the primary, shared with the coordination session.
@@ -391,7 +397,7 @@ impl Store {
         limit: u32,
         exclude: &[i64],
     ) -> Result<Vec<OutboxRow>, DbError> {
-        let only = (!fence.holds_all()).then_some(&fence.owned);
+        let only = (!fence.holds_all()).then(|| fence.held_by_partition());
         let query = sqlx::query(&q.fetch)
             .bind(limit as i64)
             .bind(lock.pid)
@@ -855,14 +861,20 @@ async fn answered_within<T>(
 ) -> sqlx::Result<T> {
     match tokio::time::timeout(deadline, statement).await {
         Ok(result) => result,
-        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "no answer from PostgreSQL within {} (statement_timeout + 2s): the server or the network is silent",
-                humantime::format_duration(deadline)
-            ),
-        ))),
+        Err(_) => Err(no_answer(deadline)),
     }
+}
+
+/// The error of a statement (or a short transaction) that got no answer within `deadline`:
+/// an I/O error, so it reads as the server being unavailable.
+pub(crate) fn no_answer(deadline: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "no answer from PostgreSQL within {} (statement_timeout + 2s): the server or the network is silent",
+            humantime::format_duration(deadline)
+        ),
+    ))
 }
 
 /// The pool's options. No ping before each statement in normal operation (it would cost a
@@ -908,10 +920,15 @@ fn connect_options(
         )
     })?;
     let timeout_ms = settings.statement_timeout.as_millis().to_string();
+    // A transaction left open between two statements (the relay paused, or its connection
+    // cut mid-transaction) is ended by the server after the same time, so the row locks it
+    // took (a member registering, a lease given up) never block the other relays' claims for
+    // longer than a statement may take.
     Ok(options
         .application_name("outbox-relay")
         .options([
             ("statement_timeout", timeout_ms.as_str()),
+            ("idle_in_transaction_session_timeout", timeout_ms.as_str()),
             ("client_min_messages", "warning"),
         ])
         .log_statements(tracing::log::LevelFilter::Trace)
@@ -1109,7 +1126,7 @@ impl TableSql {
                    WHERE l.locktype = 'advisory' AND l.pid = $2 AND l.granted AND l.objsubid = 1 \
                      AND l.classid::bigint = $3 AND l.objid::bigint = $4) \
                AND ({o_id} > $6 OR {o_id} <> ALL($5::bigint[])) \
-               AND ($7::int4[] IS NULL OR {o_part} = ANY($7::int4[])) \
+               AND ($7::bool[] IS NULL OR ($7::bool[])[{o_part} + 1]) \
              ORDER BY {o_id} LIMIT $1",
             select = c.select_list("o"),
             o_part = partition_of(&o_key, 8),

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::assignment::{plan, MemberId, Partition, Plan};
 use crate::retry::RetryPolicy;
 use crate::store::leases::{Heartbeat, LeaseError, Leases, Member};
-use crate::store::{DbError, LockState, TableLock};
+use crate::store::{DbError, LockGuard, LockState, TableLock};
 
 /// The timings and identity of a membership.
 #[derive(Debug, Clone)]
@@ -68,6 +68,11 @@ pub struct Ownership {
     pub partitions: BTreeMap<Partition, i64>,
     /// Publish nothing after this instant, unless a later heartbeat moved it on.
     pub until: Option<Instant>,
+    /// The coordination session the member registered and renews from: the relay publishes
+    /// only while its links hold the table's lock through this very session. Once that
+    /// session is gone the other members count this one dead and may take its partitions at
+    /// once, before its next heartbeat learns it.
+    pub session: Option<LockGuard>,
     /// Grows whenever partitions leave the set; the relay acknowledges it once nothing of the
     /// partitions that left is in flight.
     pub generation: u64,
@@ -231,7 +236,7 @@ impl Membership {
         let (live, owned) = match self.leases.heartbeat(&member).await? {
             Heartbeat::Renewed { live, owned } => (live, owned),
             Heartbeat::Expired => {
-                tracing::warn!(table = %self.leases.table(), member = member.id, "partition leases: the lease ran out (a pause or a lost connection); registering again");
+                tracing::warn!(table = %self.leases.table(), member = member.id, "partition leases: the lease ran out (a pause or a lost connection), or the coordination session it was taken from is gone; registering again");
                 self.member = None;
                 self.releasing.clear();
                 self.publish(BTreeMap::new(), None);
@@ -289,6 +294,7 @@ impl Membership {
     fn publish(&self, partitions: BTreeMap<Partition, i64>, until: Option<Instant>) {
         let member = self.member.as_ref().map(|m| m.id);
         let table_oid = self.member.as_ref().map_or(0, |m| m.table_oid);
+        let session = self.member.as_ref().and_then(|m| m.session);
         self.ownership.send_if_modified(|now| {
             let lost = now.partitions.keys().any(|p| !partitions.contains_key(p));
             if lost {
@@ -299,8 +305,10 @@ impl Membership {
                 || stopped
                 || now.member != member
                 || now.table_oid != table_oid
+                || now.session != session
                 || now.partitions != partitions;
             now.member = member;
+            now.session = session;
             now.table_oid = table_oid;
             now.partitions = partitions;
             now.until = until;

@@ -188,6 +188,15 @@ impl TableRelay {
                 return Step::Standby;
             }
         };
+        if turn.session.is_some_and(|s| s != guard) {
+            // The membership holds its leases through an earlier coordination session: to the
+            // other members it is dead, and they may be taking its partitions. Nothing goes out
+            // until it has registered again from this session.
+            self.window.clear();
+            self.turn = None;
+            self.reporter.set(Health::Starting);
+            return Step::Standby;
+        }
         if self.turn.as_ref().is_some_and(|t| t.member != turn.member) {
             // A new membership (the last one's lease ran out): nothing held for the old one
             // may be sent.

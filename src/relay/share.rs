@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::cluster::assignment::{MemberId, Partition};
 use crate::cluster::member::Ownership;
-use crate::store::Fence;
+use crate::store::{Fence, LockGuard};
 
 /// What a relay may do this turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,9 @@ pub(crate) struct Turn {
     pub member: MemberId,
     pub fence: Fence,
     pub until: Instant,
+    /// The coordination session the membership holds its leases through (see
+    /// [`Ownership::session`]).
+    pub session: Option<LockGuard>,
     /// The membership's generation this turn was taken at (see [`Share::ack`]).
     pub generation: u64,
 }
@@ -129,6 +132,7 @@ impl Share {
                     epochs: owned.iter().map(|(_, e)| *e).collect(),
                 },
                 until,
+                session: own.session,
                 generation: own.generation,
             }),
             _ => ShareState::Expiring,

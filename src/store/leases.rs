@@ -96,6 +96,30 @@ impl Fence {
         }
     }
 
+    /// The claimed epoch of every partition of the table, by partition (-1 where not held: a
+    /// claim makes the epoch at least 1), as [`fenced`] reads it.
+    pub fn epochs_by_partition(&self) -> Vec<i64> {
+        let mut epochs = vec![-1; self.partitions as usize];
+        for (p, e) in self.owned.iter().zip(&self.epochs) {
+            if let Some(slot) = epochs.get_mut(*p as usize) {
+                *slot = *e;
+            }
+        }
+        epochs
+    }
+
+    /// Whether each partition of the table is held, by partition: the fetch's filter when the
+    /// fence holds only some (one lookup per row, however many partitions there are).
+    pub fn held_by_partition(&self) -> Vec<bool> {
+        let mut held = vec![false; self.partitions as usize];
+        for p in &self.owned {
+            if let Some(slot) = held.get_mut(*p as usize) {
+                *slot = true;
+            }
+        }
+        held
+    }
+
     /// Holds every partition of the table (a single relay, or one channel of one).
     pub fn holds_all(&self) -> bool {
         self.owned.len() as u32 == self.partitions
@@ -125,36 +149,45 @@ pub(crate) fn partition_of(key: &str, count: usize) -> String {
     format!("((hashtextextended({key}, 0) & 2147483647) % ${count})::int4")
 }
 
-/// The fence's predicate for the row or key whose ordering key is `key`, over the fence's five
-/// parameters from `$first` (table oid, member, partitions, epochs, partition count: the order
-/// [`bind_fence!`] binds them in): true only while the member holds the key's partition at the
-/// epoch it claimed it and its lease has not run out, as the database's clock reads when the
-/// statement starts.
+/// The fence's predicate for the row or key whose ordering key is `key`, over the fence's four
+/// parameters from `$first` (table oid, member, epochs by partition, partition count: the
+/// order [`bind_fence!`] binds them in): true only while the member holds the key's partition
+/// at the epoch it claimed it and its lease has not run out, as the database's clock reads
+/// when the statement starts.
 ///
 /// The partitions still held are read once per statement (`ARRAY(...)` of an uncorrelated
-/// query is an init plan), and each row only computes its key's partition and looks it up in
-/// that array. Written as `IN (SELECT ...)`, the planner's generic plan re-ran the lease join
-/// for every row: a mark of 1,000 rows took 11 s with 256 partitions.
+/// query is an init plan): the member's lease rows, each compared with its claimed epoch by
+/// subscript (`epochs[partition + 1]`, one array with an element per partition), so the work
+/// is linear in the partitions whatever plan PostgreSQL picks. Each row then computes its
+/// key's partition and looks it up in that array; a member that still holds every partition
+/// (one relay alone on its table) skips even that (an init plan runs when first needed: the
+/// second is never run then). A join of the leases with the claimed pairs ran as a nested
+/// loop in the generic plan (13 ms per statement at 256 partitions, growing with their
+/// square); written as `IN (SELECT ...)` it ran for every row (11 s for a mark of 1,000).
 pub(crate) fn fenced(key: &str, first: usize) -> String {
-    let [oid, member, parts, epochs, count] = std::array::from_fn(|i| first + i);
+    let [oid, member, epochs, count] = std::array::from_fn(|i| first + i);
+    // The member's liveness is one uncorrelated EXISTS: checked once, not once per partition.
+    let held = format!(
+        "ARRAY(SELECT fl.partition FROM outbox_relay.leases fl \
+           WHERE fl.table_oid = ${oid} AND fl.owner = ${member} \
+             AND fl.epoch = (${epochs}::int8[])[fl.partition + 1] \
+             AND EXISTS (SELECT 1 FROM outbox_relay.members fm \
+                         WHERE fm.table_oid = ${oid} AND fm.member = ${member} \
+                           AND fm.expires_at > clock_timestamp()))"
+    );
     format!(
-        "{part} = ANY (ARRAY(SELECT f.p FROM unnest(${parts}::int4[], ${epochs}::int8[]) AS f(p, e) \
-           JOIN outbox_relay.leases fl ON fl.table_oid = ${oid} AND fl.partition = f.p \
-             AND fl.owner = ${member} AND fl.epoch = f.e \
-           JOIN outbox_relay.members fm ON fm.table_oid = fl.table_oid AND fm.member = fl.owner \
-           WHERE fm.expires_at > clock_timestamp()))",
+        "(cardinality({held}) = ${count} OR {part} = ANY ({held}))",
         part = partition_of(key, count)
     )
 }
 
-/// Binds a [`Fence`]'s five parameters, in [`fenced`]'s order.
+/// Binds a [`Fence`]'s four parameters, in [`fenced`]'s order.
 macro_rules! bind_fence {
     ($query:expr, $fence:expr) => {
         $query
             .bind($fence.table_oid)
             .bind($fence.member)
-            .bind(&$fence.owned)
-            .bind(&$fence.epochs)
+            .bind($fence.epochs_by_partition())
             .bind($fence.partitions as i32)
     };
 }
@@ -220,6 +253,28 @@ impl Leases {
         &self.table
     }
 
+    /// Runs `op` (a statement or a short transaction) within the relay's answer deadline, on
+    /// the relay's store: over a network gone silent a statement would otherwise wait for TCP
+    /// to give up (many minutes), and the membership with it, renewing nothing and never
+    /// registering again. Past the deadline it fails as unavailable, and the pool checks its
+    /// connections before the next use.
+    async fn bounded<T, E: From<DbError>>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let Pool::Store(store) = &self.pool else {
+            return op.await;
+        };
+        let deadline = store.answer_within();
+        match tokio::time::timeout(deadline, op).await {
+            Ok(result) => result,
+            Err(_) => {
+                store.distrust_connections();
+                Err(E::from(DbError::from(super::no_answer(deadline))))
+            }
+        }
+    }
+
     /// Registers a new member named `name` (host and process, for `status`), live for one
     /// lease. Creates the table's lease rows on first use with `partitions`, and refuses a
     /// different count later.
@@ -230,6 +285,16 @@ impl Leases {
     /// [`Leases::register`] from `session`, the coordination session holding the table's lock
     /// (see [`Member::session`]).
     pub async fn register_in(
+        &self,
+        name: &str,
+        partitions: u32,
+        session: Option<LockGuard>,
+    ) -> Result<Member, LeaseError> {
+        self.bounded(self.register_now(name, partitions, session))
+            .await
+    }
+
+    async fn register_now(
         &self,
         name: &str,
         partitions: u32,
@@ -325,17 +390,24 @@ impl Leases {
         Ok(Fence::new(&member, owned))
     }
 
-    /// Renews `member`'s lease, if it has not run out (and notes its coordination session,
-    /// which may have been opened anew), and reads the live members and the member's own
-    /// partitions: one statement.
+    /// Renews `member`'s lease, if it has not run out and the coordination session it
+    /// registered from still holds the table's lock (what the other members go by: once that
+    /// session is gone they may take the partitions at once, so the member must count itself
+    /// dead too, and register again from its new session), and reads the live members and the
+    /// member's own partitions: one statement.
     pub async fn heartbeat(&self, member: &Member) -> Result<Heartbeat, DbError> {
+        self.bounded(self.heartbeat_now(member)).await
+    }
+
+    async fn heartbeat_now(&self, member: &Member) -> Result<Heartbeat, DbError> {
         let row = sqlx::query(&format!(
             "WITH renewed AS (
-                 UPDATE outbox_relay.members
+                 UPDATE outbox_relay.members m
                  SET expires_at = clock_timestamp() + make_interval(secs => $3),
                      session_pid = $4, lock_classid = $5, lock_objid = $6
-                 WHERE table_oid = $1 AND member = $2 AND expires_at > clock_timestamp()
-                 RETURNING member)
+                 WHERE m.table_oid = $1 AND m.member = $2 AND NOT {DEAD}
+                   AND m.session_pid IS NOT DISTINCT FROM $4
+                 RETURNING m.member)
              SELECT EXISTS (SELECT 1 FROM renewed) AS renewed,
                     ARRAY(SELECT m.member FROM outbox_relay.members m
                           WHERE m.table_oid = $1 AND (m.member = $2 OR NOT {DEAD})) AS live,
@@ -372,6 +444,14 @@ impl Leases {
     /// member is taking at this moment; only while `member` is live. Returns what it took,
     /// with the new epochs.
     pub async fn claim(
+        &self,
+        member: &Member,
+        wanted: u32,
+    ) -> Result<Vec<(Partition, i64)>, DbError> {
+        self.bounded(self.claim_now(member, wanted)).await
+    }
+
+    async fn claim_now(
         &self,
         member: &Member,
         wanted: u32,
@@ -425,6 +505,10 @@ impl Leases {
     /// Gives up `partitions` of `member`'s own (their in-flight rows settled first, by the
     /// caller); partitions it does not hold are left alone. Returns how many it gave up.
     pub async fn release(&self, member: &Member, partitions: &[Partition]) -> Result<u64, DbError> {
+        self.bounded(self.release_now(member, partitions)).await
+    }
+
+    async fn release_now(&self, member: &Member, partitions: &[Partition]) -> Result<u64, DbError> {
         let partitions: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
         let done = sqlx::query(
             "UPDATE outbox_relay.leases SET owner = NULL, changed_at = now()
@@ -451,6 +535,10 @@ impl Leases {
     }
 
     async fn leave_member(&self, table_oid: i64, member: i64) -> Result<(), DbError> {
+        self.bounded(self.leave_now(table_oid, member)).await
+    }
+
+    async fn leave_now(&self, table_oid: i64, member: i64) -> Result<(), DbError> {
         let mut tx = self.pool().begin().await?;
         sqlx::query(
             "UPDATE outbox_relay.leases SET owner = NULL, changed_at = now()

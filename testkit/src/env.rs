@@ -259,8 +259,9 @@ impl TestEnv {
     }
 }
 
-/// A test's temp dir (config, relay logs), removed when dropped. A failed test has already
-/// printed its relays' logs (see [`crate::relay::Relay`]'s drop).
+/// A test's temp dir (config, relay logs), removed when dropped, unless `OBR_TEST_KEEP_DIRS`
+/// is set (to read whole relay logs after a run). A failed test has already printed the end
+/// of its relays' logs (see [`crate::relay::Relay`]'s drop).
 struct ScratchDir(PathBuf);
 
 impl ScratchDir {
@@ -272,6 +273,10 @@ impl ScratchDir {
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
+        if std::env::var_os("OBR_TEST_KEEP_DIRS").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
