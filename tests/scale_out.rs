@@ -281,8 +281,8 @@ async fn a_relay_paused_past_its_lease_publishes_and_marks_nothing_after_it_wake
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug (closing note of stop 16): under load the healed relay sometimes takes no \
-            partitions again, or its new ones stall, for over a minute; run it with --ignored"]
+#[ignore = "known bug (closing note of stop 16): in about 1 run of 4 one key's deliveries go back \
+            twice (first deliveries stay in id order); run it with --ignored"]
 async fn a_relay_cut_off_from_postgresql_loses_its_partitions_after_the_lease_and_rejoins_when_healed(
 ) {
     let env = TestEnv::new(scale_out()).await;

@@ -150,8 +150,11 @@ impl ConfirmWindow {
                 break;
             }
             // Go and fetch while these confirms are on their way: at once when the last fetch
-            // was full, or as soon as new rows are announced.
-            let room_to_fetch = self.has_room_to_fetch() && !d.shutdown.is_stopping();
+            // was full, or as soon as new rows are announced. Not while settling (`until` is
+            // `None`): the relay fetches nothing before what is in flight is settled, so
+            // returning early would only spin without ever reading these confirms.
+            let room_to_fetch =
+                d.until.is_some() && self.has_room_to_fetch() && !d.shutdown.is_stopping();
             if room_to_fetch && d.more_waiting {
                 break;
             }
