@@ -11,7 +11,7 @@ pub use crate::proxy::Proxy;
 pub use crate::rabbit_cluster::RabbitCluster;
 pub use crate::received::{
     assert_duplicates_share_message_id, assert_first_deliveries_in_id_order, delivered_ids,
-    delivered_of_key, first_deliveries, most_restarts_of_a_key, Inbox, Received,
+    delivered_of_key, deliveries_of_key, first_deliveries, most_restarts_of_a_key, Inbox, Received,
 };
 pub use crate::relay::{binary as relay_binary, Relay};
 pub use crate::rows::{insert_rows, quoted_table, rows_over_keys, NewRow, Producer, RowState};

@@ -228,7 +228,6 @@ pub fn most_restarts_of_a_key(received: &[Received]) -> (String, usize) {
         .unwrap_or_default()
 }
 
-/// Ids of the rows delivered at least once.
 /// The ids of `key`'s first deliveries, in arrival order.
 pub fn delivered_of_key(received: &[Received], key: &str) -> Vec<i64> {
     first_deliveries(received)
@@ -238,6 +237,18 @@ pub fn delivered_of_key(received: &[Received], key: &str) -> Vec<i64> {
         .collect()
 }
 
+/// Every delivery of `key` (duplicates included) as (position among all deliveries, id), in
+/// arrival order: what a failed order assertion shows, to place each go-back in the run.
+pub fn deliveries_of_key(received: &[Received], key: &str) -> Vec<(usize, i64)> {
+    received
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.ordering_key() == key)
+        .map(|(i, m)| (i, m.outbox_id()))
+        .collect()
+}
+
+/// Ids of the rows delivered at least once.
 pub fn delivered_ids(received: &[Received]) -> HashSet<i64> {
     received.iter().map(|r| r.outbox_id()).collect()
 }
