@@ -158,6 +158,7 @@ impl TableRelay {
         // Which partitions this relay may publish, and until when.
         let state = self.share.state();
         let settling = self.share.must_settle();
+        let expiring = state == ShareState::Expiring;
         let turn = match state {
             ShareState::Owns(turn) => turn,
             ShareState::Nothing if !settling => return self.owns_nothing().await,
@@ -179,13 +180,18 @@ impl TableRelay {
                 return Step::Standby;
             }
             ShareState::Expiring => {
-                // The leases could not be renewed in time: stop publishing before they can run
-                // out; what is in flight goes out again from their next owner.
-                self.window.clear();
+                // The leases could not be renewed in time: nothing more goes out before they
+                // are (they could run out), but what is out is still settled with the last
+                // turn's fence: a confirm read and marked now is a row not sent twice, and a
+                // lease that did run out makes the mark change nothing (its next owner sends
+                // the row again, same message_id). The queued rows wait for the renewal.
                 self.reporter.set(Health::DatabaseDown(
                     "the partition leases could not be renewed in time; publishing stopped until they are".into(),
                 ));
-                return Step::Standby;
+                match self.turn.clone() {
+                    Some(turn) if self.window.in_flight() > 0 => turn,
+                    _ => return Step::Standby,
+                }
             }
         };
         if turn.session.is_some_and(|s| s != guard) {
@@ -214,13 +220,14 @@ impl TableRelay {
                 return self.down(e.context("looking for stale holds"));
             }
         }
-        let until = (!settling).then_some(turn.until);
+        // `None`: publish nothing, only settle what is in flight.
+        let until = (!settling && !expiring).then_some(turn.until);
         let fence = turn.fence.clone();
         self.turn = Some(turn);
         if settling && self.window.in_flight() == 0 {
             return self.give_up().await;
         }
-        if !settling && self.window.has_room_to_fetch() && !self.shutdown.is_stopping() {
+        if until.is_some() && self.window.has_room_to_fetch() && !self.shutdown.is_stopping() {
             let exclude: Vec<i64> = self
                 .window
                 .held_ids()
@@ -296,10 +303,6 @@ impl TableRelay {
             })
             .await;
         self.more_waiting |= settled.announced;
-        if settled.lease_ran_out {
-            // Paused or starved past `until`: what was taken for sending stays due.
-            self.window.clear();
-        }
         // Failures are recorded (and their keys held) before the next fetch.
         let mut written = self.marks.settle().await;
         if self.marks.wants_mark() || self.window.in_flight() == 0 || settled.broken.is_some() {

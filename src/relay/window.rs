@@ -32,8 +32,12 @@ pub(crate) struct ConfirmWindow {
     /// batch to the next.
     queues: KeyQueues,
     in_flight: InFlight,
-    /// When a confirm last arrived (or the window last went from empty to busy).
-    last_progress: Instant,
+    /// How long the window has waited for a confirm while listening: since the last confirm
+    /// (or since it went from empty to busy), counting only time spent waiting in
+    /// [`ConfirmWindow::drive`]. Time the relay spent elsewhere (a slow fetch or mark) or the
+    /// process did not run (SIGSTOP, a stall) is not the broker's silence: the confirms that
+    /// came meanwhile are read first.
+    silence: Duration,
     max_in_flight: usize,
     metrics: TableMetrics,
 }
@@ -48,7 +52,8 @@ pub(crate) struct Settled {
     pub broken: Option<PublishError>,
     /// New rows are announced (a NOTIFY arrived while confirms were outstanding).
     pub announced: bool,
-    /// Publishing stopped at the leases' `until`: rows taken for sending were not sent.
+    /// Publishing stopped at the leases' `until`: rows taken for sending were not sent (and
+    /// left the window); what was in flight is still settled.
     pub lease_ran_out: bool,
 }
 
@@ -78,7 +83,7 @@ impl ConfirmWindow {
         ConfirmWindow {
             queues: KeyQueues::default(),
             in_flight: FuturesUnordered::new(),
-            last_progress: Instant::now(),
+            silence: Duration::ZERO,
             max_in_flight,
             metrics,
         }
@@ -114,9 +119,9 @@ impl ConfirmWindow {
         self.in_flight = FuturesUnordered::new();
     }
 
-    /// The silence clock stands still (the broker blocks the connection: confirms cannot come).
+    /// The silence clock starts again (the broker blocks the connection: confirms cannot come).
     pub fn hold_clock(&mut self) {
-        self.last_progress = Instant::now();
+        self.silence = Duration::ZERO;
     }
 
     /// Sends ready rows and settles confirms as they arrive. Returns when nothing is in flight;
@@ -133,8 +138,11 @@ impl ConfirmWindow {
             until: d.until,
         };
         let confirm_timeout = d.publisher.confirm_timeout();
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The silence clock counts from here: the time away from the window is not the
+        // broker's.
+        let mut listened_at = Instant::now();
         loop {
             if out.broken.is_none()
                 && !out.lease_ran_out
@@ -159,6 +167,8 @@ impl ConfirmWindow {
                 break;
             }
             let next = tokio::select! {
+                // Confirms that are there are read before the silence clock is looked at.
+                biased;
                 next = self.in_flight.next() => next,
                 _ = d.shutdown.aborted() => break,
                 _ = d.lock.notified(), if room_to_fetch => {
@@ -167,12 +177,17 @@ impl ConfirmWindow {
                 }
                 _ = tick.tick() => {
                     d.reporter.beat();
+                    // A tick much later than due: the process did not run (or could not poll)
+                    // meanwhile; only what the window could have heard counts as silence.
+                    let now = Instant::now();
+                    self.silence += now.duration_since(listened_at).min(TICK * 2);
+                    listened_at = now;
                     if d.publisher.is_blocked() {
                         // Confirms may legitimately take long while the broker blocks us
                         // (resource alarm): the loop is alive and the silence clock stops.
-                        self.last_progress = Instant::now();
+                        self.silence = Duration::ZERO;
                         d.reporter.set(Health::Blocked);
-                    } else if self.last_progress.elapsed() >= confirm_timeout {
+                    } else if self.silence >= confirm_timeout {
                         out.broken = Some(PublishError::Transport(format!(
                             "no confirm from the broker within {}",
                             humantime::format_duration(confirm_timeout)
@@ -185,7 +200,8 @@ impl ConfirmWindow {
             let Some((row, sent, result)) = next else {
                 break;
             };
-            self.last_progress = Instant::now();
+            self.silence = Duration::ZERO;
+            listened_at = Instant::now();
             match result {
                 Ok(()) => {
                     self.metrics.confirmed(sent, row.created_at);
@@ -295,12 +311,17 @@ impl ConfirmWindow {
         if f.until
             .is_none_or(|until| tokio::time::Instant::now() >= until)
         {
+            // Not sent: their keys' rows leave the window and stay due in the table, for
+            // this relay once its leases are renewed, or for the partitions' next owner.
+            for (row, _) in &sends {
+                self.queues.stop_key(row);
+            }
             out.lease_ran_out = true;
             return Ok(());
         }
         let sent_at = Instant::now();
         if self.in_flight.is_empty() {
-            self.last_progress = sent_at;
+            self.silence = Duration::ZERO;
         }
         // Frames (and delivery tags) keep the order of `sends`; a key has at most one message
         // in the group.
@@ -322,6 +343,9 @@ impl ConfirmWindow {
         broken.map_or(Ok(()), Err)
     }
 }
+
+/// How often a waiting window beats the heartbeat and looks at the silence clock.
+const TICK: Duration = Duration::from_millis(250);
 
 /// The parts of [`Drive`] that filling the window reads.
 struct Fill<'a> {
