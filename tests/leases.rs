@@ -154,6 +154,50 @@ async fn members_claiming_at_once_take_disjoint_partitions() {
     assert!(all.len() <= PARTITIONS as usize);
 }
 
+#[tokio::test]
+async fn members_claiming_at_once_round_after_round_never_fail() {
+    // Each round every member gives its partitions back and all claim at the same moment: one
+    // claim commits while another's is under way and finds that lease row changed since its
+    // snapshot. The later claim must skip it and go on (PostgreSQL once answered such a claim
+    // with an internal error, `ModifyTable should not be called during EvalPlanQual`, when its
+    // statement also deleted the dead members in a CTE that the partition check read).
+    let env = TestEnv::new(Setup::new()).await;
+    let leases = leases(&env, Duration::from_secs(30)).await;
+    let mut members = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        members.push(leases.register(name, PARTITIONS).await.unwrap());
+    }
+    for round in 0..40 {
+        for m in &members {
+            let (_, owned) = renewed(&leases, m).await;
+            let owned: Vec<u32> = owned.into_iter().map(|(p, _)| p).collect();
+            leases.release(m, &owned).await.unwrap();
+        }
+        let claims = members
+            .iter()
+            .map(|m| leases.claim(m, PARTITIONS / 2))
+            .collect::<Vec<_>>();
+        let mut all = Vec::new();
+        for (m, result) in members.iter().zip(futures::future::join_all(claims).await) {
+            let taken = result.unwrap_or_else(|e| {
+                panic!("round {round}: the claim of member {} failed: {e}", m.id)
+            });
+            all.extend(taken.into_iter().map(|(p, _)| p));
+        }
+        let unique: BTreeSet<u32> = all.iter().copied().collect();
+        assert_eq!(
+            all.len(),
+            unique.len(),
+            "round {round}: a partition was taken twice"
+        );
+        assert_eq!(
+            unique.len(),
+            PARTITIONS as usize,
+            "round {round}: every partition taken"
+        );
+    }
+}
+
 async fn futures_join<F, T>(futures: Vec<F>) -> Vec<T>
 where
     F: std::future::Future<Output = Result<T, outbox_relay::store::DbError>>,

@@ -456,21 +456,33 @@ impl Leases {
         member: &Member,
         wanted: u32,
     ) -> Result<Vec<(Partition, i64)>, DbError> {
-        // A member whose lease ran out is deleted as its partitions are taken: the delete
-        // waits for a heartbeat of its that is under way (and then finds it live), and a
-        // heartbeat that comes after finds no row, so a member can never believe it renewed a
-        // lease another member took. The clock is read when each row is checked
-        // (`clock_timestamp()`), not when the statement began.
-        let rows = sqlx::query(&format!(
-            "WITH dead AS (
-                 DELETE FROM outbox_relay.members m
-                 WHERE m.table_oid = $1 AND m.member <> $2 AND {DEAD}
-                 RETURNING m.member),
-             free AS (
+        // A member whose lease ran out is deleted, then its partitions are taken, in one
+        // transaction: the delete waits for a heartbeat of its that is under way (and then
+        // finds it live), and a heartbeat that comes after waits for the commit and finds no
+        // row, so a member can never believe it renewed a lease another member took. Only the
+        // members this delete removed (or that have no row at all) count as gone: a snapshot
+        // older than a renewal would see a dead member there. The clock is read when each row
+        // is checked (`clock_timestamp()`), not when the statement began. Two statements, not
+        // one: a claim whose partition check read a deleting CTE failed with PostgreSQL's
+        // internal error `ModifyTable should not be called during EvalPlanQual` whenever a
+        // lease row it locked had changed since its snapshot (another member's claim
+        // committing at that moment).
+        let mut tx = self.pool().begin().await?;
+        let dead: Vec<i64> = sqlx::query_scalar(&format!(
+            "DELETE FROM outbox_relay.members m
+             WHERE m.table_oid = $1 AND m.member <> $2 AND {DEAD}
+             RETURNING m.member"
+        ))
+        .bind(member.table_oid)
+        .bind(member.id as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows = sqlx::query(
+            "WITH free AS (
                  SELECT f.partition FROM outbox_relay.leases f
                  WHERE f.table_oid = $1
                    AND (f.owner IS NULL
-                        OR f.owner IN (SELECT member FROM dead)
+                        OR f.owner = ANY ($4)
                         OR NOT EXISTS (SELECT 1 FROM outbox_relay.members m
                                        WHERE m.table_oid = $1 AND m.member = f.owner))
                  ORDER BY f.partition LIMIT $3
@@ -482,13 +494,15 @@ impl Leases {
                AND EXISTS (SELECT 1 FROM outbox_relay.members me
                            WHERE me.table_oid = $1 AND me.member = $2
                              AND me.expires_at > clock_timestamp())
-             RETURNING l.partition, l.epoch"
-        ))
+             RETURNING l.partition, l.epoch",
+        )
         .bind(member.table_oid)
         .bind(member.id as i64)
         .bind(i64::from(wanted))
-        .fetch_all(self.pool())
+        .bind(&dead)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let mut taken = rows
             .iter()
             .map(|r| {
