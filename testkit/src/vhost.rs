@@ -96,8 +96,11 @@ impl Vhost {
         if let Some(name) = &self.connection_name {
             properties = properties.with_connection_name(name.as_str().into());
         }
-        Connection::connect(self.url.as_str(), properties)
+        let connect = Connection::connect(self.url.as_str(), properties);
+        tokio::time::timeout(std::time::Duration::from_secs(30), connect)
             .await
+            .map_err(|_| anyhow::anyhow!("no answer within 30 s"))
+            .and_then(|connected| Ok(connected?))
             .with_context(|| format!("connecting to RabbitMQ at {}", redacted(&self.url)))
     }
 
@@ -116,7 +119,7 @@ impl Vhost {
         let connection = self.connect().await?;
         let channel = connection.create_channel().await?;
         let outcome = f(channel).await;
-        let _ = connection.close(200, "done".into()).await;
+        close_quietly(&connection, "done").await;
         outcome
     }
 
@@ -322,9 +325,17 @@ impl Vhost {
                 );
             }
         }
-        let _ = connection.close(200, "cleanup done".into()).await;
+        close_quietly(&connection, "cleanup done").await;
         first_failure.map_or(Ok(()), Err)
     }
+}
+
+/// Closes a connection whose work is done, giving the broker's answer a few seconds: lapin has
+/// left such a close pending for good (the broker had closed the connection, the future never
+/// resolved), which hung a test in its setup until the whole run was stopped.
+async fn close_quietly(connection: &Connection, reason: &str) {
+    let close = connection.close(200, reason.into());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
 }
 
 impl Drop for Vhost {
