@@ -230,15 +230,20 @@ impl TestEnv {
             url.port().unwrap_or(5432)
         );
         let moved = self.pg_url.replacen(&server, &hosts.join(","), 1);
+        self.relay_postgres_url(&moved);
+        moved
+    }
+
+    /// Points the relay's `postgres.url` at `url` in place of the test database's own.
+    pub fn relay_postgres_url(&self, url: &str) {
         let quoted = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
         let config = std::fs::read_to_string(&self.config_path).expect("read the config file");
         assert!(config.contains(&quoted(&self.pg_url)), "{config}");
         std::fs::write(
             &self.config_path,
-            config.replace(&quoted(&self.pg_url), &quoted(&moved)),
+            config.replace(&quoted(&self.pg_url), &quoted(url)),
         )
         .expect("write the config file");
-        moved
     }
 
     /// Waits until the test queue holds no message, ready or delivered and not yet acked: the
