@@ -208,14 +208,7 @@ async fn an_idle_relay_polling_every_twenty_seconds_stays_live_and_wakes_on_noti
     .await;
     // The relay reaches PostgreSQL through a proxy that counts its statements: its own, not the
     // database's (autovacuum, this test's reads) nor the other tests'.
-    let proxy = Proxy::start_counting_postgres(
-        "postgres",
-        servers()
-            .postgres_addr()
-            .unwrap_or_else(|e| panic!("{e:#}")),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let proxy = postgres_proxy(true).await;
     // Without TLS: the proxy reads the protocol.
     let mut url = proxy
         .route(&url::Url::parse(&env.pg_url).expect("the test's URL"))

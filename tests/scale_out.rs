@@ -334,14 +334,7 @@ async fn a_relay_cut_off_from_postgresql_loses_its_partitions_after_the_lease_an
     let members = [a.member_id().await, b.member_id().await];
     // The third relay reaches PostgreSQL through a proxy: its config is written for it alone
     // (a relay reads its config at start) and put back once it started.
-    let proxy = Proxy::start(
-        "postgres",
-        servers()
-            .postgres_addr()
-            .unwrap_or_else(|e| panic!("{e:#}")),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let proxy = postgres_proxy(false).await;
     let config = std::fs::read_to_string(&env.config_path).expect("read the config");
     env.relay_postgres_hosts(&[format!("127.0.0.1:{}", proxy.port)]);
     let cut = env.start_relay();

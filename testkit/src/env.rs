@@ -51,6 +51,21 @@ pub async fn broker_proxy(amqp_url: &str) -> (Proxy, String) {
     (proxy, routed.to_string())
 }
 
+/// A proxy in front of the test PostgreSQL: to cut a relay off (`counting`: false), or to count
+/// the statements it sends (`counting`: true; its clients must not use TLS, see
+/// [`Proxy::start_counting_postgres`]).
+pub async fn postgres_proxy(counting: bool) -> Proxy {
+    let upstream = servers()
+        .postgres_addr()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let started = if counting {
+        Proxy::start_counting_postgres("postgres", upstream).await
+    } else {
+        Proxy::start("postgres", upstream).await
+    };
+    started.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 /// One test's private world. Fields are dropped in order: the consumer stops before its queue
 /// goes, the database and the broker objects go before the temp dir.
 pub struct TestEnv {

@@ -2,7 +2,7 @@
 
 pub use crate::cli::{run_cli, CliOutput};
 pub use crate::database::Database;
-pub use crate::env::{amqp_url, broker_proxy, pg_url, servers, TestEnv};
+pub use crate::env::{amqp_url, broker_proxy, pg_url, postgres_proxy, servers, TestEnv};
 pub use crate::faults::{rabbitmqctl, FrozenBackends};
 pub use crate::health::{health_addr, http_get, table_state};
 pub use crate::metrics::Scrape;
