@@ -209,11 +209,9 @@ async fn an_idle_relay_polling_every_twenty_seconds_stays_live_and_wakes_on_noti
     // The relay reaches PostgreSQL through a proxy that counts its statements: its own, not the
     // database's (autovacuum, this test's reads) nor the other tests'.
     let proxy = postgres_proxy(true).await;
-    // Without TLS: the proxy reads the protocol.
-    let mut url = proxy
-        .route(&url::Url::parse(&env.pg_url).expect("the test's URL"))
+    let url = proxy
+        .route_without_tls(&url::Url::parse(&env.pg_url).expect("the test's URL"))
         .unwrap_or_else(|e| panic!("{e:#}"));
-    url.query_pairs_mut().append_pair("sslmode", "disable");
     env.relay_postgres_url(url.as_str());
     let relay = env.start_relay();
     let addr = health_addr(&relay).await;

@@ -99,6 +99,23 @@ impl Proxy {
         Ok(routed)
     }
 
+    /// [`Proxy::route`] for a PostgreSQL client that must not use TLS (`sslmode=disable` in
+    /// place of any `sslmode` the URL had): what a counting proxy needs to read the protocol.
+    pub fn route_without_tls(&self, url: &Url) -> anyhow::Result<Url> {
+        let mut routed = self.route(url)?;
+        let query: Vec<(String, String)> = routed
+            .query_pairs()
+            .filter(|(k, _)| k != "sslmode")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        routed
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(query)
+            .append_pair("sslmode", "disable");
+        Ok(routed)
+    }
+
     /// Resets every open connection (RST, not a polite close).
     pub fn reset(&self) {
         self.state.reset();

@@ -513,17 +513,7 @@ pub(crate) async fn counting_proxy(env: &BenchEnv) -> anyhow::Result<(Proxy, url
     }
     let upstream = servers::socket_addr(&env.db_url, 5432)?;
     let proxy = Proxy::start_counting_postgres("postgres", upstream).await?;
-    let mut proxied = proxy.route(&env.db_url)?;
-    let query: Vec<(String, String)> = proxied
-        .query_pairs()
-        .filter(|(k, _)| k != "sslmode")
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    proxied
-        .query_pairs_mut()
-        .clear()
-        .extend_pairs(query)
-        .append_pair("sslmode", "disable");
+    let proxied = proxy.route_without_tls(&env.db_url)?;
     Ok((proxy, proxied))
 }
 
