@@ -137,6 +137,8 @@ mod tests {
             created_at: chrono::DateTime::from_timestamp(0, 0).unwrap(),
             attempts: 0,
             table_oid: 0,
+            version: 1,
+            defect: None,
         }
     }
 

@@ -23,6 +23,26 @@ pub struct OutboxRow {
     /// The oid of the table the row was read from: a table dropped and created again reuses
     /// ids, so marks name the table instance too.
     pub table_oid: i64,
+    /// The row version that was read (its `xmin`): every state change the relay writes for the
+    /// row names it, so a row that was replaced meanwhile (a TRUNCATE and a new row with the
+    /// same id, a delete and re-insert, an update by hand) is never marked for what was sent.
+    pub version: i64,
+    /// A value of the row the relay could not decode (its headers' JSON, its timestamp): the
+    /// row is parked with this reason and nothing of it is sent. The field it names holds an
+    /// empty value.
+    pub defect: Option<Unpublishable>,
+}
+
+/// What the broker takes in one message, as negotiated on the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerLimits {
+    /// The largest body (`rabbitmq.max_message_bytes`, lowered to the broker's
+    /// `max_message_size` once it refused one as larger).
+    pub max_body: usize,
+    /// The connection's negotiated `frame_max`: the properties and headers travel in one
+    /// content-header frame, which may not be larger (RabbitMQ closes the whole connection
+    /// with `FRAME_ERROR` otherwise).
+    pub frame_max: usize,
 }
 
 /// A message ready for `basic_publish`.
@@ -53,15 +73,15 @@ fn short(field: &str, value: &str) -> Result<ShortString, Unpublishable> {
 }
 
 /// Builds the message for `row`: its exchange (else `default_exchange`), routing key, body and
-/// the contract's properties and headers. `max_bytes` is the largest body the broker accepts.
-/// The payload moves into the message (the row keeps what settling it needs).
+/// the contract's properties and headers, within what the broker takes (`limits`). The payload
+/// moves into the message (the row keeps what settling it needs).
 pub fn build(
     row: &mut OutboxRow,
     table: &str,
     default_exchange: &str,
-    max_bytes: usize,
+    limits: BrokerLimits,
 ) -> Result<OutboundMessage, Unpublishable> {
-    build_with(row, table, default_exchange, JSON, max_bytes)
+    build_with(row, table, default_exchange, JSON, limits)
 }
 
 /// The content type of the relay's own `jsonb` payloads.
@@ -73,8 +93,12 @@ pub fn build_with(
     table: &str,
     default_exchange: &str,
     content_type: &str,
-    max_bytes: usize,
+    limits: BrokerLimits,
 ) -> Result<OutboundMessage, Unpublishable> {
+    if let Some(defect) = &row.defect {
+        return Err(defect.clone());
+    }
+    let max_bytes = limits.max_body;
     let exchange = row.exchange.as_deref().unwrap_or(default_exchange);
     if let Some(problem) = exchange_name_problem(exchange) {
         return Err(Unpublishable(problem));
@@ -115,12 +139,67 @@ pub fn build_with(
         .with_timestamp(row.created_at.timestamp().max(0) as u64)
         .with_headers(headers);
     let routing_key = short("routing_key", &row.routing_key)?.to_string();
+    check_header_frame(row, &properties, limits.frame_max)?;
     Ok(OutboundMessage {
         exchange: exchange.to_owned(),
         routing_key,
         body: std::mem::take(&mut row.payload),
         properties,
     })
+}
+
+/// A content-header frame's bytes besides the properties: frame type, channel, size, class,
+/// weight, body size and the frame-end octet.
+const HEADER_FRAME_OVERHEAD: usize = 1 + 2 + 4 + 2 + 2 + 8 + 1;
+
+/// Refuses properties whose content-header frame would exceed `frame_max`. The exact size is
+/// the AMQP client's own encoding; it is computed only when a cheap bound says it might not
+/// fit (a row's headers are small almost always).
+fn check_header_frame(
+    row: &OutboxRow,
+    properties: &BasicProperties,
+    frame_max: usize,
+) -> Result<(), Unpublishable> {
+    // Every JSON value takes at most 9 bytes more than 5 times its own text in AMQP
+    // (a one-digit number becomes a tagged 8-byte integer); the rest of the properties are
+    // short strings (255 bytes each at most) and the key, a long string.
+    let bound = 5 * json_text_bound(&row.headers)
+        + row.ordering_key.len()
+        + 8 * 260
+        + HEADER_FRAME_OVERHEAD;
+    if bound <= frame_max {
+        return Ok(());
+    }
+    let encoded = cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    )
+    .map_err(|e| Unpublishable(format!("headers cannot be encoded in AMQP: {e}")))?;
+    let size = encoded.len() + HEADER_FRAME_OVERHEAD;
+    if size > frame_max {
+        return Err(Unpublishable(format!(
+            "headers and properties take {size} bytes (headers, ordering_key as x-ordering-key, \
+             dedup_key, event_type); the broker's frame_max is {frame_max}"
+        )));
+    }
+    Ok(())
+}
+
+/// An upper bound of the length of `value` written as JSON text, plus 9 bytes per value.
+fn json_text_bound(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    9 + match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => items.iter().map(json_text_bound).sum::<usize>() + 2,
+        Value::Object(map) => {
+            map.iter()
+                .map(|(k, v)| k.len() + 3 + json_text_bound(v))
+                .sum::<usize>()
+                + 2
+        }
+    }
 }
 
 /// The header that marks a replayed message (`outbox-relay replay`).
@@ -184,6 +263,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const LIMITS: BrokerLimits = BrokerLimits {
+        max_body: 1 << 20,
+        frame_max: 131_072,
+    };
+
     fn row() -> OutboxRow {
         OutboxRow {
             id: 7,
@@ -197,12 +281,14 @@ mod tests {
             created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             attempts: 0,
             table_oid: 0,
+            version: 1,
+            defect: None,
         }
     }
 
     #[test]
     fn a_row_becomes_a_persistent_message_with_the_contract_properties() {
-        let m = build(&mut row(), "public.outbox", "events", 1 << 20).unwrap();
+        let m = build(&mut row(), "public.outbox", "events", LIMITS).unwrap();
         assert_eq!(m.exchange, "events");
         assert_eq!(m.routing_key, "orders.created");
         let p = &m.properties;
@@ -225,7 +311,7 @@ mod tests {
         let mut r = row();
         r.exchange = Some("audit".into());
         assert_eq!(
-            build(&mut r, "t", "events", 1 << 20).unwrap().exchange,
+            build(&mut r, "t", "events", LIMITS).unwrap().exchange,
             "audit"
         );
     }
@@ -234,31 +320,39 @@ mod tests {
     fn rows_that_can_never_be_sent_say_why() {
         let mut r = row();
         r.dedup_key = "k".repeat(300);
-        assert!(build(&mut r, "t", "events", 1 << 20)
+        assert!(build(&mut r, "t", "events", LIMITS)
             .unwrap_err()
             .0
             .contains("dedup_key is 300 bytes"));
         let mut r = row();
         r.exchange = Some("no spaces".into());
-        assert!(build(&mut r, "t", "events", 1 << 20)
+        assert!(build(&mut r, "t", "events", LIMITS)
             .unwrap_err()
             .0
             .contains("exchange name"));
         let mut r = row();
         r.headers = json!([1, 2]);
-        assert!(build(&mut r, "t", "events", 1 << 20)
+        assert!(build(&mut r, "t", "events", LIMITS)
             .unwrap_err()
             .0
             .contains("an array"));
-        assert!(build(&mut row(), "t", "events", 4)
-            .unwrap_err()
-            .0
-            .contains("at most 4"));
+        assert!(build(
+            &mut row(),
+            "t",
+            "events",
+            BrokerLimits {
+                max_body: 4,
+                ..LIMITS
+            }
+        )
+        .unwrap_err()
+        .0
+        .contains("at most 4"));
     }
 
     #[test]
     fn a_replay_keeps_the_originals_properties_and_adds_the_replay_header() {
-        let original = build(&mut row(), "public.outbox", "events", 1 << 20).unwrap();
+        let original = build(&mut row(), "public.outbox", "events", LIMITS).unwrap();
         let mut replay = original.clone();
         mark_replay(&mut replay, "2026-03-01T12:00:00.000000Z");
         let (p, q) = (&original.properties, &replay.properties);
@@ -283,7 +377,7 @@ mod tests {
     fn nested_headers_arrays_and_nulls_are_represented() {
         let mut r = row();
         r.headers = json!({"nested": {"a": [1, null, "x"]}, "nothing": null});
-        let m = build(&mut r, "t", "events", 1 << 20).unwrap();
+        let m = build(&mut r, "t", "events", LIMITS).unwrap();
         let h = m.properties.headers().as_ref().unwrap().inner();
         assert_eq!(h.get("nothing"), Some(&AMQPValue::Void));
         assert!(matches!(h.get("nested"), Some(AMQPValue::FieldTable(_))));

@@ -524,6 +524,12 @@ impl Publisher {
         Ok(PendingConfirm { confirm })
     }
 
+    /// The connection's negotiated `frame_max`: a message's properties and headers must fit in
+    /// one frame of this size.
+    pub fn frame_max(&self) -> usize {
+        self.connection.configuration().frame_max() as usize
+    }
+
     /// How long a connection may stay silent with confirms outstanding before it is presumed dead.
     pub fn confirm_timeout(&self) -> Duration {
         self.confirm_timeout

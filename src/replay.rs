@@ -462,7 +462,10 @@ impl Sender<'_> {
             &mut row,
             &self.range.table.to_string(),
             &self.table.exchange,
-            self.max_message_bytes,
+            message::BrokerLimits {
+                max_body: self.max_message_bytes,
+                frame_max: publisher.frame_max(),
+            },
         )
         .map_err(|e| stop(e.to_string()))?;
         message::mark_replay(&mut message, &self.replay_header);

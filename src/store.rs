@@ -12,7 +12,9 @@ use sqlx::{ConnectOptions, FromRow, Row, TypeInfo, ValueRef};
 use crate::config::{
     quote_ident, OnExhausted, OnPublished, OutboxSettings, PostgresSettings, TableName,
 };
-use crate::message::OutboxRow;
+use chrono::{DateTime, Utc};
+
+use crate::message::{OutboxRow, Unpublishable};
 use crate::tls::TlsCheck;
 
 const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/0000_relay_schema.sql");
@@ -29,7 +31,15 @@ const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[
         "rows behind held keys leave the due index",
         include_str!("../migrations/0002_held_keys.sql"),
     ),
+    (
+        3,
+        "ordering keys longer than 1024 bytes are refused at insert",
+        include_str!("../migrations/0003_ordering_key_length.sql"),
+    ),
 ];
+
+/// The longest ordering key (in bytes) a relay-made table accepts (migration 3).
+pub const MAX_ORDERING_KEY_BYTES: usize = 1024;
 
 mod adopt;
 pub use adopt::{AdoptFrom, AdoptPlan, MappingError, ADOPT_LOCK_TIMEOUT};
@@ -421,19 +431,21 @@ impl Store {
     pub async fn mark_published(
         &self,
         q: &TableSql,
-        ids: &[i64],
+        rows: &[RowVersion],
         table_oid: i64,
         fence: &Fence,
     ) -> Result<Vec<String>, DbError> {
-        if ids.is_empty() {
+        if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let (ids, versions): (Vec<i64>, Vec<i64>) = rows.iter().map(|r| (r.id, r.version)).unzip();
         let query = bind_fence!(
             sqlx::query_scalar(&q.mark_published)
                 .bind(ids)
                 .bind(table_oid),
             fence
-        );
+        )
+        .bind(versions);
         Ok(answered_within(self.answer_within, query.fetch_all(self.pool())).await?)
     }
 
@@ -449,7 +461,8 @@ impl Store {
         if failures.is_empty() {
             return Ok(());
         }
-        let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+        let ids: Vec<i64> = failures.iter().map(|f| f.row.id).collect();
+        let versions: Vec<i64> = failures.iter().map(|f| f.row.version).collect();
         let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
         let delays: Vec<f64> = failures
             .iter()
@@ -462,7 +475,7 @@ impl Store {
             .bind(&delays)
             .bind(&parks)
             .bind(table_oid);
-        let query = bind_fence!(query, fence);
+        let query = bind_fence!(query, fence).bind(&versions);
         answered_within(self.answer_within, query.execute(self.pool())).await?;
         Ok(())
     }
@@ -592,7 +605,8 @@ impl Store {
         let table = &q.table;
         let t = table.quoted();
         let c = &q.columns;
-        let (id, key, created, live) = (c.seq(""), c.key(""), c.created_at(""), c.live(""));
+        let (id, key, live) = (c.seq(""), c.key(""), c.live(""));
+        let created_finite = finite_time(&c.created_at(""));
         let sql = format!(
             "SELECT (SELECT count(*) FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held) AS ready, \
                     (SELECT count(*) FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()) AS due, \
@@ -601,9 +615,9 @@ impl Store {
                     (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE published_at IS NOT NULL LIMIT {PUBLISHED_COUNT_CAP}) p) AS published, \
                     greatest(pg_stat_get_live_tuples('{t}'::regclass), 0) AS live, \
                     extract(epoch FROM now() - least( \
-                        (SELECT {created}::timestamptz FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY {id} LIMIT 1), \
+                        (SELECT {created_finite} FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY {id} LIMIT 1), \
                         (SELECT min(f.created_at) FROM outbox_relay.held_keys h CROSS JOIN LATERAL ( \
-                             SELECT {created}::timestamptz AS created_at FROM {t} WHERE {key} = h.ordering_key AND held AND published_at IS NULL \
+                             SELECT {created_finite} AS created_at FROM {t} WHERE {key} = h.ordering_key AND held AND published_at IS NULL \
                              ORDER BY {id} LIMIT 1) f \
                          WHERE h.table_oid = '{t}'::regclass::oid::bigint)))::float8 AS oldest"
         );
@@ -669,16 +683,17 @@ impl Store {
             .map(|(i, q)| {
                 let t = q.table.quoted();
                 let c = &q.columns;
-                let (id, key, created, live) = (c.seq(""), c.key(""), c.created_at(""), c.live(""));
+                let (id, key, live) = (c.seq(""), c.key(""), c.live(""));
+                let created_finite = finite_time(&c.created_at(""));
                 let count = |condition: &str| {
                     format!("(SELECT count(*) FROM (SELECT 1 FROM {t} WHERE {condition} LIMIT {cap}) c)")
                 };
                 format!(
                     "SELECT {i} AS i, {ready} AS ready, {due} AS due, {held} AS held, {parked} AS parked, \
                         extract(epoch FROM now() - least( \
-                            (SELECT {created}::timestamptz FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY {id} LIMIT 1), \
+                            (SELECT {created_finite} FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY {id} LIMIT 1), \
                             (SELECT min(f.created_at) FROM outbox_relay.held_keys h CROSS JOIN LATERAL ( \
-                                 SELECT {created}::timestamptz AS created_at FROM {t} WHERE {key} = h.ordering_key AND held AND published_at IS NULL \
+                                 SELECT {created_finite} AS created_at FROM {t} WHERE {key} = h.ordering_key AND held AND published_at IS NULL \
                                  ORDER BY {id} LIMIT 1) f \
                              WHERE h.table_oid = '{t}'::regclass::oid::bigint)))::float8 AS oldest",
                     ready = count(&format!("{live}published_at IS NULL AND parked_at IS NULL AND NOT held")),
@@ -964,35 +979,129 @@ pub fn db_message(e: &sqlx::Error) -> String {
     }
 }
 
-/// Decodes a row selected with the columns of the fetch (`payload` as text).
+/// Decodes a row selected with the columns of the fetch (`payload` as text, `headers` as JSON
+/// text, `created_at` as microseconds since the epoch). Each value of the row's content is
+/// decoded on its own: one the relay cannot read (a JSON number out of range, nesting deeper
+/// than the decoder's limit, an infinite timestamp) becomes the row's
+/// [`OutboxRow::defect`], so the row is parked with the reason and the rest of the batch goes
+/// out. Only the row's identity (id, key, version) and the relay's own columns must decode.
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
     fn from_row(r: &'r sqlx::postgres::PgRow) -> sqlx::Result<Self> {
+        let mut defect = None;
+        let mut note = |problem: String| {
+            defect.get_or_insert(Unpublishable(problem));
+        };
+        let mut text = |column: &str| match r.try_get::<String, _>(column) {
+            Ok(value) => value,
+            Err(e) => {
+                note(format!("{column} cannot be decoded: {e}"));
+                String::new()
+            }
+        };
+        let (dedup_key, routing_key, event_type) =
+            (text("dedup_key"), text("routing_key"), text("event_type"));
+        let exchange = match r.try_get::<Option<String>, _>("exchange") {
+            Ok(exchange) => exchange,
+            Err(e) => {
+                note(format!("exchange cannot be decoded: {e}"));
+                None
+            }
+        };
         // Text (JSON rendered by PostgreSQL, or a text payload), or an adopted table's bytea.
         let payload = if r.try_get_raw("payload")?.type_info().name() == "BYTEA" {
-            r.try_get::<Vec<u8>, _>("payload")?
+            r.try_get::<Vec<u8>, _>("payload")
         } else {
-            r.try_get::<String, _>("payload")?.into_bytes()
+            r.try_get::<String, _>("payload").map(String::into_bytes)
         };
+        let payload = payload.unwrap_or_else(|e| {
+            note(format!("payload cannot be decoded: {e}"));
+            Vec::new()
+        });
+        let headers = match r.try_get::<Option<String>, _>("headers") {
+            Ok(None) => serde_json::Value::Null,
+            Ok(Some(json)) => serde_json::from_str(&json).unwrap_or_else(|e| {
+                note(format!(
+                    "headers cannot be read as JSON ({e}): numbers must fit a 64-bit float, \
+                     nesting at most {JSON_DEPTH_LIMIT} levels"
+                ));
+                serde_json::Value::Null
+            }),
+            Err(e) => {
+                note(format!("headers cannot be decoded: {e}"));
+                serde_json::Value::Null
+            }
+        };
+        let created_at = r
+            .try_get::<Option<f64>, _>("created_at")
+            .ok()
+            .flatten()
+            .and_then(created_from_micros);
+        let created_at = created_at.unwrap_or_else(|| {
+            note(format!(
+                "created_at is not a time a message can carry (infinity, or outside {} to {})",
+                DateTime::<Utc>::MIN_UTC.format("%Y-%m-%d"),
+                DateTime::<Utc>::MAX_UTC.format("%Y-%m-%d")
+            ));
+            DateTime::<Utc>::UNIX_EPOCH
+        });
         Ok(OutboxRow {
             id: r.try_get("id")?,
-            dedup_key: r.try_get("dedup_key")?,
+            dedup_key,
             ordering_key: r.try_get("ordering_key")?,
-            routing_key: r.try_get("routing_key")?,
-            event_type: r.try_get("event_type")?,
+            routing_key,
+            event_type,
             payload,
-            headers: r.try_get("headers")?,
-            exchange: r.try_get("exchange")?,
-            created_at: r.try_get("created_at")?,
+            headers,
+            exchange,
+            created_at,
             attempts: r.try_get("attempts")?,
             table_oid: r.try_get("table_oid")?,
+            version: r.try_get("version")?,
+            defect,
         })
+    }
+}
+
+/// `timestamp` where it is finite, else NULL: a producer's `infinity` in `created_at` must not
+/// fail a statement that subtracts it from `now()` (PostgreSQL before 17 refuses to), which
+/// would stop the status and the backlog gauges of the whole table.
+fn finite_time(timestamp: &str) -> String {
+    format!("(CASE WHEN isfinite({timestamp}::timestamptz) THEN {timestamp}::timestamptz END)")
+}
+
+/// serde_json's recursion limit: a `jsonb` nested deeper cannot be decoded.
+const JSON_DEPTH_LIMIT: usize = 128;
+
+/// `created_at` as the fetch reads it (microseconds since the epoch, as a float: infinite
+/// timestamps read as infinities, which no integer type holds), if it is a time chrono holds.
+fn created_from_micros(micros: f64) -> Option<DateTime<Utc>> {
+    if !micros.is_finite() || micros.abs() >= i64::MAX as f64 {
+        return None;
+    }
+    DateTime::from_timestamp_micros(micros as i64)
+}
+
+/// One row as it was read: its id and the version (`xmin`) the relay sent. A write for it
+/// applies only while the table still holds that version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowVersion {
+    pub id: i64,
+    pub version: i64,
+}
+
+impl RowVersion {
+    pub fn of(row: &OutboxRow) -> Self {
+        RowVersion {
+            id: row.id,
+            version: row.version,
+        }
     }
 }
 
 /// A failed publish to record.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    pub id: i64,
+    pub row: RowVersion,
     pub error: String,
     /// `None` parks the row.
     pub retry_after: Option<Duration>,
@@ -1155,10 +1264,13 @@ impl TableSql {
             "UPDATE {t} AS t SET attempts = t.attempts + 1, last_error = f.error, \
                     next_attempt_at = now() + f.delay_ms * interval '1 millisecond', \
                     parked_at = CASE WHEN f.park THEN now() END \
-             FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay_ms, park) \
-             WHERE {t_id} = f.id AND t.published_at IS NULL AND t.tableoid::bigint = $5 \
+             FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[], $10::bigint[]) \
+                  AS f(id, error, delay_ms, park, version) \
+             WHERE {t_id} = f.id AND {t_version} = f.version \
+               AND t.published_at IS NULL AND t.tableoid::bigint = $5 \
                AND {fence}",
             fence = fenced(&t_key, 6),
+            t_version = columns::version("t"),
         );
         // Both take the key's order-guard lock (without waiting: a producer's transaction may
         // hold it for long), so no insert of the key is in progress while its rows change
@@ -1251,15 +1363,23 @@ impl TableSql {
         let t = table.quoted();
         let id = c.seq("");
         let fence = fenced(&c.key(""), 3);
+        // Each id with its version (`$7`, in the order of `$1`), compared after the id's
+        // index found the row: a row replaced since it was read (TRUNCATE and a new row with
+        // the same id, an update or a re-insert by hand) is not marked, stays pending and goes
+        // out again.
+        let sent = "unnest($1::bigint[], $7::bigint[]) AS sent(sent_id, sent_version)";
+        let version = columns::version("");
         let write = match on_published {
             OnPublished::Mark => format!(
-                "UPDATE {t} SET published_at = now() \
-                 WHERE {id} = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 AND {fence} \
+                "UPDATE {t} SET published_at = now() FROM {sent} \
+                 WHERE {id} = sent.sent_id AND {version} = sent.sent_version \
+                   AND published_at IS NULL AND tableoid::bigint = $2 AND {fence} \
                  RETURNING {id} AS id"
             ),
             OnPublished::Delete => format!(
-                "DELETE FROM {t} \
-                 WHERE {id} = ANY($1) AND published_at IS NULL AND tableoid::bigint = $2 AND {fence} \
+                "DELETE FROM {t} USING {sent} \
+                 WHERE {id} = sent.sent_id AND {version} = sent.sent_version \
+                   AND published_at IS NULL AND tableoid::bigint = $2 AND {fence} \
                  RETURNING {id} AS id"
             ),
         };
@@ -1308,5 +1428,9 @@ impl TableSql {
             .replace("{held_index}", &quote_ident(&t.derived("held")))
             .replace("{dedup_index}", &quote_ident(&t.derived("dedup_key")))
             .replace("{order_trigger}", &quote_ident(&t.derived("order")))
+            .replace(
+                "{key_check}",
+                &quote_ident(&t.derived("ordering_key_length")),
+            )
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use outbox_relay::config::{OnExhausted, Settings, TableName};
 use outbox_relay::store::leases::Leases;
-use outbox_relay::store::{Failure, Fence, Store, TableSql};
+use outbox_relay::store::{Failure, Fence, RowVersion, Store, TableSql};
 use outbox_relay_testkit::prelude::*;
 
 const PARTITIONS: u32 = 8;
@@ -44,9 +44,26 @@ impl Fenced {
         }
     }
 
+    /// The rows as they stand now (the version a relay would have read).
+    async fn versions(&self, ids: &[i64]) -> Vec<RowVersion> {
+        let sql = format!(
+            "SELECT id, xmin::text::bigint FROM {} WHERE id = ANY($1) ORDER BY id",
+            quoted_table(&self.env.table)
+        );
+        let rows: Vec<(i64, i64)> = sqlx::query_as(&sql)
+            .bind(ids)
+            .fetch_all(&self.env.pool)
+            .await
+            .unwrap();
+        rows.into_iter()
+            .map(|(id, version)| RowVersion { id, version })
+            .collect()
+    }
+
     async fn mark(&self, ids: &[i64], fence: &Fence) -> HashSet<i64> {
+        let rows = self.versions(ids).await;
         self.store
-            .mark_published(&self.sql, ids, self.oid, fence)
+            .mark_published(&self.sql, &rows, self.oid, fence)
             .await
             .unwrap();
         self.env.published_ids().await
@@ -74,10 +91,12 @@ async fn statements_with_a_forged_epoch_change_nothing_and_the_holders_go_throug
             t.mark(&ids, &forgery).await.is_empty(),
             "a mark with epochs {by:+} marks nothing"
         );
-        let failures: Vec<Failure> = ids
-            .iter()
-            .map(|&id| Failure {
-                id,
+        let failures: Vec<Failure> = t
+            .versions(&ids)
+            .await
+            .into_iter()
+            .map(|row| Failure {
+                row,
                 error: "forged".into(),
                 retry_after: None,
             })
@@ -114,7 +133,7 @@ async fn statements_with_a_forged_epoch_change_nothing_and_the_holders_go_throug
         .record_failures(
             &t.sql,
             &[Failure {
-                id: ids[1],
+                row: t.versions(&ids[1..2]).await[0],
                 error: "refused".into(),
                 retry_after: Some(Duration::from_secs(1)),
             }],

@@ -12,7 +12,7 @@ use outbox_relay::publisher::Broker;
 use outbox_relay::relay::{Acks, MarkPipeline, Share, Step, TableRelay};
 use outbox_relay::shutdown::Shutdown;
 use outbox_relay::store::leases::Leases;
-use outbox_relay::store::{Coordination, LockState, Store, TableSql};
+use outbox_relay::store::{Coordination, LockState, RowVersion, Store, TableSql};
 use outbox_relay_testkit::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -228,8 +228,21 @@ async fn the_last_mark_at_shutdown_is_written_even_when_the_mark_before_it_faile
     .execute(&mut *blocker)
     .await
     .unwrap();
-    marks.confirm(ids[0]);
-    marks.confirm(ids[1]);
+    let sql = format!(
+        "SELECT id, xmin::text::bigint FROM {} WHERE id = ANY($1) ORDER BY id",
+        quoted_table(&env.table)
+    );
+    let rows: Vec<(i64, i64)> = sqlx::query_as(&sql)
+        .bind(&ids)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    let rows: Vec<RowVersion> = rows
+        .into_iter()
+        .map(|(id, version)| RowVersion { id, version })
+        .collect();
+    marks.confirm(rows[0]);
+    marks.confirm(rows[1]);
     marks.start().await.unwrap();
     eventually("the blocked mark to fail", || async {
         marks.mark_finished()
@@ -238,8 +251,8 @@ async fn the_last_mark_at_shutdown_is_written_even_when_the_mark_before_it_faile
     blocker.rollback().await.unwrap();
 
     // Confirmed after it: the shutdown's mark writes these and the failed ones.
-    marks.confirm(ids[2]);
-    marks.confirm(ids[3]);
+    marks.confirm(rows[2]);
+    marks.confirm(rows[3]);
     let finished = marks.finish().await;
     assert!(finished.is_err(), "the failed mark is reported");
     assert_eq!(marks.pending(), 0, "nothing is left unmarked");

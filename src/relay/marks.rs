@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::config::OnExhausted;
-use crate::store::{DbError, Failure, Fence, Store, TableSql};
+use crate::store::{DbError, Failure, Fence, RowVersion, Store, TableSql};
 
 pub struct MarkPipeline {
     store: Store,
@@ -16,9 +16,9 @@ pub struct MarkPipeline {
     /// The table instance the ids belong to (see [`crate::message::OutboxRow::table_oid`]).
     table_oid: Option<i64>,
     chunk: usize,
-    confirmed: Vec<i64>,
+    confirmed: Vec<RowVersion>,
     marking: Option<Marking>,
-    unmarked: Vec<i64>,
+    unmarked: Vec<RowVersion>,
     unrecorded: Vec<Failure>,
     /// Keys to hold behind their failed row, and keys whose holder no longer holds them.
     holds: Vec<(String, i64)>,
@@ -33,7 +33,7 @@ pub struct MarkPipeline {
 
 /// A mark being written in the background.
 struct Marking {
-    ids: Vec<i64>,
+    ids: Vec<RowVersion>,
     task: tokio::task::JoinHandle<Result<Vec<String>, DbError>>,
 }
 
@@ -66,7 +66,7 @@ impl MarkPipeline {
             .iter()
             .chain(self.marking.iter().flat_map(|m| m.ids.iter()))
             .chain(self.unmarked.iter())
-            .copied()
+            .map(|row| row.id)
     }
 
     /// How many ids [`MarkPipeline::pending_ids`] yields.
@@ -104,8 +104,10 @@ impl MarkPipeline {
         }
     }
 
-    pub fn confirm(&mut self, id: i64) {
-        self.confirmed.push(id);
+    /// The broker confirmed this version of the row: it is marked published (if the table still
+    /// holds that version).
+    pub fn confirm(&mut self, row: RowVersion) {
+        self.confirmed.push(row);
     }
 
     /// A failed publish to record; `ordering_key` and the failure's verdict decide whether it
@@ -117,7 +119,7 @@ impl MarkPipeline {
             // this row (rows released before it and not sent yet are held again).
             self.releases.retain(|k| k != ordering_key);
             self.holds.retain(|(k, _)| k != ordering_key);
-            self.holds.push((ordering_key.to_owned(), failure.id));
+            self.holds.push((ordering_key.to_owned(), failure.row.id));
         } else if previous_attempts > 0 {
             // Parked under skip after failing before: it held its key while it waited.
             self.queue_release(ordering_key.to_owned());
@@ -263,7 +265,7 @@ impl MarkPipeline {
                 .record_failures(&self.sql, &self.unrecorded, oid, &self.fence)
                 .await?;
             for f in self.unrecorded.iter().filter(|f| f.retry_after.is_none()) {
-                tracing::warn!(table = %self.sql.table(), id = f.id, error = %f.error, "row parked");
+                tracing::warn!(table = %self.sql.table(), id = f.row.id, error = %f.error, "row parked");
             }
             self.unrecorded.clear();
         }

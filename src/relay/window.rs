@@ -12,12 +12,12 @@ use super::marks::MarkPipeline;
 use super::report::{Health, Reporter};
 use crate::config::OnExhausted;
 use crate::dispatch::KeyQueues;
-use crate::message::{self, OutboundMessage, OutboxRow};
+use crate::message::{self, BrokerLimits, OutboundMessage, OutboxRow};
 use crate::metrics::{ParkReason, TableMetrics};
 use crate::publisher::{PublishError, Publisher, Refusal};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
-use crate::store::{Failure, LockGuard, TableLock};
+use crate::store::{Failure, LockGuard, RowVersion, TableLock};
 
 type InFlight = FuturesUnordered<
     std::pin::Pin<
@@ -134,7 +134,10 @@ impl ConfirmWindow {
             table: d.table,
             default_exchange: d.default_exchange,
             content_type: d.content_type,
-            max_message_bytes: d.max_message_bytes,
+            limits: BrokerLimits {
+                max_body: d.max_message_bytes,
+                frame_max: d.publisher.frame_max(),
+            },
             until: d.until,
         };
         let confirm_timeout = d.publisher.confirm_timeout();
@@ -205,7 +208,7 @@ impl ConfirmWindow {
             match result {
                 Ok(()) => {
                     self.metrics.confirmed(sent, row.created_at);
-                    d.marks.confirm(row.id);
+                    d.marks.confirm(RowVersion::of(&row));
                     out.confirmed += 1;
                     self.queues.release(&row);
                     if d.marks.wants_mark() {
@@ -276,7 +279,7 @@ impl ConfirmWindow {
                 f.table,
                 f.default_exchange,
                 f.content_type,
-                f.max_message_bytes,
+                f.limits,
             ) {
                 Ok(m) => m,
                 Err(unpublishable) => {
@@ -353,7 +356,7 @@ struct Fill<'a> {
     table: &'a str,
     default_exchange: &'a str,
     content_type: &'a str,
-    max_message_bytes: usize,
+    limits: BrokerLimits,
     until: Option<tokio::time::Instant>,
 }
 
@@ -389,7 +392,7 @@ fn record(
     }
     marks.fail(
         Failure {
-            id: row.id,
+            row: RowVersion::of(row),
             error,
             retry_after,
         },

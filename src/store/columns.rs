@@ -30,6 +30,19 @@ fn at(alias: &str, column: &str) -> String {
     }
 }
 
+/// A timestamp as microseconds since the epoch, in a float: `infinity` reads as an infinity
+/// (an integer cast would fail the whole statement), and a time outside what the relay can
+/// represent is the row's problem, not the batch's.
+fn epoch_micros(timestamp: &str) -> String {
+    format!("(extract(epoch FROM {timestamp}) * 1000000)::float8")
+}
+
+/// The row version (`xmin`, a transaction id) as a number: what the relay's writes for a row
+/// compare, so they apply to the version that was read and to no other.
+pub fn version(alias: &str) -> String {
+    format!("{}::text::bigint", at(alias, "xmin"))
+}
+
 /// A string literal (identifiers and texts from the config never reach SQL unquoted).
 pub fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
@@ -91,10 +104,17 @@ impl Columns {
     /// them (`payload` as text, or as bytes for a `bytea` payload).
     pub fn select_list(&self, alias: &str) -> String {
         let Some(m) = &self.map else {
+            let a = if alias.is_empty() {
+                String::new()
+            } else {
+                format!("{alias}.")
+            };
             return format!(
                 "{a}id, {a}dedup_key, {a}ordering_key, {a}routing_key, {a}event_type, {a}payload::text AS payload, \
-                 {a}headers, {a}exchange, {a}created_at, {a}attempts, {a}tableoid::bigint AS table_oid",
-                a = if alias.is_empty() { String::new() } else { format!("{alias}.") }
+                 {a}headers::text AS headers, {a}exchange, {created} AS created_at, {a}attempts, \
+                 {a}tableoid::bigint AS table_oid, {version} AS version",
+                created = epoch_micros(&format!("{a}created_at")),
+                version = version(alias),
             );
         };
         let col = |name: &str| at(alias, &quote_ident(name));
@@ -140,8 +160,11 @@ impl Columns {
         };
         format!(
             "{seq} AS id, {dedup} AS dedup_key, {key} AS ordering_key, {routing} AS routing_key, \
-             coalesce({kind}::text, '') AS event_type, {payload} AS payload, {headers} AS headers, \
-             {exchange} AS exchange, {created_at} AS created_at, {attempts}, {oid}::bigint AS table_oid",
+             coalesce({kind}::text, '') AS event_type, {payload} AS payload, {headers}::text AS headers, \
+             {exchange} AS exchange, {created_at} AS created_at, {attempts}, {oid}::bigint AS table_oid, \
+             {version} AS version",
+            created_at = epoch_micros(&created_at),
+            version = version(alias),
             seq = self.seq(alias),
             dedup = self.dedup_key(alias),
             key = self.key(alias),
@@ -159,12 +182,13 @@ mod tests {
     use crate::config::{ColumnsSettings, DebeziumSettings};
 
     #[test]
-    fn the_relays_own_tables_read_as_they_always_did() {
+    fn the_relays_own_tables_read_their_own_columns_each_decodable_on_its_own() {
         let c = Columns::default();
         assert_eq!(
             c.select_list("o"),
             "o.id, o.dedup_key, o.ordering_key, o.routing_key, o.event_type, o.payload::text AS payload, \
-             o.headers, o.exchange, o.created_at, o.attempts, o.tableoid::bigint AS table_oid"
+             o.headers::text AS headers, o.exchange, (extract(epoch FROM o.created_at) * 1000000)::float8 AS created_at, \
+             o.attempts, o.tableoid::bigint AS table_oid, o.xmin::text::bigint AS version"
         );
         assert_eq!(
             (c.seq("e"), c.key("e"), c.live("o")),
@@ -208,7 +232,9 @@ mod tests {
             "{select}"
         );
         assert!(
-            select.contains("o.\"outbox_relay_created_at\" AS created_at"),
+            select.contains(
+                "(extract(epoch FROM o.\"outbox_relay_created_at\") * 1000000)::float8 AS created_at"
+            ),
             "{select}"
         );
         assert_eq!(c.live("o"), "o.\"outbox_relay_seq\" IS NOT NULL AND ");

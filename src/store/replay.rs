@@ -146,16 +146,18 @@ impl Store {
         limit: i64,
     ) -> anyhow::Result<ReplayChunk> {
         let sql = format!(
-            "SELECT id, dedup_key, ordering_key, routing_key, event_type, payload::text AS payload, \
-                    headers, exchange, created_at, attempts, table_oid, replayable, wanted \
+            "SELECT {select}, replayable, wanted \
              FROM ( \
                  SELECT c.*, max(c.id) OVER () AS chunk_end FROM ( \
                      SELECT id, dedup_key, ordering_key, routing_key, event_type, payload, headers, exchange, \
-                            created_at, attempts, tableoid::bigint AS table_oid, {JUDGED} \
-                     FROM {} WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3) c) w \
+                            created_at, attempts, tableoid, xmin, {JUDGED} \
+                     FROM {t} WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3) c) w \
              WHERE wanted OR id = chunk_end \
              ORDER BY id",
-            range.table.quoted()
+            // Decoded as the relay's fetch decodes rows (a value it cannot read stops the
+            // replay at that row, with the reason).
+            select = super::Columns::default().select_list(""),
+            t = range.table.quoted()
         );
         let query = bind_range(sqlx::query(&sql), range, after, limit);
         let found = answered_within(self.answer_within, query.fetch_all(self.pool()))

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use outbox_relay::config::{OnExhausted, PostgresSettings, SecretUrl, TableName};
 use outbox_relay::message;
-use outbox_relay::store::{Coordination, LockState, Store, TableSql};
+use outbox_relay::store::{Coordination, LockState, RowVersion, Store, TableSql};
 use outbox_relay_testkit::proxy::Proxy;
 use outbox_relay_testkit::servers;
 use sqlx::{Connection, PgConnection};
@@ -147,6 +147,12 @@ pub(crate) async fn prepare_backlog(
 
 /// Publishes the table's pending rows from memory with lapin (built by the relay's own
 /// message code, so properties and headers are identical), `window` confirms in flight.
+/// No limit: the raw baseline sends what it is given.
+const UNLIMITED: message::BrokerLimits = message::BrokerLimits {
+    max_body: usize::MAX,
+    frame_max: usize::MAX,
+};
+
 pub(crate) async fn raw_round(
     env: &BenchEnv,
     table: &TableName,
@@ -158,7 +164,7 @@ pub(crate) async fn raw_round(
     let table_name = table.to_string();
     let messages = pending
         .into_iter()
-        .map(|mut row| message::build(&mut row, &table_name, &env.exchange, usize::MAX))
+        .map(|mut row| message::build(&mut row, &table_name, &env.exchange, UNLIMITED))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("building the raw messages: {e}"))?;
     env.purge_queue().await?;
@@ -716,12 +722,12 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
             if rows.is_empty() {
                 break;
             }
-            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let sent: Vec<RowVersion> = rows.iter().map(RowVersion::of).collect();
             let t = Instant::now();
             let oid = rows.first().map_or(0, |r| r.table_oid);
-            store.mark_published(&sql, &ids, oid, &fence).await?;
+            store.mark_published(&sql, &sent, oid, &fence).await?;
             mark += t.elapsed();
-            done += ids.len() as u64;
+            done += sent.len() as u64;
         }
         let seconds = started.elapsed().as_secs_f64();
         // The scenarios after this one run relays on the same table: they must find every

@@ -328,9 +328,8 @@ pub async fn vacuum_analyze(pool: &PgPool, table: &TableName) -> anyhow::Result<
 /// The pending rows, in id order, as the relay's fetch returns them.
 pub async fn load_pending(pool: &PgPool, table: &TableName) -> anyhow::Result<Vec<OutboxRow>> {
     let sql = format!(
-        "SELECT id, dedup_key, ordering_key, routing_key, event_type, payload::text AS payload, headers, \
-                exchange, created_at, attempts, tableoid::bigint AS table_oid \
-         FROM {} WHERE published_at IS NULL ORDER BY id",
+        "SELECT {} FROM {} WHERE published_at IS NULL ORDER BY id",
+        outbox_relay::store::Columns::default().select_list(""),
         table.quoted()
     );
     // Decoded exactly as the relay's fetch decodes them.
