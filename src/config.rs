@@ -223,7 +223,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxSettings {
-    /// `table` or `schema.table`.
+    /// `table` or `schema.table`, as PostgreSQL reads it: unquoted parts fold to lower case
+    /// (`public.OutBox` is `public.outbox`), parts in double quotes keep their case
+    /// (`'public."OutBox"'`). See [`TableName::parse`].
     pub table: TableName,
     /// Exchange for rows whose `exchange` column is null.
     pub exchange: String,
@@ -596,43 +598,43 @@ impl<'de> Deserialize<'de> for NodeUrls {
     }
 }
 
-/// A validated `schema.table` name. Only ever reaches SQL quoted, through [`TableName::quoted`].
+/// A validated `schema.table` name, each part the name PostgreSQL's catalog holds (what
+/// `TG_TABLE_SCHEMA` and `TG_TABLE_NAME` say): an unquoted part is folded to lower case the way
+/// PostgreSQL folds it, a part in double quotes is kept as written. Only ever reaches SQL
+/// quoted, through [`TableName::quoted`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TableName {
     pub schema: String,
     pub name: String,
 }
 
+/// PostgreSQL's longest identifier (NAMEDATALEN - 1); a longer one it would truncate.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// What a table name may be, for the error of one that is not.
+const TABLE_NAME_RULE: &str = "a table name is `table` or `schema.table`; each part a plain \
+     identifier (letters, digits and _, not starting with a digit), which PostgreSQL folds to \
+     lower case, or a name in double quotes that keeps its case (`'public.\"OutBox\"'` in TOML, \
+     \"\" for a quote in it, no '.', ' or \\); at most 63 bytes each";
+
 impl TableName {
-    /// Accepts `table` (schema `public`) or `schema.table`, each part a plain SQL identifier.
+    /// Accepts `table` (schema `public`) or `schema.table`, each part written as PostgreSQL
+    /// reads it in SQL: `OutBox` is the table `outbox`, `"OutBox"` the table `OutBox`. A part
+    /// in quotes that would read the same without them (`"outbox"`) is refused, so that each
+    /// table has one spelling in the config, `--table` and the relay's output.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split('.').collect();
+        let parts = split_name(s).map_err(|e| format!("{s:?}: {e}; {TABLE_NAME_RULE}"))?;
         let (schema, name) = match parts.as_slice() {
-            [name] => ("public", *name),
-            [schema, name] => (*schema, *name),
-            _ => return Err(format!("{s:?} is not `table` or `schema.table`")),
-        };
-        for part in [schema, name] {
-            let valid_start = part
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-            let valid_rest = part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid_start || !valid_rest || part.len() > 63 {
-                let what = if part == s {
-                    String::new()
-                } else {
-                    format!(": {part:?}")
-                };
+            [name] => ("public".to_owned(), name.clone()),
+            [schema, name] => (schema.clone(), name.clone()),
+            _ => {
                 return Err(format!(
-                    "{s:?}{what} is not a plain identifier (letters, digits and _, not starting with a digit, at most 63 bytes)"
-                ));
+                    "{s:?} is not `table` or `schema.table` (has {} parts); {TABLE_NAME_RULE}",
+                    parts.len()
+                ))
             }
-        }
-        Ok(Self {
-            schema: schema.to_owned(),
-            name: name.to_owned(),
-        })
+        };
+        Ok(Self { schema, name })
     }
 
     /// `"schema"."table"`, safe to paste into SQL.
@@ -641,10 +643,18 @@ impl TableName {
     }
 
     /// A relay-owned object name derived from the table (`outbox_relay_<table>_<suffix>`),
-    /// within PostgreSQL's 63-byte identifier limit.
+    /// within PostgreSQL's 63-byte identifier limit. The same table always gives the same
+    /// name. A table name with characters other than letters, digits and _ (possible in
+    /// quotes), or one too long, gives `outbox_relay_<hash of schema.table>_<suffix>`, so a
+    /// derived name is always letters, digits and _ (it is also written as a string literal,
+    /// the NOTIFY channel).
     pub fn derived(&self, suffix: &str) -> String {
         let full = format!("outbox_relay_{}_{}", self.name, suffix);
-        if full.len() <= 63 {
+        let plain = self
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if plain && full.len() <= MAX_IDENTIFIER_BYTES {
             return full;
         }
         let hash = self
@@ -657,6 +667,95 @@ impl TableName {
     }
 }
 
+/// The parts of a table name separated by `.`, each folded or unquoted (see
+/// [`TableName::parse`]), or what is wrong with it.
+fn split_name(s: &str) -> Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let part = if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut text = String::new();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        text.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => text.push(c),
+                    None => return Err("a double quote is not closed".into()),
+                }
+            }
+            quoted_part(&text)?
+        } else {
+            let mut text = String::new();
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                text.push(c);
+                chars.next();
+            }
+            plain_part(&text)?
+        };
+        parts.push(part);
+        match chars.next() {
+            None => return Ok(parts),
+            Some('.') => {}
+            Some(c) => return Err(format!("{c:?} after a closing double quote (expected '.')")),
+        }
+    }
+}
+
+/// An unquoted part: a plain identifier, folded to lower case (ASCII only, as PostgreSQL does).
+fn plain_part(text: &str) -> Result<String, String> {
+    let valid_start = text
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let valid_rest = text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if text.is_empty() {
+        return Err("a part is empty".into());
+    }
+    if !valid_start || !valid_rest {
+        return Err(format!("{text:?} is not a plain identifier"));
+    }
+    if text.len() > MAX_IDENTIFIER_BYTES {
+        return Err(format!("{text:?} is longer than 63 bytes"));
+    }
+    Ok(text.to_ascii_lowercase())
+}
+
+/// The text inside double quotes, kept as written.
+fn quoted_part(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("a quoted part is empty".into());
+    }
+    if text.len() > MAX_IDENTIFIER_BYTES {
+        return Err(format!("{text:?} is longer than 63 bytes"));
+    }
+    // '.' would make `schema.table` ambiguous (two tables, one lock key); ' and \ would reach
+    // the string literals the relay writes names into (`'...'::regclass`).
+    if let Some(c) = text
+        .chars()
+        .find(|&c| c.is_control() || matches!(c, '.' | '\'' | '\\'))
+    {
+        return Err(format!("the quoted name {text:?} contains {c:?}"));
+    }
+    if plain_part(text).is_ok_and(|folded| folded == text) {
+        return Err(format!(
+            "\"{text}\" needs no quotes: write {text} (quotes are for a name with capitals or \
+             other characters)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// `schema.table` as the catalog holds it, unquoted (`public.outbox`, `app.OutBox` for a
+/// quoted name): what the order guard computes as `TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME`
+/// for its per-key lock, which the relay's hold must take on the same text, and the table's
+/// key in `outbox_relay.migrations`, the `x-outbox-table` header and the metrics.
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.name)
@@ -1124,6 +1223,75 @@ mod tests {
             TableName::parse("outbox").unwrap().derived("due"),
             "outbox_relay_outbox_due"
         );
+    }
+
+    #[test]
+    fn unquoted_table_names_fold_to_lower_case_as_postgresql_folds_them() {
+        let t = TableName::parse("public.OutBox").unwrap();
+        assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "outbox"));
+        assert_eq!(t, TableName::parse("outbox").unwrap());
+        assert_eq!(t, TableName::parse("PUBLIC.OUTBOX").unwrap());
+        assert_eq!(t.to_string(), "public.outbox");
+        assert_eq!(t.quoted(), "\"public\".\"outbox\"");
+        assert_eq!(t.derived("due"), "outbox_relay_outbox_due");
+        // Only ASCII folds: PostgreSQL leaves other letters alone in UTF-8, and the relay
+        // accepts only ASCII unquoted.
+        assert!(TableName::parse("ünïcödé").is_err());
+    }
+
+    #[test]
+    fn quoted_table_names_keep_their_case_and_their_doubled_quotes() {
+        let t = TableName::parse("public.\"OutBox\"").unwrap();
+        assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "OutBox"));
+        assert_eq!(t.to_string(), "public.OutBox");
+        assert_eq!(t.quoted(), "\"public\".\"OutBox\"");
+        assert_ne!(t, TableName::parse("public.OutBox").unwrap());
+        assert_eq!(TableName::parse("\"OutBox\"").unwrap(), t);
+        // The name such a table got before names were folded: derived objects stay the same.
+        assert_eq!(t.derived("notify"), "outbox_relay_OutBox_notify");
+
+        let t = TableName::parse("\"Sales Data\".\"order \"\"events\"\"\"").unwrap();
+        assert_eq!(t.schema, "Sales Data");
+        assert_eq!(t.name, "order \"events\"");
+        assert_eq!(t.quoted(), "\"Sales Data\".\"order \"\"events\"\"\"");
+        assert_eq!(TableName::parse(&t.quoted()).unwrap(), t);
+        // Characters beyond letters, digits and _ give a hashed derived name, the same every time.
+        let derived = t.derived("notify");
+        assert_eq!(derived, t.derived("notify"));
+        assert!(derived.starts_with("outbox_relay_") && derived.ends_with("_notify"));
+        assert!(derived
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        assert_ne!(
+            derived,
+            TableName::parse("\"order events\"")
+                .unwrap()
+                .derived("notify")
+        );
+    }
+
+    #[test]
+    fn quoted_table_names_that_could_not_be_written_safely_are_refused() {
+        for (name, problem) in [
+            ("\"outbox\"", "needs no quotes"),
+            ("public.\"events_1\"", "needs no quotes"),
+            ("\"Out\"Box", "after a closing double quote"),
+            ("\"OutBox", "not closed"),
+            ("\"\"", "empty"),
+            ("\"a.b\"", "contains '.'"),
+            ("\"it's\"", "contains '\\''"),
+            ("\"back\\slash\"", "contains '\\\\'"),
+            ("\"new\nline\"", "contains '\\n'"),
+            ("public.", "empty"),
+            ("Out\"Box\"", "not a plain identifier"),
+        ] {
+            let e = TableName::parse(name).expect_err(name);
+            assert!(e.contains(problem), "{name}: {problem:?} not in {e}");
+            assert!(e.contains("identifier"), "{e}");
+        }
+        assert!(TableName::parse(&format!("\"{}\"", "X".repeat(64))).is_err());
+        assert!(TableName::parse(&format!("\"{}\"", "X".repeat(63))).is_ok());
+        assert!(TableName::parse(&"X".repeat(64)).is_err());
     }
 
     #[test]
