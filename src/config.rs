@@ -12,6 +12,7 @@ mod mapping;
 pub use mapping::{
     ColumnMap, ColumnsSettings, DebeziumSettings, Layout, Part, PayloadType, RouteTo,
 };
+mod amqp_url;
 mod postgres_url;
 pub use postgres_url::PgHost;
 
@@ -454,22 +455,39 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL without its password, whatever characters the password holds: the URL is
+    /// parsed and printed from its parts with `***` for the password (and for a `password`
+    /// parameter). A URL that cannot be parsed, or whose user information cannot be told from
+    /// its host (a password with an unencoded `/`, `?`, `#` or `@` in it), is shown as its
+    /// scheme and `<not shown: reason>` only: text is never masked by searching for an `@`.
+    /// PostgreSQL's other forms (several hosts, key=value pairs) are printed from their parsed
+    /// parts the same way ([`postgres_url::redacted`]).
     pub fn redacted(&self) -> String {
-        match url::Url::parse(&self.0) {
-            Ok(mut url) => {
-                if url.password().is_some() {
-                    let _ = url.set_password(Some("***"));
-                }
-                url.to_string()
-            }
-            // Several hosts, or key-value pairs: PostgreSQL's forms the URL parser cannot read.
-            Err(_) => postgres_url::redacted(&self.0).unwrap_or_else(|| "<unparsable url>".into()),
+        let text = self.0.trim();
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return postgres_url::redacted_key_values(text);
+        };
+        if !is_scheme(scheme) {
+            return "<not shown: not a URL (no scheme:// at its start)>".into();
+        }
+        if let Some(reason) = unclear_userinfo(rest) {
+            return format!("{scheme}://<not shown: {reason}>");
+        }
+        if matches!(scheme, "postgres" | "postgresql") {
+            return postgres_url::redacted(self);
+        }
+        match url::Url::parse(text) {
+            Ok(url) => without_password(&url).unwrap_or_else(|| {
+                format!("{scheme}://<not shown: the password cannot be removed>")
+            }),
+            Err(e) => format!("{scheme}://<not shown: not a URL the client can read ({e})>"),
         }
     }
 
+    /// The scheme written before `://`, whether or not the rest parses.
     fn scheme(&self) -> Option<String> {
-        url::Url::parse(&self.0).ok().map(|u| u.scheme().to_owned())
+        let (scheme, _) = self.0.trim().split_once("://")?;
+        is_scheme(scheme).then(|| scheme.to_ascii_lowercase())
     }
 
     fn is_empty(&self) -> bool {
@@ -493,6 +511,54 @@ impl<'de> Deserialize<'de> for SecretUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d).map(SecretUrl)
     }
+}
+
+/// A URL scheme: a letter, then letters, digits, `+`, `-` or `.`.
+fn is_scheme(text: &str) -> bool {
+    text.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// Why the user information of a URL (`rest`, the text after `scheme://`) cannot be told from
+/// the rest of it, if it cannot. A URL parser ends the authority at the first `/`, `?` or `#`,
+/// so a password holding one of them unencoded spills into the host, the path or the query,
+/// and an `@` (or a `#`) after that point is the sign. Such a URL is refused at load and never
+/// printed: no parser can say which of its pieces are the password.
+pub(crate) fn unclear_userinfo(rest: &str) -> Option<&'static str> {
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if rest[end..].contains(['@', '#']) {
+        return Some(
+            "an '@' or '#' after the host: a user name or password that holds / ? # or @ must \
+             have them percent-encoded (%2F %3F %23 %40)",
+        );
+    }
+    None
+}
+
+/// `url` printed from its parts with `***` for its password and for the value of a `password`
+/// parameter; `None` when the password cannot be replaced (a URL without a host).
+pub(crate) fn without_password(url: &url::Url) -> Option<String> {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        url.set_password(Some("***")).ok()?;
+    }
+    if url.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    Some(url.to_string())
 }
 
 /// `rabbitmq.url`: the broker's URL, or the URLs of a cluster's nodes in the order the relay
@@ -551,6 +617,10 @@ impl NodeUrls {
         for (i, url) in self.0.iter().enumerate() {
             if !matches!(url.scheme().as_deref(), Some("amqp" | "amqps")) {
                 out.push(format!("{}: {}", name(i), describe_got(url)));
+            } else {
+                for problem in amqp_url::problems(url) {
+                    out.push(format!("{}: {problem}", name(i)));
+                }
             }
             if self.0[..i].contains(url) {
                 out.push(format!("{}: {} is listed twice", name(i), url.redacted()));
@@ -1180,7 +1250,17 @@ impl OutboxSettings {
 fn describe_config_error(e: config::ConfigError) -> String {
     // The config crate appends the file path to some messages (the caller names the file
     // itself) and writes array paths as `outbox[0]table`.
-    let mut text = e.to_string();
+    let mut text = match &e {
+        // The TOML parser quotes the line it stopped at, which may hold a password (one with
+        // a `"` or `\` in it ends the string early): only the position and the reason are kept.
+        config::ConfigError::FileParse { cause, .. } => cause
+            .to_string()
+            .lines()
+            .filter(|line| !is_quoted_source(line))
+            .collect::<Vec<_>>()
+            .join(": "),
+        _ => e.to_string(),
+    };
     if let Some(at) = text.find(" in ") {
         if text[at + 4..].contains('/') || text[at + 4..].ends_with(".toml") {
             text.truncate(at);
@@ -1195,6 +1275,14 @@ fn describe_config_error(e: config::ConfigError) -> String {
         }
     }
     out
+}
+
+/// A line of a parse error that quotes the file: `  |`, `4 | url = "..."`, `  |     ^`, or blank.
+fn is_quoted_source(line: &str) -> bool {
+    match line.split_once('|') {
+        Some((margin, _)) => margin.trim().chars().all(|c| c.is_ascii_digit()),
+        None => line.trim().is_empty(),
+    }
 }
 
 #[cfg(test)]
@@ -1514,6 +1602,120 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected:?} not in:\n{text}");
         }
+    }
+
+    /// Passwords a user may write without percent-encoding them.
+    const HOSTILE: [&str; 6] = [
+        "p@ss/w:rd?#%",
+        "@@@",
+        "x-mq.internal-y",
+        "pä$$wörd✓",
+        "a,b:c]d[e",
+        "50/43?2#1",
+    ];
+
+    #[test]
+    fn no_amqp_password_is_shown_whatever_characters_it_holds() {
+        for password in HOSTILE {
+            for text in [
+                format!("amqp://relay:{password}@mq.internal:5672/%2f"),
+                format!("amqps://relay:{password}@mq.internal/%2f?heartbeat=abc"),
+                format!("amqp://relay:{password}@mq.internal:notaport/%2f"),
+                format!("amqp://relay:{password}"),
+                format!("amqp://relay:{password}@"),
+                format!("relay:{password}@mq.internal"),
+                format!("http://relay:{password}@mq.internal/"),
+            ] {
+                let url = SecretUrl::new(&text);
+                let problems = NodeUrls(vec![url.clone()]).problems("rabbitmq.url", &|u| {
+                    format!("expected amqp://..., got {}", u.redacted())
+                });
+                let shown = format!("{url} | {url:?} | {problems:?}");
+                assert!(
+                    !shown.contains(password),
+                    "{text} shows its password: {shown}"
+                );
+                for piece in ["ss/w", "w:rd", "wörd", "43?2", "c]d"] {
+                    if password.contains(piece) {
+                        assert!(!shown.contains(piece), "{text} shows {piece:?}: {shown}");
+                    }
+                }
+            }
+        }
+        // Parsed, then printed without the password: the host stays, even when the password
+        // holds its name.
+        let url = SecretUrl::new("amqp://relay:x-mq.internal-y@mq.internal:5672/%2f");
+        assert_eq!(url.redacted(), "amqp://relay:***@mq.internal:5672/%2f");
+        assert_eq!(
+            SecretUrl::new("amqp://relay:p@ss/w@rd@mq/%2f").redacted(),
+            "amqp://<not shown: an '@' or '#' after the host: a user name or password that holds / ? # or @ must have them percent-encoded (%2F %3F %23 %40)>"
+        );
+        assert_eq!(
+            SecretUrl::new("amqp://relay:@@@@mq/%2f").redacted(),
+            "amqp://relay:***@mq/%2f"
+        );
+    }
+
+    #[test]
+    fn amqp_parameters_are_those_the_client_reads_with_values_it_accepts() {
+        let problems = |url: &str| amqp_url::problems(&SecretUrl::new(url)).join("\n");
+        assert_eq!(
+            problems("amqp://u:pw@mq/%2f?heartbeat=10&frame_max=131072&channel_max=64&connection_timeout=5000&auth_mechanism=PLAIN"),
+            ""
+        );
+        for (url, expected) in [
+            (
+                "amqp://u:pw@mq/%2f?heartbeat=abc",
+                "heartbeat=abc: expected a whole number",
+            ),
+            (
+                "amqp://u:pw@mq/%2f?heartbeat=70000",
+                "heartbeat=70000: expected",
+            ),
+            ("amqp://u:pw@mq/%2f?channel_max=-1", "channel_max=-1"),
+            (
+                "amqp://u:pw@mq/%2f?auth_mechanism=kerberos",
+                "auth_mechanism=kerberos",
+            ),
+            (
+                "amqp://u:pw@mq/%2f?cacertfile=/etc/ca.pem",
+                "[rabbitmq.tls]",
+            ),
+            (
+                "amqp://u:pw@mq/%2f?hearbeat=10",
+                "unknown parameter \"hearbeat\"",
+            ),
+            (
+                "amqp://u:pw@mq/%2f?heartbeat=10&heartbeat=20",
+                "given twice",
+            ),
+            ("amqp://u:pw@[::1]:5672/%2f", "IPv6"),
+            ("amqp://u:pw@mq:notaport/%2f", "invalid port number"),
+            ("amqp://u:%FF@mq/%2f", "the password is not UTF-8"),
+        ] {
+            let got = problems(url);
+            assert!(got.contains(expected), "{url}: {expected:?} not in {got:?}");
+            assert!(!got.contains("pw"), "{got}");
+        }
+        // What the IPv6 problem says is what the client does.
+        let uri: lapin::uri::AMQPUri = "amqp://u:pw@[::1]:5672/%2f".parse().unwrap();
+        assert_eq!(uri.authority.host, "localhost");
+        // And the client refuses what is refused here as a bad value.
+        assert!("amqp://u:pw@mq/%2f?heartbeat=abc"
+            .parse::<lapin::uri::AMQPUri>()
+            .is_err());
+    }
+
+    #[test]
+    fn a_toml_error_does_not_quote_the_line_that_holds_a_password() {
+        let dir = Scratch::new("toml-quote");
+        let config = dir.write(
+            "outbox-relay.toml",
+            "[postgres]\nurl = \"postgres://relay:pg-\"s3cret@db/app\"\n[rabbitmq]\n\
+             url = \"amqp://relay:mq@mq/%2f\"\n[[outbox]]\ntable = \"outbox\"\nexchange = \"events\"\n",
+        );
+        let text = problems_of(&config, None);
+        assert!(text.contains("TOML parse error at line 2"), "{text}");
     }
 
     #[test]
