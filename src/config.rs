@@ -52,7 +52,11 @@ pub struct HealthSettings {
 pub struct PostgresSettings {
     /// `postgres://user:password@host:port/database`, or several hosts tried in order for the
     /// primary (`postgres://u@a:5432,b:5432/db`, `host=a,b port=5432 ...`); the password never
-    /// appears in logs. Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
+    /// appears in logs or errors. A `/ ? # @` in the user name or password must be
+    /// percent-encoded. Query parameters are those the driver reads (sslmode, sslrootcert,
+    /// sslcert, sslkey, application_name, options, ...; see `postgres_url`), each checked at
+    /// load; any other is refused. Either this or `url_file`; after [`Settings::load`] it holds
+    /// the file's URL.
     #[serde(default)]
     pub url: SecretUrl,
     /// A file that holds the URL (a systemd credential, say), read by [`Settings::load`]; a
@@ -83,7 +87,10 @@ impl PostgresSettings {
 pub struct RabbitSettings {
     /// `amqp://user:password@host:port/vhost` (or `amqps://`), or a list of them, one per node
     /// of a cluster: the relay connects to the first that answers and moves to the next when
-    /// its node goes away ([`NodeUrls`]). Passwords never appear in logs. Either this or
+    /// its node goes away ([`NodeUrls`]). Passwords never appear in logs or errors; a
+    /// `/ ? # @` in one must be percent-encoded. Query parameters are those the AMQP client
+    /// reads (heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism), checked
+    /// at load; any other is refused (TLS settings go in `[rabbitmq.tls]`). Either this or
     /// `url_file`; after [`Settings::load`] it holds the file's URLs.
     #[serde(default)]
     pub url: NodeUrls,
@@ -531,7 +538,8 @@ pub(crate) fn unclear_userinfo(rest: &str) -> Option<&'static str> {
     if rest[end..].contains(['@', '#']) {
         return Some(
             "an '@' or '#' after the host: a user name or password that holds / ? # or @ must \
-             have them percent-encoded (%2F %3F %23 %40)",
+             have them percent-encoded (%2F %3F %23 %40), and so must an @ or # in the path or \
+             a parameter",
         );
     }
     None
@@ -1648,7 +1656,7 @@ mod tests {
         assert_eq!(url.redacted(), "amqp://relay:***@mq.internal:5672/%2f");
         assert_eq!(
             SecretUrl::new("amqp://relay:p@ss/w@rd@mq/%2f").redacted(),
-            "amqp://<not shown: an '@' or '#' after the host: a user name or password that holds / ? # or @ must have them percent-encoded (%2F %3F %23 %40)>"
+            "amqp://<not shown: an '@' or '#' after the host: a user name or password that holds / ? # or @ must have them percent-encoded (%2F %3F %23 %40), and so must an @ or # in the path or a parameter>"
         );
         assert_eq!(
             SecretUrl::new("amqp://relay:@@@@mq/%2f").redacted(),
