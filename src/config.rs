@@ -715,6 +715,17 @@ impl TableName {
         Ok(Self { schema, name })
     }
 
+    /// The name as the config (and `--table`) spells it: each part bare when PostgreSQL reads it
+    /// so unquoted, else in double quotes (`public.outbox`, `app."OutBox"`); [`TableName::parse`]
+    /// reads it back to the same name. For messages that a user may copy into the config.
+    pub fn written(&self) -> String {
+        let part = |p: &str| match plain_part(p) {
+            Ok(folded) if folded == p => p.to_owned(),
+            _ => quote_ident(p),
+        };
+        format!("{}.{}", part(&self.schema), part(&self.name))
+    }
+
     /// `"schema"."table"`, safe to paste into SQL.
     pub fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
@@ -1209,7 +1220,10 @@ impl Settings {
         for (i, table) in self.outbox.iter().enumerate() {
             let key = format!("outbox[{i}]");
             if !seen.insert(&table.table) {
-                out.push(format!("{key}.table: {} is configured twice", table.table));
+                out.push(format!(
+                    "{key}.table: {} is configured twice",
+                    table.table.written()
+                ));
             }
             if let Some(p) = exchange_name_problem(&table.exchange) {
                 out.push(format!("{key}.exchange: {p}"));
@@ -1351,6 +1365,14 @@ mod tests {
         assert_eq!(t.name, "order \"events\"");
         assert_eq!(t.quoted(), "\"Sales Data\".\"order \"\"events\"\"\"");
         assert_eq!(TableName::parse(&t.quoted()).unwrap(), t);
+        assert_eq!(t.written(), t.quoted());
+        assert_eq!(TableName::parse(&t.written()).unwrap(), t);
+        let mixed = TableName::parse("app.\"OutBox\"").unwrap();
+        assert_eq!(mixed.written(), "app.\"OutBox\"");
+        assert_eq!(
+            TableName::parse("App.OutBox").unwrap().written(),
+            "app.outbox"
+        );
         // Characters beyond letters, digits and _ give a hashed derived name, the same every time.
         let derived = t.derived("notify");
         assert_eq!(derived, t.derived("notify"));
