@@ -420,9 +420,9 @@ fn key_value_hosts(text: &str) -> Result<Vec<PgHost>, String> {
     let host_list = values.get("host").map_or("localhost", String::as_str);
     let hosts: Vec<&str> = host_list.split(',').collect();
     if hosts.iter().any(|h| h.is_empty()) {
-        return Err(format!(
-            "host: a host is empty in the list (separate hosts with commas: host=a,b), got {host_list:?}"
-        ));
+        return Err(
+            "host: a host is empty in the list (separate hosts with commas: host=a,b)".into(),
+        );
     }
     let ports: Vec<Option<u16>> = match values.get("port") {
         None => vec![None; hosts.len()],
@@ -546,6 +546,11 @@ fn key_value_pairs(text: &str) -> Result<Vec<(String, String)>, String> {
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
         }
+        // A key after an unquoted password with a space in it may be a piece of the password.
+        let named = match after_password && key != "password" {
+            true => "a parameter after password=".to_owned(),
+            false => key.clone(),
+        };
         let mut value = String::new();
         if chars.peek() == Some(&'\'') {
             chars.next();
@@ -553,11 +558,11 @@ fn key_value_pairs(text: &str) -> Result<Vec<(String, String)>, String> {
                 match chars.next() {
                     Some('\\') => match chars.next() {
                         Some(c) => value.push(c),
-                        None => return Err(format!("{key}: the quoted value is not closed")),
+                        None => return Err(format!("{named}: the quoted value is not closed")),
                     },
                     Some('\'') => break,
                     Some(c) => value.push(c),
-                    None => return Err(format!("{key}: the quoted value is not closed")),
+                    None => return Err(format!("{named}: the quoted value is not closed")),
                 }
             }
         } else {
@@ -782,6 +787,7 @@ mod tests {
                 format!("host=db.internal,b password={password} dbname=app"),
                 format!("host=db.internal password='{password}' dbname=app"),
                 format!("host=db.internal password={password} x dbname=app"),
+                format!("host=db.internal password={password} x='y dbname=app"),
             ];
             for text in forms {
                 let url = SecretUrl::new(&text);
