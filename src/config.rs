@@ -12,6 +12,7 @@ mod mapping;
 pub use mapping::{
     ColumnMap, ColumnsSettings, DebeziumSettings, Layout, Part, PayloadType, RouteTo,
 };
+mod amqp_url;
 mod postgres_url;
 pub use postgres_url::PgHost;
 
@@ -51,7 +52,11 @@ pub struct HealthSettings {
 pub struct PostgresSettings {
     /// `postgres://user:password@host:port/database`, or several hosts tried in order for the
     /// primary (`postgres://u@a:5432,b:5432/db`, `host=a,b port=5432 ...`); the password never
-    /// appears in logs. Either this or `url_file`; after [`Settings::load`] it holds the file's URL.
+    /// appears in logs or errors. A `/ ? # @` in the user name or password must be
+    /// percent-encoded. Query parameters are those the driver reads (sslmode, sslrootcert,
+    /// sslcert, sslkey, application_name, options, ...; see `postgres_url`), each checked at
+    /// load; any other is refused. Either this or `url_file`; after [`Settings::load`] it holds
+    /// the file's URL.
     #[serde(default)]
     pub url: SecretUrl,
     /// A file that holds the URL (a systemd credential, say), read by [`Settings::load`]; a
@@ -82,7 +87,10 @@ impl PostgresSettings {
 pub struct RabbitSettings {
     /// `amqp://user:password@host:port/vhost` (or `amqps://`), or a list of them, one per node
     /// of a cluster: the relay connects to the first that answers and moves to the next when
-    /// its node goes away ([`NodeUrls`]). Passwords never appear in logs. Either this or
+    /// its node goes away ([`NodeUrls`]). Passwords never appear in logs or errors; a
+    /// `/ ? # @` in one must be percent-encoded. Query parameters are those the AMQP client
+    /// reads (heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism), checked
+    /// at load; any other is refused (TLS settings go in `[rabbitmq.tls]`). Either this or
     /// `url_file`; after [`Settings::load`] it holds the file's URLs.
     #[serde(default)]
     pub url: NodeUrls,
@@ -223,7 +231,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxSettings {
-    /// `table` or `schema.table`.
+    /// `table` or `schema.table`, as PostgreSQL reads it: unquoted parts fold to lower case
+    /// (`public.OutBox` is `public.outbox`), parts in double quotes keep their case
+    /// (`'public."OutBox"'`). See [`TableName::parse`].
     pub table: TableName,
     /// Exchange for rows whose `exchange` column is null.
     pub exchange: String,
@@ -452,22 +462,39 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL without its password, whatever characters the password holds: the URL is
+    /// parsed and printed from its parts with `***` for the password (and for a `password`
+    /// parameter). A URL that cannot be parsed, or whose user information cannot be told from
+    /// its host (a password with an unencoded `/`, `?`, `#` or `@` in it), is shown as its
+    /// scheme and `<not shown: reason>` only: text is never masked by searching for an `@`.
+    /// PostgreSQL's other forms (several hosts, key=value pairs) are printed from their parsed
+    /// parts the same way ([`postgres_url::redacted`]).
     pub fn redacted(&self) -> String {
-        match url::Url::parse(&self.0) {
-            Ok(mut url) => {
-                if url.password().is_some() {
-                    let _ = url.set_password(Some("***"));
-                }
-                url.to_string()
-            }
-            // Several hosts, or key-value pairs: PostgreSQL's forms the URL parser cannot read.
-            Err(_) => postgres_url::redacted(&self.0).unwrap_or_else(|| "<unparsable url>".into()),
+        let text = self.0.trim();
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return postgres_url::redacted_key_values(text);
+        };
+        if !is_scheme(scheme) {
+            return "<not shown: not a URL (no scheme:// at its start)>".into();
+        }
+        if let Some(reason) = unclear_userinfo(rest) {
+            return format!("{scheme}://<not shown: {reason}>");
+        }
+        if matches!(scheme, "postgres" | "postgresql") {
+            return postgres_url::redacted(self);
+        }
+        match url::Url::parse(text) {
+            Ok(url) => without_password(&url).unwrap_or_else(|| {
+                format!("{scheme}://<not shown: the password cannot be removed>")
+            }),
+            Err(e) => format!("{scheme}://<not shown: not a URL the client can read ({e})>"),
         }
     }
 
+    /// The scheme written before `://`, whether or not the rest parses.
     fn scheme(&self) -> Option<String> {
-        url::Url::parse(&self.0).ok().map(|u| u.scheme().to_owned())
+        let (scheme, _) = self.0.trim().split_once("://")?;
+        is_scheme(scheme).then(|| scheme.to_ascii_lowercase())
     }
 
     fn is_empty(&self) -> bool {
@@ -491,6 +518,55 @@ impl<'de> Deserialize<'de> for SecretUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d).map(SecretUrl)
     }
+}
+
+/// A URL scheme: a letter, then letters, digits, `+`, `-` or `.`.
+fn is_scheme(text: &str) -> bool {
+    text.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// Why the user information of a URL (`rest`, the text after `scheme://`) cannot be told from
+/// the rest of it, if it cannot. A URL parser ends the authority at the first `/`, `?` or `#`,
+/// so a password holding one of them unencoded spills into the host, the path or the query,
+/// and an `@` (or a `#`) after that point is the sign. Such a URL is refused at load and never
+/// printed: no parser can say which of its pieces are the password.
+pub(crate) fn unclear_userinfo(rest: &str) -> Option<&'static str> {
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if rest[end..].contains(['@', '#']) {
+        return Some(
+            "an '@' or '#' after the host: a user name or password that holds / ? # or @ must \
+             have them percent-encoded (%2F %3F %23 %40), and so must an @ or # in the path or \
+             a parameter",
+        );
+    }
+    None
+}
+
+/// `url` printed from its parts with `***` for its password and for the value of a `password`
+/// parameter; `None` when the password cannot be replaced (a URL without a host).
+pub(crate) fn without_password(url: &url::Url) -> Option<String> {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        url.set_password(Some("***")).ok()?;
+    }
+    if url.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    Some(url.to_string())
 }
 
 /// `rabbitmq.url`: the broker's URL, or the URLs of a cluster's nodes in the order the relay
@@ -549,6 +625,10 @@ impl NodeUrls {
         for (i, url) in self.0.iter().enumerate() {
             if !matches!(url.scheme().as_deref(), Some("amqp" | "amqps")) {
                 out.push(format!("{}: {}", name(i), describe_got(url)));
+            } else {
+                for problem in amqp_url::problems(url) {
+                    out.push(format!("{}: {problem}", name(i)));
+                }
             }
             if self.0[..i].contains(url) {
                 out.push(format!("{}: {} is listed twice", name(i), url.redacted()));
@@ -596,43 +676,54 @@ impl<'de> Deserialize<'de> for NodeUrls {
     }
 }
 
-/// A validated `schema.table` name. Only ever reaches SQL quoted, through [`TableName::quoted`].
+/// A validated `schema.table` name, each part the name PostgreSQL's catalog holds (what
+/// `TG_TABLE_SCHEMA` and `TG_TABLE_NAME` say): an unquoted part is folded to lower case the way
+/// PostgreSQL folds it, a part in double quotes is kept as written. Only ever reaches SQL
+/// quoted, through [`TableName::quoted`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TableName {
     pub schema: String,
     pub name: String,
 }
 
+/// PostgreSQL's longest identifier (NAMEDATALEN - 1); a longer one it would truncate.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// What a table name may be, for the error of one that is not.
+const TABLE_NAME_RULE: &str = "a table name is `table` or `schema.table`; each part a plain \
+     identifier (letters, digits and _, not starting with a digit), which PostgreSQL folds to \
+     lower case, or a name in double quotes that keeps its case (`'public.\"OutBox\"'` in TOML, \
+     \"\" for a quote in it, no '.', ' or \\); at most 63 bytes each";
+
 impl TableName {
-    /// Accepts `table` (schema `public`) or `schema.table`, each part a plain SQL identifier.
+    /// Accepts `table` (schema `public`) or `schema.table`, each part written as PostgreSQL
+    /// reads it in SQL: `OutBox` is the table `outbox`, `"OutBox"` the table `OutBox`. A part
+    /// in quotes that would read the same without them (`"outbox"`) is refused, so that each
+    /// table has one spelling in the config, `--table` and the relay's output.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split('.').collect();
+        let parts = split_name(s).map_err(|e| format!("{s:?}: {e}; {TABLE_NAME_RULE}"))?;
         let (schema, name) = match parts.as_slice() {
-            [name] => ("public", *name),
-            [schema, name] => (*schema, *name),
-            _ => return Err(format!("{s:?} is not `table` or `schema.table`")),
-        };
-        for part in [schema, name] {
-            let valid_start = part
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-            let valid_rest = part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid_start || !valid_rest || part.len() > 63 {
-                let what = if part == s {
-                    String::new()
-                } else {
-                    format!(": {part:?}")
-                };
+            [name] => ("public".to_owned(), name.clone()),
+            [schema, name] => (schema.clone(), name.clone()),
+            _ => {
                 return Err(format!(
-                    "{s:?}{what} is not a plain identifier (letters, digits and _, not starting with a digit, at most 63 bytes)"
-                ));
+                    "{s:?} is not `table` or `schema.table` (has {} parts); {TABLE_NAME_RULE}",
+                    parts.len()
+                ))
             }
-        }
-        Ok(Self {
-            schema: schema.to_owned(),
-            name: name.to_owned(),
-        })
+        };
+        Ok(Self { schema, name })
+    }
+
+    /// The name as the config (and `--table`) spells it: each part bare when PostgreSQL reads it
+    /// so unquoted, else in double quotes (`public.outbox`, `app."OutBox"`); [`TableName::parse`]
+    /// reads it back to the same name. For messages that a user may copy into the config.
+    pub fn written(&self) -> String {
+        let part = |p: &str| match plain_part(p) {
+            Ok(folded) if folded == p => p.to_owned(),
+            _ => quote_ident(p),
+        };
+        format!("{}.{}", part(&self.schema), part(&self.name))
     }
 
     /// `"schema"."table"`, safe to paste into SQL.
@@ -641,10 +732,18 @@ impl TableName {
     }
 
     /// A relay-owned object name derived from the table (`outbox_relay_<table>_<suffix>`),
-    /// within PostgreSQL's 63-byte identifier limit.
+    /// within PostgreSQL's 63-byte identifier limit. The same table always gives the same
+    /// name. A table name with characters other than letters, digits and _ (possible in
+    /// quotes), or one too long, gives `outbox_relay_<hash of schema.table>_<suffix>`, so a
+    /// derived name is always letters, digits and _ (it is also written as a string literal,
+    /// the NOTIFY channel).
     pub fn derived(&self, suffix: &str) -> String {
         let full = format!("outbox_relay_{}_{}", self.name, suffix);
-        if full.len() <= 63 {
+        let plain = self
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if plain && full.len() <= MAX_IDENTIFIER_BYTES {
             return full;
         }
         let hash = self
@@ -657,6 +756,95 @@ impl TableName {
     }
 }
 
+/// The parts of a table name separated by `.`, each folded or unquoted (see
+/// [`TableName::parse`]), or what is wrong with it.
+fn split_name(s: &str) -> Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let part = if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut text = String::new();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        text.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => text.push(c),
+                    None => return Err("a double quote is not closed".into()),
+                }
+            }
+            quoted_part(&text)?
+        } else {
+            let mut text = String::new();
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                text.push(c);
+                chars.next();
+            }
+            plain_part(&text)?
+        };
+        parts.push(part);
+        match chars.next() {
+            None => return Ok(parts),
+            Some('.') => {}
+            Some(c) => return Err(format!("{c:?} after a closing double quote (expected '.')")),
+        }
+    }
+}
+
+/// An unquoted part: a plain identifier, folded to lower case (ASCII only, as PostgreSQL does).
+fn plain_part(text: &str) -> Result<String, String> {
+    let valid_start = text
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let valid_rest = text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if text.is_empty() {
+        return Err("a part is empty".into());
+    }
+    if !valid_start || !valid_rest {
+        return Err(format!("{text:?} is not a plain identifier"));
+    }
+    if text.len() > MAX_IDENTIFIER_BYTES {
+        return Err(format!("{text:?} is longer than 63 bytes"));
+    }
+    Ok(text.to_ascii_lowercase())
+}
+
+/// The text inside double quotes, kept as written.
+fn quoted_part(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("a quoted part is empty".into());
+    }
+    if text.len() > MAX_IDENTIFIER_BYTES {
+        return Err(format!("{text:?} is longer than 63 bytes"));
+    }
+    // '.' would make `schema.table` ambiguous (two tables, one lock key); ' and \ would reach
+    // the string literals the relay writes names into (`'...'::regclass`).
+    if let Some(c) = text
+        .chars()
+        .find(|&c| c.is_control() || matches!(c, '.' | '\'' | '\\'))
+    {
+        return Err(format!("the quoted name {text:?} contains {c:?}"));
+    }
+    if plain_part(text).is_ok_and(|folded| folded == text) {
+        return Err(format!(
+            "\"{text}\" needs no quotes: write {text} (quotes are for a name with capitals or \
+             other characters)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// `schema.table` as the catalog holds it, unquoted (`public.outbox`, `app.OutBox` for a
+/// quoted name): what the order guard computes as `TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME`
+/// for its per-key lock, which the relay's hold must take on the same text, and the table's
+/// key in `outbox_relay.migrations`, the `x-outbox-table` header and the metrics.
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.name)
@@ -1032,7 +1220,10 @@ impl Settings {
         for (i, table) in self.outbox.iter().enumerate() {
             let key = format!("outbox[{i}]");
             if !seen.insert(&table.table) {
-                out.push(format!("{key}.table: {} is configured twice", table.table));
+                out.push(format!(
+                    "{key}.table: {} is configured twice",
+                    table.table.written()
+                ));
             }
             if let Some(p) = exchange_name_problem(&table.exchange) {
                 out.push(format!("{key}.exchange: {p}"));
@@ -1081,7 +1272,17 @@ impl OutboxSettings {
 fn describe_config_error(e: config::ConfigError) -> String {
     // The config crate appends the file path to some messages (the caller names the file
     // itself) and writes array paths as `outbox[0]table`.
-    let mut text = e.to_string();
+    let mut text = match &e {
+        // The TOML parser quotes the line it stopped at, which may hold a password (one with
+        // a `"` or `\` in it ends the string early): only the position and the reason are kept.
+        config::ConfigError::FileParse { cause, .. } => cause
+            .to_string()
+            .lines()
+            .filter(|line| !is_quoted_source(line))
+            .collect::<Vec<_>>()
+            .join(": "),
+        _ => e.to_string(),
+    };
     if let Some(at) = text.find(" in ") {
         if text[at + 4..].contains('/') || text[at + 4..].ends_with(".toml") {
             text.truncate(at);
@@ -1096,6 +1297,14 @@ fn describe_config_error(e: config::ConfigError) -> String {
         }
     }
     out
+}
+
+/// A line of a parse error that quotes the file: `  |`, `4 | url = "..."`, `  |     ^`, or blank.
+fn is_quoted_source(line: &str) -> bool {
+    match line.split_once('|') {
+        Some((margin, _)) => margin.trim().chars().all(|c| c.is_ascii_digit()),
+        None => line.trim().is_empty(),
+    }
 }
 
 #[cfg(test)]
@@ -1124,6 +1333,83 @@ mod tests {
             TableName::parse("outbox").unwrap().derived("due"),
             "outbox_relay_outbox_due"
         );
+    }
+
+    #[test]
+    fn unquoted_table_names_fold_to_lower_case_as_postgresql_folds_them() {
+        let t = TableName::parse("public.OutBox").unwrap();
+        assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "outbox"));
+        assert_eq!(t, TableName::parse("outbox").unwrap());
+        assert_eq!(t, TableName::parse("PUBLIC.OUTBOX").unwrap());
+        assert_eq!(t.to_string(), "public.outbox");
+        assert_eq!(t.quoted(), "\"public\".\"outbox\"");
+        assert_eq!(t.derived("due"), "outbox_relay_outbox_due");
+        // Only ASCII folds: PostgreSQL leaves other letters alone in UTF-8, and the relay
+        // accepts only ASCII unquoted.
+        assert!(TableName::parse("ünïcödé").is_err());
+    }
+
+    #[test]
+    fn quoted_table_names_keep_their_case_and_their_doubled_quotes() {
+        let t = TableName::parse("public.\"OutBox\"").unwrap();
+        assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "OutBox"));
+        assert_eq!(t.to_string(), "public.OutBox");
+        assert_eq!(t.quoted(), "\"public\".\"OutBox\"");
+        assert_ne!(t, TableName::parse("public.OutBox").unwrap());
+        assert_eq!(TableName::parse("\"OutBox\"").unwrap(), t);
+        // The name such a table got before names were folded: derived objects stay the same.
+        assert_eq!(t.derived("notify"), "outbox_relay_OutBox_notify");
+
+        let t = TableName::parse("\"Sales Data\".\"order \"\"events\"\"\"").unwrap();
+        assert_eq!(t.schema, "Sales Data");
+        assert_eq!(t.name, "order \"events\"");
+        assert_eq!(t.quoted(), "\"Sales Data\".\"order \"\"events\"\"\"");
+        assert_eq!(TableName::parse(&t.quoted()).unwrap(), t);
+        assert_eq!(t.written(), t.quoted());
+        assert_eq!(TableName::parse(&t.written()).unwrap(), t);
+        let mixed = TableName::parse("app.\"OutBox\"").unwrap();
+        assert_eq!(mixed.written(), "app.\"OutBox\"");
+        assert_eq!(
+            TableName::parse("App.OutBox").unwrap().written(),
+            "app.outbox"
+        );
+        // Characters beyond letters, digits and _ give a hashed derived name, the same every time.
+        let derived = t.derived("notify");
+        assert_eq!(derived, t.derived("notify"));
+        assert!(derived.starts_with("outbox_relay_") && derived.ends_with("_notify"));
+        assert!(derived
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        assert_ne!(
+            derived,
+            TableName::parse("\"order events\"")
+                .unwrap()
+                .derived("notify")
+        );
+    }
+
+    #[test]
+    fn quoted_table_names_that_could_not_be_written_safely_are_refused() {
+        for (name, problem) in [
+            ("\"outbox\"", "needs no quotes"),
+            ("public.\"events_1\"", "needs no quotes"),
+            ("\"Out\"Box", "after a closing double quote"),
+            ("\"OutBox", "not closed"),
+            ("\"\"", "empty"),
+            ("\"a.b\"", "contains '.'"),
+            ("\"it's\"", "contains '\\''"),
+            ("\"back\\slash\"", "contains '\\\\'"),
+            ("\"new\nline\"", "contains '\\n'"),
+            ("public.", "empty"),
+            ("Out\"Box\"", "not a plain identifier"),
+        ] {
+            let e = TableName::parse(name).expect_err(name);
+            assert!(e.contains(problem), "{name}: {problem:?} not in {e}");
+            assert!(e.contains("identifier"), "{e}");
+        }
+        assert!(TableName::parse(&format!("\"{}\"", "X".repeat(64))).is_err());
+        assert!(TableName::parse(&format!("\"{}\"", "X".repeat(63))).is_ok());
+        assert!(TableName::parse(&"X".repeat(64)).is_err());
     }
 
     #[test]
@@ -1346,6 +1632,120 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected:?} not in:\n{text}");
         }
+    }
+
+    /// Passwords a user may write without percent-encoding them.
+    const HOSTILE: [&str; 6] = [
+        "p@ss/w:rd?#%",
+        "@@@",
+        "x-mq.internal-y",
+        "pä$$wörd✓",
+        "a,b:c]d[e",
+        "50/43?2#1",
+    ];
+
+    #[test]
+    fn no_amqp_password_is_shown_whatever_characters_it_holds() {
+        for password in HOSTILE {
+            for text in [
+                format!("amqp://relay:{password}@mq.internal:5672/%2f"),
+                format!("amqps://relay:{password}@mq.internal/%2f?heartbeat=abc"),
+                format!("amqp://relay:{password}@mq.internal:notaport/%2f"),
+                format!("amqp://relay:{password}"),
+                format!("amqp://relay:{password}@"),
+                format!("relay:{password}@mq.internal"),
+                format!("http://relay:{password}@mq.internal/"),
+            ] {
+                let url = SecretUrl::new(&text);
+                let problems = NodeUrls(vec![url.clone()]).problems("rabbitmq.url", &|u| {
+                    format!("expected amqp://..., got {}", u.redacted())
+                });
+                let shown = format!("{url} | {url:?} | {problems:?}");
+                assert!(
+                    !shown.contains(password),
+                    "{text} shows its password: {shown}"
+                );
+                for piece in ["ss/w", "w:rd", "wörd", "43?2", "c]d"] {
+                    if password.contains(piece) {
+                        assert!(!shown.contains(piece), "{text} shows {piece:?}: {shown}");
+                    }
+                }
+            }
+        }
+        // Parsed, then printed without the password: the host stays, even when the password
+        // holds its name.
+        let url = SecretUrl::new("amqp://relay:x-mq.internal-y@mq.internal:5672/%2f");
+        assert_eq!(url.redacted(), "amqp://relay:***@mq.internal:5672/%2f");
+        assert_eq!(
+            SecretUrl::new("amqp://relay:p@ss/w@rd@mq/%2f").redacted(),
+            "amqp://<not shown: an '@' or '#' after the host: a user name or password that holds / ? # or @ must have them percent-encoded (%2F %3F %23 %40), and so must an @ or # in the path or a parameter>"
+        );
+        assert_eq!(
+            SecretUrl::new("amqp://relay:@@@@mq/%2f").redacted(),
+            "amqp://relay:***@mq/%2f"
+        );
+    }
+
+    #[test]
+    fn amqp_parameters_are_those_the_client_reads_with_values_it_accepts() {
+        let problems = |url: &str| amqp_url::problems(&SecretUrl::new(url)).join("\n");
+        assert_eq!(
+            problems("amqp://u:pw@mq/%2f?heartbeat=10&frame_max=131072&channel_max=64&connection_timeout=5000&auth_mechanism=PLAIN"),
+            ""
+        );
+        for (url, expected) in [
+            (
+                "amqp://u:pw@mq/%2f?heartbeat=abc",
+                "heartbeat=abc: expected a whole number",
+            ),
+            (
+                "amqp://u:pw@mq/%2f?heartbeat=70000",
+                "heartbeat=70000: expected",
+            ),
+            ("amqp://u:pw@mq/%2f?channel_max=-1", "channel_max=-1"),
+            (
+                "amqp://u:pw@mq/%2f?auth_mechanism=kerberos",
+                "auth_mechanism=kerberos",
+            ),
+            (
+                "amqp://u:pw@mq/%2f?cacertfile=/etc/ca.pem",
+                "[rabbitmq.tls]",
+            ),
+            (
+                "amqp://u:pw@mq/%2f?hearbeat=10",
+                "unknown parameter \"hearbeat\"",
+            ),
+            (
+                "amqp://u:pw@mq/%2f?heartbeat=10&heartbeat=20",
+                "given twice",
+            ),
+            ("amqp://u:pw@[::1]:5672/%2f", "IPv6"),
+            ("amqp://u:pw@mq:notaport/%2f", "invalid port number"),
+            ("amqp://u:%FF@mq/%2f", "the password is not UTF-8"),
+        ] {
+            let got = problems(url);
+            assert!(got.contains(expected), "{url}: {expected:?} not in {got:?}");
+            assert!(!got.contains("pw"), "{got}");
+        }
+        // What the IPv6 problem says is what the client does.
+        let uri: lapin::uri::AMQPUri = "amqp://u:pw@[::1]:5672/%2f".parse().unwrap();
+        assert_eq!(uri.authority.host, "localhost");
+        // And the client refuses what is refused here as a bad value.
+        assert!("amqp://u:pw@mq/%2f?heartbeat=abc"
+            .parse::<lapin::uri::AMQPUri>()
+            .is_err());
+    }
+
+    #[test]
+    fn a_toml_error_does_not_quote_the_line_that_holds_a_password() {
+        let dir = Scratch::new("toml-quote");
+        let config = dir.write(
+            "outbox-relay.toml",
+            "[postgres]\nurl = \"postgres://relay:pg-\"s3cret@db/app\"\n[rabbitmq]\n\
+             url = \"amqp://relay:mq@mq/%2f\"\n[[outbox]]\ntable = \"outbox\"\nexchange = \"events\"\n",
+        );
+        let text = problems_of(&config, None);
+        assert!(text.contains("TOML parse error at line 2"), "{text}");
     }
 
     #[test]

@@ -491,3 +491,56 @@ async fn an_empty_routing_key_is_published_as_it_is_between_rows_of_its_key() {
     env.wait_all_marked().await;
     assert_eq!(env.unpublished_count().await, 0);
 }
+
+#[tokio::test]
+async fn a_url_parameter_the_client_would_refuse_or_ignore_is_a_config_error_naming_it() {
+    for (rabbitmq, postgres, key, problem) in [
+        (
+            format!("url = \"amqp://guest:{AMQP_PASSWORD}@127.0.0.1:5672/%2f?heartbeat=abc\""),
+            postgres_section(),
+            "rabbitmq.url",
+            "heartbeat=abc: expected a whole number",
+        ),
+        (
+            format!("url = \"amqp://guest:{AMQP_PASSWORD}@127.0.0.1:5672/%2f?heartbeat=10&cacertfile=/ca.pem\""),
+            postgres_section(),
+            "rabbitmq.url",
+            "unknown parameter \"cacertfile\"",
+        ),
+        (
+            rabbitmq_section().replace("[rabbitmq]\n", ""),
+            format!("[postgres]\nurl = \"postgres://postgres:{PG_PASSWORD}@127.0.0.1:5432/app?connect_timeout=abc\"\n"),
+            "postgres.url",
+            "unknown parameter \"connect_timeout\" (set postgres.connect_timeout",
+        ),
+        (
+            rabbitmq_section().replace("[rabbitmq]\n", ""),
+            format!("[postgres]\nurl = \"postgres://postgres:{PG_PASSWORD}@127.0.0.1:5432/app?sslmode=bogus\"\n"),
+            "postgres.url",
+            "sslmode=bogus: expected disable, allow, prefer, require, verify-ca or verify-full",
+        ),
+        (
+            rabbitmq_section().replace("[rabbitmq]\n", ""),
+            format!("[postgres]\nurl = \"host=127.0.0.1 password={PG_PASSWORD} dbname=app sslmode=bogus\"\n"),
+            "postgres.url",
+            "sslmode=bogus: expected",
+        ),
+        (
+            rabbitmq_section().replace("[rabbitmq]\n", ""),
+            format!("[postgres]\nurl = \"postgres://postgres:{PG_PASSWORD}@127.0.0.1:5432/app?pasword={PG_PASSWORD}\"\n"),
+            "postgres.url",
+            "unknown parameter \"pasword\"",
+        ),
+    ] {
+        let text = format!("{postgres}[rabbitmq]\n{rabbitmq}\n{OUTBOX}");
+        // `run` as well as `check-config`: neither gets as far as the driver.
+        for command in ["run", "check-config"] {
+            let stderr = assert_config_error(&text, command, key).await;
+            assert!(
+                stderr.contains(&format!("{key}: {problem}")),
+                "{command}: {problem:?} not in {stderr}"
+            );
+            assert!(!stderr.contains("I/O error"), "{stderr}");
+        }
+    }
+}

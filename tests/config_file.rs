@@ -457,3 +457,247 @@ fn the_binary_finds_its_config_through_outbox_relay_config() {
     assert!(stderr.contains(missing), "{stderr}");
     assert!(stderr.contains("file not found"), "{stderr}");
 }
+
+/// Passwords written without percent-encoding: the URL parser's delimiters, nothing but `@`,
+/// the host's own name, non-ASCII letters.
+const HOSTILE_PASSWORDS: [&str; 5] = [
+    "p@ss/w:rd?#%",
+    "@@@",
+    "x-mq.internal-db.internal-y",
+    "pä$$wörd✓ ünï",
+    "s3cr3t,amqp:/x",
+];
+
+/// `text` as a TOML basic string.
+fn toml_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Runs the real binary's `check-config` on `config`; returns its exit code, stdout and stderr.
+fn check_config(config: &Path) -> (i32, String, String) {
+    let mut cmd = Command::new(BINARY);
+    cmd.args(["--config", &config.display().to_string(), "check-config"])
+        .env_remove("OUTBOX_RELAY_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY");
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)) {
+        cmd.env_remove(key);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn no_password_reaches_the_output_of_a_refused_config_whatever_characters_it_holds() {
+    const PG_OK: &str = "postgres://relay@db.internal:5432/app";
+    const AMQP_OK: &str = "amqp://relay@mq.internal:5672/%2f";
+    for (n, password) in HOSTILE_PASSWORDS.iter().enumerate() {
+        let quoted = password.replace('\\', "\\\\").replace('\'', "\\'");
+        // (what the case is, [postgres] lines, [rabbitmq] lines, the key the error must name);
+        // each URL is refused, for its password's characters or for a parameter.
+        let url_file = std::env::temp_dir().join(format!(
+            "outbox-relay-config-file-{}-hostile-{n}.url",
+            std::process::id()
+        ));
+        let cases: Vec<(&str, String, String, &str)> = vec![
+            (
+                "amqp",
+                format!("url = {}", toml_string(PG_OK)),
+                format!(
+                    "url = {}",
+                    toml_string(&format!(
+                        "amqp://relay:{password}@mq.internal:5672/%2f?heartbeat=abc"
+                    ))
+                ),
+                "rabbitmq.url",
+            ),
+            (
+                "amqps, the second of two nodes",
+                format!("url = {}", toml_string(PG_OK)),
+                format!(
+                    "url = [{}, {}]",
+                    toml_string("amqps://relay@mq-a.internal/%2f"),
+                    toml_string(&format!(
+                        "amqps://relay:{password}@mq-b.internal/%2f?frame_max=x"
+                    ))
+                ),
+                "rabbitmq.url[1]",
+            ),
+            (
+                "amqp, a password at the end and no host",
+                format!("url = {}", toml_string(PG_OK)),
+                format!("url = {}", toml_string(&format!("amqp://relay:{password}"))),
+                "rabbitmq.url",
+            ),
+            (
+                "postgres, one host",
+                format!(
+                    "url = {}",
+                    toml_string(&format!(
+                        "postgres://relay:{password}@db.internal:5432/app?connect_timeout=abc"
+                    ))
+                ),
+                format!("url = {}", toml_string(AMQP_OK)),
+                "postgres.url",
+            ),
+            (
+                "postgres, several hosts",
+                format!(
+                    "url = {}",
+                    toml_string(&format!(
+                        "postgresql://relay:{password}@db-a.internal:5432,db-b.internal:5433/app?sslmode=bogus"
+                    ))
+                ),
+                format!("url = {}", toml_string(AMQP_OK)),
+                "postgres.url",
+            ),
+            (
+                "postgres, a password at the end and no host",
+                format!(
+                    "url = {}",
+                    toml_string(&format!("postgres://relay:{password}"))
+                ),
+                format!("url = {}", toml_string(AMQP_OK)),
+                "postgres.url",
+            ),
+            (
+                "postgres key=value, quoted",
+                format!(
+                    "url = {}",
+                    toml_string(&format!(
+                        "host=db.internal,db-b.internal user=relay password='{quoted}' dbname=app sslmode=bogus"
+                    ))
+                ),
+                format!("url = {}", toml_string(AMQP_OK)),
+                "postgres.url",
+            ),
+            (
+                "postgres key=value, unquoted",
+                format!(
+                    "url = {}",
+                    toml_string(&format!(
+                        "host=db.internal user=relay password={password} dbname=app keepalives=1"
+                    ))
+                ),
+                format!("url = {}", toml_string(AMQP_OK)),
+                "postgres.url",
+            ),
+            (
+                "postgres.url_file",
+                format!("url_file = {}", toml_string(&url_file.display().to_string())),
+                format!("url = {}", toml_string(AMQP_OK)),
+                "postgres.url_file",
+            ),
+            (
+                "rabbitmq.url_file",
+                format!("url = {}", toml_string(PG_OK)),
+                format!("url_file = {}", toml_string(&url_file.display().to_string())),
+                "rabbitmq.url_file",
+            ),
+        ];
+        for (case, postgres, rabbitmq, key) in cases {
+            let file_url = match key {
+                "postgres.url_file" => {
+                    format!(
+                        "postgres://relay:{password}@db.internal/app?application_name=x&bogus=1"
+                    )
+                }
+                _ => format!("amqp://relay:{password}@mq.internal/%2f?heartbeat=-1"),
+            };
+            std::fs::write(&url_file, format!("{file_url}\n")).unwrap();
+            let config = TempFile::new(
+                &format!("hostile-{n}"),
+                &format!(
+                    "[postgres]\n{postgres}\n[rabbitmq]\n{rabbitmq}\n\
+                     [[outbox]]\ntable = \"outbox\"\nexchange = \"events\"\n"
+                ),
+            );
+            let (code, stdout, stderr) = check_config(&config.0);
+            let shown = format!("{stdout}\n{stderr}");
+            assert_eq!(code, EX_CONFIG, "{case}, password {password:?}:\n{shown}");
+            assert!(
+                stderr.contains(&format!("{key}: ")),
+                "{case}, password {password:?}: the error names {key}:\n{shown}"
+            );
+            assert!(
+                !shown.contains(password),
+                "{case}: the password {password:?} is shown:\n{shown}"
+            );
+            // Nor the pieces a parser would take for a host, a path or a query.
+            for piece in ["ss/w", "w:rd", "wörd", "3t,amqp"] {
+                if password.contains(piece) {
+                    assert!(
+                        !shown.contains(piece),
+                        "{case}: {piece:?} of the password {password:?} is shown:\n{shown}"
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&url_file);
+    }
+}
+
+#[test]
+fn a_toml_error_in_a_url_line_is_reported_without_the_line() {
+    // A `"` in the password ends the TOML string early.
+    let config = TempFile::new(
+        "toml-quote",
+        "[postgres]\nurl = \"postgres://relay:pg-\"s3cret@db.internal/app\"\n\
+         [rabbitmq]\nurl = \"amqp://relay@mq.internal/%2f\"\n\
+         [[outbox]]\ntable = \"outbox\"\nexchange = \"events\"\n",
+    );
+    let (code, stdout, stderr) = check_config(&config.0);
+    assert_eq!(code, EX_CONFIG, "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(!format!("{stdout}{stderr}").contains("s3cret"), "{stderr}");
+}
+
+#[test]
+fn unquoted_table_names_fold_to_lower_case_and_quoted_ones_keep_their_case() {
+    let config = TempFile::new(
+        "table-names",
+        r#"
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/app"
+[rabbitmq]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+[[outbox]]
+table = "Sales.OutBox"
+exchange = "events"
+[[outbox]]
+table = 'sales."OutBox"'
+exchange = "events"
+"#,
+    );
+    let s = load(&config.0);
+    assert_eq!(s.outbox[0].table, TableName::parse("sales.outbox").unwrap());
+    assert_eq!(s.outbox[0].table.to_string(), "sales.outbox");
+    assert_eq!(s.outbox[1].table.name, "OutBox");
+    assert_eq!(s.outbox[1].table.quoted(), "\"sales\".\"OutBox\"");
+
+    // The same table twice, spelled two ways, is one table configured twice.
+    let twice = TempFile::new(
+        "table-names-twice",
+        r#"
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/app"
+[rabbitmq]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+[[outbox]]
+table = "public.OutBox"
+exchange = "events"
+[[outbox]]
+table = "outbox"
+exchange = "events"
+"#,
+    );
+    let (code, _, stderr) = check_config(&twice.0);
+    assert_eq!(code, EX_CONFIG, "{stderr}");
+    assert!(
+        stderr.contains("outbox[1].table: public.outbox is configured twice"),
+        "{stderr}"
+    );
+}
