@@ -110,7 +110,9 @@ pub fn main(cli: Cli) -> i32 {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("outbox-relay: cannot start the async runtime: {e}");
+            crate::telemetry::print_to_stderr(&format!(
+                "outbox-relay: cannot start the async runtime: {e}"
+            ));
             return 1;
         }
     };
@@ -138,7 +140,7 @@ pub fn main(cli: Cli) -> i32 {
                 problems: mapping.problems.clone(),
             }),
             (None, None) => {
-                eprintln!("outbox-relay: {e:#}");
+                crate::telemetry::print_to_stderr(&format!("outbox-relay: {e:#}"));
                 e.downcast_ref::<crate::replay::ReplayError>()
                     .map_or(1, crate::replay::ReplayError::exit_code)
             }
@@ -147,7 +149,7 @@ pub fn main(cli: Cli) -> i32 {
 }
 
 fn config_failure(e: &ConfigError) -> i32 {
-    eprintln!("outbox-relay: {e}");
+    crate::telemetry::print_to_stderr(&format!("outbox-relay: {e}"));
     EX_CONFIG
 }
 

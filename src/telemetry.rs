@@ -1,9 +1,19 @@
 //! Logging setup: text or JSON lines on stderr (journald keeps them), filtered by the config's
-//! level unless `RUST_LOG` is set. Must not log secrets; callers pass redacted URLs.
+//! level unless `RUST_LOG` is set.
+//! Must not log secrets; callers pass redacted URLs. Must never stop the relay: a line that
+//! cannot be written (stderr's reader gone: `run 2>&1 | head` after `head` exits, journald
+//! restarting) is dropped and counted, never retried and never a panic.
 
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
+
+/// Log lines dropped because stderr refused them (see [`dropped_lines`]).
+static DROPPED_LINES: AtomicU64 = AtomicU64::new(0);
 
 /// Installs the global subscriber; safe to call once per process.
 pub fn init(settings: &LogSettings) {
@@ -17,11 +27,56 @@ pub fn init(settings: &LogSettings) {
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(LossyStderr)
+        // tracing-subscriber reports a failed write with `eprintln!`, which panics when stderr
+        // is gone. The writer never fails, and this keeps that path closed regardless.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = match settings.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// How many log lines stderr refused since the process started (dropped, not retried).
+pub fn dropped_lines() -> u64 {
+    DROPPED_LINES.load(Ordering::Relaxed)
+}
+
+/// Writes `line` and a newline to stderr, for the few messages written outside the log (a
+/// config error before logging starts, the error `main` exits with). Like a log line, it is
+/// dropped when stderr is gone: `eprintln!` would panic instead.
+pub fn print_to_stderr(line: &str) {
+    let mut stderr = std::io::stderr().lock();
+    if writeln!(stderr, "{line}").is_err() {
+        DROPPED_LINES.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The log's writer: stderr, where a write that fails drops the line instead of failing.
+struct LossyStderr;
+
+impl<'a> MakeWriter<'a> for LossyStderr {
+    type Writer = LossyStderr;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LossyStderr
+    }
+}
+
+impl Write for LossyStderr {
+    /// One formatted event (tracing-subscriber writes each with one `write_all`): written
+    /// whole, or dropped whole and counted.
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        if std::io::stderr().lock().write_all(line).is_err() {
+            DROPPED_LINES.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // stderr is unbuffered; nothing is kept to flush.
+        Ok(())
+    }
 }
