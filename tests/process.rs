@@ -1,13 +1,13 @@
 //! The process itself. Under load, its log pipe closed by the reader (`outbox-relay run 2>&1 |
-//! head` after `head` exits; journald restarting is the same shape): it may not stop a table or
-//! lose a row: every row is still delivered, first deliveries keep per-key order, the health
-//! endpoint tells the truth, and SIGTERM still drains and exits 0.
+//! head` after `head` exits; journald restarting is the same shape) and SIGHUP: neither may stop
+//! a table or lose a row: every row is still delivered, first deliveries keep per-key order,
+//! the health endpoint tells the truth, and SIGTERM still drains and exits 0.
 
 use std::collections::HashSet;
 use std::os::fd::OwnedFd;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox_relay_testkit::faults::signal;
 use outbox_relay_testkit::prelude::*;
@@ -200,4 +200,45 @@ async fn a_log_pipe_closed_by_its_reader_under_load_loses_no_row_and_sigterm_sti
         relay.log()
     );
     eprintln!("the pipe closed after {read} lines and {at_close} of {written} rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_under_load_is_logged_and_ignored_and_sigterm_still_drains() {
+    let env = TestEnv::new(Setup::new()).await;
+    let mut relay = env.start_relay();
+    let producer = Producer::start(&env, "hup", KEYS, 20, Duration::from_millis(20));
+    env.consumer.wait_for(300).await;
+
+    const IGNORED: &str = "SIGHUP ignored";
+    for sent in 1..=2 {
+        assert!(signal("-HUP", relay.pid()), "kill -HUP {}", relay.pid());
+        // One line per signal, saying what to do instead (or the relay is gone: say so now).
+        let deadline = Instant::now() + TIMEOUT;
+        while relay.log().matches(IGNORED).count() < sent {
+            if !relay.is_running() {
+                let status = relay.wait_exit().await;
+                panic!("SIGHUP #{sent} stopped the relay ({status})");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {IGNORED:?} line #{sent} within {TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let at_signal = env.consumer.unique_count();
+        env.consumer.wait_for(at_signal + 300).await;
+        assert!(relay.is_running(), "SIGHUP #{sent} stopped the relay");
+    }
+    assert!(
+        relay.log().contains("restart the service to apply changes"),
+        "{}",
+        relay.log()
+    );
+
+    let written = producer.stop().await;
+    assert_nothing_lost(&env, written).await;
+    relay.sigterm();
+    let status = relay.wait_exit().await;
+    assert_eq!(status.code(), Some(0), "{}", relay.log());
+    assert!(relay.log().contains("relay stopped"), "{}", relay.log());
 }
