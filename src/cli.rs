@@ -97,7 +97,7 @@ pub struct RetryArgs {
 }
 
 /// Runs the command and returns the process exit code: 0 success, 78 configuration error,
-/// 2 a usage error, 1 any other failure.
+/// 70 `run` stopped after a panic, 2 a usage error, 1 any other failure.
 pub fn main(cli: Cli) -> i32 {
     let settings = match Settings::load(&cli.config) {
         Ok(s) => s,
@@ -141,6 +141,9 @@ pub fn main(cli: Cli) -> i32 {
             }),
             (None, None) => {
                 crate::telemetry::print_to_stderr(&format!("outbox-relay: {e:#}"));
+                if e.is::<crate::service::Crashed>() {
+                    return crate::service::EX_SOFTWARE;
+                }
                 e.downcast_ref::<crate::replay::ReplayError>()
                     .map_or(1, crate::replay::ReplayError::exit_code)
             }

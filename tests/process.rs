@@ -1,7 +1,8 @@
 //! The process itself. Under load, its log pipe closed by the reader (`outbox-relay run 2>&1 |
 //! head` after `head` exits; journald restarting is the same shape) and SIGHUP: neither may stop
 //! a table or lose a row: every row is still delivered, first deliveries keep per-key order,
-//! the health endpoint tells the truth, and SIGTERM still drains and exits 0.
+//! the health endpoint tells the truth, and SIGTERM still drains and exits 0. And a panic ends
+//! the process with an exit code systemd restarts.
 
 use std::collections::HashSet;
 use std::os::fd::OwnedFd;
@@ -241,4 +242,28 @@ async fn sighup_under_load_is_logged_and_ignored_and_sigterm_still_drains() {
     let status = relay.wait_exit().await;
     assert_eq!(status.code(), Some(0), "{}", relay.log());
     assert!(relay.log().contains("relay stopped"), "{}", relay.log());
+}
+
+#[test]
+fn the_exit_code_after_a_panic_is_one_systemd_restarts() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/outbox-relay.service"
+    ))
+    .expect("read the unit");
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(values("Restart"), ["on-failure"]);
+    let prevented: Vec<String> = values("RestartPreventExitStatus")
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    assert!(
+        !prevented.contains(&outbox_relay::service::EX_SOFTWARE.to_string()),
+        "RestartPreventExitStatus={prevented:?} keeps a relay that panicked down"
+    );
 }
