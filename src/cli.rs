@@ -97,7 +97,7 @@ pub struct RetryArgs {
 }
 
 /// Runs the command and returns the process exit code: 0 success, 78 configuration error,
-/// 2 a usage error, 1 any other failure.
+/// 70 `run` stopped after a panic, 2 a usage error, 1 any other failure.
 pub fn main(cli: Cli) -> i32 {
     let settings = match Settings::load(&cli.config) {
         Ok(s) => s,
@@ -110,7 +110,9 @@ pub fn main(cli: Cli) -> i32 {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("outbox-relay: cannot start the async runtime: {e}");
+            crate::telemetry::print_to_stderr(&format!(
+                "outbox-relay: cannot start the async runtime: {e}"
+            ));
             return 1;
         }
     };
@@ -138,7 +140,10 @@ pub fn main(cli: Cli) -> i32 {
                 problems: mapping.problems.clone(),
             }),
             (None, None) => {
-                eprintln!("outbox-relay: {e:#}");
+                crate::telemetry::print_to_stderr(&format!("outbox-relay: {e:#}"));
+                if e.is::<crate::service::Crashed>() {
+                    return crate::service::EX_SOFTWARE;
+                }
                 e.downcast_ref::<crate::replay::ReplayError>()
                     .map_or(1, crate::replay::ReplayError::exit_code)
             }
@@ -147,7 +152,7 @@ pub fn main(cli: Cli) -> i32 {
 }
 
 fn config_failure(e: &ConfigError) -> i32 {
-    eprintln!("outbox-relay: {e}");
+    crate::telemetry::print_to_stderr(&format!("outbox-relay: {e}"));
     EX_CONFIG
 }
 

@@ -1,7 +1,8 @@
 //! The optional health endpoint (`[health] listen`): `GET /ready` answers 200 while every
 //! table's relay is relaying or standing by and 503 otherwise (a server down, the outbox table
 //! unusable, the broker blocking, shutting down); `GET /live` answers 200 while every relay loop
-//! keeps turning. Both return each table's state as JSON, from the relays' heartbeats.
+//! keeps turning and nothing in the process has panicked (after a panic it only drains and
+//! exits). Both return each table's state as JSON, from the relays' heartbeats.
 //! `GET /metrics` answers the metrics (`crate::metrics`) for Prometheus.
 
 use std::convert::Infallible;
@@ -38,7 +39,7 @@ impl Probe {
     }
 
     fn live(&self) -> bool {
-        self.beats.iter().all(|b| b.silence() < LIVE_LIMIT)
+        crate::telemetry::panics() == 0 && self.beats.iter().all(|b| b.silence() < LIVE_LIMIT)
     }
 
     fn report(&self) -> serde_json::Value {

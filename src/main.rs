@@ -7,5 +7,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = <outbox_relay::cli::Cli as clap::Parser>::parse();
-    std::process::exit(outbox_relay::cli::main(cli));
+    // A panic outside any task (the panic hook has logged it) exits like one inside a task.
+    let code = std::panic::catch_unwind(|| outbox_relay::cli::main(cli))
+        .unwrap_or(outbox_relay::service::EX_SOFTWARE);
+    std::process::exit(code);
 }

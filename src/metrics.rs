@@ -161,6 +161,9 @@ pub struct Metrics {
     retention_deleted: Family<TableLabels, Counter>,
     retention_last_sweep: Family<TableLabels, F64Gauge>,
     oldest_published_age: Family<TableLabels, F64Gauge>,
+    log_lines_dropped: Counter,
+    /// How many of telemetry's dropped lines `log_lines_dropped` has counted so far.
+    log_lines_dropped_seen: AtomicU64,
     /// The sweepers' progress, copied into the three metrics above at each scrape.
     sweepers: std::sync::Mutex<Vec<(TableLabels, Arc<RetentionProgress>)>>,
     /// When the backlog gauges were last read (`None`: never), held while one scrape reads them.
@@ -207,6 +210,8 @@ impl Metrics {
             retention_deleted: Family::default(),
             retention_last_sweep: Family::default(),
             oldest_published_age: Family::default(),
+            log_lines_dropped: Counter::default(),
+            log_lines_dropped_seen: AtomicU64::new(0),
             sweepers: std::sync::Mutex::new(Vec::new()),
             backlog_read: tokio::sync::Mutex::new(None),
             registry: Registry::default(),
@@ -294,6 +299,11 @@ impl Metrics {
             "backlog_read_errors",
             "Times reading the row gauges failed (they keep their last values)",
             m.backlog_read_errors.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines stderr refused (its reader gone: a closed pipe, journald restarting); dropped, the relay goes on",
+            m.log_lines_dropped.clone(),
         );
         registry.register(
             "reconnects",
@@ -397,6 +407,17 @@ impl Metrics {
         }
     }
 
+    /// The counter catches up with telemetry's count, which only grows; `fetch_max` makes two
+    /// scrapes at once add each dropped line once.
+    fn read_dropped_log_lines(&self) {
+        let dropped = crate::telemetry::dropped_lines();
+        let counted = self
+            .log_lines_dropped_seen
+            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
+        self.log_lines_dropped
+            .inc_by(dropped.saturating_sub(counted));
+    }
+
     /// Copies the sweepers' progress into their metrics.
     fn read_sweepers(&self) {
         let Ok(sweepers) = self.sweepers.lock() else {
@@ -435,6 +456,7 @@ impl Metrics {
     pub async fn scrape(&self, backlog: &BacklogSource, openmetrics: bool) -> String {
         self.refresh_backlog(backlog).await;
         self.read_sweepers();
+        self.read_dropped_log_lines();
         let mut text = String::new();
         let encoded = if openmetrics {
             prometheus_client::encoding::text::encode(&mut text, &self.registry)

@@ -3,11 +3,17 @@
 //! the optional health endpoint, systemd
 //! readiness (READY once every table is relaying or standing by; STATUS= names any table that
 //! is not ready and why), the watchdog fed from the relay loops, STOPPING at shutdown.
+//! It supervises every task it starts: a panic anywhere in the process (a bug) stops the
+//! process, never leaves it half alive: every relay drains as at SIGTERM and `run` returns
+//! [`Crashed`], which exits with [`EX_SOFTWARE`] so that systemd restarts the service.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use sd_notify::NotifyState;
+use tokio::task::{AbortHandle, JoinError, JoinHandle};
 
 use crate::cluster::member::{self, MemberSettings};
 use crate::config::Settings;
@@ -17,6 +23,21 @@ use crate::relay::{Acks, Heartbeat, Share, Sweeper, TableRelay};
 use crate::shutdown::Shutdown;
 use crate::store::leases::Leases;
 use crate::store::{Coordination, Store, TableSql};
+
+/// The exit code after a panic: 70, EX_SOFTWARE in sysexits.h ("an internal software error").
+/// Not in the unit's `RestartPreventExitStatus=` (which holds 78, EX_CONFIG, only), so
+/// `Restart=on-failure` starts the relay again.
+pub const EX_SOFTWARE: i32 = 70;
+
+/// `run` stopped because something panicked: the relays drained, and the process exits with
+/// [`EX_SOFTWARE`]. Names the task when it was one of the service's own.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped after a panic in {task} (a bug; see the log); exiting {EX_SOFTWARE} to be restarted"
+)]
+pub struct Crashed {
+    pub task: String,
+}
 
 /// Runs every table's relay until `shutdown`, then waits for them to drain.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -50,21 +71,22 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let broker = Arc::new(
         Broker::new(&settings.rabbitmq).counting_reconnects(metrics.reconnects(Server::Rabbitmq)),
     );
+    // The relays and the sweepers run until shutdown and end on their own; the tasks beside
+    // them run until `run` stops them, after the relays.
+    let mut relays = Tasks::default();
+    let mut beside = Tasks::default();
     let blocked = {
         let broker = broker.clone();
-        tokio::spawn(crate::metrics::sample_blocked(
-            metrics.broker_blocked(),
-            move || broker.is_blocked(),
-        ))
+        beside.spawn(
+            "the broker-blocked sampler".into(),
+            crate::metrics::sample_blocked(metrics.broker_blocked(), move || broker.is_blocked()),
+        )
     };
-    let mut tasks = Vec::new();
     let mut beats = Vec::new();
-    // One retention sweeper per table with `retention`; their progress is for the metrics.
-    let mut sweepers = Vec::new();
+    // Retention sweepers' progress, for the log at the end (the metrics have it too).
     let mut retention = Vec::new();
     // One membership per table (its partition leases), and one relay per table and channel.
     let members_stop = tokio_util::sync::CancellationToken::new();
-    let mut members = Vec::new();
     let channels = settings.relay.channels;
     for (index, (table, sql)) in settings.outbox.iter().zip(&sqls).enumerate() {
         let lock = coordination.lock(index);
@@ -91,10 +113,16 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
             );
             metrics.add_sweeper(&table.table.to_string(), sweeper.progress());
             retention.push((table.table.clone(), sweeper.progress()));
-            sweepers.push(tokio::spawn(sweeper.run()));
+            relays.spawn(
+                format!("the retention sweeper of {}", table.table),
+                sweeper.run(),
+            );
         }
         let acks = Acks::new(channels, membership.settled);
-        members.push(membership.task);
+        beside.watch(
+            format!("the partition membership of {}", table.table),
+            membership.task,
+        );
         let metrics = metrics.table(&table.table.to_string());
         for channel in 0..channels {
             let relay = TableRelay::new(
@@ -118,7 +146,10 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
                 metrics.clone(),
             );
             beats.push(relay.heartbeat());
-            tasks.push(tokio::spawn(relay.run()));
+            relays.spawn(
+                format!("the relay of {} (channel {channel})", table.table),
+                relay.run(),
+            );
         }
     }
     tracing::info!(
@@ -141,21 +172,32 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
                     tables: sqls.clone(),
                 },
             };
-            Some(tokio::spawn(crate::health::serve(
-                listener,
-                Arc::new(probe),
-            )))
+            Some(beside.spawn(
+                "the health endpoint".into(),
+                crate::health::serve(listener, Arc::new(probe)),
+            ))
         }
         None => None,
     };
-    let notifier = tokio::spawn(notify_systemd(beats, shutdown.clone()));
-    let mut crashed = 0;
-    for task in tasks {
-        if let Err(e) = task.await {
-            // Exit non-zero so systemd's Restart=on-failure brings the relay back.
-            tracing::error!(error = %e, "a relay task crashed");
-            shutdown.stop();
-            crashed += 1;
+    let notifier = beside.spawn(
+        "the systemd notifier".into(),
+        notify_systemd(beats, shutdown.clone()),
+    );
+    let mut crash = Crash::default();
+    // Until every relay and sweeper has drained (after SIGTERM, or after the first panic).
+    // Biased: when a task of ours panicked, its end (which names it) is seen before the hook's
+    // word that something panicked.
+    loop {
+        tokio::select! {
+            biased;
+            ended = relays.next() => match ended {
+                Some((task, outcome)) => crash.check(task, outcome, &shutdown),
+                None => break,
+            },
+            Some((task, outcome)) = beside.next() => crash.check(task, outcome, &shutdown),
+            _ = crate::telemetry::panicked(), if !crash.happened() => {
+                crash.record("a task the service did not start".into(), &shutdown)
+            }
         }
     }
     notifier.abort();
@@ -163,27 +205,93 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     if let Some(health) = health {
         health.abort();
     }
-    // A sweep stops between batches; each batch is bounded by its statement timeout.
-    for sweeper in sweepers {
-        let _ = sweeper.await;
-    }
     for (table, progress) in &retention {
         tracing::debug!(table = %table, rows_deleted = progress.rows_deleted_total(), "retention sweeper stopped");
     }
     // The relays have settled: the memberships hand their partitions back and leave.
     members_stop.cancel();
-    for membership in members {
-        let _ = membership.await;
+    while let Some((task, outcome)) = beside.next().await {
+        crash.check(task, outcome, &shutdown);
     }
     // Shutdown order: the relays have settled and closed their channels; then the broker
     // connection, the locks and LISTEN (the coordination session), the pool.
     broker.close().await;
     coordination.close().await;
     store.close().await;
-    if crashed > 0 {
-        anyhow::bail!("{crashed} relay task(s) crashed");
+    // A panic outside the service's tasks after the relays had drained still ends in a restart.
+    if !crash.happened() && crate::telemetry::panics() > 0 {
+        crash.record("a task the service did not start".into(), &shutdown);
     }
-    Ok(())
+    match crash.task {
+        Some(task) => Err(Crashed { task }.into()),
+        None => Ok(()),
+    }
+}
+
+/// Tasks that `run` started, each with the name a crash report gives it. Invariant: every
+/// task's end is looked at (by [`Tasks::next`]); no panic stays in a handle nobody awaits.
+#[derive(Default)]
+struct Tasks {
+    running: FuturesUnordered<BoxFuture<'static, (String, Result<(), JoinError>)>>,
+}
+
+impl Tasks {
+    /// Spawns `task`; the handle only aborts it (its end comes from [`Tasks::next`]).
+    fn spawn(
+        &mut self,
+        name: String,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> AbortHandle {
+        self.watch(name, tokio::spawn(task))
+    }
+
+    /// Watches a task spawned elsewhere (a membership starts its own).
+    fn watch(&mut self, name: String, task: JoinHandle<()>) -> AbortHandle {
+        let abort = task.abort_handle();
+        self.running
+            .push(Box::pin(async move { (name, task.await) }));
+        abort
+    }
+
+    /// The next task to end, with how it ended; None once every task has ended.
+    async fn next(&mut self) -> Option<(String, Result<(), JoinError>)> {
+        self.running.next().await
+    }
+}
+
+/// The first panic the service saw, if any: it decides how the process ends.
+#[derive(Default)]
+struct Crash {
+    task: Option<String>,
+}
+
+impl Crash {
+    fn happened(&self) -> bool {
+        self.task.is_some()
+    }
+
+    /// Looks at how `task` ended: a panic stops the process; an end of any other kind (the
+    /// task finished, or `run` aborted it) is what `run` expects.
+    fn check(&mut self, task: String, outcome: Result<(), JoinError>, shutdown: &Shutdown) {
+        if outcome.is_err_and(|e| e.is_panic()) {
+            self.record(task, shutdown);
+        }
+    }
+
+    /// The first panic stops the process: logged once here (the panic hook has logged what
+    /// panicked and where); later ones only add to the hook's lines.
+    fn record(&mut self, task: String, shutdown: &Shutdown) {
+        if self.happened() {
+            return;
+        }
+        tracing::error!(
+            task = %task,
+            exit_code = EX_SOFTWARE,
+            "stopping after a panic: the relays drain as at SIGTERM, then the process exits for systemd to restart it"
+        );
+        shutdown.stop();
+        self.task = Some(task);
+    }
 }
 
 /// READY=1 once every relay has connected; WATCHDOG=1 while every relay loop keeps turning;
@@ -230,4 +338,40 @@ fn member_name() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".into());
     format!("{host}/{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_panics_is_named_and_stops_the_tasks_that_wait_for_shutdown() {
+        let shutdown = Shutdown::new();
+        let mut tasks = Tasks::default();
+        let waiting = shutdown.clone();
+        tasks.spawn("a relay".into(), async move { waiting.stopping().await });
+        tasks.spawn("a sweeper".into(), async { panic!("a bug") });
+        let mut crash = Crash::default();
+        // The same loop as `run`'s: it ends only because the panic stopped the other task.
+        while let Some((task, outcome)) = tasks.next().await {
+            crash.check(task, outcome, &shutdown);
+        }
+        assert_eq!(crash.task.as_deref(), Some("a sweeper"));
+        assert!(shutdown.is_stopping());
+    }
+
+    #[tokio::test]
+    async fn tasks_that_end_or_are_aborted_are_no_crash() {
+        let shutdown = Shutdown::new();
+        let mut tasks = Tasks::default();
+        tasks.spawn("ends".into(), async {});
+        let aborted = tasks.spawn("aborted".into(), std::future::pending());
+        aborted.abort();
+        let mut crash = Crash::default();
+        while let Some((task, outcome)) = tasks.next().await {
+            crash.check(task, outcome, &shutdown);
+        }
+        assert!(!crash.happened());
+        assert!(!shutdown.is_stopping());
+    }
 }

@@ -1,5 +1,7 @@
 //! Graceful shutdown: SIGTERM or SIGINT asks relays to stop fetching and drain; after the
-//! shutdown timeout, waiting for confirms is abandoned. Owns signals only.
+//! shutdown timeout, waiting for confirms is abandoned. SIGHUP is logged and ignored (the
+//! config is read at start only), never the default action that would kill the process
+//! without a drain. Owns signals only.
 
 use std::time::Duration;
 
@@ -41,10 +43,20 @@ impl Shutdown {
     }
 
     /// Stops on the first SIGTERM or SIGINT, then aborts after `timeout` (or a second signal).
+    /// Logs each SIGHUP and otherwise ignores it.
     pub fn on_signals(&self, timeout: Duration) -> std::io::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Installed with the others, before any relay starts: from here on SIGHUP no longer
+        // terminates the process. A reload would have to replace settings that every relay,
+        // lease and connection was built from; a restart (SIGTERM, drain, start) does that.
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::warn!("SIGHUP ignored: the configuration is read at start only; restart the service to apply changes");
+            }
+        });
         let this = self.clone();
         tokio::spawn(async move {
             tokio::select! {

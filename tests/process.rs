@@ -1,0 +1,269 @@
+//! The process itself. Under load, its log pipe closed by the reader (`outbox-relay run 2>&1 |
+//! head` after `head` exits; journald restarting is the same shape) and SIGHUP: neither may stop
+//! a table or lose a row: every row is still delivered, first deliveries keep per-key order,
+//! the health endpoint tells the truth, and SIGTERM still drains and exits 0. And a panic ends
+//! the process with an exit code systemd restarts.
+
+use std::collections::HashSet;
+use std::os::fd::OwnedFd;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outbox_relay_testkit::faults::signal;
+use outbox_relay_testkit::prelude::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::unix::pipe;
+use tokio_util::sync::CancellationToken;
+
+const KEYS: usize = 20;
+
+/// Everything a test here promises about the final state: all `expected` rows delivered at
+/// least once, per-key order of first deliveries, one message_id per row, every row marked.
+async fn assert_nothing_lost(env: &TestEnv, expected: usize) {
+    env.consumer.wait_for(expected).await;
+    env.wait_all_marked().await;
+    let received = env.consumer.received();
+    let all: HashSet<i64> = sqlx::query_scalar::<_, i64>("SELECT id FROM public.outbox")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(all.len(), expected);
+    assert_eq!(
+        delivered_ids(&received),
+        all,
+        "every row delivered at least once"
+    );
+    assert_first_deliveries_in_id_order(&received);
+    assert_duplicates_share_message_id(&received);
+}
+
+/// `outbox-relay run` with stdout and stderr on one pipe (`2>&1 |`), read by the test until
+/// it closes its end.
+struct PipedRelay {
+    child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    close: CancellationToken,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PipedRelay {
+    fn start(env: &TestEnv) -> PipedRelay {
+        // Both ends are close-on-exec: the relay gets only the write end (as its stdout and
+        // stderr), so once the test closes the read end its writes fail with EPIPE.
+        let (read, write) = std::io::pipe().expect("a pipe");
+        let mut command = tokio::process::Command::new(relay_binary());
+        command.arg("--config").arg(&env.config_path).arg("run");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("OUTBOX_RELAY") || key == "RUST_LOG" || key == "RUST_BACKTRACE" {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(write.try_clone().expect("clone the pipe's write end"))
+            .stderr(write)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start outbox-relay run");
+        // The test's copies of the write end went with `command`.
+        drop(command);
+        let read = pipe::Receiver::from_owned_fd(OwnedFd::from(read))
+            .expect("read the pipe asynchronously");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let close = CancellationToken::new();
+        let reader = tokio::spawn({
+            let (lines, close) = (lines.clone(), close.clone());
+            async move {
+                let mut read = BufReader::new(read).lines();
+                loop {
+                    tokio::select! {
+                        line = read.next_line() => match line {
+                            Ok(Some(line)) => lines.lock().unwrap().push(line),
+                            _ => return,
+                        },
+                        _ = close.cancelled() => return,
+                    }
+                }
+                // Returning drops the read end: the pipe has no reader any more.
+            }
+        });
+        PipedRelay {
+            child,
+            lines,
+            close,
+            reader: Some(reader),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id().expect("the relay has not been reaped") as i32
+    }
+
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until the relay wrote a line containing `needle` (while the pipe is read).
+    async fn wait_for_log(&self, needle: &str) -> String {
+        eventually(&format!("{needle:?} in the relay's output"), || async {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(needle))
+        })
+        .await;
+        let lines = self.lines.lock().unwrap();
+        lines.iter().find(|l| l.contains(needle)).unwrap().clone()
+    }
+
+    /// The reader goes away, as `head` does after its lines: returns once the read end is
+    /// closed, and how many lines were read.
+    async fn close_pipe(&mut self) -> usize {
+        self.close.cancel();
+        if let Some(reader) = self.reader.take() {
+            reader.await.expect("the pipe's reader");
+        }
+        self.lines.lock().unwrap().len()
+    }
+
+    /// Waits for the process to exit (at most the tests' [`TIMEOUT`]).
+    async fn wait_exit(&mut self) -> ExitStatus {
+        tokio::time::timeout(TIMEOUT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the relay did not exit within {TIMEOUT:?}"))
+            .expect("wait for the relay")
+    }
+}
+
+/// The health endpoint's address, from the relay's start-up line (`addr=127.0.0.1:PORT`).
+async fn health_address(relay: &PipedRelay) -> String {
+    let line = relay.wait_for_log("health endpoint listening").await;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr= in {line}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_pipe_closed_by_its_reader_under_load_loses_no_row_and_sigterm_still_drains() {
+    let env = TestEnv::new(
+        Setup::new()
+            .own_vhost()
+            .set("health", "listen", "\"127.0.0.1:0\""),
+    )
+    .await;
+    let mut relay = PipedRelay::start(&env);
+    let health = health_address(&relay).await;
+    let producer = Producer::start(&env, "pipe", KEYS, 20, Duration::from_millis(20));
+    env.consumer.wait_for(300).await;
+
+    let read = relay.close_pipe().await;
+    let at_close = env.consumer.unique_count();
+    // Outages to report after the reader left: the relay loop, the membership and the
+    // coordination session all have something to log into the closed pipe.
+    env.close_broker_connections().await;
+    env.terminate_relay_sessions().await;
+    // Rows written after the reader left are relayed too, by a relay that says it is alive.
+    env.consumer.wait_for(at_close + 500).await;
+    if let Some(status) = relay.child.try_wait().expect("poll the relay") {
+        panic!("the relay exited after its log pipe closed ({status})");
+    }
+    let (live, body) = http_get(&health, "/live").await;
+    assert_eq!(live, 200, "/live after the log pipe closed: {body}");
+    // What the relay wrote after the close was dropped and counted.
+    let dropped = Scrape::of(&health)
+        .await
+        .value("outbox_relay_log_lines_dropped_total", &[])
+        .expect("outbox_relay_log_lines_dropped_total in /metrics");
+    assert!(dropped > 0.0, "log lines dropped: {dropped}");
+    // Ready again once the outages are over.
+    eventually("/ready to answer 200 after the outages", || async {
+        http_get(&health, "/ready").await.0 == 200
+    })
+    .await;
+
+    let written = producer.stop().await;
+    assert_nothing_lost(&env, written).await;
+    assert!(
+        signal("-TERM", relay.pid()),
+        "kill -TERM {} failed",
+        relay.pid()
+    );
+    let status = relay.wait_exit().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM after the log pipe closed: a clean drain exits 0 ({status}); the {read} lines read before the close:\n{}",
+        relay.log()
+    );
+    eprintln!("the pipe closed after {read} lines and {at_close} of {written} rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_under_load_is_logged_and_ignored_and_sigterm_still_drains() {
+    let env = TestEnv::new(Setup::new()).await;
+    let mut relay = env.start_relay();
+    let producer = Producer::start(&env, "hup", KEYS, 20, Duration::from_millis(20));
+    env.consumer.wait_for(300).await;
+
+    const IGNORED: &str = "SIGHUP ignored";
+    for sent in 1..=2 {
+        assert!(signal("-HUP", relay.pid()), "kill -HUP {}", relay.pid());
+        // One line per signal, saying what to do instead (or the relay is gone: say so now).
+        let deadline = Instant::now() + TIMEOUT;
+        while relay.log().matches(IGNORED).count() < sent {
+            if !relay.is_running() {
+                let status = relay.wait_exit().await;
+                panic!("SIGHUP #{sent} stopped the relay ({status})");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {IGNORED:?} line #{sent} within {TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let at_signal = env.consumer.unique_count();
+        env.consumer.wait_for(at_signal + 300).await;
+        assert!(relay.is_running(), "SIGHUP #{sent} stopped the relay");
+    }
+    assert!(
+        relay.log().contains("restart the service to apply changes"),
+        "{}",
+        relay.log()
+    );
+
+    let written = producer.stop().await;
+    assert_nothing_lost(&env, written).await;
+    relay.sigterm();
+    let status = relay.wait_exit().await;
+    assert_eq!(status.code(), Some(0), "{}", relay.log());
+    assert!(relay.log().contains("relay stopped"), "{}", relay.log());
+}
+
+#[test]
+fn the_exit_code_after_a_panic_is_one_systemd_restarts() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/outbox-relay.service"
+    ))
+    .expect("read the unit");
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(values("Restart"), ["on-failure"]);
+    let prevented: Vec<String> = values("RestartPreventExitStatus")
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    assert!(
+        !prevented.contains(&outbox_relay::service::EX_SOFTWARE.to_string()),
+        "RestartPreventExitStatus={prevented:?} keeps a relay that panicked down"
+    );
+}
