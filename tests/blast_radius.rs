@@ -335,3 +335,46 @@ async fn truncating_the_table_while_rows_flow_never_marks_a_row_no_consumer_rece
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_row_deleted_by_hand_frees_its_key_on_a_quiet_table() {
+    // A quiet table: nothing else wakes the relay (no NOTIFY comes for held rows, and the
+    // poll finds nothing due).
+    let env = TestEnv::new(Setup::new().set("retry", "max_attempts", "1").set(
+        "relay",
+        "poll_interval",
+        "\"60s\"",
+    ))
+    .await;
+    let _relay = env.start_relay();
+    let missing = format!("{}_missing", env.name);
+    env.insert(&[
+        NewRow::new("poison", "k").exchange(&missing),
+        NewRow::new("k-1", "k"),
+        NewRow::new("k-2", "k"),
+    ])
+    .await;
+    wait_parked(&env, "poison").await;
+    eventually("the rows behind it to be held", || async {
+        env.status_json().await["held"].as_i64() == Some(2)
+    })
+    .await;
+
+    // What an operator does with a poison row today.
+    sqlx::query(&format!(
+        "DELETE FROM {} WHERE dedup_key = 'poison'",
+        quoted_table(&env.table)
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let received = env.consumer.wait_for(2).await;
+    assert_eq!(
+        received
+            .iter()
+            .map(|r| r.message_id.as_str())
+            .collect::<Vec<_>>(),
+        ["k-1", "k-2"],
+        "the key flows again, in order"
+    );
+}

@@ -37,8 +37,10 @@ struct Marking {
     task: tokio::task::JoinHandle<Result<Vec<String>, DbError>>,
 }
 
-/// How often a table with held keys looks for stale ones.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often a table with held keys looks for stale ones (a parked holder deleted by hand):
+/// on a quiet table too, the relay wakes for it, so a key whose holder is gone flows again
+/// within this long. One statement per table with held keys, none for a table without.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 impl MarkPipeline {
     /// `chunk`: how many confirmed rows one mark writes.
@@ -193,8 +195,7 @@ impl MarkPipeline {
     /// Looks for holds whose holder is gone (once after the lock is taken, then every
     /// [`SWEEP_EVERY`] while the table holds keys) and queues their release.
     pub async fn sweep_stale_holds(&mut self, force: bool) -> Result<(), DbError> {
-        let due = self.held_keys > 0 && self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
-        if !force && !due {
+        if !force && !self.sweep_due() {
             return Ok(());
         }
         let oid = match self.table_oid {
@@ -216,6 +217,12 @@ impl MarkPipeline {
             stale.into_iter().for_each(|k| self.queue_release(k));
         }
         Ok(())
+    }
+
+    /// True when the table holds keys and has not looked for stale holds for
+    /// [`SWEEP_EVERY`]: an idle relay wakes for it.
+    pub fn sweep_due(&self) -> bool {
+        self.held_keys > 0 && self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY)
     }
 
     /// The key's holder no longer holds it: a hold still under way stops, the release starts.

@@ -481,7 +481,9 @@ impl TableRelay {
                 _ = self.shutdown.stopping() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {
                     self.reporter.beat();
-                    if self.links.channel_died() {
+                    // A quiet table wakes no one: held keys whose holder was deleted by hand
+                    // would stay held until other work came.
+                    if self.links.channel_died() || self.marks.sweep_due() {
                         break;
                     }
                 }
