@@ -1031,11 +1031,13 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
                 serde_json::Value::Null
             }
         };
-        let created_at = r
-            .try_get::<Option<f64>, _>("created_at")
-            .ok()
-            .flatten()
-            .and_then(created_from_micros);
+        let created_at = match r.try_get::<Option<f64>, _>("created_at") {
+            // An adopted table's mapped column may be null: the time the relay read the row
+            // is the best it knows (the message's timestamp, the lag metrics).
+            Ok(None) => Some(Utc::now()),
+            Ok(Some(micros)) => created_from_micros(micros),
+            Err(_) => None,
+        };
         let created_at = created_at.unwrap_or_else(|| {
             note(format!(
                 "created_at is not a time a message can carry (infinity, or outside {} to {})",
