@@ -326,6 +326,18 @@ async fn a_custom_table_with_a_text_payload_and_header_columns_publishes_its_bac
         status["pending"] == json!(0) && status["published"] == json!(10)
     })
     .await;
+
+    // A key the relay's indexes could not take is refused at the application's insert, as on
+    // the relay's own tables (the rows from before adoption were not scanned).
+    let refused = sqlx::query(
+        "INSERT INTO public.app_events (stream, topic, kind, body) VALUES ($1, 'orders', 'k', 'b')",
+    )
+    .bind("s".repeat(1025))
+    .execute(&env.pool)
+    .await
+    .expect_err("a 1025-byte key is refused")
+    .to_string();
+    assert!(refused.contains("ordering_key_length"), "{refused}");
 }
 
 /// When each insert of a producer began and how long it took.

@@ -73,6 +73,8 @@ struct Found {
     sequence: bool,
     trigger: bool,
     notify_trigger: bool,
+    /// The ordering key's length check (see [`crate::store::MAX_ORDERING_KEY_BYTES`]).
+    key_check: bool,
     adopted: Option<AdoptFrom>,
     /// name -> valid
     indexes: Vec<(String, bool)>,
@@ -219,6 +221,7 @@ impl Store {
                     to_regclass($2) IS NOT NULL AS sequence, \
                     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $3) AS trigger, \
                     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $4) AS notify_trigger, \
+                    EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $5) AS key_check, \
                     to_regclass('outbox_relay.migrations') IS NOT NULL AS relay_schema, \
                     ARRAY(SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass($1) ORDER BY 1) AS index_names, \
                     ARRAY(SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass($1) ORDER BY c.relname) AS index_valid",
@@ -227,6 +230,7 @@ impl Store {
         .bind(format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.derived("seq"))))
         .bind(table.derived("order"))
         .bind(table.derived("notify"))
+        .bind(table.derived("ordering_key_length"))
         .fetch_one(&self.pool)
         .await
         .with_context(|| format!("reading the state of {table}"))?;
@@ -264,6 +268,7 @@ impl Store {
             sequence: row.try_get("sequence")?,
             trigger: row.try_get("trigger")?,
             notify_trigger: row.try_get("notify_trigger")?,
+            key_check: row.try_get("key_check")?,
             adopted: adopted.map(|d| {
                 if d.ends_with("--from start)") {
                     AdoptFrom::Start
@@ -375,6 +380,22 @@ impl Store {
                 "{} the NOTIFY trigger {} (SHARE ROW EXCLUSIVE for milliseconds)",
                 if notify { "install" } else { "drop" },
                 table.derived("notify")
+            ));
+        }
+        if !found.key_check {
+            // As on the relay's own tables: a longer key could never be parked or held (the
+            // relay's indexes take the key), so it is refused where the producer sees why.
+            // NOT VALID: the rows already there are not scanned.
+            let check = table.derived("ordering_key_length");
+            catalog.push(format!(
+                "ALTER TABLE {t} ADD CONSTRAINT {} CHECK (octet_length({}) <= {}) NOT VALID",
+                quote_ident(&check),
+                Columns::new(Some(map.clone())).key(""),
+                crate::store::MAX_ORDERING_KEY_BYTES
+            ));
+            catalog_steps.push(format!(
+                "refuse ordering keys over {} bytes at insert: the check {check} (NOT VALID: rows already there are not scanned; ACCESS EXCLUSIVE for milliseconds)",
+                crate::store::MAX_ORDERING_KEY_BYTES
             ));
         }
         if found.adopted.is_none() {
