@@ -351,6 +351,73 @@ mod tests {
     }
 
     #[test]
+    fn headers_past_the_frame_are_refused_and_headers_just_inside_it_go_out() {
+        let with_blob = |len: usize| {
+            let mut r = row();
+            r.headers = json!({ "blob": "x".repeat(len) });
+            r
+        };
+        let error = build(&mut with_blob(200_000), "t", "events", LIMITS).unwrap_err();
+        assert!(
+            error.0.contains("frame_max is 131072") && error.0.contains("headers"),
+            "{error}"
+        );
+        // The exact size: the largest blob that fits, found by the encoder itself, goes out,
+        // and one byte more does not.
+        let fits = (100_000..131_072)
+            .rev()
+            .find(|&len| build(&mut with_blob(len), "t", "events", LIMITS).is_ok())
+            .expect("some blob fits");
+        assert!(
+            fits > 130_000,
+            "only the other properties take room: {fits}"
+        );
+        assert!(build(&mut with_blob(fits + 1), "t", "events", LIMITS).is_err());
+        let m = build(&mut with_blob(fits), "t", "events", LIMITS).unwrap();
+        let encoded = cookie_factory::gen_simple(
+            lapin::protocol::basic::gen_properties(&m.properties),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(encoded.len() + HEADER_FRAME_OVERHEAD, 131_072);
+    }
+
+    #[test]
+    fn the_cheap_bound_is_never_below_the_encoded_size() {
+        for headers in [
+            json!({}),
+            json!({"n": [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]}),
+            json!({"a": {"b": {"c": [[], [[]], {}, null, true, false, 1.5, -7]}}}),
+            json!({"k": "x".repeat(1000), "": ""}),
+        ] {
+            let mut r = row();
+            r.headers = headers.clone();
+            let m = build(&mut r.clone(), "t", "events", LIMITS).unwrap();
+            let encoded = cookie_factory::gen_simple(
+                lapin::protocol::basic::gen_properties(&m.properties),
+                Vec::new(),
+            )
+            .unwrap();
+            let bound = 5 * json_text_bound(&r.headers) + r.ordering_key.len() + 8 * 260;
+            assert!(
+                encoded.len() <= bound,
+                "{headers}: {} > {bound}",
+                encoded.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_row_the_store_could_not_decode_is_refused_with_its_reason() {
+        let mut r = row();
+        r.defect = Some(Unpublishable("created_at is not a time".into()));
+        assert_eq!(
+            build(&mut r, "t", "events", LIMITS).unwrap_err().0,
+            "created_at is not a time"
+        );
+    }
+
+    #[test]
     fn a_replay_keeps_the_originals_properties_and_adds_the_replay_header() {
         let original = build(&mut row(), "public.outbox", "events", LIMITS).unwrap();
         let mut replay = original.clone();

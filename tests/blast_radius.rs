@@ -110,9 +110,23 @@ async fn rows_the_broker_or_the_decoder_cannot_take_are_parked_with_their_reason
         env.insert(&[NewRow::new(format!("{dedup}-next"), *dedup)])
             .await;
     }
+    // Just inside the frame: delivered whole.
+    let fits = format!("{{\"blob\":\"{}\"}}", "y".repeat(120_000));
+    insert_raw(&env, "fits", "fits", &fits, "now")
+        .await
+        .unwrap();
     let after = env.insert(&rows_over_keys("after", 10, 30)).await;
 
-    let received = env.consumer.wait_for(60).await;
+    let received = env.consumer.wait_for(61).await;
+    let big = received
+        .iter()
+        .find(|r| r.message_id == "fits")
+        .expect("the row just inside the frame is delivered");
+    assert_eq!(
+        big.header_str("blob").map(|b| b.len()),
+        Some(120_000),
+        "its header intact"
+    );
     for (prefix, ids) in [("before", &before), ("after", &after)] {
         for k in 0..10 {
             let key = format!("{prefix}-k{k}");
