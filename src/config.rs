@@ -1307,6 +1307,37 @@ fn is_quoted_source(line: &str) -> bool {
     }
 }
 
+/// Passwords a user may write without percent-encoding them, for the redaction tests of both
+/// URLs.
+#[cfg(test)]
+pub(crate) mod hostile {
+    /// `with_host`: a password that holds the URL's host name.
+    pub(crate) const fn passwords(with_host: &'static str) -> [&'static str; 6] {
+        [
+            "p@ss/w:rd?#%",
+            "@@@",
+            with_host,
+            "pä$$wörd✓",
+            "a,b:c]d[e",
+            "50/43?2#1",
+        ]
+    }
+
+    /// `shown` (what the relay printed of `text`) holds neither `password` nor a recognisable
+    /// piece of it.
+    pub(crate) fn assert_hidden(password: &str, text: &str, shown: &str) {
+        assert!(
+            !shown.contains(password),
+            "{text} shows its password: {shown}"
+        );
+        for piece in ["ss/w", "w:rd", "wörd", "43?2", "c]d"] {
+            if password.contains(piece) {
+                assert!(!shown.contains(piece), "{text} shows {piece:?}: {shown}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1634,15 +1665,7 @@ mod tests {
         }
     }
 
-    /// Passwords a user may write without percent-encoding them.
-    const HOSTILE: [&str; 6] = [
-        "p@ss/w:rd?#%",
-        "@@@",
-        "x-mq.internal-y",
-        "pä$$wörd✓",
-        "a,b:c]d[e",
-        "50/43?2#1",
-    ];
+    const HOSTILE: [&str; 6] = hostile::passwords("x-mq.internal-y");
 
     #[test]
     fn no_amqp_password_is_shown_whatever_characters_it_holds() {
@@ -1660,16 +1683,7 @@ mod tests {
                 let problems = NodeUrls(vec![url.clone()]).problems("rabbitmq.url", &|u| {
                     format!("expected amqp://..., got {}", u.redacted())
                 });
-                let shown = format!("{url} | {url:?} | {problems:?}");
-                assert!(
-                    !shown.contains(password),
-                    "{text} shows its password: {shown}"
-                );
-                for piece in ["ss/w", "w:rd", "wörd", "43?2", "c]d"] {
-                    if password.contains(piece) {
-                        assert!(!shown.contains(piece), "{text} shows {piece:?}: {shown}");
-                    }
-                }
+                hostile::assert_hidden(password, &text, &format!("{url} | {url:?} | {problems:?}"));
             }
         }
         // Parsed, then printed without the password: the host stays, even when the password
