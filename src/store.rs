@@ -426,27 +426,29 @@ impl Store {
     }
 
     /// Marks confirmed rows published (with `on_published = "delete"`: deletes them), in one
-    /// statement. Returns the keys whose holder was among them: the relay releases those keys
-    /// next ([`Store::release_keys`]).
+    /// statement, each only in the version that was sent. Says how many it marked, and the keys
+    /// whose holder was among them: the relay releases those next ([`Store::release_keys`]).
     pub async fn mark_published(
         &self,
         q: &TableSql,
         rows: &[RowVersion],
         table_oid: i64,
         fence: &Fence,
-    ) -> Result<Vec<String>, DbError> {
+    ) -> Result<Marked, DbError> {
         if rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Marked::default());
         }
         let (ids, versions): (Vec<i64>, Vec<i64>) = rows.iter().map(|r| (r.id, r.version)).unzip();
         let query = bind_fence!(
-            sqlx::query_scalar(&q.mark_published)
-                .bind(ids)
-                .bind(table_oid),
+            sqlx::query(&q.mark_published).bind(ids).bind(table_oid),
             fence
         )
         .bind(versions);
-        Ok(answered_within(self.answer_within, query.fetch_all(self.pool())).await?)
+        let row = answered_within(self.answer_within, query.fetch_one(self.pool())).await?;
+        Ok(Marked {
+            marked: row.try_get::<i64, _>("marked")? as usize,
+            freed: row.try_get("freed")?,
+        })
     }
 
     /// Records failed publishes in one statement: attempts + 1, the error, the next attempt
@@ -1100,6 +1102,16 @@ impl RowVersion {
     }
 }
 
+/// What a mark wrote.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Marked {
+    /// Rows marked (or deleted): fewer than asked when rows were changed, removed or marked
+    /// by another relay since they were read.
+    pub marked: usize,
+    /// The keys whose holder was among them: released next ([`Store::release_keys`]).
+    pub freed: Vec<String>,
+}
+
 /// A failed publish to record.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -1387,8 +1399,9 @@ impl TableSql {
         };
         format!(
             "WITH marked AS ({write}) \
-             SELECT h.ordering_key FROM outbox_relay.held_keys h JOIN marked m ON h.holder = m.id \
-             WHERE h.table_oid = $2"
+             SELECT (SELECT count(*) FROM marked) AS marked, \
+                    ARRAY(SELECT h.ordering_key FROM outbox_relay.held_keys h JOIN marked m ON h.holder = m.id \
+                          WHERE h.table_oid = $2) AS freed"
         )
     }
 

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::config::OnExhausted;
-use crate::store::{DbError, Failure, Fence, RowVersion, Store, TableSql};
+use crate::store::{DbError, Failure, Fence, Marked, RowVersion, Store, TableSql};
 
 pub struct MarkPipeline {
     store: Store,
@@ -34,7 +34,7 @@ pub struct MarkPipeline {
 /// A mark being written in the background.
 struct Marking {
     ids: Vec<RowVersion>,
-    task: tokio::task::JoinHandle<Result<Vec<String>, DbError>>,
+    task: tokio::task::JoinHandle<Result<Marked, DbError>>,
 }
 
 /// How often a table with held keys looks for stale ones (a parked holder deleted by hand):
@@ -233,14 +233,30 @@ impl MarkPipeline {
         }
     }
 
+    /// A mark of `asked` rows was written: the keys it freed are released, and rows it could
+    /// not mark are said once (they stay pending and go out again).
+    fn written(&mut self, asked: usize, marked: Marked) {
+        if marked.marked < asked {
+            tracing::warn!(
+                table = %self.sql.table(),
+                confirmed = asked,
+                marked = marked.marked,
+                "confirmed rows not marked: changed or removed since they were read (a TRUNCATE, \
+                 DELETE or UPDATE by hand), or their partition moved to another relay; those \
+                 still pending go out again (same message_id)"
+            );
+        }
+        marked.freed.into_iter().for_each(|k| self.queue_release(k));
+    }
+
     /// Waits for the background mark; its ids join `unmarked` when it failed.
     async fn finish_marking(&mut self) -> Result<(), DbError> {
         let Some(marking) = self.marking.take() else {
             return Ok(());
         };
         match marking.task.await {
-            Ok(Ok(freed)) => {
-                freed.into_iter().for_each(|k| self.queue_release(k));
+            Ok(Ok(marked)) => {
+                self.written(marking.ids.len(), marked);
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -260,12 +276,12 @@ impl MarkPipeline {
             return Ok(());
         };
         if !self.unmarked.is_empty() {
-            let freed = self
+            let marked = self
                 .store
                 .mark_published(&self.sql, &self.unmarked, oid, &self.fence)
                 .await?;
-            self.unmarked.clear();
-            self.releases.extend(freed);
+            let asked = std::mem::take(&mut self.unmarked).len();
+            self.written(asked, marked);
         }
         if !self.unrecorded.is_empty() {
             self.store
