@@ -404,3 +404,55 @@ fn the_exit_code_after_a_panic_is_one_systemd_restarts() {
         "RestartPreventExitStatus={prevented:?} keeps a relay that panicked down"
     );
 }
+
+/// A CLI command whose output's reader is already gone (`outbox-relay status | head -1` once
+/// `head` has its line) ends at its first write the way `cat` and `grep` do: killed by SIGPIPE
+/// (141 in the shell), with nothing on stderr about it: no panic, no "panicked" log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_command_whose_stdout_reader_is_gone_ends_quietly_by_sigpipe() {
+    use std::os::unix::process::ExitStatusExt;
+    const SIGPIPE: i32 = 13;
+    let env = TestEnv::new(Setup::new()).await;
+    let commands: [&[&str]; 4] = [
+        &["status"],
+        &["status", "--json"],
+        &["check-config"],
+        &["migrate"],
+    ];
+    for args in commands {
+        let (read, write) = std::io::pipe().expect("a pipe");
+        // Closed before the command writes anything.
+        drop(read);
+        let mut command = tokio::process::Command::new(relay_binary());
+        command.arg("--config").arg(&env.config_path).args(args);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("OUTBOX_RELAY") || key == "RUST_LOG" || key == "RUST_BACKTRACE" {
+                command.env_remove(key);
+            }
+        }
+        // Spawned, not `output()`, which would give it a fresh stdout pipe.
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(write)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start outbox-relay");
+        drop(command);
+        let out = tokio::time::timeout(TIMEOUT, child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("outbox-relay {args:?} did not end within {TIMEOUT:?}"))
+            .expect("run outbox-relay");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(SIGPIPE),
+            "outbox-relay {args:?} with its stdout closed: {}; stderr:\n{stderr}",
+            out.status
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "outbox-relay {args:?}: stderr:\n{stderr}"
+        );
+    }
+}
