@@ -456,3 +456,26 @@ async fn a_cli_command_whose_stdout_reader_is_gone_ends_quietly_by_sigpipe() {
         );
     }
 }
+
+/// A stop under systemd: the drain (shutdown_timeout), the final mark (bounded by PostgreSQL's
+/// statement timeout), then up to `EXIT_FLUSH` for the last log lines when journald does not
+/// read; all of it inside TimeoutStopSec, or systemd kills the relay before its exit code.
+#[test]
+fn the_unit_waits_for_a_stop_longer_than_the_drain_the_final_mark_and_the_log_flush() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/outbox-relay.service"
+    ))
+    .expect("read the unit");
+    let stop = unit
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec in the unit");
+    let stop = humantime::parse_duration(stop).expect("TimeoutStopSec in seconds");
+    let drain = outbox_relay::config::RelaySettings::default().shutdown_timeout;
+    let final_mark = Duration::from_secs(30);
+    assert!(
+        stop > drain + final_mark + outbox_relay::telemetry::EXIT_FLUSH,
+        "TimeoutStopSec={stop:?}"
+    );
+}
