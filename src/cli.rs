@@ -97,7 +97,8 @@ pub struct RetryArgs {
 }
 
 /// Runs the command and returns the process exit code: 0 success, 78 configuration error,
-/// 70 `run` stopped after a panic, 2 a usage error, 1 any other failure.
+/// 70 `run` stopped after a panic, 2 a usage error, 1 any other failure. A command other than
+/// `run` whose output's reader is gone does not return: SIGPIPE ends it (141 in the shell).
 pub fn main(cli: Cli) -> i32 {
     if !matches!(cli.command, Command::Run) {
         end_quietly_when_the_reader_goes();
