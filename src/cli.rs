@@ -97,8 +97,12 @@ pub struct RetryArgs {
 }
 
 /// Runs the command and returns the process exit code: 0 success, 78 configuration error,
-/// 70 `run` stopped after a panic, 2 a usage error, 1 any other failure.
+/// 70 `run` stopped after a panic, 2 a usage error, 1 any other failure. A command other than
+/// `run` whose output's reader is gone does not return: SIGPIPE ends it (141 in the shell).
 pub fn main(cli: Cli) -> i32 {
+    if !matches!(cli.command, Command::Run) {
+        end_quietly_when_the_reader_goes();
+    }
     let settings = match Settings::load(&cli.config) {
         Ok(s) => s,
         Err(e) => return config_failure(&e),
@@ -148,6 +152,22 @@ pub fn main(cli: Cli) -> i32 {
                     .map_or(1, crate::replay::ReplayError::exit_code)
             }
         },
+    }
+}
+
+/// A command other than `run` ends when the reader of its output goes away (`outbox-relay
+/// status | head -1` once `head` has its line) the way `cat` and `grep` do: killed by SIGPIPE
+/// at its next write to that pipe, quietly, exit status 141 in the shell. Rust's runtime
+/// ignores SIGPIPE, which turns that write into an error that `println!` and `eprintln!`
+/// panic on (an ERROR "panicked" line, exit 70). The default action covers every write the
+/// commands make, their prints and their log lines alike. `run` keeps SIGPIPE ignored: a log
+/// line that a closed pipe refuses is dropped and counted (`crate::telemetry`), and the relay
+/// goes on.
+fn end_quietly_when_the_reader_goes() {
+    // SAFETY: sets one signal's disposition back to the kernel's default (no handler of ours
+    // runs); called before this process starts any thread, and tokio never handles SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -10,5 +10,8 @@ fn main() {
     // A panic outside any task (the panic hook has logged it) exits like one inside a task.
     let code = std::panic::catch_unwind(|| outbox_relay::cli::main(cli))
         .unwrap_or(outbox_relay::service::EX_SOFTWARE);
+    // The last lines ("relay stopped", the error or the panic) may still be in the log's
+    // queue; `exit` would drop them.
+    outbox_relay::telemetry::flush(outbox_relay::telemetry::EXIT_FLUSH);
     std::process::exit(code);
 }

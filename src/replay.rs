@@ -256,12 +256,23 @@ async fn replay(
 }
 
 /// Stops the replay at the first SIGINT or SIGTERM, once the outstanding confirms are in; a
-/// second signal stops waiting for them. (Installed once publishing starts: before, the
-/// default action ends a replay that has sent nothing.)
+/// second signal stops waiting for them. Logs each SIGHUP and otherwise ignores it, as `run`
+/// does: its default action would end the replay at once, without the outstanding confirms or
+/// the line saying where to resume. (Installed once publishing starts: before, the default
+/// action ends a replay that has sent nothing.)
 fn stop_on_signals(table: &TableName) -> std::io::Result<Shutdown> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn({
+        let table = table.clone();
+        async move {
+            while hup.recv().await.is_some() {
+                tracing::warn!(%table, "SIGHUP ignored: the replay goes on; SIGINT or SIGTERM stops it");
+            }
+        }
+    });
     let shutdown = Shutdown::new();
     let stop = shutdown.clone();
     let table = table.clone();

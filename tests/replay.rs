@@ -614,3 +614,54 @@ async fn an_interrupted_replay_says_where_to_resume_and_the_resumed_one_sends_th
         "the two runs together: the range once, in order"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_a_replay_is_logged_and_ignored_and_the_replay_sends_the_whole_range() {
+    let env = TestEnv::new(Setup::new()).await;
+    let _relay = env.start_relay();
+    let ids = published(&env, &rows_over_keys("hup", 2, 12)).await;
+
+    let replay = tokio::process::Command::new(relay_binary())
+        .arg("--config")
+        .arg(&env.config_path)
+        .args([
+            "replay",
+            "--table",
+            "outbox",
+            "--from-id",
+            &s(ids[0]),
+            "--rate",
+            "5",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start outbox-relay replay");
+    eventually("a few replayed messages", || async {
+        replays(&env).len() >= 3
+    })
+    .await;
+    let pid = replay.id().expect("the replay's pid") as i32;
+    for _ in 0..2 {
+        assert!(
+            outbox_relay_testkit::faults::signal("-HUP", pid),
+            "kill -HUP {pid}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = tokio::time::timeout(TIMEOUT, replay.wait_with_output())
+        .await
+        .expect("the replay ends")
+        .expect("the replay's output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{} {stderr}", out.status);
+    assert_eq!(
+        stderr.matches("SIGHUP ignored").count(),
+        2,
+        "one line per SIGHUP: {stderr}"
+    );
+    let all = wait_for_replays(&env, 12).await;
+    assert_eq!(ids_of(&all), ids, "the whole range once, in order");
+}
