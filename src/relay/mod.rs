@@ -28,7 +28,7 @@ use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::store::{DbError, LockState, Store, TableLock, TableSql};
 
-use links::{Links, Unready};
+use links::{Links, Outage, Unready};
 pub use marks::MarkPipeline;
 pub use report::Heartbeat;
 use report::{Health, Reporter};
@@ -81,7 +81,7 @@ pub struct TableRelay {
     more_waiting: bool,
     /// The largest body the broker takes (lowered when it refuses a message as too large).
     max_message_bytes: usize,
-    outage_attempts: u32,
+    outage: Outage,
     /// This relay's share of the table's partitions, and what it held last turn.
     share: Share,
     turn: Option<Turn>,
@@ -120,7 +120,7 @@ impl TableRelay {
             name: table.table.to_string(),
             max_message_bytes: settings.rabbitmq.max_message_bytes,
             more_waiting: false,
-            outage_attempts: 0,
+            outage: Outage::default(),
             share,
             turn: None,
             sql,
@@ -243,7 +243,6 @@ impl TableRelay {
                 Err(e) => return self.down(e.context("fetching due rows")),
             };
             self.reporter.set(Health::Relaying);
-            self.outage_attempts = 0;
             if let Some(first) = rows.first() {
                 if self.marks.read_from(first.table_oid) {
                     tracing::warn!(table = %self.table.table, "the outbox table was created anew; forgetting the old table's unsettled rows");
@@ -439,18 +438,27 @@ impl TableRelay {
             if self.shutdown.is_stopping() {
                 break;
             }
-            match self.step().await {
+            let step = self.step().await;
+            // The outage count starts again only once the links stayed up for a while: a fault
+            // that comes back right after each brief "recovered" keeps the backoff growing.
+            if step != Step::Down {
+                self.outage.up(tokio::time::Instant::now());
+            }
+            match step {
                 // Back to back, but never without letting the process's other tasks (the
                 // membership, the other tables, the health endpoint) run.
                 Step::Batch { .. } => tokio::task::yield_now().await,
                 Step::Idle => self.wait_for_work().await,
                 // The coordination session is down or connecting: it retries, and says when.
-                Step::Down if !self.links.lock.is_held() => self.wait_for_lock().await,
+                Step::Down if !self.links.lock.is_held() => {
+                    self.outage.down(tokio::time::Instant::now());
+                    self.wait_for_lock().await
+                }
                 Step::Standby => self.wait_for_lock().await,
                 Step::Paused | Step::Waiting => self.pause(Duration::from_millis(250)).await,
                 Step::Down => {
-                    self.outage_attempts += 1;
-                    let delay = backoff.delay(self.outage_attempts, rand::random::<f64>());
+                    let attempt = self.outage.down(tokio::time::Instant::now());
+                    let delay = backoff.delay(attempt, rand::random::<f64>());
                     self.pause(delay).await
                 }
             }
