@@ -1,6 +1,10 @@
-//! What the relay says about itself is true: a broker that closes every connection right after
-//! it opens sees the relay's connects fall off, however briefly each one "recovered".
+//! What the relay says about itself is true: a relay alone on its table whose database sessions
+//! are terminated rejoins (never "standby because of other relays"), and is not ready until it
+//! relays again; a broker that closes every connection right after it opens sees the relay's
+//! connects fall off, however briefly each one "recovered".
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_relay_testkit::prelude::*;
@@ -8,6 +12,119 @@ use outbox_relay_testkit::servers::rabbitmqctl as ctl;
 
 fn with_health(setup: Setup) -> Setup {
     setup.set("health", "listen", "\"127.0.0.1:0\"")
+}
+
+/// One look at the relay from outside: `/ready`'s status and the table's state in words, and
+/// the table's state metric (the label whose gauge is 1).
+#[derive(Debug, Clone)]
+struct Seen {
+    status: u16,
+    state: String,
+    metric: Option<String>,
+}
+
+/// What `/ready` and the table's state metric said, sampled until stopped.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watch {
+    fn start(addr: String, table: String) -> Watch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let (stop, seen) = (stop.clone(), seen.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, state) = table_state(&addr).await;
+                    let scrape = Scrape::of(&addr).await;
+                    let metric = scrape
+                        .samples
+                        .iter()
+                        .find(|s| {
+                            s.name == "outbox_relay_table_state"
+                                && s.labels.get("table") == Some(&table)
+                                && s.value == 1.0
+                        })
+                        .and_then(|s| s.labels.get("state").cloned());
+                    seen.lock().unwrap().push(Seen {
+                        status,
+                        state,
+                        metric,
+                    });
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        Watch { stop, seen, task }
+    }
+
+    async fn stop(self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("the watch ran");
+        let seen = self.seen.lock().unwrap();
+        seen.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_alone_whose_sessions_are_terminated_rejoins_and_never_claims_other_relays() {
+    let env = TestEnv::new(with_health(Setup::new())).await;
+    let relay = env.start_relay();
+    let addr = health_addr(&relay).await;
+    relay.wait_for_log("relaying").await;
+    env.insert(&[NewRow::new("before", "k")]).await;
+    env.consumer.wait_for_id("before").await;
+
+    let watch = Watch::start(addr.clone(), env.table.clone());
+    for round in 0..3 {
+        let lines = relay.log().lines().count();
+        assert!(
+            env.terminate_relay_sessions().await >= 1,
+            "the relay had sessions to terminate"
+        );
+        // Back once it relays again: the membership registered anew and claimed the table.
+        eventually("the relay to rejoin and relay again", || async {
+            let log = relay.log();
+            log.lines().skip(lines).any(|l| l.contains("relaying"))
+                && table_state(&addr).await == (200, "relaying".to_owned())
+        })
+        .await;
+        let id = format!("after-{round}");
+        env.insert(&[NewRow::new(&id, "k")]).await;
+        env.consumer.wait_for_id(&id).await;
+    }
+    let seen = watch.stop().await;
+
+    let log = relay.log();
+    assert!(
+        !log.contains("other relays own"),
+        "the relay is alone on its table, yet its log says other relays own the partitions:\n{log}"
+    );
+    assert!(
+        log.contains("rejoining"),
+        "losing the membership with the session is said in the log:\n{log}"
+    );
+    for Seen {
+        status,
+        state,
+        metric,
+    } in &seen
+    {
+        assert!(
+            !state.contains("standby") && metric.as_deref() != Some("standby"),
+            "a relay alone on its table was reported standing by: /ready {status} {state:?}, metric {metric:?}"
+        );
+        assert!(
+            *status != 200 || state == "relaying",
+            "/ready said ready while the relay was {state:?}"
+        );
+    }
+    // Every row, before and after the terminations, went out and was marked.
+    env.wait_all_marked().await;
+    assert_eq!(env.consumer.unique_count(), 4);
 }
 
 /// A broker user of the test's own (deleted when dropped, also when the test fails).

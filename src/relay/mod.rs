@@ -53,9 +53,10 @@ pub enum Step {
     /// Nothing to send, and a key's hold or release waits for a producer's open transaction
     /// (it holds the key's lock); tried again shortly.
     Waiting,
-    /// This relay owns none of the table's partitions (the other relays have them), a relay
-    /// of an earlier release holds the table's lock, or its leases wait to be renewed: it
-    /// waits for the membership or the lock to change.
+    /// This relay owns none of the table's partitions (the other relays or its other channels
+    /// have them, or its membership is registering), a relay of an earlier release holds the
+    /// table's lock, or its leases wait to be renewed: it waits for the membership or the lock
+    /// to change.
     Standby,
     /// The broker blocked the connection (resource alarm): fetching is paused.
     Paused,
@@ -161,18 +162,26 @@ impl TableRelay {
         let expiring = state == ShareState::Expiring;
         let turn = match state {
             ShareState::Owns(turn) => turn,
-            ShareState::Nothing if !settling => return self.owns_nothing().await,
-            ShareState::Registering if !settling => {
+            ShareState::Nothing(idle) if !settling => {
+                return self.owns_nothing(Health::Idle(idle)).await
+            }
+            ShareState::Registering { again } if !settling => {
                 // Not a member yet (or again, after its lease ran out): nothing to publish.
                 self.window.clear();
                 self.turn = None;
-                self.reporter.set(Health::Starting);
+                self.reporter.set(registering(again));
                 return Step::Standby;
             }
-            // Partitions left the set: settle what is in flight with the last fence first.
-            ShareState::Nothing | ShareState::Registering => match self.turn.clone() {
+            // Partitions left the set: settle what is in flight with the last fence first. With
+            // nothing in flight it is settled, and the relay is what the membership says (never
+            // a standby while its membership registers again).
+            ShareState::Nothing(idle) => match self.turn.clone() {
                 Some(turn) => turn,
-                None => return self.owns_nothing().await,
+                None => return self.owns_nothing(Health::Idle(idle)).await,
+            },
+            ShareState::Registering { again } => match self.turn.clone() {
+                Some(turn) => turn,
+                None => return self.owns_nothing(registering(again)).await,
             },
             ShareState::Unusable(problem) => {
                 self.window.clear();
@@ -200,7 +209,7 @@ impl TableRelay {
             // until it has registered again from this session.
             self.window.clear();
             self.turn = None;
-            self.reporter.set(Health::Starting);
+            self.reporter.set(Health::Rejoining);
             return Step::Standby;
         }
         if self.turn.as_ref().is_some_and(|t| t.member != turn.member) {
@@ -331,16 +340,16 @@ impl TableRelay {
         }
     }
 
-    /// Nothing of the table is this relay's: a standby (ready) until the membership gives it
-    /// partitions.
-    async fn owns_nothing(&mut self) -> Step {
+    /// Nothing of the table is this relay's until the membership gives it partitions: a
+    /// standby, or a membership registering (again), as `health` says.
+    async fn owns_nothing(&mut self, health: Health) -> Step {
         self.window.clear();
         self.turn = None;
         if let Err(e) = self.marks.finish().await {
             return self.down(e.context("marking rows"));
         }
         self.share.ack(self.share.generation());
-        self.reporter.set(Health::Standby);
+        self.reporter.set(health);
         Step::Standby
     }
 
@@ -526,5 +535,15 @@ impl TableRelay {
             }
             self.reporter.beat();
         }
+    }
+}
+
+/// The state of a relay whose membership is not registered: starting, or registering again
+/// after it was lost.
+fn registering(again: bool) -> Health {
+    if again {
+        Health::Rejoining
+    } else {
+        Health::Starting
     }
 }
