@@ -1,8 +1,11 @@
 //! The optional health endpoint (`[health] listen`): `GET /ready` answers 200 while every
 //! table's relay is relaying or standing by and 503 otherwise (a server down, the outbox table
-//! unusable, the broker blocking, shutting down); `GET /live` answers 200 while every relay loop
-//! keeps turning and nothing in the process has panicked (after a panic it only drains and
-//! exits). Both return each table's state as JSON, from the relays' heartbeats.
+//! unusable, the broker blocking, starting or rejoining its table's membership, shutting down).
+//! A standby is a registered member whose partitions live relays hold: the table's other
+//! relays, this process's other channels, or a relay of an earlier release during an upgrade; a
+//! relay whose membership was lost is rejoining, not a standby. `GET /live` answers 200 while
+//! every relay loop keeps turning and nothing in the process has panicked (after a panic it
+//! only drains and exits). Both return each table's state as JSON, from the relays' heartbeats.
 //! `GET /metrics` answers the metrics (`crate::metrics`) for Prometheus.
 
 use std::convert::Infallible;

@@ -66,6 +66,9 @@ pub struct Ownership {
     pub table_oid: i64,
     /// The partitions the relay may fetch and publish, each with its epoch.
     pub partitions: BTreeMap<Partition, i64>,
+    /// The table's live members at the last heartbeat, this one included (0 while it is not
+    /// registered): a relay that owns nothing is a standby only when there are others.
+    pub members: usize,
     /// Publish nothing after this instant, unless a later heartbeat moved it on.
     pub until: Option<Instant>,
     /// The coordination session the member registered and renews from: the relay publishes
@@ -239,7 +242,7 @@ impl Membership {
                 tracing::warn!(table = %self.leases.table(), member = member.id, "partition leases: the lease ran out (a pause or a lost connection), or the coordination session it was taken from is gone; registering again");
                 self.member = None;
                 self.releasing.clear();
-                self.publish(BTreeMap::new(), None);
+                self.publish(BTreeMap::new(), None, 0);
                 return Ok(());
             }
         };
@@ -274,7 +277,7 @@ impl Membership {
                 self.releasing.extend(give);
             }
         }
-        self.publish(owned, Some(until));
+        self.publish(owned, Some(until), live.len());
         Ok(())
     }
 
@@ -291,7 +294,12 @@ impl Membership {
     /// The relays are woken only by a change they act on: a renewal that merely moves `until`
     /// on is read at their next turn (an idle relay stays asleep), unless the last `until` had
     /// passed (the relay stopped publishing and waits for it).
-    fn publish(&self, partitions: BTreeMap<Partition, i64>, until: Option<Instant>) {
+    fn publish(
+        &self,
+        partitions: BTreeMap<Partition, i64>,
+        until: Option<Instant>,
+        members: usize,
+    ) {
         let member = self.member.as_ref().map(|m| m.id);
         let table_oid = self.member.as_ref().map_or(0, |m| m.table_oid);
         let session = self.member.as_ref().and_then(|m| m.session);
@@ -306,8 +314,10 @@ impl Membership {
                 || now.member != member
                 || now.table_oid != table_oid
                 || now.session != session
-                || now.partitions != partitions;
+                || now.partitions != partitions
+                || now.members != members;
             now.member = member;
+            now.members = members;
             now.session = session;
             now.table_oid = table_oid;
             now.partitions = partitions;
@@ -322,7 +332,7 @@ impl Membership {
         let Some(member) = self.member.take() else {
             return;
         };
-        self.publish(BTreeMap::new(), None);
+        self.publish(BTreeMap::new(), None, 0);
         let generation = self.generation();
         let settled = self.settled.wait_for(|g| *g >= generation);
         let _ = tokio::time::timeout(self.settings.settle_margin, settled).await;

@@ -28,7 +28,7 @@ use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::store::{DbError, LockState, Store, TableLock, TableSql};
 
-use links::{Links, Unready};
+use links::{Links, Outage, Unready};
 pub use marks::MarkPipeline;
 pub use report::Heartbeat;
 use report::{Health, Reporter};
@@ -53,9 +53,10 @@ pub enum Step {
     /// Nothing to send, and a key's hold or release waits for a producer's open transaction
     /// (it holds the key's lock); tried again shortly.
     Waiting,
-    /// This relay owns none of the table's partitions (the other relays have them), a relay
-    /// of an earlier release holds the table's lock, or its leases wait to be renewed: it
-    /// waits for the membership or the lock to change.
+    /// This relay owns none of the table's partitions (the other relays or its other channels
+    /// have them, or its membership is registering), a relay of an earlier release holds the
+    /// table's lock, or its leases wait to be renewed: it waits for the membership or the lock
+    /// to change.
     Standby,
     /// The broker blocked the connection (resource alarm): fetching is paused.
     Paused,
@@ -81,7 +82,7 @@ pub struct TableRelay {
     more_waiting: bool,
     /// The largest body the broker takes (lowered when it refuses a message as too large).
     max_message_bytes: usize,
-    outage_attempts: u32,
+    outage: Outage,
     /// This relay's share of the table's partitions, and what it held last turn.
     share: Share,
     turn: Option<Turn>,
@@ -120,7 +121,7 @@ impl TableRelay {
             name: table.table.to_string(),
             max_message_bytes: settings.rabbitmq.max_message_bytes,
             more_waiting: false,
-            outage_attempts: 0,
+            outage: Outage::default(),
             share,
             turn: None,
             sql,
@@ -161,18 +162,26 @@ impl TableRelay {
         let expiring = state == ShareState::Expiring;
         let turn = match state {
             ShareState::Owns(turn) => turn,
-            ShareState::Nothing if !settling => return self.owns_nothing().await,
-            ShareState::Registering if !settling => {
+            ShareState::Nothing(idle) if !settling => {
+                return self.owns_nothing(Health::Idle(idle)).await
+            }
+            ShareState::Registering { again } if !settling => {
                 // Not a member yet (or again, after its lease ran out): nothing to publish.
                 self.window.clear();
                 self.turn = None;
-                self.reporter.set(Health::Starting);
+                self.reporter.set(registering(again));
                 return Step::Standby;
             }
-            // Partitions left the set: settle what is in flight with the last fence first.
-            ShareState::Nothing | ShareState::Registering => match self.turn.clone() {
+            // Partitions left the set: settle what is in flight with the last fence first. With
+            // nothing in flight it is settled, and the relay is what the membership says (never
+            // a standby while its membership registers again).
+            ShareState::Nothing(idle) => match self.turn.clone() {
                 Some(turn) => turn,
-                None => return self.owns_nothing().await,
+                None => return self.owns_nothing(Health::Idle(idle)).await,
+            },
+            ShareState::Registering { again } => match self.turn.clone() {
+                Some(turn) => turn,
+                None => return self.owns_nothing(registering(again)).await,
             },
             ShareState::Unusable(problem) => {
                 self.window.clear();
@@ -200,7 +209,7 @@ impl TableRelay {
             // until it has registered again from this session.
             self.window.clear();
             self.turn = None;
-            self.reporter.set(Health::Starting);
+            self.reporter.set(Health::Rejoining);
             return Step::Standby;
         }
         if self.turn.as_ref().is_some_and(|t| t.member != turn.member) {
@@ -243,7 +252,6 @@ impl TableRelay {
                 Err(e) => return self.down(e.context("fetching due rows")),
             };
             self.reporter.set(Health::Relaying);
-            self.outage_attempts = 0;
             if let Some(first) = rows.first() {
                 if self.marks.read_from(first.table_oid) {
                     tracing::warn!(table = %self.table.table, "the outbox table was created anew; forgetting the old table's unsettled rows");
@@ -332,16 +340,16 @@ impl TableRelay {
         }
     }
 
-    /// Nothing of the table is this relay's: a standby (ready) until the membership gives it
-    /// partitions.
-    async fn owns_nothing(&mut self) -> Step {
+    /// Nothing of the table is this relay's until the membership gives it partitions: a
+    /// standby, or a membership registering (again), as `health` says.
+    async fn owns_nothing(&mut self, health: Health) -> Step {
         self.window.clear();
         self.turn = None;
         if let Err(e) = self.marks.finish().await {
             return self.down(e.context("marking rows"));
         }
         self.share.ack(self.share.generation());
-        self.reporter.set(Health::Standby);
+        self.reporter.set(health);
         Step::Standby
     }
 
@@ -439,18 +447,27 @@ impl TableRelay {
             if self.shutdown.is_stopping() {
                 break;
             }
-            match self.step().await {
+            let step = self.step().await;
+            // The outage count starts again only once the links stayed up for a while: a fault
+            // that comes back right after each brief "recovered" keeps the backoff growing.
+            if step != Step::Down {
+                self.outage.up(tokio::time::Instant::now());
+            }
+            match step {
                 // Back to back, but never without letting the process's other tasks (the
                 // membership, the other tables, the health endpoint) run.
                 Step::Batch { .. } => tokio::task::yield_now().await,
                 Step::Idle => self.wait_for_work().await,
                 // The coordination session is down or connecting: it retries, and says when.
-                Step::Down if !self.links.lock.is_held() => self.wait_for_lock().await,
+                Step::Down if !self.links.lock.is_held() => {
+                    self.outage.down(tokio::time::Instant::now());
+                    self.wait_for_lock().await
+                }
                 Step::Standby => self.wait_for_lock().await,
                 Step::Paused | Step::Waiting => self.pause(Duration::from_millis(250)).await,
                 Step::Down => {
-                    self.outage_attempts += 1;
-                    let delay = backoff.delay(self.outage_attempts, rand::random::<f64>());
+                    let attempt = self.outage.down(tokio::time::Instant::now());
+                    let delay = backoff.delay(attempt, rand::random::<f64>());
                     self.pause(delay).await
                 }
             }
@@ -518,5 +535,15 @@ impl TableRelay {
             }
             self.reporter.beat();
         }
+    }
+}
+
+/// The state of a relay whose membership is not registered: starting, or registering again
+/// after it was lost.
+fn registering(again: bool) -> Health {
+    if again {
+        Health::Rejoining
+    } else {
+        Health::Starting
     }
 }

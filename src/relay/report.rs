@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::share::Idle;
 use crate::metrics::{Server, State, TableMetrics};
 use crate::publisher::PublishError;
 use crate::store::DbError;
@@ -16,8 +17,13 @@ use crate::tls::TlsFailure;
 pub(crate) enum Health {
     Starting,
     Relaying,
-    /// The table's other relays own all its partitions.
-    Standby,
+    /// Registered, and owning nothing in the relay's channel: a standby beside the table's other
+    /// live relays or beside this process's other channels (ready), or about to claim (not).
+    Idle(Idle),
+    /// The membership was lost (its coordination session ended, or its lease ran out) and is
+    /// registering again: nothing is published until it has. Not a standby: no other relay
+    /// needs to be there, and none may be.
+    Rejoining,
     /// A relay of an earlier release holds the table's lock (exclusively): a rolling upgrade
     /// is under way, and this relay takes no partition until that one stops.
     OlderRelay,
@@ -41,6 +47,9 @@ impl Health {
     fn same_kind(&self, other: &Health) -> bool {
         match (self, other) {
             (Health::Certificate(_, a), Health::Certificate(_, b)) => a == b,
+            (Health::Idle(a), Health::Idle(b)) => {
+                std::mem::discriminant(a) == std::mem::discriminant(b)
+            }
             _ => std::mem::discriminant(self) == std::mem::discriminant(other),
         }
     }
@@ -60,18 +69,24 @@ impl Health {
         }
     }
 
+    /// Ready: relaying, or a true standby (both servers reachable, the membership registered,
+    /// and the partitions it does not own held by live relays, or this relay's other channels,
+    /// or a relay of an earlier release during an upgrade). A relay that lost its membership or
+    /// has not claimed yet is not: nobody may be publishing what it should.
     fn is_ready(&self) -> bool {
         matches!(
             self,
-            Health::Relaying | Health::Standby | Health::OlderRelay
+            Health::Relaying
+                | Health::Idle(Idle::OtherRelays { .. } | Idle::OtherChannels)
+                | Health::OlderRelay
         )
     }
 
     fn state(&self) -> State {
         match self {
-            Health::Starting => State::Starting,
+            Health::Starting | Health::Idle(Idle::Claiming) | Health::Rejoining => State::Starting,
             Health::Relaying => State::Relaying,
-            Health::Standby | Health::OlderRelay => State::Standby,
+            Health::Idle(_) | Health::OlderRelay => State::Standby,
             Health::Blocked => State::Blocked,
             Health::DatabaseDown(_) => State::DatabaseDown,
             Health::TableUnusable(_) => State::TableUnusable,
@@ -87,8 +102,20 @@ impl Health {
         match self {
             Health::Starting => "starting".to_owned(),
             Health::Relaying => "relaying".to_owned(),
-            Health::Standby => {
-                "standby (the table's other relays own all its partitions)".to_owned()
+            Health::Idle(Idle::OtherRelays { others }) => {
+                format!("standby (the table's other relays own all its partitions: {others} live)")
+            }
+            Health::Idle(Idle::OtherChannels) => {
+                "standby (this relay's partitions of the table go out on its other channels)"
+                    .to_owned()
+            }
+            Health::Idle(Idle::Claiming) => {
+                "starting: claiming the table's partitions (no other relay holds them)".to_owned()
+            }
+            Health::Rejoining => {
+                "not ready: rejoining the table: its partition membership was lost \
+                 (the coordination session ended, or the lease ran out); registering again"
+                    .to_owned()
             }
             Health::OlderRelay => {
                 "standby (a relay of an earlier release holds the table's lock)".to_owned()
@@ -170,14 +197,20 @@ impl Reporter {
             Health::Relaying
                 if matches!(
                     self.health,
-                    Health::Starting | Health::Standby | Health::OlderRelay
+                    Health::Starting | Health::Idle(_) | Health::OlderRelay
                 ) =>
             {
                 tracing::info!(%table, "relaying: owning partitions of the table, connected to PostgreSQL and RabbitMQ")
             }
             Health::Relaying => tracing::info!(%table, "recovered: relaying again"),
-            Health::Standby => {
-                tracing::info!(%table, "standby: the table's other relays own all its partitions")
+            Health::Idle(Idle::OtherRelays { others }) => {
+                tracing::info!(%table, others, "standby: the table's other relays own all its partitions")
+            }
+            Health::Idle(Idle::OtherChannels) => {
+                tracing::info!(%table, "standby: this relay's partitions of the table go out on its other channels")
+            }
+            Health::Rejoining => {
+                tracing::warn!(%table, "rejoining: the table's partition membership was lost (its coordination session ended, or its lease ran out); publishing nothing until it has registered again")
             }
             Health::OlderRelay => {
                 tracing::warn!(%table, "standby: a relay of an earlier release holds the table's lock; taking no partition until it stops")
@@ -203,7 +236,7 @@ impl Reporter {
             Health::Certificate(_, f) => {
                 tracing::warn!(%table, error = %f, "TLS check failed; fix the certificate or the TLS settings; retrying with backoff")
             }
-            Health::Starting => {}
+            Health::Starting | Health::Idle(Idle::Claiming) => {}
         }
     }
 }

@@ -22,15 +22,28 @@ use crate::store::{Fence, LockGuard};
 pub(crate) enum ShareState {
     /// It owns partitions (in its channel) and may publish them until `until`.
     Owns(Turn),
-    /// The membership has not registered yet (or registers again).
-    Registering,
-    /// It owns nothing in its channel: a standby, ready.
-    Nothing,
+    /// The membership has not registered yet; `again` once it had been registered before (its
+    /// lease ran out, or the coordination session it was registered from ended): it was lost,
+    /// and nothing is published until the membership has registered anew.
+    Registering { again: bool },
+    /// It owns nothing in its channel, for the reason given.
+    Nothing(Idle),
     /// Its leases could not be renewed in time: it must publish nothing until the membership
     /// renews them, or they run out and it registers again.
     Expiring,
     /// The member cannot take part (no such table, a changed partition count).
     Unusable(String),
+}
+
+/// Why a registered member's relay owns nothing in its channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Idle {
+    /// The process owns partitions of the table, but none that go out on this channel.
+    OtherChannels,
+    /// The table's `others` other live relays own all its partitions: a standby.
+    OtherRelays { others: usize },
+    /// No other relay is live, and the membership has claimed nothing yet: it is about to.
+    Claiming,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +93,9 @@ pub struct Share {
     /// The table's partition count.
     partitions: u32,
     acked: u64,
+    /// The membership was registered at some point: a membership seen unregistered after that
+    /// was lost, not yet to come.
+    was_member: bool,
 }
 
 impl Share {
@@ -98,6 +114,7 @@ impl Share {
             channels,
             partitions,
             acked: 0,
+            was_member: false,
         }
     }
 
@@ -110,8 +127,11 @@ impl Share {
             return ShareState::Unusable(problem.clone());
         }
         let Some(member) = own.member else {
-            return ShareState::Registering;
+            return ShareState::Registering {
+                again: self.was_member,
+            };
         };
+        self.was_member = true;
         let owned: Vec<(Partition, i64)> = own
             .partitions
             .iter()
@@ -119,7 +139,14 @@ impl Share {
             .map(|(p, e)| (*p, *e))
             .collect();
         if owned.is_empty() {
-            return ShareState::Nothing;
+            let others = own.members.saturating_sub(1);
+            return ShareState::Nothing(if !own.partitions.is_empty() {
+                Idle::OtherChannels
+            } else if others > 0 {
+                Idle::OtherRelays { others }
+            } else {
+                Idle::Claiming
+            });
         }
         match own.until {
             Some(until) if Instant::now() < until => ShareState::Owns(Turn {
@@ -167,5 +194,53 @@ impl Share {
         if self.ownership.changed().await.is_err() {
             std::future::pending::<()>().await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share_of(channel: u32, channels: u32) -> (watch::Sender<Ownership>, Share) {
+        let (tx, rx) = watch::channel(Ownership::default());
+        let acks = Acks::new(channels, watch::channel(0).0);
+        (tx, Share::new(rx, acks, channel, channels, 4))
+    }
+
+    #[test]
+    fn owning_nothing_is_a_standby_only_beside_live_owners() {
+        let (tx, mut share) = share_of(1, 2);
+        tx.send_modify(|o| {
+            o.member = Some(7);
+            o.members = 1;
+        });
+        assert_eq!(share.state(), ShareState::Nothing(Idle::Claiming));
+        tx.send_modify(|o| o.members = 3);
+        assert_eq!(
+            share.state(),
+            ShareState::Nothing(Idle::OtherRelays { others: 2 })
+        );
+        // Partition 0 goes out on channel 0: this channel has nothing, the process has.
+        tx.send_modify(|o| {
+            o.members = 1;
+            o.partitions.insert(0, 1);
+        });
+        assert_eq!(share.state(), ShareState::Nothing(Idle::OtherChannels));
+    }
+
+    #[test]
+    fn a_membership_seen_before_and_gone_is_registering_again() {
+        let (tx, mut share) = share_of(0, 1);
+        assert_eq!(share.state(), ShareState::Registering { again: false });
+        tx.send_modify(|o| {
+            o.member = Some(7);
+            o.members = 1;
+        });
+        share.state();
+        tx.send_modify(|o| {
+            o.member = None;
+            o.members = 0;
+        });
+        assert_eq!(share.state(), ShareState::Registering { again: true });
     }
 }
