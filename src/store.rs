@@ -68,6 +68,16 @@ pub enum DbError {
     /// fix it; an operator does.
     #[error("{0}")]
     Refused(String),
+    /// The server answers and refused this one statement for what it touched or asked, not for
+    /// its own state: a data exception (SQLSTATE class 22), an integrity constraint (23: a
+    /// check, unique or foreign key an operator added, a trigger refusing with such a code), a
+    /// program limit (54: an index row too large, a statement too complex), a trigger's own
+    /// exception (P0), a feature not supported (0A), a conflict with other transactions (40: a
+    /// deadlock, a serialization failure; 55: a lock not available, an object in use), and the
+    /// other statement-scope classes (09, 21, 27, 2F, 38, 39, 44). Retried with backoff, never
+    /// reported as the server being unavailable, and the pool's connections stay trusted.
+    #[error("{0}")]
+    Rejected(String),
     /// The server is not the primary: a standby (in recovery), or it refused a write as
     /// read-only (SQLSTATE 25006), e.g. after a failover. Not an outage of rows: nothing is
     /// counted against them; the relay looks for the primary again with backoff.
@@ -86,6 +96,7 @@ impl DbError {
         match self {
             DbError::Unavailable(e) => DbError::Unavailable(format!("{what}: {e}")),
             DbError::Refused(e) => DbError::Refused(format!("{what}: {e}")),
+            DbError::Rejected(e) => DbError::Rejected(format!("{what}: {e}")),
             DbError::NotPrimary(e) => DbError::NotPrimary(format!("{what}: {e}")),
             // Which check failed is the whole story, whatever the relay was doing.
             DbError::Tls(check) => DbError::Tls(check),
@@ -103,6 +114,9 @@ impl From<sqlx::Error> for DbError {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some(c) if c.starts_with("42") || c.starts_with("3F") => DbError::Refused(text),
                 Some("25006") => DbError::NotPrimary(text),
+                Some(c) if STATEMENT_SCOPE.iter().any(|class| c.starts_with(class)) => {
+                    DbError::Rejected(text)
+                }
                 _ => DbError::Unavailable(text),
             },
             sqlx::Error::ColumnDecode { .. }
@@ -113,6 +127,12 @@ impl From<sqlx::Error> for DbError {
         }
     }
 }
+
+/// The SQLSTATE classes of a failure of one statement, not of the server or its session (see
+/// [`DbError::Rejected`]).
+const STATEMENT_SCOPE: &[&str] = &[
+    "09", "0A", "21", "22", "23", "27", "2F", "38", "39", "40", "44", "54", "55", "P0",
+];
 
 pub(crate) type PingUntil = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
 

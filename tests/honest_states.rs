@@ -212,3 +212,84 @@ async fn a_broker_that_closes_each_connection_right_after_it_opens_gets_ever_few
     let mut relay = relay;
     assert!(relay.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_refused_by_a_constraint_is_not_reported_as_postgresql_down() {
+    let env = TestEnv::new(with_health(Setup::new())).await;
+    // An operator's check that no row may be marked: PostgreSQL, up and answering, refuses
+    // every mark with SQLSTATE 23514 (check_violation).
+    sqlx::query(
+        "ALTER TABLE public.outbox ADD CONSTRAINT obr_no_marks CHECK (published_at IS NULL)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let relay = env.start_relay();
+    env.insert(&[NewRow::new("refused", "k")]).await;
+    env.consumer.wait_for_id("refused").await;
+    relay
+        .wait_for_log("PostgreSQL refused a statement on the outbox table")
+        .await;
+    assert!(relay.log().contains("23514"), "{}", relay.log());
+
+    sqlx::query("ALTER TABLE public.outbox DROP CONSTRAINT obr_no_marks")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.wait_all_marked().await;
+    let log = relay.log();
+    assert!(
+        !log.contains("PostgreSQL unavailable") && !log.contains("cannot use the outbox table"),
+        "a statement PostgreSQL refused for a row's value is neither an outage nor an unusable table:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordination_session_terminated_right_after_it_opens_gets_ever_fewer_reconnects() {
+    let env = TestEnv::new(with_health(Setup::new().set(
+        "relay",
+        "reconnect_max_delay",
+        "\"10s\"",
+    )))
+    .await;
+    let relay = env.start_relay();
+    let addr = health_addr(&relay).await;
+    relay.wait_for_log("relaying").await;
+    // The coordination session is terminated as soon as it holds the tables' locks: opened,
+    // then gone (its reconnects are what the metric counts).
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = tokio::spawn({
+        let (stop, pool, db) = (stop.clone(), env.pool.clone(), env.db.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = sqlx::query(
+                    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a \
+                     WHERE a.datname = $1 AND a.application_name = 'outbox-relay' \
+                       AND a.pid IN (SELECT l.pid FROM pg_locks l \
+                                     WHERE l.locktype = 'advisory' AND l.granted)",
+                )
+                .bind(&db)
+                .execute(&pool)
+                .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let postgres = [("server", "postgres")];
+    let reconnects = |scrape: &Scrape| {
+        scrape
+            .value("outbox_relay_reconnects_total", &postgres)
+            .unwrap_or_else(|| panic!("no reconnect counter: {}", scrape.text))
+    };
+    let at_start = reconnects(&Scrape::of(&addr).await);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let made = reconnects(&Scrape::of(&addr).await) - at_start;
+    stop.store(true, Ordering::Relaxed);
+    killer.await.unwrap();
+    assert!(
+        made < 15.0,
+        "{made} coordination sessions in 20 s, each terminated right after it opened"
+    );
+    env.insert(&[NewRow::new("after", "k")]).await;
+    env.consumer.wait_for_id("after").await;
+}

@@ -32,6 +32,10 @@ pub(crate) enum Health {
     /// PostgreSQL answers but refuses the relay's statements: the table was dropped or
     /// altered, or a privilege was revoked. Retried with backoff like an outage.
     TableUnusable(String),
+    /// PostgreSQL answers, and refused one of the relay's statements for what it touched (a
+    /// value, a constraint, a limit, a trigger, a conflict): not an outage, and not the table's
+    /// shape. Retried with backoff.
+    Rejected(String),
     /// PostgreSQL is not the primary (a standby, or read-only): no host of `postgres.url` is
     /// one now. Not an outage of rows; the relay keeps looking.
     NotPrimary(String),
@@ -89,7 +93,8 @@ impl Health {
             Health::Idle(_) | Health::OlderRelay => State::Standby,
             Health::Blocked => State::Blocked,
             Health::DatabaseDown(_) => State::DatabaseDown,
-            Health::TableUnusable(_) => State::TableUnusable,
+            // The nearest label of the state metric; a label of its own is metrics.rs's.
+            Health::TableUnusable(_) | Health::Rejected(_) => State::TableUnusable,
             Health::NotPrimary(_) => State::NotPrimary,
             Health::BrokerDown(_) => State::BrokerDown,
             Health::Misdeclared(_) => State::Misdeclared,
@@ -123,6 +128,9 @@ impl Health {
             Health::Blocked => "paused: broker blocked the connection".to_owned(),
             Health::DatabaseDown(e) => format!("not ready: PostgreSQL: {e}"),
             Health::TableUnusable(e) => format!("not ready: outbox table: {e}"),
+            Health::Rejected(e) => {
+                format!("not ready: PostgreSQL refused a statement on the outbox table: {e}")
+            }
             Health::NotPrimary(e) => format!("not ready: PostgreSQL is not the primary: {e}"),
             Health::BrokerDown(e) => format!("not ready: RabbitMQ: {e}"),
             Health::Misdeclared(e) => format!("not ready: exchange declaration: {e}"),
@@ -136,6 +144,7 @@ impl From<DbError> for Health {
         match e {
             DbError::Unavailable(e) => Health::DatabaseDown(e),
             DbError::Refused(e) => Health::TableUnusable(e),
+            DbError::Rejected(e) => Health::Rejected(e),
             DbError::NotPrimary(e) => Health::NotPrimary(e),
             DbError::Tls(check) => Health::DatabaseDown(format!("TLS: {check}")),
         }
@@ -223,6 +232,9 @@ impl Reporter {
             }
             Health::TableUnusable(e) => {
                 tracing::warn!(%table, error = %e, "cannot use the outbox table (dropped, altered, or a privilege revoked); retrying with backoff")
+            }
+            Health::Rejected(e) => {
+                tracing::warn!(%table, error = %e, "PostgreSQL refused a statement on the outbox table for what it touched (a value, a constraint, a limit, a trigger, a conflict; not an outage); retrying with backoff")
             }
             Health::NotPrimary(e) => {
                 tracing::warn!(%table, error = %e, "PostgreSQL is not the primary (a standby, or read-only); looking for the primary with backoff")

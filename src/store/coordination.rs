@@ -33,6 +33,9 @@ use super::{answered_within, DbError, Servers, TableSql};
 use crate::config::{PostgresSettings, TableName};
 use crate::retry::RetryPolicy;
 
+/// How long a session must have lived for its end to start the reconnect backoff again.
+const SESSION_STABLE_AFTER: Duration = Duration::from_secs(10);
+
 /// Identifies the lock holder's session for the fetch's guard, and the session's epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockGuard {
@@ -273,8 +276,15 @@ impl Session {
                         self.reconnects.inc();
                     }
                     epoch += 1;
-                    failures = 0;
-                    self.serve(listener, pid, epoch).await
+                    let opened = tokio::time::Instant::now();
+                    let served = self.serve(listener, pid, epoch).await;
+                    // A session counts as recovered only once it lasted: one that ends right
+                    // after it opens (terminated, refused its first statement) is the same
+                    // outage, and the backoff keeps growing.
+                    if opened.elapsed() >= SESSION_STABLE_AFTER {
+                        failures = 0;
+                    }
+                    served
                 }
                 Err(e) => Err(e),
             };
@@ -513,7 +523,7 @@ impl Session {
             }
             // A table that was dropped or altered fails the whole statement: wake every idle
             // table, so each finds out for itself (and reports the broken one by name).
-            Err(DbError::Refused(_)) => {
+            Err(DbError::Refused(_) | DbError::Rejected(_)) => {
                 for entry in idle {
                     entry.wake.notify();
                 }
