@@ -302,7 +302,7 @@ impl Metrics {
         );
         registry.register(
             "log_lines_dropped",
-            "Log lines stderr refused (its reader gone: a closed pipe, journald restarting); dropped, the relay goes on",
+            "Log lines dropped: stderr refused them (its reader gone) or the log queue was full (its reader not reading); the relay goes on",
             m.log_lines_dropped.clone(),
         );
         registry.register(
