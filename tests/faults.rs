@@ -3,39 +3,12 @@
 //! Each time nothing is lost, first deliveries keep per-key order, and duplicates (only from
 //! messages in flight when something broke) carry the same message_id.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox_relay_testkit::prelude::*;
 
 const BACKLOG: usize = 4000;
 const KEYS: usize = 40;
-
-/// Everything a fault test promises about the final state: all `expected` rows delivered at
-/// least once, per-key order of first deliveries, one message_id per row, every row marked.
-/// Returns the number of duplicate deliveries.
-async fn assert_nothing_lost(env: &TestEnv, expected: usize) -> usize {
-    let received = env.consumer.wait_for(expected).await;
-    env.wait_all_marked().await;
-    let received = {
-        let _ = received;
-        env.consumer.received()
-    };
-    let all: HashSet<i64> = sqlx::query_scalar::<_, i64>("SELECT id FROM public.outbox")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert_eq!(all.len(), expected);
-    assert_eq!(
-        delivered_ids(&received),
-        all,
-        "every row delivered at least once"
-    );
-    assert_first_deliveries_in_id_order(&received);
-    assert_duplicates_share_message_id(&received)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_batch_and_restarted_loses_nothing_and_keeps_key_order() {
@@ -57,7 +30,7 @@ async fn a_relay_killed_mid_batch_and_restarted_loses_nothing_and_keeps_key_orde
     );
 
     let _second = env.start_relay();
-    let duplicates = assert_nothing_lost(&env, BACKLOG).await;
+    let duplicates = env.assert_nothing_lost(BACKLOG).await;
     eprintln!(
         "killed after {at_kill} deliveries; {duplicates} duplicate deliveries after the restart"
     );
@@ -84,7 +57,7 @@ async fn broker_connections_closed_under_load_lose_nothing() {
     // The relay keeps running and delivers what was written during and after the outages.
     env.consumer.wait_for(at_second + 500).await;
     let written = producer.stop().await;
-    let duplicates = assert_nothing_lost(&env, written).await;
+    let duplicates = env.assert_nothing_lost(written).await;
     eprintln!("connections closed at {at_first} and {at_second} of {written} rows; {duplicates} duplicate deliveries");
     let mut relay = relay;
     assert!(relay.is_running(), "the daemon survives broker outages");
@@ -125,7 +98,7 @@ async fn the_relays_database_sessions_terminated_under_load_lose_nothing() {
     let at_second = env.consumer.unique_count();
     env.consumer.wait_for(at_second + 500).await;
     let written = producer.stop().await;
-    let duplicates = assert_nothing_lost(&env, written).await;
+    let duplicates = env.assert_nothing_lost(written).await;
     eprintln!("sessions terminated at {at_first} and {at_second} of {written} rows; {duplicates} duplicate deliveries");
     let mut relay = relay;
     assert!(relay.is_running(), "the daemon survives database outages");
@@ -178,7 +151,7 @@ async fn sigterm_drains_in_flight_confirms_marks_them_and_exits_0() {
     );
 
     let _again = env.start_relay();
-    let duplicates = assert_nothing_lost(&env, BACKLOG).await;
+    let duplicates = env.assert_nothing_lost(BACKLOG).await;
     assert_eq!(
         duplicates, 0,
         "a drained shutdown leaves nothing to publish twice"
@@ -212,7 +185,7 @@ async fn a_second_relay_on_a_table_of_one_partition_stands_by_and_takes_over_in_
         "two relays at once never publish a row twice"
     );
     active.sigkill();
-    let duplicates = assert_nothing_lost(&env, BACKLOG).await;
+    let duplicates = env.assert_nothing_lost(BACKLOG).await;
     assert!(
         standby.log().contains("relaying"),
         "the standby took over: {}",
@@ -261,7 +234,7 @@ async fn a_relay_that_loses_its_lock_session_stops_publishing_before_the_standby
     // relay is still busy with its batch.
     assert_eq!(env.terminate_owner_session(0).await, 1);
     let at_termination = env.consumer.unique_count();
-    let duplicates = assert_nothing_lost(&env, BACKLOG).await;
+    let duplicates = env.assert_nothing_lost(BACKLOG).await;
     let (key, restarts) = most_restarts_of_a_key(&env.consumer.received());
     eprintln!(
         "lock session terminated at {at_termination} of {BACKLOG}; {duplicates} duplicate deliveries; \
@@ -393,6 +366,6 @@ async fn a_database_that_goes_silent_is_noticed_by_the_statement_deadline_and_no
     assert!(relay.is_running(), "{}", relay.log());
 
     drop(frozen);
-    let duplicates = assert_nothing_lost(&env, 80).await;
+    let duplicates = env.assert_nothing_lost(80).await;
     eprintln!("{duplicates} duplicate deliveries after the silence");
 }

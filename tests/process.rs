@@ -5,7 +5,6 @@
 //! health endpoint tells the truth, and SIGTERM still drains and exits 0. And a panic ends the
 //! process with an exit code systemd restarts.
 
-use std::collections::HashSet;
 use std::os::fd::OwnedFd;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,28 +17,6 @@ use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 
 const KEYS: usize = 20;
-
-/// Everything a test here promises about the final state: all `expected` rows delivered at
-/// least once, per-key order of first deliveries, one message_id per row, every row marked.
-async fn assert_nothing_lost(env: &TestEnv, expected: usize) {
-    env.consumer.wait_for(expected).await;
-    env.wait_all_marked().await;
-    let received = env.consumer.received();
-    let all: HashSet<i64> = sqlx::query_scalar::<_, i64>("SELECT id FROM public.outbox")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert_eq!(all.len(), expected);
-    assert_eq!(
-        delivered_ids(&received),
-        all,
-        "every row delivered at least once"
-    );
-    assert_first_deliveries_in_id_order(&received);
-    assert_duplicates_share_message_id(&received);
-}
 
 /// `outbox-relay run` with stdout and stderr on one pipe (`2>&1 |`), read by the test until
 /// it closes its end, or pauses (and later resumes) reading it.
@@ -236,7 +213,7 @@ async fn a_log_pipe_closed_by_its_reader_under_load_loses_no_row_and_sigterm_sti
     .await;
 
     let written = producer.stop().await;
-    assert_nothing_lost(&env, written).await;
+    env.assert_nothing_lost(written).await;
     assert!(
         signal("-TERM", relay.pid()),
         "kill -TERM {} failed",
@@ -305,7 +282,7 @@ async fn a_log_pipe_nobody_reads_under_load_stalls_no_row_and_sigterm_still_exit
     })
     .await;
     let written = producer.stop().await;
-    assert_nothing_lost(&env, written).await;
+    env.assert_nothing_lost(written).await;
     let dropped_at_end = log_lines_dropped(&health).await;
     assert!(
         dropped_at_end > dropped,
@@ -374,7 +351,7 @@ async fn sighup_under_load_is_logged_and_ignored_and_sigterm_still_drains() {
     );
 
     let written = producer.stop().await;
-    assert_nothing_lost(&env, written).await;
+    env.assert_nothing_lost(written).await;
     relay.sigterm();
     let status = relay.wait_exit().await;
     assert_eq!(status.code(), Some(0), "{}", relay.log());

@@ -219,15 +219,7 @@ async fn the_last_mark_at_shutdown_is_written_even_when_the_mark_before_it_faile
     marks.read_from(oid);
     marks.set_fence(&fence);
 
-    // The first mark runs into a lock held past the statement timeout, and fails.
-    let mut blocker = env.pool.begin().await.unwrap();
-    sqlx::query(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        quoted_table(&env.table)
-    ))
-    .execute(&mut *blocker)
-    .await
-    .unwrap();
+    // The versions the relay read and sent.
     let sql = format!(
         "SELECT id, xmin::text::bigint FROM {} WHERE id = ANY($1) ORDER BY id",
         quoted_table(&env.table)
@@ -241,6 +233,16 @@ async fn the_last_mark_at_shutdown_is_written_even_when_the_mark_before_it_faile
         .into_iter()
         .map(|(id, version)| RowVersion { id, version })
         .collect();
+
+    // The first mark runs into a lock held past the statement timeout, and fails.
+    let mut blocker = env.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        quoted_table(&env.table)
+    ))
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
     marks.confirm(rows[0]);
     marks.confirm(rows[1]);
     marks.start().await.unwrap();

@@ -256,3 +256,29 @@ impl Drop for Producer {
         self.task.abort();
     }
 }
+
+impl TestEnv {
+    /// Everything a fault test promises about the final state: all `expected` rows of the
+    /// table delivered at least once, per-key order of first deliveries, one message_id per
+    /// row, every row marked. Returns the number of duplicate deliveries.
+    pub async fn assert_nothing_lost(&self, expected: usize) -> usize {
+        self.consumer.wait_for(expected).await;
+        self.wait_all_marked().await;
+        let received = self.consumer.received();
+        let all: HashSet<i64> =
+            sqlx::query_scalar::<_, i64>(&format!("SELECT id FROM {}", quoted_table(&self.table)))
+                .fetch_all(&self.pool)
+                .await
+                .expect("read the table's ids")
+                .into_iter()
+                .collect();
+        assert_eq!(all.len(), expected);
+        assert_eq!(
+            crate::received::delivered_ids(&received),
+            all,
+            "every row delivered at least once"
+        );
+        crate::received::assert_first_deliveries_in_id_order(&received);
+        crate::received::assert_duplicates_share_message_id(&received)
+    }
+}
