@@ -291,10 +291,11 @@ async fn a_relay_started_before_migrate_keeps_running_and_relays_once_the_table_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_written_while_the_relay_is_idle_wake_it_through_notify() {
-    // A poll interval of an hour: only the insert trigger's NOTIFY (and `retry`'s) can wake it.
+    // A poll interval of an hour: only the insert trigger's NOTIFY (and `retry`'s) can wake it. A
+    // table in a schema of its own (mixed-case names: tests/table_names.rs).
     let env = TestEnv::new(
         Setup::new()
-            .table("Sales.OrderEvents")
+            .table("sales.order_events")
             .set("relay", "poll_interval", "\"1h\"")
             .set("retry", "max_attempts", "1"),
     )
@@ -311,7 +312,7 @@ async fn rows_written_while_the_relay_is_idle_wake_it_through_notify() {
     let received = env.consumer.wait_for_id("n-1").await;
     assert_eq!(
         received[0].header_str("x-outbox-table").as_deref(),
-        Some("Sales.OrderEvents")
+        Some("sales.order_events")
     );
     eventually("the row for the missing exchange to be parked", || async {
         env.row(ids[1]).await.parked_at.is_some()
