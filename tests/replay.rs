@@ -555,28 +555,7 @@ async fn an_interrupted_replay_says_where_to_resume_and_the_resumed_one_sends_th
     let _relay = env.start_relay();
     let ids = published(&env, &rows_over_keys("resume", 2, 12)).await;
 
-    let replay = tokio::process::Command::new(relay_binary())
-        .arg("--config")
-        .arg(&env.config_path)
-        .args([
-            "replay",
-            "--table",
-            "outbox",
-            "--from-id",
-            &s(ids[0]),
-            "--rate",
-            "5",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start outbox-relay replay");
-    eventually("a few replayed messages", || async {
-        replays(&env).len() >= 3
-    })
-    .await;
-    let pid = replay.id().expect("the replay's pid") as i32;
+    let (replay, pid) = slow_replay_under_way(&env, ids[0]).await;
     assert!(
         outbox_relay_testkit::faults::signal("-INT", pid),
         "kill -INT {pid}"
@@ -621,29 +600,7 @@ async fn sighup_during_a_replay_is_logged_and_ignored_and_the_replay_sends_the_w
     let _relay = env.start_relay();
     let ids = published(&env, &rows_over_keys("hup", 2, 12)).await;
 
-    let replay = tokio::process::Command::new(relay_binary())
-        .arg("--config")
-        .arg(&env.config_path)
-        .args([
-            "replay",
-            "--table",
-            "outbox",
-            "--from-id",
-            &s(ids[0]),
-            "--rate",
-            "5",
-        ])
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start outbox-relay replay");
-    eventually("a few replayed messages", || async {
-        replays(&env).len() >= 3
-    })
-    .await;
-    let pid = replay.id().expect("the replay's pid") as i32;
+    let (replay, pid) = slow_replay_under_way(&env, ids[0]).await;
     for _ in 0..2 {
         assert!(
             outbox_relay_testkit::faults::signal("-HUP", pid),
@@ -664,4 +621,33 @@ async fn sighup_during_a_replay_is_logged_and_ignored_and_the_replay_sends_the_w
     );
     let all = wait_for_replays(&env, 12).await;
     assert_eq!(ids_of(&all), ids, "the whole range once, in order");
+}
+
+/// `outbox-relay replay --from-id from --rate 5` (5 messages a second: slow enough to
+/// interrupt), its output piped, once a few of its messages arrived: the child and its pid.
+async fn slow_replay_under_way(env: &TestEnv, from: i64) -> (tokio::process::Child, i32) {
+    let replay = tokio::process::Command::new(relay_binary())
+        .arg("--config")
+        .arg(&env.config_path)
+        .args([
+            "replay",
+            "--table",
+            "outbox",
+            "--from-id",
+            &s(from),
+            "--rate",
+            "5",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start outbox-relay replay");
+    eventually("a few replayed messages", || async {
+        replays(env).len() >= 3
+    })
+    .await;
+    let pid = replay.id().expect("the replay's pid") as i32;
+    (replay, pid)
 }
