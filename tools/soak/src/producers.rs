@@ -42,6 +42,8 @@ pub struct ProducerLog {
     pub rolled_back: Vec<String>,
     /// dedup_keys of a transaction given up at shutdown: committed or not, nobody knows.
     pub uncertain: Vec<String>,
+    /// dedup_keys a retry inserted again (right only after a TRUNCATE removed the first).
+    pub reinserted: Vec<String>,
 }
 
 /// A row this producer saw commit.
@@ -176,6 +178,7 @@ pub async fn run(
                                     stats.dedup_retries.fetch_add(1, Ordering::Relaxed);
                                     if *inserted {
                                         stats.dedup_reinserted.fetch_add(1, Ordering::Relaxed);
+                                        log.reinserted.push(row.dedup_key.clone());
                                     }
                                 } else {
                                     log.acknowledged.push(Acknowledged {
