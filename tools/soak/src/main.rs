@@ -1078,6 +1078,7 @@ impl Report {
             ("slow partition resumption", &slow_resumptions),
             ("duplicates over the window", &over_window),
             ("relay exit", &relays.unexpected_exits),
+            ("slow key release", &row_figures.slow_releases),
         ];
         // The bad-row and operator lines when those faults ran; the marks line always.
         let row_faults_ran = !row_log.bad.is_empty() || !row_log.actions.is_empty();
@@ -1205,7 +1206,10 @@ impl Report {
             lines,
             json,
             passed,
-            slow_recoveries: slow.len() + slow_resumptions.len() + over_window.len(),
+            slow_recoveries: slow.len()
+                + slow_resumptions.len()
+                + over_window.len()
+                + row_figures.slow_releases.len(),
         }
     }
 

@@ -29,6 +29,10 @@ pub const OPERATOR_KEY_PREFIX: &str = "op-";
 /// How long a poison row may take to be parked before that counts as a relay problem.
 const PARK_WITHIN: Duration = Duration::from_secs(20);
 
+/// The target for a deleted parked row's key to flow again: the relay looks for holds whose
+/// row is gone every 15 s, + 5 s. Slower releases are listed, as slow recoveries are.
+pub const KEY_RELEASE_TARGET: Duration = Duration::from_secs(20);
+
 const INSERT_BAD: &str = "INSERT INTO public.outbox \
      (dedup_key, ordering_key, routing_key, event_type, payload, headers, exchange, created_at) \
      VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8::timestamptz) RETURNING id";
@@ -452,6 +456,9 @@ pub struct RowFigures {
     pub json: serde_json::Value,
     /// Failures, one line each (the run fails if any).
     pub failures: Vec<String>,
+    /// Keys that flowed again later than [`KEY_RELEASE_TARGET`] after their parked row was
+    /// deleted (listed; the logs are kept).
+    pub slow_releases: Vec<String>,
 }
 
 /// Judges every bad row, the operator's deletes and updates, and compares every logged mark
@@ -507,6 +514,7 @@ pub fn figures(
     let mut releases_ms = Vec::new();
     // Deletes whose rows behind were removed by a TRUNCATE before they could flow.
     let mut followers_truncated = 0u64;
+    let mut slow_releases = Vec::new();
     for d in &log.deletes {
         if checker.has(d.id) {
             failures.push(format!(
@@ -527,6 +535,14 @@ pub fn figures(
         {
             released += 1;
             let took = at.saturating_duration_since(d.deleted_at);
+            if took > KEY_RELEASE_TARGET {
+                slow_releases.push(format!(
+                    "{}: the rows behind the deleted poison row id={} flowed after {} ms",
+                    d.ordering_key,
+                    d.id,
+                    took.as_millis()
+                ));
+            }
             releases_ms.push(took.as_millis() as u64);
             longest_release = longest_release.max(took);
         }
@@ -592,13 +608,14 @@ pub fn figures(
             count(Outcome::NotRefused),
         ),
         format!(
-            "operator: truncate={} truncated_rows={} truncated_unsent={} truncated_unsent_delivered={} delete-parked={} keys_released={released} keys_truncated={followers_truncated} longest_key_release_ms={} update-pending={} updated_rows={} no_pending_row={} updates_received_old_only={old_only} new_only={new_only} both={both} neither={none} problems={}",
+            "operator: truncate={} truncated_rows={} truncated_unsent={} truncated_unsent_delivered={} delete-parked={} keys_released={released} keys_truncated={followers_truncated} longest_key_release_ms={} slow_key_releases={} update-pending={} updated_rows={} no_pending_row={} updates_received_old_only={old_only} new_only={new_only} both={both} neither={none} problems={}",
             actions(Action::Truncate),
             log.truncated_good.len() + log.truncated_bad.len(),
             truncated_unsent,
             truncated_unsent_delivered,
             actions(Action::DeleteParked),
             longest_release.as_millis(),
+            slow_releases.len(),
             actions(Action::UpdatePending),
             log.updates,
             log.updates_without_pending,
@@ -626,6 +643,8 @@ pub fn figures(
             "keys_truncated": followers_truncated,
             "longest_key_release_ms": longest_release.as_millis() as u64,
             "key_releases_ms": releases_ms,
+            "key_release_target_ms": KEY_RELEASE_TARGET.as_millis() as u64,
+            "slow_key_releases": slow_releases.len(),
             "updated_rows": log.updates,
             "no_pending_row": log.updates_without_pending,
             "updates_received": { "old_only": old_only, "new_only": new_only, "both": both, "neither": none },
@@ -637,5 +656,6 @@ pub fn figures(
         lines,
         json,
         failures,
+        slow_releases,
     }
 }
