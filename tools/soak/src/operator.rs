@@ -33,6 +33,9 @@ const PARK_WITHIN: Duration = Duration::from_secs(20);
 /// row is gone every 15 s, + 5 s. Slower releases are listed, as slow recoveries are.
 pub const KEY_RELEASE_TARGET: Duration = Duration::from_secs(20);
 
+/// How long the operator watches the rows behind a deleted parked row before the next fault.
+const RELEASE_WATCH: Duration = Duration::from_secs(30);
+
 const INSERT_BAD: &str = "INSERT INTO public.outbox \
      (dedup_key, ordering_key, routing_key, event_type, payload, headers, exchange, created_at) \
      VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8::timestamptz) RETURNING id";
@@ -388,6 +391,23 @@ impl RowFaults {
             .await?;
         let deleted_at = Instant::now();
         let waited = deleted_at.duration_since(asked);
+        // The operator watches the key flow again (until the rows behind are marked, or
+        // RELEASE_WATCH): no other fault (a TRUNCATE) comes in between.
+        let mut marked_after = None;
+        while deleted_at.elapsed() < RELEASE_WATCH {
+            let conn = self.conn().await?;
+            let marked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM public.outbox WHERE id = ANY($1) AND published_at IS NOT NULL",
+            )
+            .bind(&followers)
+            .fetch_one(&mut *conn)
+            .await?;
+            if marked == followers.len() as i64 {
+                marked_after = Some(deleted_at.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         self.log().deletes.push(DeletedPoison {
             id: poison,
             ordering_key: key.clone(),
@@ -395,8 +415,12 @@ impl RowFaults {
             deleted_at,
         });
         Ok(format!(
-            "{key}: poison id={poison} parked after {} ms, deleted; 3 rows behind it",
-            waited.as_millis()
+            "{key}: poison id={poison} parked after {} ms, deleted; the 3 rows behind it {}",
+            waited.as_millis(),
+            match marked_after {
+                Some(d) => format!("marked {} ms after the delete", d.as_millis()),
+                None => format!("not marked within {RELEASE_WATCH:?}"),
+            }
         ))
     }
 
