@@ -314,6 +314,7 @@ async fn run(
     )
     .await?;
 
+    let (migrate_bin, migrate_config) = (relay_bin.clone(), config.clone());
     let relays = Arc::new(tokio::sync::Mutex::new(Relays::new(
         relay_bin,
         config,
@@ -354,6 +355,7 @@ async fn run(
             / f64::from(args.producers.max(1)),
         keys: args.keys.max(1),
     };
+    let gate = producers::Gate::default();
     let producers: Vec<_> = (0..args.producers.max(1))
         .map(|i| {
             tokio::spawn(producers::run(
@@ -363,6 +365,7 @@ async fn run(
                 world.database.clone(),
                 load,
                 stats.clone(),
+                gate.clone(),
                 stop_producers.clone(),
             ))
         })
@@ -377,6 +380,11 @@ async fn run(
             servers.clone(),
             world.database.clone(),
             frame_max,
+            operator::Recreate {
+                relay_bin: migrate_bin.clone(),
+                config: migrate_config.clone(),
+                gate: gate.clone(),
+            },
             row_log.clone(),
         ))
     } else {

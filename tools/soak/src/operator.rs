@@ -4,10 +4,13 @@
 //! writes down exactly what it did in the [`RowLog`], so that the end of the run knows what is
 //! owed: a row a TRUNCATE removed unsent is owed nothing (the log holds every row the TRUNCATE
 //! removed, read under the same ACCESS EXCLUSIVE lock), an updated row may arrive in any of its
-//! versions, a deleted parked row's key must flow again. Not done: dropping and re-creating
-//! the table (`outbox-relay migrate`), which the producers would see as a missing table.
+//! versions, a deleted parked row's key must flow again. The drop and re-creation of the
+//! table (`DROP TABLE`, `outbox-relay migrate`) pauses the producers meanwhile, as an
+//! application paused for that maintenance, and sets the new table's ids to go on from the old
+//! ones (a row's id names one row for the whole run).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,7 @@ use outbox_relay_testkit::servers::Servers;
 
 use crate::badrows::{self, BadRow, Generator, Outcome, RowState, KEY_PREFIX};
 use crate::checker::{body_hash, Checker, CommittedRow};
+use crate::producers::Gate;
 
 /// The ordering keys of the operator's own rows (a poison row and the rows behind it).
 pub const OPERATOR_KEY_PREFIX: &str = "op-";
@@ -46,13 +50,15 @@ pub enum Action {
     Truncate,
     DeleteParked,
     UpdatePending,
+    DropRecreate,
 }
 
 impl Action {
-    pub const ALL: [Action; 3] = [
+    pub const ALL: [Action; 4] = [
         Action::Truncate,
         Action::DeleteParked,
         Action::UpdatePending,
+        Action::DropRecreate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,8 +66,17 @@ impl Action {
             Action::Truncate => "truncate",
             Action::DeleteParked => "delete-parked",
             Action::UpdatePending => "update-pending",
+            Action::DropRecreate => "drop-recreate",
         }
     }
+}
+
+/// What the drop and re-creation of the table needs: the relay's `migrate`, and the gate
+/// that pauses the producers.
+pub struct Recreate {
+    pub relay_bin: PathBuf,
+    pub config: PathBuf,
+    pub gate: Gate,
 }
 
 /// A bad row and what its INSERT said (its id, or the error's text).
@@ -82,11 +97,14 @@ pub struct DeletedPoison {
 #[derive(Default)]
 pub struct RowLog {
     pub bad: Vec<BadRecord>,
-    /// Good rows removed by TRUNCATEs (owed only if they were marked published by then).
+    /// Good rows removed by TRUNCATEs and DROP TABLEs (owed only if they were marked
+    /// published by then).
     pub truncated_good: Vec<CommittedRow>,
-    /// Bad rows removed by TRUNCATEs, with their state then.
+    /// Bad rows removed by TRUNCATEs and DROP TABLEs, with their state then.
     pub truncated_bad: HashMap<i64, RowState>,
     pub truncates: u64,
+    /// How long each drop and re-creation kept the table away (producers paused).
+    pub recreations_ms: Vec<u64>,
     pub deletes: Vec<DeletedPoison>,
     /// Payload versions of updated rows (body hashes, the original first).
     pub versions: HashMap<i64, Vec<u64>>,
@@ -109,6 +127,7 @@ pub struct RowFaults {
     rng: ChaCha8Rng,
     round: Vec<Action>,
     operations: u64,
+    recreate: Recreate,
     pub log: Arc<Mutex<RowLog>>,
 }
 
@@ -118,6 +137,7 @@ impl RowFaults {
         servers: Servers,
         database: String,
         frame_max: usize,
+        recreate: Recreate,
         log: Arc<Mutex<RowLog>>,
     ) -> RowFaults {
         RowFaults {
@@ -128,6 +148,7 @@ impl RowFaults {
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x0e7a_7012),
             round: Vec::new(),
             operations: 0,
+            recreate,
             log,
         }
     }
@@ -233,6 +254,7 @@ impl RowFaults {
             Action::Truncate => self.truncate().await,
             Action::DeleteParked => self.delete_parked().await,
             Action::UpdatePending => self.update_pending().await,
+            Action::DropRecreate => self.drop_recreate().await,
         };
         if r.is_err() {
             self.conn = None;
@@ -244,6 +266,47 @@ impl RowFaults {
     /// TRUNCATE, reading first (under the same ACCESS EXCLUSIVE lock, so exactly) every row it
     /// removes.
     async fn truncate(&mut self) -> anyhow::Result<String> {
+        self.remove_all("TRUNCATE public.outbox").await
+    }
+
+    /// DROP TABLE (rows read first as for TRUNCATE) and `outbox-relay migrate`, with the
+    /// producers paused; the new table's ids go on from the old ones and the marks log's
+    /// trigger is installed again before the producers resume.
+    async fn drop_recreate(&mut self) -> anyhow::Result<String> {
+        let gate = self.recreate.gate.clone();
+        let paused = gate.write_owned().await;
+        let started = Instant::now();
+        let conn = self.conn().await?;
+        let last: i64 = sqlx::query_scalar(
+            "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('public.outbox', 'id')), 0)",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let removed = self.remove_all("DROP TABLE public.outbox").await?;
+        crate::setup::migrate(&self.recreate.relay_bin, &self.recreate.config).await?;
+        let conn = self.conn().await?;
+        // The ids the old table drew are never drawn again.
+        sqlx::query("SELECT setval(pg_get_serial_sequence('public.outbox', 'id'), $1)")
+            .bind(last + 1_000)
+            .execute(&mut *conn)
+            .await
+            .context("moving the new table's ids past the old ones")?;
+        sqlx::query(crate::setup::MARK_TRIGGER)
+            .execute(&mut *conn)
+            .await
+            .context("installing the marks log's trigger on the new table")?;
+        let took = started.elapsed();
+        drop(paused);
+        self.log().recreations_ms.push(took.as_millis() as u64);
+        Ok(format!(
+            "{removed}; migrated anew, producers paused for {} ms",
+            took.as_millis()
+        ))
+    }
+
+    /// `statement` (TRUNCATE or DROP TABLE) after reading, under the same ACCESS EXCLUSIVE
+    /// lock, every row it removes.
+    async fn remove_all(&mut self, statement: &'static str) -> anyhow::Result<String> {
         let conn = self.conn().await?;
         let mut tx = conn.begin().await?;
         sqlx::query("SET LOCAL lock_timeout = '10s'")
@@ -260,9 +323,7 @@ impl RowFaults {
         )
         .fetch_all(&mut *tx)
         .await?;
-        sqlx::query("TRUNCATE public.outbox")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(statement).execute(&mut *tx).await?;
         let ids: Vec<i64> = rows
             .iter()
             .map(|r| r.try_get("id"))
@@ -271,18 +332,22 @@ impl RowFaults {
             // Did it commit? The rows it read are all gone if it did.
             self.conn = None;
             let conn = self.conn().await?;
-            let left: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM public.outbox WHERE id = ANY($1)")
-                    .bind(&ids)
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let left: i64 = sqlx::query_scalar(
+                "SELECT CASE WHEN to_regclass('public.outbox') IS NULL THEN 0 \
+                 ELSE (SELECT count(*) FROM public.outbox WHERE id = ANY($1)) END",
+            )
+            .bind(&ids)
+            .fetch_one(&mut *conn)
+            .await?;
             if left > 0 || ids.is_empty() {
-                return Err(e).context("TRUNCATE did not commit");
+                return Err(e).context("TRUNCATE / DROP TABLE did not commit");
             }
         }
         let (mut unsent, mut parked) = (0, 0);
         let mut log = self.log();
-        log.truncates += 1;
+        if statement.starts_with("TRUNCATE") {
+            log.truncates += 1;
+        }
         for r in &rows {
             let id: i64 = r.try_get("id")?;
             let ordering_key: String = r.try_get("ordering_key")?;
@@ -632,8 +697,10 @@ pub fn figures(
             count(Outcome::NotRefused),
         ),
         format!(
-            "operator: truncate={} truncated_rows={} truncated_unsent={} truncated_unsent_delivered={} delete-parked={} keys_released={released} keys_truncated={followers_truncated} longest_key_release_ms={} slow_key_releases={} update-pending={} updated_rows={} no_pending_row={} updates_received_old_only={old_only} new_only={new_only} both={both} neither={none} problems={}",
+            "operator: truncate={} drop-recreate={} longest_recreate_ms={} truncated_rows={} truncated_unsent={} truncated_unsent_delivered={} delete-parked={} keys_released={released} keys_truncated={followers_truncated} longest_key_release_ms={} slow_key_releases={} update-pending={} updated_rows={} no_pending_row={} updates_received_old_only={old_only} new_only={new_only} both={both} neither={none} problems={}",
             actions(Action::Truncate),
+            actions(Action::DropRecreate),
+            log.recreations_ms.iter().max().copied().unwrap_or(0),
             log.truncated_good.len() + log.truncated_bad.len(),
             truncated_unsent,
             truncated_unsent_delivered,
@@ -661,6 +728,7 @@ pub fn figures(
         "operator": {
             "actions": log.actions,
             "truncated_rows": log.truncated_good.len() + log.truncated_bad.len(),
+            "recreations_ms": log.recreations_ms,
             "truncated_unsent": truncated_unsent,
             "truncated_unsent_delivered": truncated_unsent_delivered,
             "keys_released": released,

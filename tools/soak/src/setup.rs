@@ -219,10 +219,7 @@ pub async fn log_marks(servers: &Servers, database: &str) -> anyhow::Result<()> 
              marked_at timestamptz NOT NULL DEFAULT clock_timestamp()); \
          CREATE FUNCTION soak_note_mark() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN INSERT INTO soak_marks (id, dedup_key, payload) VALUES (NEW.id, NEW.dedup_key, NEW.payload::text); \
-         RETURN NULL; END $$; \
-         CREATE TRIGGER soak_note_mark AFTER UPDATE OF published_at ON {TABLE} FOR EACH ROW \
-             WHEN (OLD.published_at IS NULL AND NEW.published_at IS NOT NULL) \
-             EXECUTE FUNCTION soak_note_mark();"
+         RETURN NULL; END $$; {MARK_TRIGGER}"
     ))
     .execute(&mut conn)
     .await
@@ -230,6 +227,12 @@ pub async fn log_marks(servers: &Servers, database: &str) -> anyhow::Result<()> 
     sqlx::Connection::close(conn).await.ok();
     Ok(())
 }
+
+/// The marks log's trigger on the table (again after the table was created anew).
+pub const MARK_TRIGGER: &str =
+    "CREATE TRIGGER soak_note_mark AFTER UPDATE OF published_at ON public.outbox \
+     FOR EACH ROW WHEN (OLD.published_at IS NULL AND NEW.published_at IS NOT NULL) \
+     EXECUTE FUNCTION soak_note_mark()";
 
 /// The `frame_max` the broker negotiates with the AMQP client the relay uses (lapin, default
 /// settings, as the soak's relay config sets none).
