@@ -2,7 +2,8 @@
 //! relay SIGSTOPped past its lease and SIGCONTed, a member joining (one more relay) and leaving
 //! (SIGTERM), a second relay on the same table, broker connections closed, the broker stopped
 //! and started, resource alarms, PostgreSQL sessions terminated and the server restarted, and
-//! network faults through the proxies. Whole-server faults hold the exclusive server-fault lock
+//! network faults through the proxies; and, asked for by name, bad rows and an operator's hand on
+//! the table ([`crate::operator`]). Whole-server faults hold the exclusive server-fault lock
 //! for their duration only and always restore the server (guards that restore from `Drop`, and a
 //! pending file that the next run restores from if this one was killed). Member faults keep
 //! between 1 and `--relays` + 1 relays running, and never stop the last one.
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use outbox_relay_testkit::proxy::Proxy;
 use outbox_relay_testkit::servers::{rabbitmqctl, run_tool, run_tool_blocking, Servers};
 
+use crate::operator::RowFaults;
 use crate::relays::Relays;
 use crate::setup::World;
 
@@ -41,10 +43,12 @@ pub enum FaultKind {
     NetReset,
     NetSilent,
     NetLatency,
+    BadRow,
+    Operator,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::RelayKill,
         FaultKind::RelayPause,
         FaultKind::MemberJoin,
@@ -58,6 +62,8 @@ impl FaultKind {
         FaultKind::NetReset,
         FaultKind::NetSilent,
         FaultKind::NetLatency,
+        FaultKind::BadRow,
+        FaultKind::Operator,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +81,8 @@ impl FaultKind {
             FaultKind::NetReset => "net-reset",
             FaultKind::NetSilent => "net-silent",
             FaultKind::NetLatency => "net-latency",
+            FaultKind::BadRow => "bad-row",
+            FaultKind::Operator => "operator",
         }
     }
 
@@ -88,6 +96,12 @@ impl FaultKind {
             self,
             FaultKind::RelayPause | FaultKind::MemberJoin | FaultKind::MemberLeave
         )
+    }
+
+    /// Faults that change the table's rows (bad rows, TRUNCATE, updates by hand): left out of
+    /// `all`, asked for by name, since they change what the run's figures count.
+    pub fn changes_rows(self) -> bool {
+        matches!(self, FaultKind::BadRow | FaultKind::Operator)
     }
 
     /// Faults that touch the whole server and so need the exclusive lock.
@@ -346,6 +360,8 @@ pub struct Injector {
     pub broker: Option<BrokerOriginals>,
     /// (version, cluster) of the PostgreSQL cluster, for pg_ctlcluster.
     pub pg_cluster: Option<(String, String)>,
+    /// Bad rows and the operator's actions (when either kind is asked for).
+    pub rows: Option<RowFaults>,
     pub stop: CancellationToken,
 }
 
@@ -695,6 +711,15 @@ impl Injector {
                     self.running().await,
                     format!("{target:?} silent for {silent:?}"),
                 ))
+            }
+            FaultKind::BadRow | FaultKind::Operator => {
+                let rows = self.rows.as_mut().context("no row faults set up")?;
+                let detail = if kind == FaultKind::BadRow {
+                    rows.insert_bad_rows().await?
+                } else {
+                    rows.act().await?
+                };
+                Ok(Injected::lifted(self.running().await, detail))
             }
             FaultKind::NetLatency => {
                 let target = self.target();

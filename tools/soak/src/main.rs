@@ -4,16 +4,18 @@
 //! relay's promises continuously and against the table at the end, and prints one summary line
 //! (plus one line per fault kind).
 
+mod badrows;
 mod checker;
 mod consumer;
 mod faults;
 mod leases;
+mod operator;
 mod partitions;
 mod producers;
 mod relays;
 mod setup;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use checker::{body_hash, Checker, CommittedRow};
 use faults::{FaultKind, FaultLog, Injector};
+use operator::{Mark, RowFaults, RowFigures, RowLog};
 use outbox_relay_testkit::proxy::Proxy;
 use outbox_relay_testkit::servers::Servers;
 use partitions::Timeline;
@@ -76,8 +79,9 @@ struct Args {
     lease: Duration,
     /// Fault kinds, comma-separated, or `all` or `none`: relay-kill, relay-pause, member-join,
     /// member-leave, two-relays, amqp-close, broker-restart, broker-alarm, pg-terminate,
-    /// pg-restart, net-reset, net-silent, net-latency. `all` has relay-pause, member-join and
-    /// member-leave only with --relays 2 or more.
+    /// pg-restart, net-reset, net-silent, net-latency, bad-row, operator. `all` has
+    /// relay-pause, member-join and member-leave only with --relays 2 or more, and never
+    /// bad-row or operator (they change the table's rows: ask for them by name).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     faults: Vec<String>,
     /// Leave out the whole-server faults (broker-restart, broker-alarm, pg-restart), e.g. when
@@ -145,7 +149,7 @@ fn fault_kinds(args: &Args) -> anyhow::Result<Vec<FaultKind>> {
             "all" => kinds.extend(
                 FaultKind::ALL
                     .into_iter()
-                    .filter(|k| args.relays >= 2 || !k.needs_members()),
+                    .filter(|k| (args.relays >= 2 || !k.needs_members()) && !k.changes_rows()),
             ),
             "none" | "" => {}
             other => kinds.push(FaultKind::parse(other).with_context(|| {
@@ -264,6 +268,7 @@ async fn run(
     };
     let config = world.write_config(servers, &pg_proxy, &amqp_proxy, sharing)?;
     setup::migrate(&relay_bin, &config).await?;
+    setup::log_marks(servers, &world.database).await?;
     let key_partitions =
         setup::key_partitions(servers, &world.database, args.keys.max(1), args.partitions).await?;
     let mut keys_per_partition = vec![0u32; args.partitions as usize];
@@ -309,6 +314,7 @@ async fn run(
     )
     .await?;
 
+    let (migrate_bin, migrate_config) = (relay_bin.clone(), config.clone());
     let relays = Arc::new(tokio::sync::Mutex::new(Relays::new(
         relay_bin,
         config,
@@ -349,6 +355,7 @@ async fn run(
             / f64::from(args.producers.max(1)),
         keys: args.keys.max(1),
     };
+    let gate = producers::Gate::default();
     let producers: Vec<_> = (0..args.producers.max(1))
         .map(|i| {
             tokio::spawn(producers::run(
@@ -358,11 +365,31 @@ async fn run(
                 world.database.clone(),
                 load,
                 stats.clone(),
+                gate.clone(),
                 stop_producers.clone(),
             ))
         })
         .collect();
 
+    let row_log = Arc::new(Mutex::new(RowLog::default()));
+    let rows = if kinds.iter().any(|k| k.changes_rows()) {
+        let frame_max = setup::frame_max(servers, &world.vhost).await?;
+        eprintln!("soak: bad rows are sized against frame_max={frame_max}");
+        Some(RowFaults::new(
+            seed,
+            servers.clone(),
+            world.database.clone(),
+            frame_max,
+            operator::Recreate {
+                relay_bin: migrate_bin.clone(),
+                config: migrate_config.clone(),
+                gate: gate.clone(),
+            },
+            row_log.clone(),
+        ))
+    } else {
+        None
+    };
     let fault_log = Arc::new(Mutex::new(FaultLog::default()));
     let injector = Injector {
         rng: Injector::new_rng(seed),
@@ -378,6 +405,7 @@ async fn run(
         lock,
         broker,
         pg_cluster,
+        rows,
         stop: stop_faults.clone(),
     };
     let injector = tokio::spawn(injector.run(fault_log.clone()));
@@ -427,8 +455,8 @@ async fn run(
     }
     let run_ended = Instant::now();
 
-    // Drain: wait for every committed row to arrive.
-    let committed = read_committed(servers, &world.database).await?;
+    // Drain: wait for every committed row to arrive (bad rows are judged on their own).
+    let (mut committed, end_bad) = read_committed(servers, &world.database).await?;
     let drain_started = Instant::now();
     loop {
         let missing = {
@@ -443,6 +471,23 @@ async fn run(
     let drain_time = drain_started.elapsed();
     // A little longer, so late duplicates are counted too.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Every mark names a row version that a consumer must have received (a moment after its
+    // confirm at the latest: allow 15 s).
+    let marks = read_marks(servers, &world.database).await?;
+    let marks_deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < marks_deadline {
+        let unreceived = {
+            let c = checker.lock().unwrap_or_else(|e| e.into_inner());
+            marks
+                .iter()
+                .filter(|m| !c.received_body(m.id, m.body_hash))
+                .count()
+        };
+        if unreceived == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     stop_watch.cancel();
     let _ = watcher.await;
     // Before the relays leave: their partitions are unowned after that, as they should be.
@@ -469,6 +514,11 @@ async fn run(
     let relays = relays.lock().await;
     let checker = checker.lock().unwrap_or_else(|e| e.into_inner());
     let fault_log = fault_log.lock().unwrap_or_else(|e| e.into_inner());
+    let row_log = row_log.lock().unwrap_or_else(|e| e.into_inner());
+    // Rows a TRUNCATE removed were committed too (owed if they were marked by then).
+    committed.extend(row_log.truncated_good.iter().cloned());
+    committed.sort_by_key(|r| r.id);
+    let row_figures = operator::figures(&row_log, &checker, &end_bad, &marks, setup::EXCHANGE);
     let timeline = partition_timeline(
         &committed,
         &logs,
@@ -482,6 +532,8 @@ async fn run(
         &committed,
         &logs,
         &fault_log,
+        &row_log,
+        &row_figures,
         &stats,
         &relays,
         &table,
@@ -555,7 +607,7 @@ fn partition_timeline(
         .collect();
     Timeline::new(
         partitions,
-        committed.iter().filter_map(|r| {
+        committed.iter().filter(|r| r.owed).filter_map(|r| {
             let key: usize = r.ordering_key.strip_prefix("key-")?.parse().ok()?;
             let partition = *key_partitions.get(key)?;
             let began = *began.get(r.dedup_key.as_str())?;
@@ -564,27 +616,69 @@ fn partition_timeline(
     )
 }
 
-/// Every committed row, read once producers have stopped.
-async fn read_committed(servers: &Servers, database: &str) -> anyhow::Result<Vec<CommittedRow>> {
+/// Every committed row in the table, read once producers have stopped: the good ones (owed),
+/// and the bad ones' state by id.
+async fn read_committed(
+    servers: &Servers,
+    database: &str,
+) -> anyhow::Result<(Vec<CommittedRow>, HashMap<i64, badrows::RowState>)> {
     let mut conn = connect_with_retry(servers, database).await?;
     let rows = sqlx::query(
-        "SELECT id, dedup_key, ordering_key, payload::text AS payload FROM public.outbox ORDER BY id",
+        "SELECT id, dedup_key, ordering_key, payload::text AS payload, \
+                published_at IS NOT NULL AS published, parked_at IS NOT NULL AS parked, \
+                coalesce(last_error, '') AS reason FROM public.outbox ORDER BY id",
     )
     .fetch_all(&mut conn)
     .await
     .context("reading the committed rows")?;
     conn.close().await.ok();
-    rows.iter()
-        .map(|r| {
-            let payload: String = r.try_get("payload")?;
-            Ok(CommittedRow {
-                id: r.try_get("id")?,
+    let mut good = Vec::with_capacity(rows.len());
+    let mut bad = HashMap::new();
+    for r in &rows {
+        let id = r.try_get("id")?;
+        let ordering_key: String = r.try_get("ordering_key")?;
+        let payload: String = r.try_get("payload")?;
+        if ordering_key.starts_with(badrows::KEY_PREFIX) {
+            bad.insert(
+                id,
+                badrows::RowState {
+                    parked: r.try_get("parked")?,
+                    published: r.try_get("published")?,
+                    reason: r.try_get("reason")?,
+                    payload,
+                    truncated: false,
+                },
+            );
+        } else {
+            good.push(CommittedRow {
+                id,
                 dedup_key: r.try_get("dedup_key")?,
-                ordering_key: r.try_get("ordering_key")?,
+                ordering_key,
                 body_hash: body_hash(payload.as_bytes()),
-            })
+                owed: true,
+            });
+        }
+    }
+    Ok((good, bad))
+}
+
+/// Every mark the soak's trigger logged.
+async fn read_marks(servers: &Servers, database: &str) -> anyhow::Result<Vec<Mark>> {
+    let mut conn = connect_with_retry(servers, database).await?;
+    let rows: Vec<(i64, String, String)> =
+        sqlx::query_as("SELECT id, dedup_key, payload FROM soak_marks")
+            .fetch_all(&mut conn)
+            .await
+            .context("reading the marks log")?;
+    conn.close().await.ok();
+    Ok(rows
+        .into_iter()
+        .map(|(id, dedup_key, payload)| Mark {
+            id,
+            dedup_key,
+            body_hash: body_hash(payload.as_bytes()),
         })
-        .collect()
+        .collect())
 }
 
 async fn connect_with_retry(
@@ -715,6 +809,8 @@ impl Report {
         committed: &[CommittedRow],
         logs: &[ProducerLog],
         fault_log: &FaultLog,
+        row_log: &RowLog,
+        row_figures: &RowFigures,
         stats: &ProducerStats,
         relays: &Relays,
         table: &TableState,
@@ -728,7 +824,7 @@ impl Report {
             .iter()
             .flat_map(|l| l.rolled_back.iter().cloned())
             .collect();
-        let verdict = checker.verdict(committed, &rolled_back);
+        let verdict = checker.verdict(committed, &rolled_back, &row_log.versions);
         let in_table: HashSet<&str> = committed.iter().map(|r| r.dedup_key.as_str()).collect();
         let acknowledged_missing: Vec<&str> = logs
             .iter()
@@ -737,6 +833,18 @@ impl Report {
             .filter(|k| !in_table.contains(k))
             .collect();
         let uncertain: usize = logs.iter().map(|l| l.uncertain.len()).sum();
+        // A retried dedup_key inserts again after a TRUNCATE removed its row (right); any other
+        // re-insert is wrong.
+        let truncated_keys: HashSet<&str> = row_log
+            .truncated_good
+            .iter()
+            .map(|r| r.dedup_key.as_str())
+            .collect();
+        let (reinserted_after_truncate, reinserted): (Vec<&String>, Vec<&String>) = logs
+            .iter()
+            .flat_map(|l| l.reinserted.iter())
+            .partition(|k| truncated_keys.contains(k.as_str()));
+        let delivered = committed.iter().filter(|r| checker.has(r.id)).count();
 
         let records = &fault_log.records;
         // The duplicates that arrived while a fault was the latest one.
@@ -866,12 +974,16 @@ impl Report {
         let order_violations = checker.order_violations.len() as u64;
         let bound_ms = resumption_bound.as_millis() as u64;
         let mut lines = vec![format!(
-            "soak: seed={seed} produced={produced} delivered={} lost={} order_violations={order_violations} duplicates={} faults={} longest_recovery_ms={}",
-            checker.delivered(),
+            "soak: seed={seed} produced={produced} delivered={delivered} lost={} order_violations={order_violations} duplicates={} faults={} longest_recovery_ms={}{}",
             verdict.lost,
             checker.duplicates,
             records.len(),
-            longest_recovery.as_millis()
+            longest_recovery.as_millis(),
+            if row_log.truncates > 0 {
+                format!(" not_owed={}", verdict.not_owed)
+            } else {
+                String::new()
+            }
         )];
         for (kind, k) in &kinds {
             let resumed = if k.resumption_measured == 0 {
@@ -909,13 +1021,21 @@ impl Report {
             lines.push(format!("fault kind={} skipped: {why}", kind.name()));
         }
         lines.push(format!(
-            "producers: committed_txs={} rolled_back_txs={} rolled_back_rows={} rolled_back_delivered={} dedup_retries={} dedup_reinserted={} failed_attempts={} ambiguous_commits={} uncertain={uncertain} acknowledged_missing={}",
+            "producers: committed_txs={} rolled_back_txs={} rolled_back_rows={} rolled_back_delivered={} dedup_retries={} dedup_reinserted={}{} failed_attempts={} ambiguous_commits={} uncertain={uncertain} acknowledged_missing={}",
             stats.committed_txs.load(Ordering::Relaxed),
             stats.rolled_back_txs.load(Ordering::Relaxed),
             stats.rolled_back_rows.load(Ordering::Relaxed),
             verdict.rolled_back_delivered.len(),
             stats.dedup_retries.load(Ordering::Relaxed),
-            stats.dedup_reinserted.load(Ordering::Relaxed),
+            reinserted.len(),
+            if reinserted_after_truncate.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " dedup_reinserted_after_truncate={}",
+                    reinserted_after_truncate.len()
+                )
+            },
             stats.failed_attempts.load(Ordering::Relaxed),
             stats.ambiguous_commits.load(Ordering::Relaxed),
             acknowledged_missing.len()
@@ -924,7 +1044,7 @@ impl Report {
             "consumer: deliveries={} redeliveries={} duplicate_mismatches={} wrong_content={} unknown_delivered={} reconnects={consumer_reconnects}",
             checker.deliveries,
             checker.redeliveries,
-            checker.mismatches.len(),
+            verdict.mismatches.len(),
             verdict.wrong_content.len(),
             verdict.unknown_delivered.len()
         ));
@@ -960,30 +1080,44 @@ impl Report {
             ("lost", &verdict.lost_examples),
             ("order violation", &checker.order_violations),
             ("rolled back but delivered", &verdict.rolled_back_delivered),
-            ("duplicate mismatch", &checker.mismatches),
+            ("duplicate mismatch", &verdict.mismatches),
             ("wrong content", &verdict.wrong_content),
             ("slow recovery", &slow),
             ("slow partition resumption", &slow_resumptions),
             ("duplicates over the window", &over_window),
             ("relay exit", &relays.unexpected_exits),
+            ("slow key release", &row_figures.slow_releases),
         ];
+        // The bad-row and operator lines when those faults ran; the marks line always.
+        let row_faults_ran = !row_log.bad.is_empty() || !row_log.actions.is_empty();
+        let skip = if row_faults_ran {
+            0
+        } else {
+            row_figures.lines.len().saturating_sub(1)
+        };
+        lines.extend(row_figures.lines.iter().skip(skip).cloned());
         for (what, list) in details {
             for item in list.iter().take(10) {
                 lines.push(format!("  {what}: {item}"));
             }
         }
+        for item in row_figures.failures.iter().take(20) {
+            lines.push(format!("  {item}"));
+        }
         let passed = verdict.lost == 0
             && order_violations == 0
             && verdict.rolled_back_delivered.is_empty()
-            && checker.mismatches.is_empty()
+            && verdict.mismatches.is_empty()
+            && row_figures.failures.is_empty()
             && verdict.wrong_content.is_empty()
             && acknowledged_missing.is_empty()
             && relays.unexpected_exits.is_empty();
         let json = serde_json::json!({
             "seed": seed,
             "produced": produced,
-            "delivered": checker.delivered(),
+            "delivered": delivered,
             "lost": verdict.lost,
+            "not_owed": verdict.not_owed,
             "order_violations": order_violations,
             "duplicates": checker.duplicates,
             "faults": records.len(),
@@ -1046,7 +1180,8 @@ impl Report {
                 "rolled_back_rows": stats.rolled_back_rows.load(Ordering::Relaxed),
                 "rolled_back_delivered": verdict.rolled_back_delivered.len(),
                 "dedup_retries": stats.dedup_retries.load(Ordering::Relaxed),
-                "dedup_reinserted": stats.dedup_reinserted.load(Ordering::Relaxed),
+                "dedup_reinserted": reinserted.len(),
+                "dedup_reinserted_after_truncate": reinserted_after_truncate.len(),
                 "failed_attempts": stats.failed_attempts.load(Ordering::Relaxed),
                 "ambiguous_commits": stats.ambiguous_commits.load(Ordering::Relaxed),
                 "acknowledged_missing": acknowledged_missing.len(),
@@ -1054,7 +1189,7 @@ impl Report {
             "consumer": {
                 "deliveries": checker.deliveries,
                 "redeliveries": checker.redeliveries,
-                "duplicate_mismatches": checker.mismatches.len(),
+                "duplicate_mismatches": verdict.mismatches.len(),
                 "wrong_content": verdict.wrong_content.len(),
                 "unknown_delivered": verdict.unknown_delivered.len(),
                 "reconnects": consumer_reconnects,
@@ -1069,11 +1204,20 @@ impl Report {
                 "slow_recoveries": slow.len(),
             },
         });
+        let mut json = json;
+        if let (Some(object), serde_json::Value::Object(rows)) =
+            (json.as_object_mut(), row_figures.json.clone())
+        {
+            object.extend(rows);
+        }
         Report {
             lines,
             json,
             passed,
-            slow_recoveries: slow.len() + slow_resumptions.len() + over_window.len(),
+            slow_recoveries: slow.len()
+                + slow_resumptions.len()
+                + over_window.len()
+                + row_figures.slow_releases.len(),
         }
     }
 

@@ -42,6 +42,8 @@ pub struct ProducerLog {
     pub rolled_back: Vec<String>,
     /// dedup_keys of a transaction given up at shutdown: committed or not, nobody knows.
     pub uncertain: Vec<String>,
+    /// dedup_keys a retry inserted again (right only after a TRUNCATE removed the first).
+    pub reinserted: Vec<String>,
 }
 
 /// A row this producer saw commit.
@@ -74,7 +76,13 @@ pub struct Load {
     pub keys: u32,
 }
 
+/// Held shared by each transaction: the operator's drop and re-creation of the table holds it
+/// exclusively, as an application paused for that maintenance (the table's ids then go on
+/// where they were, so that a row's id names one row for the whole run).
+pub type Gate = Arc<tokio::sync::RwLock<()>>;
+
 /// Runs producer `index` until `stop`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     index: u32,
     seed: u64,
@@ -82,6 +90,7 @@ pub async fn run(
     database: String,
     load: Load,
     stats: Arc<ProducerStats>,
+    gate: Gate,
     stop: CancellationToken,
 ) -> ProducerLog {
     let mut rng = ChaCha8Rng::seed_from_u64(
@@ -150,10 +159,10 @@ pub async fn run(
                 stats
                     .rolled_back_rows
                     .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                if write(&mut conn, &servers, &database, &rows, false)
-                    .await
-                    .is_ok()
-                {
+                let open = gate.read().await;
+                let written = write(&mut conn, &servers, &database, &rows, false).await;
+                drop(open);
+                if written.is_ok() {
                     stats.rolled_back_txs.fetch_add(1, Ordering::Relaxed);
                 } else {
                     stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +176,10 @@ pub async fn run(
                 let began = Instant::now();
                 let given_up_at = began + Duration::from_secs(60);
                 loop {
-                    match write(&mut conn, &servers, &database, &rows, true).await {
+                    let open = gate.read().await;
+                    let written = write(&mut conn, &servers, &database, &rows, true).await;
+                    drop(open);
+                    match written {
                         Ok(inserted) => {
                             for ((row, retried), inserted) in
                                 rows.iter().zip(&retried).zip(&inserted)
@@ -176,6 +188,7 @@ pub async fn run(
                                     stats.dedup_retries.fetch_add(1, Ordering::Relaxed);
                                     if *inserted {
                                         stats.dedup_reinserted.fetch_add(1, Ordering::Relaxed);
+                                        log.reinserted.push(row.dedup_key.clone());
                                     }
                                 } else {
                                     log.acknowledged.push(Acknowledged {

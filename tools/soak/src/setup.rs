@@ -204,3 +204,44 @@ pub async fn migrate(relay_bin: &Path, config: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Logs every mark: a row trigger (TRUNCATE fires none) copies the row's id, dedup_key and
+/// payload into `soak_marks` when `published_at` is set, so that the end of the run can check
+/// that every row version marked published reached the consumer, also those a TRUNCATE or an
+/// update by hand removed or replaced afterwards.
+pub async fn log_marks(servers: &Servers, database: &str) -> anyhow::Result<()> {
+    let mut conn = servers
+        .connect_pg(database, "obr-soak-setup")
+        .await
+        .context("connecting to install the marks log")?;
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE soak_marks (id bigint NOT NULL, dedup_key text NOT NULL, payload text NOT NULL, \
+             marked_at timestamptz NOT NULL DEFAULT clock_timestamp()); \
+         CREATE FUNCTION soak_note_mark() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN INSERT INTO soak_marks (id, dedup_key, payload) VALUES (NEW.id, NEW.dedup_key, NEW.payload::text); \
+         RETURN NULL; END $$; {MARK_TRIGGER}"
+    ))
+    .execute(&mut conn)
+    .await
+    .context("installing the marks log (soak_marks)")?;
+    sqlx::Connection::close(conn).await.ok();
+    Ok(())
+}
+
+/// The marks log's trigger on the table (again after the table was created anew).
+pub const MARK_TRIGGER: &str =
+    "CREATE TRIGGER soak_note_mark AFTER UPDATE OF published_at ON public.outbox \
+     FOR EACH ROW WHEN (OLD.published_at IS NULL AND NEW.published_at IS NOT NULL) \
+     EXECUTE FUNCTION soak_note_mark()";
+
+/// The `frame_max` the broker negotiates with the AMQP client the relay uses (lapin, default
+/// settings, as the soak's relay config sets none).
+pub async fn frame_max(servers: &Servers, vhost: &str) -> anyhow::Result<usize> {
+    let url = servers.rabbitmq_url(Some(vhost)).to_string();
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .context("connecting to the broker to read its frame_max")?;
+    let frame_max = conn.configuration().frame_max() as usize;
+    conn.close(200, "bye".into()).await.ok();
+    Ok(frame_max)
+}
