@@ -1044,7 +1044,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
             Ok(Some(json)) => serde_json::from_str(&json).unwrap_or_else(|e| {
                 note(format!(
                     "headers cannot be read as JSON ({e}): numbers must fit a 64-bit float, \
-                     nesting at most {JSON_DEPTH_LIMIT} levels"
+                     nesting fewer than {JSON_DEPTH_LIMIT} levels"
                 ));
                 serde_json::Value::Null
             }),
