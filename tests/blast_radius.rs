@@ -230,16 +230,9 @@ async fn store_of(env: &TestEnv) -> (Store, TableSql, outbox_relay::store::Fence
 }
 
 async fn versions(env: &TestEnv, ids: &[i64]) -> Vec<RowVersion> {
-    let sql = format!(
-        "SELECT id, xmin::text::bigint FROM {} WHERE id = ANY($1) ORDER BY id",
-        quoted_table(&env.table)
-    );
-    let rows: Vec<(i64, i64)> = sqlx::query_as(&sql)
-        .bind(ids)
-        .fetch_all(&env.pool)
+    env.row_versions(ids)
         .await
-        .unwrap();
-    rows.into_iter()
+        .into_iter()
         .map(|(id, version)| RowVersion { id, version })
         .collect()
 }

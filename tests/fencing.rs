@@ -46,16 +46,10 @@ impl Fenced {
 
     /// The rows as they stand now (the version a relay would have read).
     async fn versions(&self, ids: &[i64]) -> Vec<RowVersion> {
-        let sql = format!(
-            "SELECT id, xmin::text::bigint FROM {} WHERE id = ANY($1) ORDER BY id",
-            quoted_table(&self.env.table)
-        );
-        let rows: Vec<(i64, i64)> = sqlx::query_as(&sql)
-            .bind(ids)
-            .fetch_all(&self.env.pool)
+        self.env
+            .row_versions(ids)
             .await
-            .unwrap();
-        rows.into_iter()
+            .into_iter()
             .map(|(id, version)| RowVersion { id, version })
             .collect()
     }

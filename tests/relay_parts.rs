@@ -220,16 +220,9 @@ async fn the_last_mark_at_shutdown_is_written_even_when_the_mark_before_it_faile
     marks.set_fence(&fence);
 
     // The versions the relay read and sent.
-    let sql = format!(
-        "SELECT id, xmin::text::bigint FROM {} WHERE id = ANY($1) ORDER BY id",
-        quoted_table(&env.table)
-    );
-    let rows: Vec<(i64, i64)> = sqlx::query_as(&sql)
-        .bind(&ids)
-        .fetch_all(&env.pool)
+    let rows: Vec<RowVersion> = env
+        .row_versions(&ids)
         .await
-        .unwrap();
-    let rows: Vec<RowVersion> = rows
         .into_iter()
         .map(|(id, version)| RowVersion { id, version })
         .collect();

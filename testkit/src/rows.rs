@@ -282,3 +282,19 @@ impl TestEnv {
         crate::received::assert_duplicates_share_message_id(&received)
     }
 }
+
+impl TestEnv {
+    /// `(id, xmin)` of the rows `ids` as they stand now, in id order: the row versions a relay
+    /// would have read (and whose marks name them).
+    pub async fn row_versions(&self, ids: &[i64]) -> Vec<(i64, i64)> {
+        let sql = format!(
+            "SELECT id, xmin::text::bigint FROM {} WHERE id = ANY($1) ORDER BY id",
+            quoted_table(&self.table)
+        );
+        sqlx::query_as(&sql)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .expect("read the rows' versions")
+    }
+}
