@@ -16,8 +16,17 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// How long a connection attempt may take before it counts as failed.
+/// How long a connection attempt (connect, channel, qos, consume) may take before it counts as
+/// failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// With no delivery for this long, the consumer checks that its connection and channel are still
+/// open and connects again if not: a connection the broker dropped without the stream ending
+/// must not leave the consumer waiting forever.
+const QUIET_CHECK: Duration = Duration::from_secs(2);
+/// How long an ack may take before the connection counts as lost.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `stop` waits for a polite close before it aborts the consumer's task.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before connecting again after the connection was lost or an attempt failed.
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
@@ -96,11 +105,14 @@ impl Consumer {
         self.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Stops consuming and closes the connection politely (waiting at most 2 s for the broker).
+    /// Stops consuming and closes the connection politely (waiting at most 2 s for the broker;
+    /// a task stuck anywhere else is aborted after 5 s).
     pub async fn stop(mut self) {
         self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_err() {
+                task.abort();
+            }
         }
     }
 }
@@ -117,20 +129,30 @@ impl Drop for Consumer {
 /// A connection with a subscription on it.
 struct Subscription {
     connection: Connection,
+    channel: lapin::Channel,
     deliveries: lapin::Consumer,
 }
 
+impl Subscription {
+    fn open(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+}
+
+/// Connects and subscribes, every step of it bounded by `CONNECT_TIMEOUT` (a broker that is
+/// starting or stopping may accept a connection and then answer nothing).
 async fn subscribe(settings: &ConsumerSettings) -> anyhow::Result<Subscription> {
+    tokio::time::timeout(CONNECT_TIMEOUT, subscribe_unbounded(settings))
+        .await
+        .context("connecting and subscribing timed out")?
+}
+
+async fn subscribe_unbounded(settings: &ConsumerSettings) -> anyhow::Result<Subscription> {
     let mut properties = ConnectionProperties::default();
     if let Some(name) = &settings.connection_name {
         properties = properties.with_connection_name(name.as_str().into());
     }
-    let connection = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        Connection::connect(&settings.url, properties),
-    )
-    .await
-    .context("connecting timed out")??;
+    let connection = Connection::connect(&settings.url, properties).await?;
     let channel = connection.create_channel().await?;
     let mut options = BasicConsumeOptions::default();
     match settings.acks {
@@ -151,6 +173,7 @@ async fn subscribe(settings: &ConsumerSettings) -> anyhow::Result<Subscription> 
         .await?;
     Ok(Subscription {
         connection,
+        channel,
         deliveries,
     })
 }
@@ -178,7 +201,11 @@ async fn consume<H>(
                     _ = tokio::time::sleep(RECONNECT_DELAY) => {}
                     _ = stop.cancelled() => return,
                 }
-                match subscribe(&settings).await {
+                let attempt = tokio::select! {
+                    attempt = subscribe(&settings) => attempt,
+                    _ = stop.cancelled() => return,
+                };
+                match attempt {
                     Ok(s) => s,
                     Err(_) => continue,
                 }
@@ -208,6 +235,12 @@ where
     loop {
         let next = tokio::select! {
             next = subscription.deliveries.next() => next,
+            _ = tokio::time::sleep(QUIET_CHECK) => {
+                if subscription.open() {
+                    continue;
+                }
+                return Stopped::ConnectionLost;
+            }
             _ = stop.cancelled() => {
                 let close = subscription.connection.close(200, "consumer stopped".into());
                 let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
@@ -220,7 +253,8 @@ where
         handle(&delivery);
         if let Acks::AfterHandler { .. } = settings.acks {
             // Acked only after the handler saw it: a lost ack means a redelivery, never a loss.
-            if delivery.ack(BasicAckOptions::default()).await.is_err() {
+            let ack = tokio::time::timeout(ACK_TIMEOUT, delivery.ack(BasicAckOptions::default()));
+            if !matches!(ack.await, Ok(Ok(_))) {
                 return Stopped::ConnectionLost;
             }
         }

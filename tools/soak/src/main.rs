@@ -36,6 +36,10 @@ use producers::{Load, ProducerLog, ProducerStats};
 use relays::{LeaseLines, Relays};
 use setup::{Sharing, World};
 
+/// The longest any one step of the run's ending (stopping the fault injector, which restores
+/// the servers, or a producer) may take before the soak goes on without it.
+const ENDING_STEP: Duration = Duration::from_secs(120);
+
 /// Seeded fault-injection soak for outbox-relay: producers, the relay binary and a consumer
 /// under real faults; prints `soak: seed=S produced=N delivered=N lost=N order_violations=N
 /// duplicates=N faults=N longest_recovery_ms=N` and exits non-zero if anything was lost, out
@@ -414,6 +418,7 @@ async fn run(
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.tick().await;
+    let mut delivered_before = usize::MAX;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -435,23 +440,58 @@ async fn run(
             (r.spawned(), r.running())
         };
         eprintln!(
-            "soak: t={}s committed={} delivered={delivered} faults={faults} relays_running={running} relays_started={spawned}",
+            "soak: t={}s committed={} delivered={delivered} faults={faults} relays_running={running} relays_started={spawned} consumer_reconnects={}",
             started.elapsed().as_secs(),
             stats.committed_rows.load(Ordering::Relaxed),
+            consumer.reconnects(),
         );
+        if delivered == delivered_before {
+            // Nothing arrived for 10 s: say whether the relays or the consumer stand still.
+            let table = tokio::time::timeout(
+                Duration::from_secs(5),
+                read_table_state(servers, &world.database),
+            )
+            .await;
+            match table {
+                Ok(Ok(t)) => eprintln!(
+                    "soak: nothing delivered for 10 s; the table has {} unpublished rows ({} parked)",
+                    t.unpublished, t.parked
+                ),
+                _ => eprintln!("soak: nothing delivered for 10 s; the table could not be read within 5 s"),
+            }
+        }
+        delivered_before = delivered;
     }
 
     // Faults end first (servers restored, network healed), then producers stop.
+    // Every step of the ending is bounded: a soak that hangs tells nobody anything.
     stop_faults.cancel();
-    if injector.await.is_err() {
-        eprintln!("soak: the fault injector panicked (servers restored by its guards)");
+    match tokio::time::timeout(ENDING_STEP, injector).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => {
+            eprintln!("soak: the fault injector panicked (servers restored by its guards)")
+        }
+        Err(_) => eprintln!(
+            "soak: the fault injector did not end within {}s of being stopped; going on without it",
+            ENDING_STEP.as_secs()
+        ),
     }
     pg_proxy.heal();
     amqp_proxy.heal();
     stop_producers.cancel();
     let mut logs = Vec::new();
-    for p in producers {
-        logs.push(p.await.unwrap_or_default());
+    for mut p in producers {
+        match tokio::time::timeout(ENDING_STEP, &mut p).await {
+            Ok(log) => logs.push(log.unwrap_or_default()),
+            Err(_) => {
+                eprintln!(
+                    "soak: a producer did not stop within {}s; its log is lost",
+                    ENDING_STEP.as_secs()
+                );
+                p.abort();
+                logs.push(Default::default());
+            }
+        }
     }
     let run_ended = Instant::now();
 
