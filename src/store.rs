@@ -416,8 +416,9 @@ impl Store {
     /// Due rows of `table` in id order that no earlier row of their key holds back, except
     /// `exclude` (rows the relay holds in memory: queued, in flight, or confirmed with the
     /// mark not written yet). Returns nothing unless `lock`'s session still holds the table's
-    /// lock. Only rows of `fence`'s partitions, unless it holds them all (a single relay on one
-    /// channel: then no key is hashed). Reads the due index only: rows behind held keys are
+    /// lock. Only rows of the table instance `fence` is for (a table created anew is fetched
+    /// once the membership registered on it), and of its partitions unless it holds them all
+    /// (a single relay on one channel: then no key is hashed). Reads the due index only: rows behind held keys are
     /// not in it.
     pub async fn fetch_due(
         &self,
@@ -437,7 +438,11 @@ impl Store {
             // Rows above every excluded id skip the (linear, in a generic plan) array check.
             .bind(exclude.iter().copied().max().unwrap_or(i64::MIN))
             .bind(only)
-            .bind(fence.partitions as i32);
+            .bind(fence.partitions as i32)
+            // Only the table instance the leases are for: a table dropped and created again
+            // is relayed once the membership registered on it anew (a member of the old
+            // instance and one of the new would otherwise both think they hold every row).
+            .bind(fence.table_oid);
         let rows = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(rows
             .iter()
@@ -452,7 +457,6 @@ impl Store {
         &self,
         q: &TableSql,
         rows: &[RowVersion],
-        table_oid: i64,
         fence: &Fence,
     ) -> Result<Marked, DbError> {
         if rows.is_empty() {
@@ -460,7 +464,9 @@ impl Store {
         }
         let (ids, versions): (Vec<i64>, Vec<i64>) = rows.iter().map(|r| (r.id, r.version)).unzip();
         let query = bind_fence!(
-            sqlx::query(&q.mark_published).bind(ids).bind(table_oid),
+            sqlx::query(&q.mark_published)
+                .bind(ids)
+                .bind(fence.table_oid),
             fence
         )
         .bind(versions);
@@ -477,7 +483,6 @@ impl Store {
         &self,
         q: &TableSql,
         failures: &[Failure],
-        table_oid: i64,
         fence: &Fence,
     ) -> Result<(), DbError> {
         if failures.is_empty() {
@@ -496,7 +501,7 @@ impl Store {
             .bind(&errors)
             .bind(&delays)
             .bind(&parks)
-            .bind(table_oid);
+            .bind(fence.table_oid);
         let query = bind_fence!(query, fence).bind(&versions);
         answered_within(self.answer_within, query.execute(self.pool())).await?;
         Ok(())
@@ -512,7 +517,6 @@ impl Store {
         &self,
         q: &TableSql,
         holds: &[(String, i64)],
-        table_oid: i64,
         fence: &Fence,
     ) -> Result<Vec<String>, DbError> {
         if holds.is_empty() {
@@ -524,7 +528,7 @@ impl Store {
             .bind(&keys)
             .bind(&holders)
             .bind(q.table.to_string())
-            .bind(table_oid);
+            .bind(fence.table_oid);
         let query = bind_fence!(query, fence);
         let done = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(unfinished(keys.into_iter().map(str::to_owned), &done)?)
@@ -537,7 +541,6 @@ impl Store {
         &self,
         q: &TableSql,
         keys: &[String],
-        table_oid: i64,
         fence: &Fence,
     ) -> Result<Vec<String>, DbError> {
         if keys.is_empty() {
@@ -546,17 +549,10 @@ impl Store {
         let query = sqlx::query(&q.release_keys)
             .bind(keys)
             .bind(q.table.to_string())
-            .bind(table_oid);
+            .bind(fence.table_oid);
         let query = bind_fence!(query, fence);
         let done = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(unfinished(keys.iter().cloned(), &done)?)
-    }
-
-    /// The oid of the table's current instance (what [`crate::message::OutboxRow::table_oid`]
-    /// says of its rows).
-    pub async fn table_oid(&self, q: &TableSql) -> Result<i64, DbError> {
-        let query = sqlx::query_scalar("SELECT $1::regclass::oid::bigint").bind(q.table.quoted());
-        Ok(answered_within(self.answer_within, query.fetch_one(self.pool())).await?)
     }
 
     /// Held keys of the table whose holder no longer holds them (published, deleted by the
@@ -565,10 +561,9 @@ impl Store {
     pub async fn stale_holds(
         &self,
         q: &TableSql,
-        table_oid: i64,
         fence: &Fence,
     ) -> Result<(Vec<String>, i64), DbError> {
-        let query = bind_fence!(sqlx::query(&q.stale_holds).bind(table_oid), fence);
+        let query = bind_fence!(sqlx::query(&q.stale_holds).bind(fence.table_oid), fence);
         let rows = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         let mut stale = Vec::new();
         let mut held = 0;
@@ -1270,6 +1265,7 @@ impl TableSql {
                      AND l.classid::bigint = $3 AND l.objid::bigint = $4) \
                AND ({o_id} > $6 OR {o_id} <> ALL($5::bigint[])) \
                AND ($7::bool[] IS NULL OR ($7::bool[])[{o_part} + 1]) \
+               AND o.tableoid::bigint = $9 \
              ORDER BY {o_id} LIMIT $1",
             select = c.select_list("o"),
             o_part = partition_of(&o_key, 8),
@@ -1389,7 +1385,7 @@ impl TableSql {
         self
     }
 
-    /// The mark: exactly the confirmed ids of this table instance (`tableoid`: a table
+    /// The mark: exactly the confirmed ids of the fence's table instance (`tableoid`: a table
     /// dropped and created again reuses ids) that are still unpublished, set published or
     /// deleted; returns the keys whose holder it published, so they are released. A deleted
     /// holder is as gone as a published one: the stale-hold sweep treats both alike.

@@ -218,15 +218,14 @@ async fn an_ordering_key_past_the_limit_is_refused_at_insert_and_one_at_the_limi
 }
 
 /// A store and an all-partitions fence on `env`'s table, as a lone relay holds them.
-async fn store_of(env: &TestEnv) -> (Store, TableSql, outbox_relay::store::Fence, i64) {
+async fn store_of(env: &TestEnv) -> (Store, TableSql, outbox_relay::store::Fence) {
     let settings = Settings::load(&env.config_path).unwrap();
     let store = Store::connect(&settings.postgres).await.unwrap();
     let table = TableName::parse(&env.table).unwrap();
     let sql = TableSql::new(&table, OnExhausted::HoldKey);
     let leases = Leases::new(store.pool().clone(), table, Duration::from_secs(60));
     let fence = leases.fence_all("marker", 256).await.unwrap();
-    let oid = store.table_oid(&sql).await.unwrap();
-    (store, sql, fence, oid)
+    (store, sql, fence)
 }
 
 async fn versions(env: &TestEnv, ids: &[i64]) -> Vec<RowVersion> {
@@ -240,7 +239,7 @@ async fn versions(env: &TestEnv, ids: &[i64]) -> Vec<RowVersion> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mark_after_a_truncate_a_reinsert_or_an_update_leaves_the_unsent_rows_pending() {
     let env = TestEnv::new(Setup::new()).await;
-    let (store, sql, fence, oid) = store_of(&env).await;
+    let (store, sql, fence) = store_of(&env).await;
 
     // Read (as a relay reads them before publishing), then the table changes under the relay.
     let ids = env.insert(&rows_over_keys("old", 4, 8)).await;
@@ -254,10 +253,7 @@ async fn a_mark_after_a_truncate_a_reinsert_or_an_update_leaves_the_unsent_rows_
     .unwrap();
     let new_ids = env.insert(&rows_over_keys("new", 4, 8)).await;
     assert_eq!(new_ids, ids, "the new rows reuse the old ids");
-    store
-        .mark_published(&sql, &sent, oid, &fence)
-        .await
-        .unwrap();
+    store.mark_published(&sql, &sent, &fence).await.unwrap();
     assert!(
         env.published_ids().await.is_empty(),
         "no row the relay did not send is marked"
@@ -275,10 +271,7 @@ async fn a_mark_after_a_truncate_a_reinsert_or_an_update_leaves_the_unsent_rows_
     .execute(&env.pool)
     .await
     .unwrap();
-    store
-        .mark_published(&sql, &sent, oid, &fence)
-        .await
-        .unwrap();
+    store.mark_published(&sql, &sent, &fence).await.unwrap();
     let published = env.published_ids().await;
     let untouched: HashSet<i64> = new_ids[2..].iter().copied().collect();
     assert_eq!(

@@ -18,7 +18,6 @@ struct Fenced {
     store: Store,
     sql: TableSql,
     leases: Leases,
-    oid: i64,
 }
 
 impl Fenced {
@@ -30,17 +29,11 @@ impl Fenced {
         let table = TableName::parse(&env.table).unwrap();
         let sql = TableSql::new(&table, OnExhausted::HoldKey);
         let leases = Leases::new(store.pool().clone(), table, Duration::from_secs(60));
-        let oid = sqlx::query_scalar("SELECT $1::regclass::oid::bigint")
-            .bind(quoted_table(&env.table))
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
         Fenced {
             env,
             store,
             sql,
             leases,
-            oid,
         }
     }
 
@@ -57,7 +50,7 @@ impl Fenced {
     async fn mark(&self, ids: &[i64], fence: &Fence) -> HashSet<i64> {
         let rows = self.versions(ids).await;
         self.store
-            .mark_published(&self.sql, &rows, self.oid, fence)
+            .mark_published(&self.sql, &rows, fence)
             .await
             .unwrap();
         self.env.published_ids().await
@@ -96,15 +89,11 @@ async fn statements_with_a_forged_epoch_change_nothing_and_the_holders_go_throug
             })
             .collect();
         t.store
-            .record_failures(&t.sql, &failures, t.oid, &forgery)
+            .record_failures(&t.sql, &failures, &forgery)
             .await
             .unwrap();
         let holds = vec![("forge-0".to_owned(), ids[0])];
-        let unfinished = t
-            .store
-            .hold_keys(&t.sql, &holds, t.oid, &forgery)
-            .await
-            .unwrap();
+        let unfinished = t.store.hold_keys(&t.sql, &holds, &forgery).await.unwrap();
         assert!(
             unfinished.is_empty(),
             "a key outside the fence is not retried"
@@ -131,7 +120,6 @@ async fn statements_with_a_forged_epoch_change_nothing_and_the_holders_go_throug
                 error: "refused".into(),
                 retry_after: Some(Duration::from_secs(1)),
             }],
-            t.oid,
             &fence,
         )
         .await

@@ -24,7 +24,7 @@ async fn leases(env: &TestEnv, lease: Duration) -> Leases {
 async fn renewed(leases: &Leases, member: &Member) -> (BTreeSet<MemberId>, Vec<(u32, i64)>) {
     match leases.heartbeat(member).await.unwrap() {
         Heartbeat::Renewed { live, owned } => (live, owned),
-        Heartbeat::Expired => panic!("member {} expired", member.id),
+        other => panic!("member {} not renewed: {other:?}", member.id),
     }
 }
 
@@ -223,4 +223,51 @@ async fn the_partition_count_is_fixed_once_chosen() {
         ),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_member_of_a_table_dropped_and_made_again_is_told_so_and_registers_on_the_new_one() {
+    let env = TestEnv::new(Setup::new()).await;
+    let leases = leases(&env, Duration::from_secs(30)).await;
+    let a = leases.register("a", PARTITIONS).await.unwrap();
+    assert_eq!(rebalance(&leases, &a).await.len(), PARTITIONS as usize);
+
+    // The table made again under the same name: a new instance, with a new oid.
+    let table = quoted_table(&env.table);
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE {table} RENAME TO outbox_old; \
+         CREATE TABLE {table} (LIKE public.outbox_old INCLUDING ALL); \
+         DROP TABLE public.outbox_old;"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(leases.heartbeat(&a).await.unwrap(), Heartbeat::Replaced);
+
+    // Registering again lands on the new instance, and the old one's rows are gone: its
+    // members, leases and lease table.
+    let a2 = leases.register("a", PARTITIONS).await.unwrap();
+    assert_ne!(a2.table_oid, a.table_oid);
+    assert_eq!(rebalance(&leases, &a2).await.len(), PARTITIONS as usize);
+    for table in ["members", "leases", "lease_tables"] {
+        let left: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM outbox_relay.{table} WHERE table_oid = $1"
+        ))
+        .bind(a.table_oid)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(left, 0, "rows of the dropped instance left in {table}");
+    }
+
+    // Dropped for good: the member is told, and registering says what is missing.
+    sqlx::raw_sql(&format!("DROP TABLE {table}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(leases.heartbeat(&a2).await.unwrap(), Heartbeat::Replaced);
+    assert!(matches!(
+        leases.register("a", PARTITIONS).await,
+        Err(LeaseError::NoTable(_))
+    ));
 }

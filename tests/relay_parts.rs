@@ -206,17 +206,11 @@ async fn the_last_mark_at_shutdown_is_written_even_when_the_mark_before_it_faile
     let store = Store::connect(&settings.postgres).await.unwrap();
     let table = TableName::parse(&env.table).unwrap();
     let sql = TableSql::new(&table, OnExhausted::HoldKey);
-    let oid: i64 = sqlx::query_scalar("SELECT $1::regclass::oid::bigint")
-        .bind(quoted_table(&env.table))
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
     let fence = Leases::new(store.pool().clone(), table.clone(), settings.lease())
         .fence_all("relay_parts", settings.outbox[0].partitions)
         .await
         .unwrap();
     let mut marks = MarkPipeline::new(store.clone(), sql, 100);
-    marks.read_from(oid);
     marks.set_fence(&fence);
 
     // The versions the relay read and sent.

@@ -537,3 +537,80 @@ async fn status_shows_the_members_their_partitions_and_the_unowned_ones() {
         text.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_on_a_table_dropped_and_created_again_move_to_the_new_table_and_send_each_row_once()
+{
+    let env = TestEnv::new(scale_out()).await;
+    let (mut relays, old_members) = start_sharing(&env, 2).await;
+    let before = env.insert(&rows_over_keys("before", KEYS, 200)).await;
+    env.consumer.wait_for(before.len()).await;
+    env.wait_all_marked().await;
+
+    // The operator drops the table and `migrate` makes it again (ids start over at 1); a relay
+    // started now registers on the new table at once, the two running ones learn it at their
+    // next heartbeat. Rows written meanwhile must go out once: never by a relay that still
+    // believes it holds the old table's partitions.
+    let table = quoted_table(&env.table);
+    sqlx::raw_sql(&format!("DROP TABLE {table}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(migrated.code, 0, "{migrated:?}");
+    relays.push(env.start_relay());
+    let producer = Producer::start(&env, "after", KEYS, 10, Duration::from_millis(20));
+    eventually(
+        "all three relays to share the new table's partitions",
+        || async {
+            let live: Vec<i64> = env.live_members().await.into_iter().collect();
+            live.len() == 3 && env.partitions_shared_by(&live).await
+        },
+    )
+    .await;
+    let live = env.live_members().await;
+    assert!(
+        live.iter().all(|m| !old_members.contains(m)),
+        "the running relays registered anew on the new table: {live:?} (old: {old_members:?})"
+    );
+    env.consumer.wait_for(before.len() + 500).await;
+    let written = producer.stop().await;
+
+    let all: HashSet<i64> = sqlx::query_scalar::<_, i64>(&format!("SELECT id FROM {table}"))
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    env.wait_all_marked().await;
+    env.wait_until_queue_is_settled().await;
+    let after: Vec<Received> = env
+        .consumer
+        .received()
+        .into_iter()
+        .filter(|r| r.message_id.starts_with("after"))
+        .collect();
+    let delivered = delivered_ids(&after);
+    let lost: BTreeSet<&i64> = all.difference(&delivered).collect();
+    assert!(
+        lost.is_empty(),
+        "rows of the new table never delivered: {lost:?}"
+    );
+    assert_first_deliveries_in_id_order(&after);
+    let duplicates = assert_duplicates_share_message_id(&after);
+    assert_eq!(
+        duplicates, 0,
+        "{written} rows written after the table was made again; {duplicates} went out twice \
+         (relays of the old and the new table both sent them)"
+    );
+    for relay in &mut relays {
+        assert!(relay.is_running(), "{}", relay.log());
+    }
+    assert!(
+        relays[0]
+            .log()
+            .contains("the outbox table was dropped or created anew"),
+        "{}",
+        relays[0].log()
+    );
+}

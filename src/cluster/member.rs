@@ -238,6 +238,12 @@ impl Membership {
         let sent = Instant::now();
         let (live, owned) = match self.leases.heartbeat(&member).await? {
             Heartbeat::Renewed { live, owned } => (live, owned),
+            Heartbeat::Replaced => {
+                tracing::warn!(table = %self.leases.table(), member = member.id, "partition leases: the outbox table was dropped or created anew; leaving its old instance and registering on the current one");
+                self.leave().await;
+                self.releasing.clear();
+                return Ok(());
+            }
             Heartbeat::Expired => {
                 tracing::warn!(table = %self.leases.table(), member = member.id, "partition leases: the lease ran out (a pause or a lost connection), or the coordination session it was taken from is gone; registering again");
                 self.member = None;

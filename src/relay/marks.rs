@@ -13,8 +13,6 @@ use crate::store::{DbError, Failure, Fence, Marked, RowVersion, Store, TableSql}
 pub struct MarkPipeline {
     store: Store,
     sql: TableSql,
-    /// The table instance the ids belong to (see [`crate::message::OutboxRow::table_oid`]).
-    table_oid: Option<i64>,
     chunk: usize,
     confirmed: Vec<RowVersion>,
     marking: Option<Marking>,
@@ -27,8 +25,10 @@ pub struct MarkPipeline {
     /// then (a holder deleted by hand); none, never.
     held_keys: i64,
     last_sweep: Option<std::time::Instant>,
-    /// The leases every write is fenced by (what the membership last told the relay).
-    fence: Fence,
+    /// The leases every write is fenced by (what the membership last told the relay), and
+    /// so the table instance the ids belong to: none until the relay first took a turn, and
+    /// nothing can be confirmed before that.
+    fence: Option<Fence>,
 }
 
 /// A mark being written in the background.
@@ -48,7 +48,6 @@ impl MarkPipeline {
         MarkPipeline {
             store,
             sql,
-            table_oid: None,
             chunk,
             confirmed: Vec::new(),
             marking: None,
@@ -58,7 +57,7 @@ impl MarkPipeline {
             releases: Vec::new(),
             held_keys: 0,
             last_sweep: None,
-            fence: Fence::default(),
+            fence: None,
         }
     }
 
@@ -78,32 +77,31 @@ impl MarkPipeline {
             + self.unmarked.len()
     }
 
-    /// The rows were read from table instance `oid`. A different instance (the table was
-    /// dropped and created again, ids start over) forgets the old one's ids: none of them may
-    /// be marked in the new table. Returns true when that happened.
-    pub fn read_from(&mut self, oid: i64) -> bool {
-        match self.table_oid.replace(oid) {
-            Some(old) if old != oid => {
-                self.confirmed.clear();
-                self.unmarked.clear();
-                self.unrecorded.clear();
-                self.holds.clear();
-                self.releases.clear();
-                if let Some(m) = self.marking.take() {
-                    m.task.abort();
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// The leases the next writes are fenced by. A write for a partition the fence does not
-    /// hold (any more) changes nothing: the row stays due for its new owner.
-    pub fn set_fence(&mut self, fence: &Fence) {
-        if self.fence != *fence {
-            self.fence = fence.clone();
+    /// hold (any more) changes nothing: the row stays due for its new owner. A fence for
+    /// another instance of the table (it was dropped and created again, ids start over)
+    /// forgets the old one's ids: none of them may be marked in the new table. Returns true
+    /// when that happened.
+    pub fn set_fence(&mut self, fence: &Fence) -> bool {
+        if self.fence.as_ref() == Some(fence) {
+            return false;
         }
+        let replaced = self
+            .fence
+            .replace(fence.clone())
+            .is_some_and(|old| old.table_oid != fence.table_oid);
+        if replaced {
+            self.confirmed.clear();
+            self.unmarked.clear();
+            self.unrecorded.clear();
+            self.holds.clear();
+            self.releases.clear();
+            self.held_keys = 0;
+            if let Some(m) = self.marking.take() {
+                m.task.abort();
+            }
+        }
+        replaced
     }
 
     /// The broker confirmed this version of the row: it is marked published (if the table still
@@ -156,18 +154,17 @@ impl MarkPipeline {
     /// Starts marking the confirmed rows in the background (after settling the previous mark).
     pub async fn start(&mut self) -> Result<(), DbError> {
         let settled = self.finish_marking().await;
-        let Some(oid) = self.table_oid else {
+        let Some(fence) = self.fence.clone() else {
             return settled;
         };
         if !self.confirmed.is_empty() {
             let ids = std::mem::take(&mut self.confirmed);
             let (store, sql, task_ids) = (self.store.clone(), self.sql.clone(), ids.clone());
-            let fence = self.fence.clone();
             self.marking = Some(Marking {
                 ids,
-                task: tokio::spawn(async move {
-                    store.mark_published(&sql, &task_ids, oid, &fence).await
-                }),
+                task: tokio::spawn(
+                    async move { store.mark_published(&sql, &task_ids, &fence).await },
+                ),
             });
         }
         settled
@@ -198,19 +195,11 @@ impl MarkPipeline {
         if !force && !self.sweep_due() {
             return Ok(());
         }
-        let oid = match self.table_oid {
-            Some(oid) => oid,
-            // Nothing fetched yet: when every pending row waits behind a key whose holder is
-            // gone (a relay stopped between publishing or deleting the holder and releasing
-            // the key), nothing ever would be. The table's current instance it is.
-            None => {
-                let oid = self.store.table_oid(&self.sql).await?;
-                self.read_from(oid);
-                oid
-            }
+        let Some(fence) = &self.fence else {
+            return Ok(());
         };
         self.last_sweep = Some(std::time::Instant::now());
-        let (stale, held) = self.store.stale_holds(&self.sql, oid, &self.fence).await?;
+        let (stale, held) = self.store.stale_holds(&self.sql, fence).await?;
         self.held_keys = held;
         if !stale.is_empty() {
             tracing::info!(table = %self.sql.table(), keys = stale.len(), "releasing keys whose holding row is gone");
@@ -272,20 +261,20 @@ impl MarkPipeline {
     }
 
     async fn flush(&mut self) -> Result<(), DbError> {
-        let Some(oid) = self.table_oid else {
+        let Some(fence) = self.fence.clone() else {
             return Ok(());
         };
         if !self.unmarked.is_empty() {
             let marked = self
                 .store
-                .mark_published(&self.sql, &self.unmarked, oid, &self.fence)
+                .mark_published(&self.sql, &self.unmarked, &fence)
                 .await?;
             let asked = std::mem::take(&mut self.unmarked).len();
             self.written(asked, marked);
         }
         if !self.unrecorded.is_empty() {
             self.store
-                .record_failures(&self.sql, &self.unrecorded, oid, &self.fence)
+                .record_failures(&self.sql, &self.unrecorded, &fence)
                 .await?;
             for f in self.unrecorded.iter().filter(|f| f.retry_after.is_none()) {
                 tracing::warn!(table = %self.sql.table(), id = f.row.id, error = %f.error, "row parked");
@@ -294,10 +283,7 @@ impl MarkPipeline {
         }
         if !self.holds.is_empty() {
             let holds = std::mem::take(&mut self.holds);
-            let busy = self
-                .store
-                .hold_keys(&self.sql, &holds, oid, &self.fence)
-                .await?;
+            let busy = self.store.hold_keys(&self.sql, &holds, &fence).await?;
             self.held_keys += (holds.len() - busy.len()) as i64;
             self.holds = holds
                 .into_iter()
@@ -308,7 +294,7 @@ impl MarkPipeline {
             let releases = std::mem::take(&mut self.releases);
             let unfinished = self
                 .store
-                .release_keys(&self.sql, &releases, oid, &self.fence)
+                .release_keys(&self.sql, &releases, &fence)
                 .await?;
             self.held_keys = (self.held_keys - (releases.len() - unfinished.len()) as i64).max(0);
             self.releases = unfinished;

@@ -221,7 +221,10 @@ impl TableRelay {
             .turn
             .as_ref()
             .is_none_or(|t| turn.fence.owned.iter().any(|p| !t.fence.owned.contains(p)));
-        self.marks.set_fence(&turn.fence);
+        if self.marks.set_fence(&turn.fence) {
+            tracing::warn!(table = %self.table.table, "the outbox table was created anew; forgetting the old table's unsettled rows");
+            self.window.clear();
+        }
         if fresh || gained {
             // New links, or partitions new to this relay: a relay that stopped between a mark
             // and its release may have left their keys held; look once under the new fence.
@@ -252,12 +255,6 @@ impl TableRelay {
                 Err(e) => return self.down(e.context("fetching due rows")),
             };
             self.reporter.set(Health::Relaying);
-            if let Some(first) = rows.first() {
-                if self.marks.read_from(first.table_oid) {
-                    tracing::warn!(table = %self.table.table, "the outbox table was created anew; forgetting the old table's unsettled rows");
-                    self.window.clear();
-                }
-            }
             self.more_waiting = rows.len() as u32 == limit;
             if rows.is_empty() && self.window.is_empty() {
                 if self.marks.has_work() {

@@ -205,6 +205,10 @@ pub enum Heartbeat {
     /// The lease had run out before the heartbeat arrived (a pause, a lost connection): this
     /// member holds nothing any more and must not publish; it registers again.
     Expired,
+    /// The table the member registered on is gone: dropped, or dropped and created again (a
+    /// new instance, whose members register on it anew). The member must publish nothing more
+    /// and leave; it registers on the current instance, if there is one.
+    Replaced,
 }
 
 /// The lease statements of one table.
@@ -342,6 +346,19 @@ impl Leases {
         .execute(&mut *tx)
         .await
         .map_err(DbError::from)?;
+        // Tables dropped since leave no lease rows behind (a table created again is a new
+        // instance, with a new oid: its members start afresh).
+        for forget in [
+            "DELETE FROM outbox_relay.members WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid::bigint = table_oid)",
+            "DELETE FROM outbox_relay.leases WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid::bigint = table_oid)",
+            "DELETE FROM outbox_relay.lease_tables WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid::bigint = table_oid)",
+            "DELETE FROM outbox_relay.held_keys WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid::bigint = table_oid)",
+        ] {
+            sqlx::query(forget)
+                .execute(&mut *tx)
+                .await
+                .map_err(DbError::from)?;
+        }
         // Dead members leave no rows behind; their partitions are free.
         sqlx::query(&format!(
             "DELETE FROM outbox_relay.members m WHERE m.table_oid = $1 AND {DEAD}"
@@ -414,7 +431,8 @@ impl Leases {
                     ARRAY(SELECT partition FROM outbox_relay.leases
                           WHERE table_oid = $1 AND owner = $2 ORDER BY partition) AS partitions,
                     ARRAY(SELECT epoch FROM outbox_relay.leases
-                          WHERE table_oid = $1 AND owner = $2 ORDER BY partition) AS epochs"
+                          WHERE table_oid = $1 AND owner = $2 ORDER BY partition) AS epochs,
+                    to_regclass($7)::oid::bigint AS current_oid"
         ))
         .bind(member.table_oid)
         .bind(member.id as i64)
@@ -422,8 +440,13 @@ impl Leases {
         .bind(member.session.map(|s| s.pid))
         .bind(member.session.map(|s| s.classid))
         .bind(member.session.map(|s| s.objid))
+        .bind(self.table.quoted())
         .fetch_one(self.pool())
         .await?;
+        let current: Option<i64> = row.try_get("current_oid")?;
+        if current != Some(member.table_oid) {
+            return Ok(Heartbeat::Replaced);
+        }
         if !row.try_get::<bool, _>("renewed")? {
             return Ok(Heartbeat::Expired);
         }

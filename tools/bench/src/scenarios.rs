@@ -724,8 +724,7 @@ pub async fn pg_only(env: &BenchEnv, plan: &Plan) -> anyhow::Result<PgOnly> {
             }
             let sent: Vec<RowVersion> = rows.iter().map(RowVersion::of).collect();
             let t = Instant::now();
-            let oid = rows.first().map_or(0, |r| r.table_oid);
-            store.mark_published(&sql, &sent, oid, &fence).await?;
+            store.mark_published(&sql, &sent, &fence).await?;
             mark += t.elapsed();
             done += sent.len() as u64;
         }
