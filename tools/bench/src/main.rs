@@ -33,6 +33,8 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            durable queue with a live consumer; time from relay start until every row is marked
            published and received. Baseline: the same messages published from memory with lapin
            (persistent, mandatory, message_id, headers, confirms, same in-flight window).
+           Also PostgreSQL's CPU per event drained (every postgres process on the machine;
+           target <= 10 us).
   hot-key  --events/10 rows (at least 2,000) on ONE ordering key. Baseline: raw publishing with
            one message in flight.
   latency  --rate events/s (default 1,000) offered by --producers connections (single-row

@@ -118,10 +118,7 @@ impl DeleteMode {
     }
     /// Median PostgreSQL CPU microseconds per event.
     fn postgresql_us(&self, runs: &[Run]) -> f64 {
-        median(
-            runs.iter()
-                .filter_map(|r| r.cpu_split.map(|c| c.postgresql_s * 1e6 / self.rows as f64)),
-        )
+        postgresql_us_per_event(runs, self.rows)
     }
     fn json(&self) -> Value {
         json!({
@@ -440,6 +437,18 @@ fn round(x: f64, places: i32) -> f64 {
     (x * f).round() / f
 }
 
+/// Median PostgreSQL CPU microseconds per event of runs of `rows` events (every `postgres`
+/// process of the machine: the sessions of other users too).
+fn postgresql_us_per_event(runs: &[Run], rows: u64) -> f64 {
+    median(runs.iter().filter_map(|r| {
+        r.cpu_split
+            .map(|c| c.postgresql_s * 1e6 / rows.max(1) as f64)
+    }))
+}
+
+/// The drain's target for PostgreSQL's CPU per event (issue 23).
+const DRAIN_POSTGRESQL_US_MAX: f64 = 10.0;
+
 fn peak_rss(runs: &[Run]) -> f64 {
     runs.iter()
         .filter_map(|r| r.usage.map(|u| u.peak_rss_mib))
@@ -511,6 +520,8 @@ impl Comparison {
             "raw_path_cpu_us_per_event": round(self.path_cpu_us(&self.raw), 1),
             "cpu_ratio": round(self.cpu_ratio(), 3),
             "relay_cpu_us_per_event": round(self.relay_cpu_s() * 1e6 / self.rows as f64, 1),
+            "relay_postgresql_cpu_us_per_event": round(postgresql_us_per_event(&self.relay, self.rows), 1),
+            "raw_postgresql_cpu_us_per_event": round(postgresql_us_per_event(&self.raw, self.rows), 1),
             "peak_rss_mib": round(peak_rss(&self.relay), 1),
             "relay_runs": runs_json(&self.relay),
             "raw_runs": runs_json(&self.raw),
@@ -896,7 +907,14 @@ impl Report {
     pub fn json(&self) -> Value {
         let mut out = serde_json::Map::new();
         if let Some(d) = &self.drain {
-            out.insert("drain".into(), d.json());
+            let mut drain = d.json();
+            if let Some(fields) = drain.as_object_mut() {
+                fields.insert(
+                    "relay_postgresql_cpu_us_per_event_target_max".into(),
+                    json!(DRAIN_POSTGRESQL_US_MAX),
+                );
+            }
+            out.insert("drain".into(), drain);
         }
         if let Some(h) = &self.hot_key {
             out.insert("hot_key".into(), h.json());
@@ -1007,6 +1025,16 @@ impl Report {
                 d.path_cpu_us(&d.relay),
                 d.path_cpu_us(&d.raw),
                 d.cpu_ratio()
+            );
+            let postgresql_us = postgresql_us_per_event(&d.relay, d.rows);
+            s += &format!(
+                "{:<11} {:<44} {:>10.1} {:>10.1} {:>6}   <= {DRAIN_POSTGRESQL_US_MAX:.0} us {}\n",
+                "",
+                "  PostgreSQL CPU us/event",
+                postgresql_us,
+                postgresql_us_per_event(&d.raw, d.rows),
+                "",
+                verdict(postgresql_us <= DRAIN_POSTGRESQL_US_MAX)
             );
         }
         if let Some(h) = &self.hot_key {
