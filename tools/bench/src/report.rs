@@ -1,8 +1,13 @@
 //! The figures: medians and ratios, the human table (with the targets beside them,
 //! for information only) and the JSON object.
 
+mod producers;
+
 use serde_json::{json, Value};
 
+pub use self::producers::{
+    CommitTimes, ProducerCount, ProducerRun, Producers, RelayKeptUp, Situation, SituationRuns,
+};
 use crate::env::Machine;
 use crate::process::{CpuSplit, LeaseTimings, LogProblems, Usage};
 use crate::Plan;
@@ -399,6 +404,7 @@ pub struct Report {
     pub held_key: Option<HeldKey>,
     pub delete_mode: Option<DeleteMode>,
     pub scale_out: Option<ScaleOut>,
+    pub producers: Option<Producers>,
 }
 
 pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
@@ -818,6 +824,7 @@ impl Report {
             held_key: None,
             delete_mode: None,
             scale_out: None,
+            producers: None,
         }
     }
 
@@ -855,14 +862,16 @@ impl Report {
     /// (other users of a shared machine) during the timed runs.
     fn other_cpu_share(&self) -> Option<f64> {
         let runs = self.timed_runs();
-        let other: f64 = runs
+        let mut other: f64 = runs
             .iter()
             .filter_map(|r| r.cpu_split.map(|c| c.other_s))
             .sum();
-        let available: f64 = runs
-            .iter()
-            .map(|r| r.seconds * self.machine.nproc.max(1) as f64)
-            .sum();
+        let mut seconds: f64 = runs.iter().map(|r| r.seconds).sum();
+        for run in self.producers.iter().flat_map(Producers::runs) {
+            other += run.cpu_split.other_s;
+            seconds += run.seconds;
+        }
+        let available = seconds * self.machine.nproc.max(1) as f64;
         (available > 0.0).then(|| other / available)
     }
 
@@ -901,6 +910,7 @@ impl Report {
         if let Some(o) = &self.scale_out {
             peaks.extend(o.cells.iter().map(ScaleCell::peak_rss_mib));
         }
+        peaks.extend(self.producers.as_ref().and_then(Producers::peak_rss_mib));
         peaks.into_iter().reduce(f64::max)
     }
 
@@ -969,6 +979,9 @@ impl Report {
         }
         if let Some(o) = &self.scale_out {
             out.insert("scale_out".into(), o.json());
+        }
+        if let Some(p) = &self.producers {
+            out.insert("producers".into(), p.json());
         }
         if let Some(peak) = self.peak_rss_mib() {
             out.insert("peak_rss_mib".into(), json!(round(peak, 1)));
@@ -1118,6 +1131,9 @@ impl Report {
         }
         if let Some(o) = &self.scale_out {
             s += &o.table();
+        }
+        if let Some(p) = &self.producers {
+            s += &p.table(&verdict);
         }
         let noise = self.other_cpu_share();
         if let Some(peak) = self.peak_rss_mib() {
