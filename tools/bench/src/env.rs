@@ -27,9 +27,14 @@ pub const IDLE_TABLE: &str = "bench.idle_outbox";
 pub const HISTORY_TABLE: &str = "bench.history_outbox";
 pub const HELD_KEY_TABLE: &str = "bench.held_key_outbox";
 pub const SCALE_TABLE: &str = "bench.scale_outbox";
+/// The producers scenario's outbox table, its twin migrated with `notify = false` (no NOTIFY
+/// trigger; made by that scenario's `migrate`), and its plain copy without triggers.
+pub const PRODUCERS_TABLE: &str = "bench.producers_outbox";
+pub const PRODUCERS_QUIET_TABLE: &str = "bench.producers_quiet_outbox";
+pub const PRODUCERS_PLAIN_TABLE: &str = "bench.producers_plain";
 /// The many-tables scenario's tables are `tenants.t0` … (made by that scenario's `migrate`).
 pub const MANY_TABLES_SCHEMA: &str = "tenants";
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     DRAIN_TABLE,
     HOT_KEY_TABLE,
     LATENCY_TABLE,
@@ -37,6 +42,7 @@ const TABLES: [&str; 7] = [
     HISTORY_TABLE,
     HELD_KEY_TABLE,
     SCALE_TABLE,
+    PRODUCERS_TABLE,
 ];
 
 pub fn table(name: &str) -> TableName {

@@ -1,8 +1,8 @@
 //! `outbox-relay-bench`: measures the real relay binary against the broker's own limit
 //! (raw lapin publishing) in the same run, plus latency, idle cost, history, the
 //! PostgreSQL-only ceiling, two production shapes (many tables, a held key), delete mode
-//! against mark mode, and scale-out (several relays on one table, and their failover). Thin:
-//! parses
+//! against mark mode, scale-out (several relays on one table, and their failover), and the
+//! producers' side (their commits into the outbox against a plain table). Thin: parses
 //! arguments, sets up and tears down the bench's own database, exchange and queue, runs the
 //! scenarios and prints the report.
 
@@ -10,6 +10,7 @@ mod consumer;
 mod env;
 mod leases;
 mod process;
+mod producers;
 mod raw;
 mod report;
 mod resources;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::env::BenchEnv;
-use crate::report::Report;
+use crate::report::{Report, Situation};
 
 const AFTER_HELP: &str = "\
 Scenarios (each measures the relay and its baseline in the same run, alternating rounds):
@@ -33,6 +34,8 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            durable queue with a live consumer; time from relay start until every row is marked
            published and received. Baseline: the same messages published from memory with lapin
            (persistent, mandatory, message_id, headers, confirms, same in-flight window).
+           Also PostgreSQL's CPU per event drained (every postgres process on the machine;
+           target <= 10 us).
   hot-key  --events/10 rows (at least 2,000) on ONE ordering key. Baseline: raw publishing with
            one message in flight.
   latency  --rate events/s (default 1,000) offered by --producers connections (single-row
@@ -83,6 +86,23 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            is SIGSTOPped until the others hold its partitions and SIGCONTed (--rounds times each).
            Figures: fault -> the first arrival of a row of that partition inserted after the
            fault, and the gap from its last arrival before; every inserted row must arrive.
+  producers
+           what the outbox costs the application: 1, 4, 16 and 64 producer connections
+           (--quick: 4 and 16) commit single-row inserts as fast as they can for
+           --producers-secs (default 4, --quick 3) into the outbox table: (a) with the relay
+           stopped (its triggers alone), (b) with the relay draining it to the live consumer,
+           (c) the same with notify = false (no NOTIFY trigger, the relay polls). Baseline: the
+           same inserts into a plain copy of the table in the same database (LIKE ...
+           INCLUDING DEFAULTS INCLUDING INDEXES, its own identity, no triggers), in the run
+           just before and just after each outbox run. Figures per producer count: commits/s,
+           mean and p99 commit latency (client-side), ratio outbox / plain, CPU per commit of
+           PostgreSQL, the relay, RabbitMQ and the bench (producers and consumer), and how far
+           the relay was behind when the producers stopped. Targets at 4 and 16 producers:
+           >= 0.9 with the relay stopped, >= 0.6 with it draining; 1, 64 and notify off
+           reported only. Producer connections that do not fit PostgreSQL's max_connections
+           (beside the open sessions, a relay's and the bench's) are capped, and the cap is
+           printed. --scenario all runs a short form: 4 and 16 producers, (a) and (b) only, 3 s
+           runs (--quick 2 s).
 
 Defaults: full run = 100,000 events, 10,000,000 history rows, 2 rounds, 20 s latency, 10 s idle,
 200 tables. --quick = 10,000 events, 100,000 history rows, 1 round, 5 s latency, 3 s idle, 50
@@ -139,6 +159,10 @@ struct Args {
     /// Duration of the latency scenario in seconds (default 20, --quick 5).
     #[arg(long, value_name = "SECONDS")]
     latency_secs: Option<u64>,
+    /// Length of each timed run of the producers scenario in seconds (default 4, --quick 3;
+    /// in --scenario all 3, --quick 2).
+    #[arg(long, value_name = "SECONDS")]
+    producers_secs: Option<u64>,
     /// Duration of the idle scenario in seconds (default 10, --quick 3).
     #[arg(long, value_name = "SECONDS")]
     idle_secs: Option<u64>,
@@ -175,6 +199,7 @@ enum Scenario {
     HeldKey,
     DeleteMode,
     ScaleOut,
+    Producers,
     All,
 }
 
@@ -197,6 +222,42 @@ pub struct Plan {
     pub idle: Duration,
     pub batch_size: u32,
     pub max_in_flight: usize,
+    pub producer_runs: ProducersPlan,
+}
+
+/// The producers scenario's shape: which producer counts and situations, each run how long.
+#[derive(Debug, Clone)]
+pub struct ProducersPlan {
+    pub counts: Vec<u32>,
+    pub situations: Vec<Situation>,
+    pub run: Duration,
+    /// The short form of `--scenario all`.
+    pub short: bool,
+}
+
+impl ProducersPlan {
+    fn from(args: &Args) -> ProducersPlan {
+        let short = args.scenario == Scenario::All;
+        let secs = match (short, args.quick) {
+            (false, false) => 4,
+            (false, true) | (true, false) => 3,
+            (true, true) => 2,
+        };
+        ProducersPlan {
+            counts: if short || args.quick {
+                vec![4, 16]
+            } else {
+                vec![1, 4, 16, 64]
+            },
+            situations: if short {
+                vec![Situation::RelayStopped, Situation::RelayDraining]
+            } else {
+                Situation::ALL.to_vec()
+            },
+            run: Duration::from_secs(args.producers_secs.unwrap_or(secs).max(1)),
+            short,
+        }
+    }
 }
 
 impl Plan {
@@ -235,6 +296,7 @@ impl Plan {
             ),
             batch_size: args.batch_size.max(1),
             max_in_flight: args.max_in_flight.max(1),
+            producer_runs: ProducersPlan::from(args),
         }
     }
 }
@@ -335,6 +397,9 @@ async fn measure(env: &mut BenchEnv, plan: &Plan, scenario: Scenario) -> anyhow:
     }
     if wants(Scenario::ScaleOut) {
         report.scale_out = Some(scale::scale_out(env, plan).await?);
+    }
+    if wants(Scenario::Producers) {
+        report.producers = Some(producers::producers(env, plan).await?);
     }
     Ok(report)
 }

@@ -32,6 +32,8 @@ pub struct RelayConfig {
     leases: Option<LeaseTimings>,
     /// `relay.channels`; the relay's default when unset.
     channels: Option<u32>,
+    /// `relay.notify`: LISTEN for the insert trigger, which `migrate` installs (or drops).
+    notify: bool,
 }
 
 /// How quickly a relay's partitions move when it stops: it renews every `heartbeat`, and its
@@ -67,7 +69,15 @@ impl RelayConfig {
             health: None,
             leases: None,
             channels: None,
+            notify: true,
         }
+    }
+
+    /// Sets `relay.notify`; `migrate` with this config drops the tables' NOTIFY trigger when
+    /// false, and the relay finds new rows by polling.
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self
     }
 
     /// Sets the lease timings (see [`LeaseTimings`]).
@@ -129,10 +139,11 @@ impl RelayConfig {
             s(&self.connection_name)
         );
         let mut relay = format!(
-            "[relay]\nbatch_size = {}\nmax_in_flight = {}\npoll_interval = {}\nnotify = true\n",
+            "[relay]\nbatch_size = {}\nmax_in_flight = {}\npoll_interval = {}\nnotify = {}\n",
             self.batch_size,
             self.max_in_flight,
-            ms(self.poll_interval)
+            ms(self.poll_interval),
+            self.notify
         );
         if let Some(t) = &self.leases {
             postgres += &format!("statement_timeout = {}\n", ms(t.statement_timeout));

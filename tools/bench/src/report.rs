@@ -1,8 +1,13 @@
 //! The figures: medians and ratios, the human table (with the issue's targets beside them,
 //! for information only) and the JSON object.
 
+mod producers;
+
 use serde_json::{json, Value};
 
+pub use self::producers::{
+    CommitTimes, ProducerCount, ProducerRun, Producers, RelayKeptUp, Situation, SituationRuns,
+};
 use crate::env::Machine;
 use crate::process::{CpuSplit, LeaseTimings, LogProblems, Usage};
 use crate::Plan;
@@ -118,10 +123,7 @@ impl DeleteMode {
     }
     /// Median PostgreSQL CPU microseconds per event.
     fn postgresql_us(&self, runs: &[Run]) -> f64 {
-        median(
-            runs.iter()
-                .filter_map(|r| r.cpu_split.map(|c| c.postgresql_s * 1e6 / self.rows as f64)),
-        )
+        postgresql_us_per_event(runs, self.rows)
     }
     fn json(&self) -> Value {
         json!({
@@ -402,6 +404,7 @@ pub struct Report {
     pub held_key: Option<HeldKey>,
     pub delete_mode: Option<DeleteMode>,
     pub scale_out: Option<ScaleOut>,
+    pub producers: Option<Producers>,
 }
 
 pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
@@ -439,6 +442,18 @@ fn round(x: f64, places: i32) -> f64 {
     let f = 10f64.powi(places);
     (x * f).round() / f
 }
+
+/// Median PostgreSQL CPU microseconds per event of runs of `rows` events (every `postgres`
+/// process of the machine: the sessions of other users too).
+fn postgresql_us_per_event(runs: &[Run], rows: u64) -> f64 {
+    median(runs.iter().filter_map(|r| {
+        r.cpu_split
+            .map(|c| c.postgresql_s * 1e6 / rows.max(1) as f64)
+    }))
+}
+
+/// The drain's target for PostgreSQL's CPU per event (issue 23).
+const DRAIN_POSTGRESQL_US_MAX: f64 = 10.0;
 
 fn peak_rss(runs: &[Run]) -> f64 {
     runs.iter()
@@ -511,6 +526,8 @@ impl Comparison {
             "raw_path_cpu_us_per_event": round(self.path_cpu_us(&self.raw), 1),
             "cpu_ratio": round(self.cpu_ratio(), 3),
             "relay_cpu_us_per_event": round(self.relay_cpu_s() * 1e6 / self.rows as f64, 1),
+            "relay_postgresql_cpu_us_per_event": round(postgresql_us_per_event(&self.relay, self.rows), 1),
+            "raw_postgresql_cpu_us_per_event": round(postgresql_us_per_event(&self.raw, self.rows), 1),
             "peak_rss_mib": round(peak_rss(&self.relay), 1),
             "relay_runs": runs_json(&self.relay),
             "raw_runs": runs_json(&self.raw),
@@ -807,6 +824,7 @@ impl Report {
             held_key: None,
             delete_mode: None,
             scale_out: None,
+            producers: None,
         }
     }
 
@@ -844,14 +862,16 @@ impl Report {
     /// (other users of a shared machine) during the timed runs.
     fn other_cpu_share(&self) -> Option<f64> {
         let runs = self.timed_runs();
-        let other: f64 = runs
+        let mut other: f64 = runs
             .iter()
             .filter_map(|r| r.cpu_split.map(|c| c.other_s))
             .sum();
-        let available: f64 = runs
-            .iter()
-            .map(|r| r.seconds * self.machine.nproc.max(1) as f64)
-            .sum();
+        let mut seconds: f64 = runs.iter().map(|r| r.seconds).sum();
+        for run in self.producers.iter().flat_map(Producers::runs) {
+            other += run.cpu_split.other_s;
+            seconds += run.seconds;
+        }
+        let available = seconds * self.machine.nproc.max(1) as f64;
         (available > 0.0).then(|| other / available)
     }
 
@@ -890,13 +910,21 @@ impl Report {
         if let Some(o) = &self.scale_out {
             peaks.extend(o.cells.iter().map(ScaleCell::peak_rss_mib));
         }
+        peaks.extend(self.producers.as_ref().and_then(Producers::peak_rss_mib));
         peaks.into_iter().reduce(f64::max)
     }
 
     pub fn json(&self) -> Value {
         let mut out = serde_json::Map::new();
         if let Some(d) = &self.drain {
-            out.insert("drain".into(), d.json());
+            let mut drain = d.json();
+            if let Some(fields) = drain.as_object_mut() {
+                fields.insert(
+                    "relay_postgresql_cpu_us_per_event_target_max".into(),
+                    json!(DRAIN_POSTGRESQL_US_MAX),
+                );
+            }
+            out.insert("drain".into(), drain);
         }
         if let Some(h) = &self.hot_key {
             out.insert("hot_key".into(), h.json());
@@ -951,6 +979,9 @@ impl Report {
         }
         if let Some(o) = &self.scale_out {
             out.insert("scale_out".into(), o.json());
+        }
+        if let Some(p) = &self.producers {
+            out.insert("producers".into(), p.json());
         }
         if let Some(peak) = self.peak_rss_mib() {
             out.insert("peak_rss_mib".into(), json!(round(peak, 1)));
@@ -1007,6 +1038,16 @@ impl Report {
                 d.path_cpu_us(&d.relay),
                 d.path_cpu_us(&d.raw),
                 d.cpu_ratio()
+            );
+            let postgresql_us = postgresql_us_per_event(&d.relay, d.rows);
+            s += &format!(
+                "{:<11} {:<44} {:>10.1} {:>10.1} {:>6}   <= {DRAIN_POSTGRESQL_US_MAX:.0} us {}\n",
+                "",
+                "  PostgreSQL CPU us/event",
+                postgresql_us,
+                postgresql_us_per_event(&d.raw, d.rows),
+                "",
+                verdict(postgresql_us <= DRAIN_POSTGRESQL_US_MAX)
             );
         }
         if let Some(h) = &self.hot_key {
@@ -1090,6 +1131,9 @@ impl Report {
         }
         if let Some(o) = &self.scale_out {
             s += &o.table();
+        }
+        if let Some(p) = &self.producers {
+            s += &p.table(&verdict);
         }
         let noise = self.other_cpu_share();
         if let Some(peak) = self.peak_rss_mib() {

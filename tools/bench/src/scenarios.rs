@@ -410,7 +410,7 @@ pub async fn latency(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Latency> {
 
 /// Inserts one row and waits until the consumer has it and the relay marked it: the relay is
 /// connected, listening and idle afterwards.
-async fn warm_up(
+pub(crate) async fn warm_up(
     env: &BenchEnv,
     relay: &mut RelayProcess,
     table: &TableName,
