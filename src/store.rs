@@ -329,12 +329,8 @@ impl Store {
             let trigger = quote_ident(&table.derived("notify"));
             let mut sql = format!("DROP TRIGGER IF EXISTS {trigger} ON {};", table.quoted());
             if notify {
-                sql += &format!(
-                    "CREATE TRIGGER {trigger} AFTER INSERT ON {} FOR EACH STATEMENT \
-                     EXECUTE FUNCTION outbox_relay.notify('{}');",
-                    table.quoted(),
-                    TableSql::notify_channel(table)
-                );
+                sql += &TableSql::notify_trigger(table);
+                sql += ";";
             }
             sqlx::raw_sql(&sql).execute(&mut *tx).await?;
             if let Some(set) = set_autovacuum(&mut tx, table).await? {
@@ -1418,6 +1414,19 @@ impl TableSql {
              SELECT (SELECT count(*) FROM marked) AS marked, \
                     ARRAY(SELECT h.ordering_key FROM outbox_relay.held_keys h JOIN marked m ON h.holder = m.id \
                           WHERE h.table_oid = $2) AS freed"
+        )
+    }
+
+    /// The insert trigger that wakes an idle relay: deferred to the commit, once per row, a
+    /// NOTIFY only while a relay of the table waits (`outbox_relay.waiting`); see
+    /// `outbox_relay.notify_waiting` in the relay's schema.
+    pub fn notify_trigger(table: &TableName) -> String {
+        format!(
+            "CREATE CONSTRAINT TRIGGER {} AFTER INSERT ON {} DEFERRABLE INITIALLY DEFERRED \
+             FOR EACH ROW EXECUTE FUNCTION outbox_relay.notify_waiting({})",
+            quote_ident(&table.derived("notify")),
+            table.quoted(),
+            columns::literal(&Self::notify_channel(table))
         )
     }
 

@@ -72,7 +72,8 @@ struct Found {
     columns: Vec<String>,
     sequence: bool,
     trigger: bool,
-    notify_trigger: bool,
+    /// The NOTIFY trigger: `Some(true)` this release's, `Some(false)` an earlier one's.
+    notify_trigger: Option<bool>,
     /// The ordering key's length check (see [`crate::store::MAX_ORDERING_KEY_BYTES`]).
     key_check: bool,
     adopted: Option<AdoptFrom>,
@@ -220,7 +221,8 @@ impl Store {
             "SELECT ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped) AS columns, \
                     to_regclass($2) IS NOT NULL AS sequence, \
                     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $3) AS trigger, \
-                    EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $4) AS notify_trigger, \
+                    (SELECT coalesce(tgfoid = to_regproc('outbox_relay.notify_waiting'), false) FROM pg_trigger \
+                     WHERE tgrelid = to_regclass($1) AND tgname = $4) AS notify_trigger, \
                     EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $5) AS key_check, \
                     to_regclass('outbox_relay.migrations') IS NOT NULL AS relay_schema, \
                     ARRAY(SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass($1) ORDER BY 1) AS index_names, \
@@ -366,15 +368,13 @@ impl Store {
                 table.derived("order")
             ));
         }
-        if found.notify_trigger != notify {
+        // A trigger of an earlier release (a NOTIFY from every producer transaction) is
+        // replaced as well.
+        if found.notify_trigger != notify.then_some(true) {
             let trigger = quote_ident(&table.derived("notify"));
             catalog.push(format!("DROP TRIGGER IF EXISTS {trigger} ON {t}"));
             if notify {
-                catalog.push(format!(
-                    "CREATE TRIGGER {trigger} AFTER INSERT ON {t} FOR EACH STATEMENT \
-                     EXECUTE FUNCTION outbox_relay.notify({})",
-                    literal(&TableSql::notify_channel(table))
-                ));
+                catalog.push(TableSql::notify_trigger(table));
             }
             catalog_steps.push(format!(
                 "{} the NOTIFY trigger {} (SHARE ROW EXCLUSIVE for milliseconds)",

@@ -67,6 +67,9 @@ pub struct TableLock {
     wakes: Arc<Wakes>,
     /// How many of the table's relays (one per channel) wait for work.
     idle: Arc<AtomicUsize>,
+    /// Tells the session that a table's relays went idle or woke (it arms or disarms the
+    /// table's wake-up flag).
+    idle_changed: Arc<Notify>,
 }
 
 /// The wake-ups of one table's relays: a NOTIFY or a poll wakes each of them.
@@ -139,6 +142,7 @@ impl TableLock {
         } else {
             self.idle.fetch_sub(1, Ordering::Relaxed);
         }
+        self.idle_changed.notify_one();
     }
 
     /// The same lock for another relay of the table (one per channel), with a wake-up of its
@@ -149,6 +153,7 @@ impl TableLock {
             wake: self.wakes.add(),
             wakes: self.wakes.clone(),
             idle: self.idle.clone(),
+            idle_changed: self.idle_changed.clone(),
         }
     }
 }
@@ -165,6 +170,9 @@ struct Entry {
     state: watch::Sender<LockState>,
     wake: Arc<Wakes>,
     idle: Arc<AtomicUsize>,
+    /// This session has written the table's row in `outbox_relay.waiting`: producers' commits
+    /// notify.
+    armed: bool,
 }
 
 /// The coordination session's task and the tables it serves.
@@ -200,6 +208,7 @@ impl Coordination {
             .connect_lazy_with(servers.options());
         let mut entries = Vec::new();
         let mut locks = Vec::new();
+        let idle_changed = Arc::new(Notify::new());
         for (index, sql) in tables.iter().enumerate() {
             let (state, receiver) = watch::channel(LockState::Connecting);
             let wake = Arc::new(Wakes::default());
@@ -209,6 +218,7 @@ impl Coordination {
                 wake: wake.add(),
                 wakes: wake.clone(),
                 idle: idle.clone(),
+                idle_changed: idle_changed.clone(),
             });
             entries.push(Entry {
                 table: sql.table().clone(),
@@ -218,11 +228,14 @@ impl Coordination {
                 state,
                 wake,
                 idle,
+                armed: false,
             });
         }
         let stop = CancellationToken::new();
         let session = Session {
             pool,
+            idle_changed,
+            arming: Arming::Unknown,
             look_again: servers.asked_to_look_again(),
             servers,
             entries,
@@ -251,8 +264,25 @@ impl Coordination {
     }
 }
 
+/// Whether the server has the wake-up flag (`outbox_relay.waiting`, this release's schema).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arming {
+    Unknown,
+    /// Writes the flag of idle tables.
+    On,
+    /// The schema predates the flag (`migrate` not run since the upgrade): its tables' triggers
+    /// notify on every commit, as they did, and nothing is armed.
+    Unsupported,
+}
+
+/// Deletes the flags this session wrote (its relays stop).
+const CLEAR_OWN_FLAGS: &str = "DELETE FROM outbox_relay.waiting WHERE pid = pg_backend_pid()";
+
 struct Session {
     pool: PgPool,
+    /// A table's relays went idle or woke.
+    idle_changed: Arc<Notify>,
+    arming: Arming,
     servers: Arc<Servers>,
     /// Changes when a statement was refused as read-only ([`Servers::look_again`]).
     look_again: watch::Receiver<u64>,
@@ -386,6 +416,7 @@ impl Session {
     ) -> Result<(), DbError> {
         let all: Vec<usize> = (0..self.entries.len()).collect();
         self.try_locks(&mut listener, pid, epoch, &all).await?;
+        self.clear_flags(&mut listener).await?;
         let mut tick = tokio::time::interval(self.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -397,8 +428,13 @@ impl Session {
                     }
                     let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut listener);
                     let _ = tokio::time::timeout(Duration::from_secs(2), unlock).await;
+                    if self.arming == Arming::On {
+                        let clear = sqlx::query(CLEAR_OWN_FLAGS).execute(&mut listener);
+                        let _ = tokio::time::timeout(Duration::from_secs(2), clear).await;
+                    }
                     return Ok(());
                 }
+                _ = self.idle_changed.notified() => self.sync_flags(&mut listener).await?,
                 received = listener.try_recv() => match received {
                     // Notifications that pile up while a relay is busy collapse into one wake-up.
                     Ok(Some(n)) => {
@@ -422,6 +458,106 @@ impl Session {
                 _ = tick.tick() => self.poll(&mut listener, pid, epoch).await?,
             }
         }
+    }
+
+    /// At the start of a session: no table is armed by it yet, and flags left by sessions that
+    /// are gone (a relay killed, a connection cut) are deleted, so producers stop notifying
+    /// for them. Finds out whether the server has the flag at all.
+    async fn clear_flags(&mut self, listener: &mut PgListener) -> Result<(), DbError> {
+        for entry in &mut self.entries {
+            entry.armed = false;
+        }
+        if self.entries.iter().all(|e| e.channel.is_none()) {
+            self.arming = Arming::Unsupported;
+            return Ok(());
+        }
+        let clear = sqlx::query(
+            "DELETE FROM outbox_relay.waiting w WHERE w.pid = pg_backend_pid() \
+             OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid)",
+        )
+        .execute(&mut *listener);
+        self.arming = match answered_within(self.answer_within, clear)
+            .await
+            .map_err(DbError::from)
+        {
+            Ok(_) => Arming::On,
+            Err(DbError::Refused(e) | DbError::Rejected(e)) => {
+                if self.arming != Arming::Unsupported {
+                    tracing::warn!(error = %e, "the relay's schema has no wake-up flag (outbox_relay.waiting): run `outbox-relay migrate` once; until then every producer transaction sends a NOTIFY, as before");
+                }
+                Arming::Unsupported
+            }
+            Err(e) => return Err(e.context("clearing wake-up flags")),
+        };
+        Ok(())
+    }
+
+    /// Arms the flag of every table whose relays wait for work (and probes those it armed:
+    /// a row committed before the flag was visible sent no NOTIFY), and disarms the rest:
+    /// while a table's relays work, its producers send no NOTIFY. At most two statements
+    /// (three with the probe), and none when nothing changed.
+    async fn sync_flags(&mut self, listener: &mut PgListener) -> Result<(), DbError> {
+        if self.arming != Arming::On {
+            return Ok(());
+        }
+        let wanted = |e: &Entry| {
+            e.channel.is_some()
+                && e.idle.load(Ordering::Relaxed) > 0
+                && matches!(*e.state.borrow(), LockState::Held(_))
+        };
+        let disarm: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.entries[i].armed && !wanted(&self.entries[i]))
+            .collect();
+        let arm: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| !self.entries[i].armed && wanted(&self.entries[i]))
+            .collect();
+        if !disarm.is_empty() {
+            let names: Vec<String> = disarm
+                .iter()
+                .map(|&i| self.entries[i].table.quoted())
+                .collect();
+            let query = sqlx::query(
+                "DELETE FROM outbox_relay.waiting WHERE pid = pg_backend_pid() \
+                 AND table_oid IN (SELECT to_regclass(n)::oid::bigint FROM unnest($1::text[]) AS n)",
+            )
+            .bind(&names)
+            .execute(&mut *listener);
+            answered_within(self.answer_within, query)
+                .await
+                .map_err(|e| DbError::from(e).context("disarming wake-up flags"))?;
+            for &i in &disarm {
+                self.entries[i].armed = false;
+            }
+        }
+        if !arm.is_empty() {
+            let names: Vec<String> = arm
+                .iter()
+                .map(|&i| self.entries[i].table.quoted())
+                .collect();
+            let query = sqlx::query(
+                "INSERT INTO outbox_relay.waiting (table_oid, pid) \
+                 SELECT t.oid::bigint, pg_backend_pid() \
+                 FROM unnest($1::text[]) AS n, LATERAL (SELECT to_regclass(n) AS oid) t \
+                 WHERE t.oid IS NOT NULL ON CONFLICT DO NOTHING",
+            )
+            .bind(&names)
+            .execute(&mut *listener);
+            match answered_within(self.answer_within, query)
+                .await
+                .map_err(DbError::from)
+            {
+                Ok(_) => {}
+                // A table dropped meanwhile: its relay finds out for itself.
+                Err(DbError::Refused(_) | DbError::Rejected(_)) => {}
+                Err(e) => return Err(e.context("arming wake-up flags")),
+            }
+            for &i in &arm {
+                self.entries[i].armed = true;
+            }
+            let probed: Vec<&Entry> = arm.iter().map(|&i| &self.entries[i]).collect();
+            self.wake_due(listener, probed).await?;
+        }
+        Ok(())
     }
 
     /// Tries the locks of `indices` in one statement; the rest become standbys.
@@ -500,7 +636,19 @@ impl Session {
             }
             return Ok(());
         }
-        let sql = idle
+        self.wake_due(listener, idle).await
+    }
+
+    /// Wakes those of `tables` that have due rows: one statement.
+    async fn wake_due(
+        &self,
+        listener: &mut PgListener,
+        tables: Vec<&Entry>,
+    ) -> Result<(), DbError> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let sql = tables
             .iter()
             .map(|e| e.probe.as_str())
             .collect::<Vec<_>>()
@@ -521,10 +669,10 @@ impl Session {
                     }
                 }
             }
-            // A table that was dropped or altered fails the whole statement: wake every idle
-            // table, so each finds out for itself (and reports the broken one by name).
+            // A table that was dropped or altered fails the whole statement: wake every one,
+            // so each finds out for itself (and reports the broken one by name).
             Err(DbError::Refused(_) | DbError::Rejected(_)) => {
-                for entry in idle {
+                for entry in tables {
                     entry.wake.notify();
                 }
             }
