@@ -237,7 +237,8 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
              GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay.held_keys TO \"{role}\"; \
              GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay.lease_tables, \
                  outbox_relay.members, outbox_relay.leases TO \"{role}\"; \
-             GRANT USAGE ON SEQUENCE outbox_relay.member_seq TO \"{role}\";"
+             GRANT USAGE ON SEQUENCE outbox_relay.member_seq TO \"{role}\"; \
+             GRANT SELECT, INSERT, DELETE ON outbox_relay.waiting TO \"{role}\";"
         ),
     )
     .await;
@@ -295,6 +296,7 @@ async fn a_relay_role_that_loses_update_is_reported_retried_with_backoff_and_mar
              REVOKE ALL ON outbox_relay.held_keys FROM \"{role}\"; \
              REVOKE ALL ON outbox_relay.lease_tables, outbox_relay.members, outbox_relay.leases FROM \"{role}\"; \
              REVOKE ALL ON SEQUENCE outbox_relay.member_seq FROM \"{role}\"; \
+             REVOKE ALL ON outbox_relay.waiting FROM \"{role}\"; \
              REVOKE USAGE ON SCHEMA outbox_relay FROM \"{role}\"; \
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
              DROP ROLE \"{role}\";"

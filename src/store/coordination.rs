@@ -173,6 +173,8 @@ struct Entry {
     /// This session has written the table's row in `outbox_relay.waiting`: producers' commits
     /// notify.
     armed: bool,
+    /// Notifications received while the table's relays were busy, since they last went idle.
+    busy_notes: u32,
 }
 
 /// The coordination session's task and the tables it serves.
@@ -229,6 +231,7 @@ impl Coordination {
                 wake,
                 idle,
                 armed: false,
+                busy_notes: 0,
             });
         }
         let stop = CancellationToken::new();
@@ -274,6 +277,10 @@ enum Arming {
     /// notify on every commit, as they did, and nothing is armed.
     Unsupported,
 }
+
+/// Notifications a busy table may receive before its flag is taken down (see
+/// [`Session::sync_flags`]).
+const BUSY_NOTES: u32 = 4;
 
 /// Deletes the flags this session wrote (its relays stop).
 const CLEAR_OWN_FLAGS: &str = "DELETE FROM outbox_relay.waiting WHERE pid = pg_backend_pid()";
@@ -438,9 +445,13 @@ impl Session {
                 received = listener.try_recv() => match received {
                     // Notifications that pile up while a relay is busy collapse into one wake-up.
                     Ok(Some(n)) => {
-                        if let Some(entry) = self.entries.iter().find(|e| e.channel.as_deref() == Some(n.channel())) {
+                        if let Some(entry) = self.entries.iter_mut().find(|e| e.channel.as_deref() == Some(n.channel())) {
                             entry.wake.notify();
+                            if entry.idle.load(Ordering::Relaxed) == 0 {
+                                entry.busy_notes += 1;
+                            }
                         }
+                        self.sync_flags(&mut listener).await?;
                     }
                     Ok(None) => return Err(DbError::Unavailable("the coordination session ended (its locks with it)".into())),
                     Err(e) => return Err(DbError::from(e).context("the coordination session failed")),
@@ -471,45 +482,67 @@ impl Session {
             self.arming = Arming::Unsupported;
             return Ok(());
         }
+        let check = sqlx::query_as::<_, (bool, bool)>(
+            "SELECT to_regclass('outbox_relay.waiting') IS NOT NULL, \
+                    CASE WHEN to_regclass('outbox_relay.waiting') IS NULL THEN false \
+                         ELSE has_table_privilege('outbox_relay.waiting', 'SELECT, INSERT, DELETE') END",
+        )
+        .fetch_one(&mut *listener);
+        let (exists, may_write) = answered_within(self.answer_within, check)
+            .await
+            .map_err(|e| DbError::from(e).context("looking for the wake-up flags"))?;
+        if !exists || !may_write {
+            if self.arming != Arming::Unsupported {
+                if exists {
+                    tracing::warn!("the relay's role may not write its wake-up flags (GRANT SELECT, INSERT, DELETE ON outbox_relay.waiting to it): producers send no NOTIFY, so new rows wait for the poll (relay.poll_interval) until it may");
+                } else {
+                    tracing::warn!("the relay's schema has no wake-up flags (outbox_relay.waiting): run `outbox-relay migrate` once; until then every producer transaction sends a NOTIFY, as before");
+                }
+            }
+            self.arming = Arming::Unsupported;
+            return Ok(());
+        }
         let clear = sqlx::query(
             "DELETE FROM outbox_relay.waiting w WHERE w.pid = pg_backend_pid() \
              OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid)",
         )
         .execute(&mut *listener);
-        self.arming = match answered_within(self.answer_within, clear)
+        answered_within(self.answer_within, clear)
             .await
-            .map_err(DbError::from)
-        {
-            Ok(_) => Arming::On,
-            Err(DbError::Refused(e) | DbError::Rejected(e)) => {
-                if self.arming != Arming::Unsupported {
-                    tracing::warn!(error = %e, "the relay's schema has no wake-up flag (outbox_relay.waiting): run `outbox-relay migrate` once; until then every producer transaction sends a NOTIFY, as before");
-                }
-                Arming::Unsupported
-            }
-            Err(e) => return Err(e.context("clearing wake-up flags")),
-        };
+            .map_err(|e| DbError::from(e).context("clearing wake-up flags"))?;
+        self.arming = Arming::On;
         Ok(())
     }
 
     /// Arms the flag of every table whose relays wait for work (and probes those it armed:
-    /// a row committed before the flag was visible sent no NOTIFY), and disarms the rest:
-    /// while a table's relays work, its producers send no NOTIFY. At most two statements
-    /// (three with the probe), and none when nothing changed.
+    /// a row committed before the flag was visible sent no NOTIFY), and disarms a table whose
+    /// producers keep notifying while its relays work (more than [`BUSY_NOTES`] since they
+    /// woke: the relays find those rows by fetching again, and each NOTIFY costs a producer
+    /// its turn at the commit lock). A table whose relays wake and sleep between a few
+    /// commits stays armed: no statement per wake-up. At most two statements (three with the
+    /// probe), and none when nothing changed.
     async fn sync_flags(&mut self, listener: &mut PgListener) -> Result<(), DbError> {
         if self.arming != Arming::On {
             return Ok(());
         }
-        let wanted = |e: &Entry| {
-            e.channel.is_some()
-                && e.idle.load(Ordering::Relaxed) > 0
-                && matches!(*e.state.borrow(), LockState::Held(_))
-        };
+        for entry in &mut self.entries {
+            if entry.idle.load(Ordering::Relaxed) > 0 {
+                entry.busy_notes = 0;
+            }
+        }
+        let usable =
+            |e: &Entry| e.channel.is_some() && matches!(*e.state.borrow(), LockState::Held(_));
         let disarm: Vec<usize> = (0..self.entries.len())
-            .filter(|&i| self.entries[i].armed && !wanted(&self.entries[i]))
+            .filter(|&i| {
+                let e = &self.entries[i];
+                e.armed && (!usable(e) || e.busy_notes > BUSY_NOTES)
+            })
             .collect();
         let arm: Vec<usize> = (0..self.entries.len())
-            .filter(|&i| !self.entries[i].armed && wanted(&self.entries[i]))
+            .filter(|&i| {
+                let e = &self.entries[i];
+                !e.armed && usable(e) && e.idle.load(Ordering::Relaxed) > 0
+            })
             .collect();
         if !disarm.is_empty() {
             let names: Vec<String> = disarm
