@@ -165,3 +165,31 @@ async fn migrate_replaces_a_trigger_that_notifies_on_every_commit_and_notify_off
     .unwrap();
     assert_eq!(triggers, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_dropped_and_made_again_is_armed_again_once_the_poll_finds_its_first_row() {
+    let env = TestEnv::new(Setup::new().set("relay", "poll_interval", "\"300ms\"")).await;
+    let _relay = env.start_relay();
+    eventually("the idle relay's flag", || async {
+        waiting(&env).await.len() == 1
+    })
+    .await;
+
+    sqlx::raw_sql(&format!("DROP TABLE {}", quoted_table(&env.table)))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(migrated.code, 0, "{migrated:?}");
+    // The flag names the old instance: the first row sends no NOTIFY, the poll finds it, and
+    // the flag is written again for the new instance.
+    let (mut listener, channel) = listen(&env).await;
+    assert!(!insert_sends_notify(&env, &mut listener, &channel, "first").await);
+    env.consumer.wait_for_id("first").await;
+    eventually("the flag of the new instance", || async {
+        waiting(&env).await.len() == 1
+    })
+    .await;
+    assert!(insert_sends_notify(&env, &mut listener, &channel, "second").await);
+    env.consumer.wait_for_id("second").await;
+}

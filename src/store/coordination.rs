@@ -466,7 +466,18 @@ impl Session {
                         self.servers.label()
                     )));
                 }
-                _ = tick.tick() => self.poll(&mut listener, pid, epoch).await?,
+                _ = tick.tick() => {
+                    let missed = self.poll(&mut listener, pid, epoch).await?;
+                    // An armed table the poll found due rows in missed a NOTIFY (a commit
+                    // in the moment its flag appeared, or a flag for an instance of the table
+                    // since dropped): its flag is written again, for the table as it is now.
+                    if !missed.is_empty() {
+                        for i in missed {
+                            self.entries[i].armed = false;
+                        }
+                        self.sync_flags(&mut listener).await?;
+                    }
+                }
             }
         }
     }
@@ -644,7 +655,13 @@ impl Session {
     /// The poll: standby tables try their locks again, idle tables that have due rows are
     /// woken. One statement when only one of the two has work, and none is skipped: it also
     /// notices a session that went silent.
-    async fn poll(&self, listener: &mut PgListener, pid: i32, epoch: u64) -> Result<(), DbError> {
+    /// Returns the armed tables it woke.
+    async fn poll(
+        &self,
+        listener: &mut PgListener,
+        pid: i32,
+        epoch: u64,
+    ) -> Result<Vec<usize>, DbError> {
         let standby: Vec<usize> = (0..self.entries.len())
             .filter(|&i| *self.entries[i].state.borrow() == LockState::Standby)
             .collect();
@@ -667,19 +684,25 @@ impl Session {
                 .await
                 .map_err(|e| DbError::from(e).context("polling"))?;
             }
-            return Ok(());
+            return Ok(Vec::new());
         }
-        self.wake_due(listener, idle).await
+        let woken = self.wake_due(listener, idle).await?;
+        Ok(woken
+            .into_iter()
+            .filter(|&i| self.entries[i].armed)
+            .collect())
     }
 
     /// Wakes those of `tables` that have due rows: one statement.
+    /// Wakes those of `tables` that have due rows: one statement. Returns their indices (all
+    /// of them when the statement was refused: each finds out for itself).
     async fn wake_due(
         &self,
         listener: &mut PgListener,
         tables: Vec<&Entry>,
-    ) -> Result<(), DbError> {
+    ) -> Result<Vec<usize>, DbError> {
         if tables.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let sql = tables
             .iter()
@@ -693,24 +716,24 @@ impl Session {
                 .fetch_all(&mut *listener),
         )
         .await;
-        match polled.map_err(DbError::from) {
-            Ok(rows) => {
-                for row in rows {
-                    let i: i32 = row.try_get(0)?;
-                    if let Some(entry) = self.entries.get(i as usize) {
-                        entry.wake.notify();
-                    }
-                }
-            }
+        let woken: Vec<usize> = match polled.map_err(DbError::from) {
+            Ok(rows) => rows
+                .iter()
+                .map(|row| row.try_get::<i32, _>(0).map(|i| i as usize))
+                .collect::<Result<_, _>>()?,
             // A table that was dropped or altered fails the whole statement: wake every one,
             // so each finds out for itself (and reports the broken one by name).
-            Err(DbError::Refused(_) | DbError::Rejected(_)) => {
-                for entry in tables {
-                    entry.wake.notify();
-                }
-            }
+            Err(DbError::Refused(_) | DbError::Rejected(_)) => tables
+                .iter()
+                .filter_map(|t| self.entries.iter().position(|e| std::ptr::eq(e, *t)))
+                .collect(),
             Err(e) => return Err(e.context("polling")),
+        };
+        for &i in &woken {
+            if let Some(entry) = self.entries.get(i) {
+                entry.wake.notify();
+            }
         }
-        Ok(())
+        Ok(woken)
     }
 }
