@@ -72,6 +72,18 @@ async fn statements_with_a_forged_epoch_change_nothing_and_the_holders_go_throug
     let fence = t.leases.fence_all("holder", PARTITIONS).await.unwrap();
     assert_eq!(fence.owned.len() as u32, PARTITIONS);
 
+    // A fence of no partitions (what a default value would be) holds nothing, not everything.
+    let empty = Fence {
+        partitions: 0,
+        owned: Vec::new(),
+        epochs: Vec::new(),
+        ..fence.clone()
+    };
+    assert!(
+        t.mark(&ids, &empty).await.is_empty(),
+        "an empty fence marks nothing"
+    );
+
     for by in [1, -1] {
         let forgery = forged(&fence, by);
         assert!(

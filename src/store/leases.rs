@@ -70,8 +70,9 @@ const DEAD: &str =
 /// The writer's proof that it holds its partitions: ANDed into every statement that changes a
 /// row's state for the relay (mark, failure record, park, hold, release), so a member that
 /// was deposed (a new epoch) or whose lease ran out changes nothing, however late its
-/// statement arrives. Built from what the membership last claimed.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// statement arrives. Built from what the membership last claimed; there is no default fence
+/// (one with no table and no partitions must not exist: see [`fenced`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     /// The table whose leases these are (its oid when the member registered).
     pub table_oid: i64,
@@ -175,8 +176,9 @@ pub(crate) fn fenced(key: &str, first: usize) -> String {
                          WHERE fm.table_oid = ${oid} AND fm.member = ${member} \
                            AND fm.expires_at > clock_timestamp()))"
     );
+    // A fence of no partitions at all holds nothing (`$count > 0`), whatever its array says.
     format!(
-        "(cardinality({held}) = ${count} OR {part} = ANY ({held}))",
+        "(${count} > 0 AND (cardinality({held}) = ${count} OR {part} = ANY ({held})))",
         part = partition_of(key, count)
     )
 }
