@@ -146,7 +146,6 @@ impl ConfirmWindow {
         // The silence clock counts from here: the time away from the window is not the
         // broker's.
         let mut listened_at = Instant::now();
-        let look_again_at = tokio::time::Instant::now() + LOOK_AGAIN;
         loop {
             if out.broken.is_none()
                 && !out.lease_ran_out
@@ -176,12 +175,6 @@ impl ConfirmWindow {
                 next = self.in_flight.next() => next,
                 _ = d.shutdown.aborted() => break,
                 _ = d.lock.notified(), if room_to_fetch => {
-                    out.announced = true;
-                    break;
-                }
-                // A busy relay is not announced new rows (producers notify only an idle one):
-                // it looks for them itself while its confirms are on their way.
-                _ = tokio::time::sleep_until(look_again_at), if room_to_fetch => {
                     out.announced = true;
                     break;
                 }
@@ -356,9 +349,6 @@ impl ConfirmWindow {
 
 /// How often a waiting window beats the heartbeat and looks at the silence clock.
 const TICK: Duration = Duration::from_millis(250);
-/// How long a relay waiting for confirms, with room in its window, waits before it fetches
-/// again on its own: the longest a row committed while the relay is busy waits to be read.
-const LOOK_AGAIN: Duration = Duration::from_millis(1);
 
 /// The parts of [`Drive`] that filling the window reads.
 struct Fill<'a> {
