@@ -127,27 +127,25 @@ ALTER TABLE outbox_relay.members
 -- time (a database-wide lock held until the commit is written), so a NOTIFY from every
 -- producer transaction caps the application's commit rate. A relay's coordination session
 -- writes a row here (table, its backend pid) when a relay of that table goes idle, probes the
--- table once more, and deletes the row when the relay is woken; the trigger only reads it.
--- While the relay is busy it finds new rows by fetching again, so under load no producer
--- notifies. UNLOGGED: it is the state of live sessions, not data (a crash empties it, the
--- relays write it again). Readable by every role, so the trigger runs with the producer's
--- rights (no SECURITY DEFINER cost per row).
+-- table once more, and deletes the row when producers keep notifying while the relay is busy
+-- (it finds new rows by fetching again) or when the relay stops; the trigger only reads it.
+-- UNLOGGED: it is the state of live sessions, not data (a crash empties it, the relays write
+-- it again).
 CREATE UNLOGGED TABLE IF NOT EXISTS outbox_relay.waiting (
     table_oid bigint      NOT NULL,
     pid       integer     NOT NULL,
     since     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_oid, pid)
 );
-GRANT USAGE ON SCHEMA outbox_relay TO PUBLIC;
-GRANT SELECT ON outbox_relay.waiting TO PUBLIC;
 
 -- Fired by a deferred constraint trigger, once per inserted row at commit: the check is made
 -- as late as it can be, so a relay that goes idle (writes its row, then probes) misses a
 -- commit only in the moment between this check and the commit becoming visible; the relay's
 -- poll (`poll_interval`) catches that one. Notifications with the same channel collapse into
--- one per transaction.
+-- one per transaction. SECURITY DEFINER, as the order guard: producers need no privilege on
+-- the relay's schema, so a database that revokes PUBLIC's rights cannot make their commits fail.
 CREATE OR REPLACE FUNCTION outbox_relay.notify_waiting() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM outbox_relay.waiting WHERE table_oid = TG_RELID::bigint) THEN
         PERFORM pg_notify(TG_ARGV[0], '');

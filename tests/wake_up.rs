@@ -9,6 +9,7 @@ use outbox_relay::config::TableName;
 use outbox_relay::store::TableSql;
 use outbox_relay_testkit::prelude::*;
 use sqlx::postgres::PgListener;
+use sqlx::Connection;
 
 /// A LISTEN session on the test table's channel.
 async fn listen(env: &TestEnv) -> (PgListener, String) {
@@ -192,4 +193,52 @@ async fn a_table_dropped_and_made_again_is_armed_again_once_the_poll_finds_its_f
     .await;
     assert!(insert_sends_notify(&env, &mut listener, &channel, "second").await);
     env.consumer.wait_for_id("second").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_with_only_the_documented_grants_commits_and_wakes_the_relay() {
+    let env = TestEnv::new(Setup::new().set("relay", "poll_interval", "\"1h\"")).await;
+    let _relay = env.start_relay();
+    eventually("the idle relay's flag", || async {
+        waiting(&env).await.len() == 1
+    })
+    .await;
+
+    // The README's producer grants, nothing on the relay's schema (PUBLIC's rights on it
+    // revoked, as a hardened database does).
+    let role = format!("{}_app", env.name);
+    let table = quoted_table(&env.table);
+    let sequence: String = sqlx::query_scalar("SELECT pg_get_serial_sequence($1, 'id')")
+        .bind(&table)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE \"{role}\" LOGIN; \
+         REVOKE ALL ON SCHEMA outbox_relay FROM PUBLIC; \
+         GRANT USAGE ON SCHEMA public TO \"{role}\"; \
+         GRANT INSERT, SELECT (dedup_key) ON {table} TO \"{role}\"; \
+         GRANT USAGE ON SEQUENCE {sequence} TO \"{role}\";"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut url = url::Url::parse(&env.pg_url).unwrap();
+    url.set_username(&role).unwrap();
+    let mut app = sqlx::postgres::PgConnection::connect(url.as_str())
+        .await
+        .unwrap();
+    let committed = sqlx::query(&format!(
+        "INSERT INTO {table} (dedup_key, ordering_key, routing_key, event_type, payload) \
+         VALUES ('by-app', 'k', 'test.app', 'AppEvent', '{{}}') ON CONFLICT (dedup_key) DO NOTHING"
+    ))
+    .execute(&mut app)
+    .await;
+    app.close().await.unwrap();
+    sqlx::raw_sql(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\";"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    committed.expect("the producer's insert commits");
+    env.consumer.wait_for_id("by-app").await;
 }
