@@ -17,6 +17,19 @@ use chrono::{DateTime, Utc};
 use crate::message::{OutboxRow, Unpublishable};
 use crate::tls::TlsCheck;
 
+/// How often `migrate` tries its transaction when PostgreSQL ends it as a deadlock victim.
+const MIGRATE_ATTEMPTS: u32 = 5;
+
+/// True when `e` is PostgreSQL ending the transaction as a deadlock victim (SQLSTATE 40P01).
+fn is_deadlock(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("40P01")
+        )
+    })
+}
+
 const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/0000_relay_schema.sql");
 
 /// Per-table migrations: (version, description, SQL template).
@@ -259,7 +272,19 @@ impl Store {
         notify: bool,
     ) -> anyhow::Result<Vec<String>> {
         let tables: Vec<TableName> = outboxes.iter().map(|o| o.table.clone()).collect();
-        let mut applied = self.migrate_tables(&tables, notify).await?;
+        // The transaction locks the relay's shared tables and each outbox table (its triggers)
+        // while relays run statements on them: PostgreSQL may end it as a deadlock victim. It
+        // changes nothing then, and is tried again.
+        let mut attempt = 1;
+        let mut applied = loop {
+            match self.migrate_tables(&tables, notify).await {
+                Err(e) if attempt < MIGRATE_ATTEMPTS && is_deadlock(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                outcome => break outcome?,
+            }
+        };
         for outbox in outboxes {
             applied.extend(
                 self.match_retention_index(&outbox.table, outbox.retention.is_some())
