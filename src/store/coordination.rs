@@ -445,13 +445,19 @@ impl Session {
                 received = listener.try_recv() => match received {
                     // Notifications that pile up while a relay is busy collapse into one wake-up.
                     Ok(Some(n)) => {
+                        let mut disarm = false;
                         if let Some(entry) = self.entries.iter_mut().find(|e| e.channel.as_deref() == Some(n.channel())) {
                             entry.wake.notify();
                             if entry.idle.load(Ordering::Relaxed) == 0 {
                                 entry.busy_notes += 1;
+                                disarm = entry.armed && entry.busy_notes > BUSY_NOTES;
                             }
                         }
-                        self.sync_flags(&mut listener).await?;
+                        // Only a busy table that crossed the bound changes a flag here; the rest
+                        // is the relays' going idle and waking, which `idle_changed` reports.
+                        if disarm {
+                            self.sync_flags(&mut listener).await?;
+                        }
                     }
                     Ok(None) => return Err(DbError::Unavailable("the coordination session ended (its locks with it)".into())),
                     Err(e) => return Err(DbError::from(e).context("the coordination session failed")),
@@ -556,10 +562,7 @@ impl Session {
             })
             .collect();
         if !disarm.is_empty() {
-            let names: Vec<String> = disarm
-                .iter()
-                .map(|&i| self.entries[i].table.quoted())
-                .collect();
+            let names = self.quoted_names(&disarm);
             let query = sqlx::query(
                 "DELETE FROM outbox_relay.waiting WHERE pid = pg_backend_pid() \
                  AND table_oid IN (SELECT to_regclass(n)::oid::bigint FROM unnest($1::text[]) AS n)",
@@ -574,10 +577,7 @@ impl Session {
             }
         }
         if !arm.is_empty() {
-            let names: Vec<String> = arm
-                .iter()
-                .map(|&i| self.entries[i].table.quoted())
-                .collect();
+            let names = self.quoted_names(&arm);
             let query = sqlx::query(
                 "INSERT INTO outbox_relay.waiting (table_oid, pid) \
                  SELECT t.oid::bigint, pg_backend_pid() \
@@ -602,6 +602,14 @@ impl Session {
             self.wake_due(listener, probed).await?;
         }
         Ok(())
+    }
+
+    /// The quoted names of the tables at `indices`, for a statement's `text[]` parameter.
+    fn quoted_names(&self, indices: &[usize]) -> Vec<String> {
+        indices
+            .iter()
+            .map(|&i| self.entries[i].table.quoted())
+            .collect()
     }
 
     /// Tries the locks of `indices` in one statement; the rest become standbys.
