@@ -13,7 +13,24 @@ pub use mapping::{
     ColumnMap, ColumnsSettings, DebeziumSettings, Layout, Part, PayloadType, RouteTo,
 };
 mod amqp_url;
+mod layers;
+mod message_format;
+pub use message_format::MessageFormat;
 mod postgres_url;
+pub use layers::ENV_PREFIX;
+use layers::{LayerError, Node, Override};
+
+/// The sections of the config file.
+const SECTIONS: [&str; 8] = [
+    "postgres",
+    "rabbitmq",
+    "relay",
+    "retry",
+    "log",
+    "health",
+    "telemetry",
+    "outbox",
+];
 pub use postgres_url::PgHost;
 
 /// The most `[[outbox]]` tables one relay process serves.
@@ -36,6 +53,8 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub health: HealthSettings,
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
     pub outbox: Vec<OutboxSettings>,
 }
 
@@ -45,6 +64,122 @@ pub struct Settings {
 pub struct HealthSettings {
     /// `host:port` to serve `/ready` and `/live` on; unset, no endpoint.
     pub listen: Option<std::net::SocketAddr>,
+}
+
+/// The relay's own spans, exported over OTLP (`crate::telemetry::otlp`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// The OTLP/HTTP collector's base URL (`http://host:4318`); the spans go to its
+    /// `/v1/traces`. Unset, no spans are made or exported.
+    pub otlp_endpoint: Option<String>,
+    /// Where the spans are posted: `otlp_endpoint` with `/v1/traces`, unless the standard
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (as is) or `OTEL_EXPORTER_OTLP_ENDPOINT` (with
+    /// `/v1/traces`) names another collector; resolved by [`Settings::load`]. `None`: export
+    /// is off.
+    #[serde(skip)]
+    pub traces_url: Option<String>,
+}
+
+/// The standard OpenTelemetry variables that say where spans go, as read from the environment.
+#[derive(Debug, Clone, Default)]
+pub struct OtelEnv {
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: the full URL, used as it is.
+    pub traces_endpoint: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: a base URL, `/v1/traces` appended.
+    pub endpoint: Option<String>,
+    /// `OTEL_SDK_DISABLED=true`: no spans, whatever the config says.
+    pub sdk_disabled: bool,
+}
+
+impl OtelEnv {
+    /// The variables as the process has them (empty ones count as unset, as the spec says).
+    pub fn from_process() -> OtelEnv {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        OtelEnv {
+            traces_endpoint: var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            endpoint: var("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            sdk_disabled: var("OTEL_SDK_DISABLED")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+        }
+    }
+}
+
+impl TelemetrySettings {
+    /// Resolves [`TelemetrySettings::traces_url`]. Export is on only when `otlp_endpoint` is
+    /// set (in the file or as `OUTBOX_RELAY__TELEMETRY__OTLP_ENDPOINT`): the `OTEL_` variables
+    /// alone never turn it on (an environment set up for other programs does not make the relay
+    /// export), but once it is on they say where to, as they override the file everywhere.
+    /// Returns the problems of the variables, each naming its variable.
+    pub fn resolve(&mut self, env: &OtelEnv) -> Vec<String> {
+        self.traces_url = None;
+        let Some(key) = &self.otlp_endpoint else {
+            return Vec::new();
+        };
+        if env.sdk_disabled {
+            return Vec::new();
+        }
+        let (name, url) = match (&env.traces_endpoint, &env.endpoint) {
+            (Some(url), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url.trim().to_owned()),
+            (None, Some(base)) => ("OTEL_EXPORTER_OTLP_ENDPOINT", traces_url_of(base.trim())),
+            (None, None) => {
+                // Its problems are the key's (`Settings::problems`).
+                if otlp_endpoint_problem(key).is_none() {
+                    self.traces_url = Some(traces_url_of(key.trim()));
+                }
+                return Vec::new();
+            }
+        };
+        match otlp_endpoint_problem(&url) {
+            Some(problem) => vec![format!("{name}: {problem}")],
+            None => {
+                self.traces_url = Some(url);
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The OTLP/HTTP traces URL of a base endpoint, as the OpenTelemetry spec builds it from
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`: `v1/traces` appended to its path.
+fn traces_url_of(base: &str) -> String {
+    format!("{}/v1/traces", base.trim_end_matches('/'))
+}
+
+/// Why `text` is not an OTLP/HTTP endpoint the relay can post to, if it is not: an `http://`
+/// URL with a host, without user information, query or fragment. `https://` is refused: the
+/// exporter's client has no TLS (export to a local collector or agent, which forwards).
+pub fn otlp_endpoint_problem(text: &str) -> Option<String> {
+    const EXPECTED: &str = "expected an http:// URL such as http://127.0.0.1:4318";
+    let url = match url::Url::parse(text.trim()) {
+        Ok(url) => url,
+        Err(e) => return Some(format!("{EXPECTED}, got {text:?} ({e})")),
+    };
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Some(format!(
+                "{EXPECTED}, got {text:?}: the relay exports over plain HTTP only (no TLS); \
+                 point it at a collector or agent on the same host or network"
+            ))
+        }
+        other => return Some(format!("{EXPECTED}, got the scheme {other:?}")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Some(format!("{EXPECTED}, got {text:?} (no host)"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Some(format!(
+            "{EXPECTED} without user or password (send credentials as headers in \
+             OTEL_EXPORTER_OTLP_HEADERS)"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Some(format!(
+            "{EXPECTED}, without query or fragment, got {text:?}"
+        ));
+    }
+    None
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,11 +201,14 @@ pub struct PostgresSettings {
     /// coordination session for locks, LISTEN and the poll is extra).
     #[serde(default = "defaults::pg_max_connections")]
     pub max_connections: u32,
-    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    #[serde(default = "defaults::connect_timeout", with = "layers::duration_text")]
     pub connect_timeout: Duration,
     /// Server-side `statement_timeout` for the relay's sessions; the relay's own deadline is
     /// 2 s later, so a silent network is noticed too.
-    #[serde(default = "defaults::statement_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "defaults::statement_timeout",
+        with = "layers::duration_text"
+    )]
     pub statement_timeout: Duration,
 }
 
@@ -99,10 +237,10 @@ pub struct RabbitSettings {
     /// Client-provided connection name, shown by `rabbitmqctl list_connections client_properties`.
     #[serde(default = "defaults::connection_name")]
     pub connection_name: String,
-    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    #[serde(default = "defaults::connect_timeout", with = "layers::duration_text")]
     pub connect_timeout: Duration,
     /// How long a publish may wait for the broker's confirm before the connection is presumed dead.
-    #[serde(default = "defaults::confirm_timeout", with = "humantime_serde")]
+    #[serde(default = "defaults::confirm_timeout", with = "layers::duration_text")]
     pub confirm_timeout: Duration,
     /// Messages larger than this are parked at once instead of being sent (RabbitMQ's
     /// `max_message_size`; the relay also learns a lower limit from the broker's refusal).
@@ -137,7 +275,7 @@ pub struct RelaySettings {
     #[serde(default = "defaults::batch_size")]
     pub batch_size: u32,
     /// Safety-net poll when no notification arrives.
-    #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
+    #[serde(default = "defaults::poll_interval", with = "layers::duration_text")]
     pub poll_interval: Duration,
     /// Messages per table published but not yet marked (unconfirmed, or confirmed with the mark
     /// not written yet): the most a crash or a broken connection can send twice.
@@ -147,18 +285,21 @@ pub struct RelaySettings {
     #[serde(default = "defaults::yes")]
     pub notify: bool,
     /// How long SIGTERM waits for in-flight confirms before exiting.
-    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    #[serde(default = "defaults::shutdown_timeout", with = "layers::duration_text")]
     pub shutdown_timeout: Duration,
     /// Cap of the reconnect backoff after a broker or database outage.
-    #[serde(default = "defaults::reconnect_max_delay", with = "humantime_serde")]
+    #[serde(
+        default = "defaults::reconnect_max_delay",
+        with = "layers::duration_text"
+    )]
     pub reconnect_max_delay: Duration,
     /// How often a relay renews its partition leases (one statement per table).
-    #[serde(default = "defaults::heartbeat", with = "humantime_serde")]
+    #[serde(default = "defaults::heartbeat", with = "layers::duration_text")]
     pub heartbeat: Duration,
     /// How long a relay's leases outlive its last heartbeat: a relay that stopped (paused, cut
     /// off) loses its partitions this long after it last renewed. Unset: three heartbeats plus
     /// [`RelaySettings::settle_margin`].
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "layers::duration_text::option")]
     pub lease: Option<Duration>,
     /// Broker channels per table; partition p goes out on channel p % channels.
     #[serde(default = "defaults::channels")]
@@ -169,9 +310,9 @@ pub struct RelaySettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
-    #[serde(default = "defaults::initial_delay", with = "humantime_serde")]
+    #[serde(default = "defaults::initial_delay", with = "layers::duration_text")]
     pub initial_delay: Duration,
-    #[serde(default = "defaults::max_delay", with = "humantime_serde")]
+    #[serde(default = "defaults::max_delay", with = "layers::duration_text")]
     pub max_delay: Duration,
     #[serde(default = "defaults::multiplier")]
     pub multiplier: f64,
@@ -189,9 +330,9 @@ pub struct RetrySettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryOverride {
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "layers::duration_text::option")]
     pub initial_delay: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "layers::duration_text::option")]
     pub max_delay: Option<Duration>,
     pub multiplier: Option<f64>,
     pub jitter: Option<f64>,
@@ -246,7 +387,7 @@ pub struct OutboxSettings {
     pub on_published: OnPublished,
     /// With `on_published = "mark"`: published rows older than this are deleted by the
     /// retention sweeper; unset, they are kept.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "layers::duration_text::option")]
     pub retention: Option<Duration>,
     /// `"relay"` (the relay's own columns, or those of `[outbox.columns]`) or `"debezium"`.
     #[serde(default)]
@@ -263,6 +404,16 @@ pub struct OutboxSettings {
     /// the relays share through leases). Fixed once the table's leases exist.
     #[serde(default = "defaults::partitions")]
     pub partitions: u32,
+    /// `"outbox"` (the relay's own headers), `"cloudevents"` (and a CloudEvent in binary
+    /// content mode) or `"cloudevents-structured"` (a JSON CloudEvent as the body).
+    #[serde(default)]
+    pub message_format: MessageFormat,
+    /// The CloudEvents `source` (a URI-reference); unset, `/outbox-relay/<database>/<table>`.
+    pub cloudevents_source: Option<String>,
+    /// Row headers sent as CloudEvents extension attributes: `"header"` (the header's name is
+    /// the attribute's) or `"header:attribute"`.
+    #[serde(default)]
+    pub cloudevents_extensions: Vec<String>,
 }
 
 /// The most partitions a table may have.
@@ -935,12 +1086,42 @@ pub fn read_url_file(
     Ok(SecretUrl::new(url))
 }
 
-/// A configuration that could not be loaded: names the file and every problem found.
+/// A configuration that could not be loaded: every problem found, those of the file (named
+/// by their key) apart from those of the `OUTBOX_RELAY__...` variables (named by the variable
+/// and the key it sets), so that neither is blamed on the other.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration in {}:\n  - {}", file.display(), problems.join("\n  - "))]
 pub struct ConfigError {
     pub file: PathBuf,
+    /// The problems of the file, or of the config as a whole.
     pub problems: Vec<String>,
+    /// The problems of values the environment set.
+    pub environment: Vec<String>,
+}
+
+impl ConfigError {
+    /// Problems of the file `file` (or of the config as a whole).
+    pub fn in_file(file: &Path, problems: Vec<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_owned(),
+            problems,
+            environment: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.display();
+        match (self.problems.is_empty(), self.environment.is_empty()) {
+            (_, true) => write!(f, "invalid configuration in {file}:")?,
+            (true, false) => write!(f, "invalid configuration in the environment:")?,
+            (false, false) => write!(f, "invalid configuration in {file} and the environment:")?,
+        }
+        for problem in self.problems.iter().chain(&self.environment) {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
 }
 
 impl Settings {
@@ -964,59 +1145,171 @@ impl Settings {
         let credentials = std::env::var_os(CREDENTIALS_DIRECTORY)
             .filter(|dir| !dir.is_empty())
             .map(PathBuf::from);
-        Self::load_with_credentials(path, credentials.as_deref())
+        let mut env = Vec::new();
+        let mut not_unicode = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str().filter(|n| n.starts_with(ENV_PREFIX)) else {
+                continue;
+            };
+            match value.into_string() {
+                Ok(value) => env.push((name.to_owned(), value)),
+                Err(_) => not_unicode.push(format!("{name}: the value is not UTF-8 text")),
+            }
+        }
+        let loaded = Self::load_from(path, credentials.as_deref(), &env).and_then(|mut s| match s
+            .telemetry
+            .resolve(&OtelEnv::from_process())
+        {
+            problems if problems.is_empty() => Ok(s),
+            problems => Err(ConfigError {
+                file: path.to_owned(),
+                problems: Vec::new(),
+                environment: problems,
+            }),
+        });
+        match (loaded, not_unicode.is_empty()) {
+            (loaded, true) => loaded,
+            (Ok(_), false) => Err(ConfigError {
+                file: path.to_owned(),
+                problems: Vec::new(),
+                environment: not_unicode,
+            }),
+            (Err(mut e), false) => {
+                e.environment.extend(not_unicode);
+                Err(e)
+            }
+        }
     }
 
-    /// [`Settings::load`] with the credentials directory given rather than read from the
-    /// environment.
-    fn load_with_credentials(
+    /// [`Settings::load`] with the credentials directory and the environment's
+    /// `OUTBOX_RELAY__...` variables given rather than read from the process.
+    fn load_from(
         path: &Path,
         credentials: Option<&Path>,
+        env: &[(String, String)],
     ) -> Result<Settings, ConfigError> {
-        let fail = |problems: Vec<String>| ConfigError {
-            file: path.to_owned(),
-            problems,
-        };
+        let mut error = ConfigError::in_file(path, Vec::new());
         if !path.is_file() {
-            return Err(fail(vec![format!(
-                "file not found (set --config or OUTBOX_RELAY_CONFIG)"
-            )]));
+            error
+                .problems
+                .push("file not found (set --config or OUTBOX_RELAY_CONFIG)".into());
+            return Err(error);
         }
-        let raw = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("OUTBOX_RELAY")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
-            )
-            .build()
-            .map_err(|e| fail(vec![describe_config_error(e)]))?;
-        // Missing sections are reported together with the first type error, which serde
-        // stops at; semantic problems below are all reported at once.
-        let mut problems: Vec<String> = ["postgres", "rabbitmq", "outbox"]
-            .iter()
-            .filter(|section| raw.get::<config::Value>(section).is_err())
-            .map(|section| format!("{section}: required section is missing"))
-            .collect();
-        let mut settings: Settings = match raw.try_deserialize() {
-            Ok(settings) if problems.is_empty() => settings,
-            Ok(_) => return Err(fail(problems)),
-            Err(e) => {
-                let text = describe_config_error(e);
-                if !text.starts_with("missing field") {
-                    problems.push(text);
+        let mut tree = match std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the file: {e}"))
+            .and_then(|text| layers::parse_file(&text))
+        {
+            Ok(tree) => tree,
+            Err(problem) => {
+                error.problems.push(problem);
+                return Err(error);
+            }
+        };
+        let (overrides, env_problems) = layers::apply_env(&mut tree, env);
+        error.environment = env_problems;
+        let mut settings = match Settings::read(&tree) {
+            Ok(settings) if error.environment.is_empty() => settings,
+            Ok(_) => return Err(error),
+            Err(problems) => {
+                for problem in problems {
+                    match problem.is_from_env() {
+                        true => error.environment.push(problem.to_string()),
+                        false => error.problems.push(problem.to_string()),
+                    }
                 }
-                return Err(fail(problems));
+                return Err(error);
             }
         };
         let mut problems = settings.read_url_files(credentials);
         problems.extend(settings.resolve_mappings());
         problems.extend(settings.problems());
-        if problems.is_empty() {
+        for problem in problems {
+            match attribute(&problem, &overrides) {
+                Some(named) => error.environment.push(named),
+                None => error.problems.push(problem),
+            }
+        }
+        if error.problems.is_empty() && error.environment.is_empty() {
             Ok(settings)
         } else {
-            Err(fail(problems))
+            Err(error)
+        }
+    }
+
+    /// The settings in `tree`, each section read on its own (and each `[[outbox]]` table), so
+    /// that the first problem of each is reported, not only the first of the whole file.
+    fn read(tree: &Node) -> Result<Settings, Vec<LayerError>> {
+        use layers::Segment::{Index, Key};
+        let mut problems = Vec::new();
+        let required = |name: &'static str, problems: &mut Vec<LayerError>| {
+            let node = tree.get(name);
+            if node.is_none() {
+                problems.push(LayerError::required_section(name));
+            }
+            node
+        };
+        fn section<T: serde::de::DeserializeOwned>(
+            node: Option<&Node>,
+            name: &str,
+            problems: &mut Vec<LayerError>,
+        ) -> Option<T> {
+            node?
+                .read(Key(name.into()))
+                .map_err(|e| problems.extend(e))
+                .ok()
+        }
+        let postgres = required("postgres", &mut problems);
+        let postgres: Option<PostgresSettings> = section(postgres, "postgres", &mut problems);
+        let rabbitmq = required("rabbitmq", &mut problems);
+        let rabbitmq: Option<RabbitSettings> = section(rabbitmq, "rabbitmq", &mut problems);
+        let relay = section(tree.get("relay"), "relay", &mut problems);
+        let retry = section(tree.get("retry"), "retry", &mut problems);
+        let log = section(tree.get("log"), "log", &mut problems);
+        let health = section(tree.get("health"), "health", &mut problems);
+        let telemetry = section(tree.get("telemetry"), "telemetry", &mut problems);
+        let mut outbox = Vec::new();
+        match required("outbox", &mut problems) {
+            None => {}
+            Some(node) if node.is_file_table() => problems.push(LayerError::problem(
+                "outbox",
+                "`[outbox]` is a table; write `[[outbox]]` (two brackets), one for each outbox \
+                 table",
+            )),
+            Some(node) => match node.elements() {
+                None => problems.push(LayerError::problem(
+                    "outbox",
+                    "expected the outbox tables: write `[[outbox]]` with table and exchange, one \
+                     for each outbox table",
+                )),
+                Some(tables) => {
+                    for (i, table) in tables.iter().enumerate() {
+                        match table.read::<OutboxSettings>(Index(i)) {
+                            Ok(table) => outbox.push(table),
+                            Err(e) => {
+                                problems.extend(e.into_iter().map(|e| e.at(Key("outbox".into()))))
+                            }
+                        }
+                    }
+                }
+            },
+        }
+        for key in tree.keys() {
+            if !SECTIONS.contains(&key) {
+                problems.push(LayerError::unknown_key(key, &SECTIONS));
+            }
+        }
+        match (postgres, rabbitmq) {
+            (Some(postgres), Some(rabbitmq)) if problems.is_empty() => Ok(Settings {
+                postgres,
+                rabbitmq,
+                relay: relay.unwrap_or_default(),
+                retry: retry.unwrap_or_default(),
+                log: log.unwrap_or_default(),
+                health: health.unwrap_or_default(),
+                telemetry: telemetry.unwrap_or_default(),
+                outbox,
+            }),
+            _ => Err(problems),
         }
     }
 
@@ -1124,6 +1417,14 @@ impl Settings {
                     url.redacted()
                 )
             })),
+        }
+        if let Some(problem) = self
+            .telemetry
+            .otlp_endpoint
+            .as_deref()
+            .and_then(otlp_endpoint_problem)
+        {
+            out.push(format!("telemetry.otlp_endpoint: {problem}"));
         }
         if let Some(tls) = &self.rabbitmq.tls {
             if let Some(plain) = nodes
@@ -1237,6 +1538,7 @@ impl Settings {
                 .with_override(&table.retry)
                 .problems(&format!("{key}.retry"), &mut out);
             table.growth_problems(&key, &mut out);
+            table.format_problems(&key, &mut out);
             if !(1..=MAX_PARTITIONS).contains(&table.partitions) {
                 out.push(format!(
                     "{key}.partitions: expected 1 to {MAX_PARTITIONS}, got {}",
@@ -1269,42 +1571,15 @@ impl OutboxSettings {
     }
 }
 
-fn describe_config_error(e: config::ConfigError) -> String {
-    // The config crate appends the file path to some messages (the caller names the file
-    // itself) and writes array paths as `outbox[0]table`.
-    let mut text = match &e {
-        // The TOML parser quotes the line it stopped at, which may hold a password (one with
-        // a `"` or `\` in it ends the string early): only the position and the reason are kept.
-        config::ConfigError::FileParse { cause, .. } => cause
-            .to_string()
-            .lines()
-            .filter(|line| !is_quoted_source(line))
-            .collect::<Vec<_>>()
-            .join(": "),
-        _ => e.to_string(),
-    };
-    if let Some(at) = text.find(" in ") {
-        if text[at + 4..].contains('/') || text[at + 4..].ends_with(".toml") {
-            text.truncate(at);
-        }
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        out.push(c);
-        if c == ']' && chars.peek().is_some_and(|n| n.is_ascii_alphabetic()) {
-            out.push('.');
-        }
-    }
-    out
-}
-
-/// A line of a parse error that quotes the file: `  |`, `4 | url = "..."`, `  |     ^`, or blank.
-fn is_quoted_source(line: &str) -> bool {
-    match line.split_once('|') {
-        Some((margin, _)) => margin.trim().chars().all(|c| c.is_ascii_digit()),
-        None => line.trim().is_empty(),
-    }
+/// `problem` (a semantic problem, `key: what is wrong`) named by the variable that set its
+/// key, when the environment set it: `OUTBOX_RELAY__RELAY__BATCH_SIZE (relay.batch_size):
+/// expected 1 to 10000, got 0`.
+fn attribute(problem: &str, overrides: &[Override]) -> Option<String> {
+    let (key, rest) = problem.split_once(": ")?;
+    // `rabbitmq.url[1]` is a part of `rabbitmq.url`.
+    let base = key.split('[').next().unwrap_or(key);
+    let var = &overrides.iter().find(|o| o.key == base)?.var;
+    Some(format!("{var} ({key}): {rest}"))
 }
 
 /// Passwords a user may write without percent-encoding them, for the redaction tests of both
@@ -1341,6 +1616,66 @@ pub(crate) mod hostile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_otel_variables_say_where_spans_go_once_the_key_turns_export_on() {
+        let telemetry = |key: Option<&str>| TelemetrySettings {
+            otlp_endpoint: key.map(str::to_owned),
+            traces_url: None,
+        };
+        let env = |traces: Option<&str>, base: Option<&str>| OtelEnv {
+            traces_endpoint: traces.map(str::to_owned),
+            endpoint: base.map(str::to_owned),
+            sdk_disabled: false,
+        };
+        let resolved = |mut t: TelemetrySettings, e: OtelEnv| {
+            let problems = t.resolve(&e);
+            (t.traces_url, problems)
+        };
+        let key = Some("http://127.0.0.1:4318/");
+        assert_eq!(
+            resolved(telemetry(key), env(None, None)).0.as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+        assert_eq!(
+            resolved(telemetry(key), env(None, Some("http://c:4318")))
+                .0
+                .as_deref(),
+            Some("http://c:4318/v1/traces")
+        );
+        assert_eq!(
+            resolved(
+                telemetry(key),
+                env(Some("http://t:4318/custom"), Some("http://c:4318"))
+            )
+            .0
+            .as_deref(),
+            Some("http://t:4318/custom")
+        );
+        // The variables alone do not turn export on; OTEL_SDK_DISABLED turns it off.
+        assert_eq!(
+            resolved(telemetry(None), env(Some("http://t:4318"), None)).0,
+            None
+        );
+        let mut disabled = env(None, None);
+        disabled.sdk_disabled = true;
+        assert_eq!(resolved(telemetry(key), disabled).0, None);
+        let (url, problems) = resolved(telemetry(key), env(None, Some("https://c:4318")));
+        assert_eq!(url, None);
+        assert!(
+            problems[0].starts_with("OTEL_EXPORTER_OTLP_ENDPOINT: "),
+            "{problems:?}"
+        );
+    }
+
+    impl Settings {
+        fn load_with_credentials(
+            path: &Path,
+            credentials: Option<&Path>,
+        ) -> Result<Settings, ConfigError> {
+            Settings::load_from(path, credentials, &[])
+        }
+    }
 
     #[test]
     fn table_names_that_try_sql_injection_are_refused() {
@@ -1776,6 +2111,9 @@ mod tests {
             debezium: None,
             mapping: None,
             partitions: defaults::partitions(),
+            message_format: MessageFormat::Outbox,
+            cloudevents_source: None,
+            cloudevents_extensions: Vec::new(),
         };
         let problems = |t: &OutboxSettings| {
             let mut out = Vec::new();

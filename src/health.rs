@@ -6,7 +6,8 @@
 //! relay whose membership was lost is rejoining, not a standby. `GET /live` answers 200 while
 //! every relay loop keeps turning and nothing in the process has panicked (after a panic it
 //! only drains and exits). Both return each table's state as JSON, from the relays' heartbeats.
-//! `GET /metrics` answers the metrics (`crate::metrics`) for Prometheus.
+//! `GET /metrics` answers the metrics (`crate::metrics`) for Prometheus. Another method on
+//! these paths is answered 405 with `Allow: GET, HEAD`; any other path 404.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -106,6 +107,20 @@ async fn respond<B>(probe: &Probe, request: &Request<B>) -> Response<Full<Bytes>
         (&Method::GET | &Method::HEAD, "/ready") => probe.ready(),
         (&Method::GET | &Method::HEAD, "/live") => probe.live(),
         (&Method::GET | &Method::HEAD, "/metrics") => return metrics(probe, request).await,
+        // A path that exists, asked with another method: 405 with the methods it takes
+        // (RFC 9110, 15.5.6), not 404 as if it did not exist.
+        (_, "/ready" | "/live" | "/metrics") => {
+            return Response::builder()
+                .status(StatusCode::METHOD_NOT_ALLOWED)
+                .header(hyper::header::ALLOW, "GET, HEAD")
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from(format!(
+                    "outbox-relay health endpoint: {} takes GET (or HEAD), not {}\n",
+                    request.uri().path(),
+                    request.method()
+                ))))
+                .expect("a plain-text response is valid");
+        }
         _ => {
             return Response::builder()
                 .status(StatusCode::NOT_FOUND)

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dispatch;
+pub mod generate;
 pub mod health;
 pub mod message;
 pub mod metrics;

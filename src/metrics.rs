@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
@@ -138,7 +140,8 @@ label_values! {
 type HistogramFamily = Family<TableLabels, Histogram, fn() -> Histogram>;
 type F64Gauge = Gauge<f64, AtomicU64>;
 
-/// Every metric the relay exports, registered under the `outbox_relay_` prefix.
+/// Every metric the relay exports: its own under the `outbox_relay_` prefix, and the standard
+/// `process_*` ones ([`ProcessCollector`]).
 pub struct Metrics {
     registry: Registry,
     published: Family<TableLabels, Counter>,
@@ -153,6 +156,7 @@ pub struct Metrics {
     due_rows: Family<TableLabels, Gauge>,
     held_rows: Family<TableLabels, Gauge>,
     parked_rows: Family<TableLabels, Gauge>,
+    discarded_rows: Family<TableLabels, Gauge>,
     oldest_pending_age: Family<TableLabels, F64Gauge>,
     backlog_read_at: F64Gauge,
     backlog_read_errors: Counter,
@@ -164,6 +168,9 @@ pub struct Metrics {
     log_lines_dropped: Counter,
     /// How many of telemetry's dropped lines `log_lines_dropped` has counted so far.
     log_lines_dropped_seen: AtomicU64,
+    spans_dropped: Counter,
+    /// How many of the span exporter's dropped spans `spans_dropped` has counted so far.
+    spans_dropped_seen: AtomicU64,
     /// The sweepers' progress, copied into the three metrics above at each scrape.
     sweepers: std::sync::Mutex<Vec<(TableLabels, Arc<RetentionProgress>)>>,
     /// When the backlog gauges were last read (`None`: never), held while one scrape reads them.
@@ -188,7 +195,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("outbox_relay");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("outbox_relay");
         let m = Metrics {
             published: Family::default(),
             refused: Family::default(),
@@ -202,6 +211,7 @@ impl Metrics {
             due_rows: Family::default(),
             held_rows: Family::default(),
             parked_rows: Family::default(),
+            discarded_rows: Family::default(),
             oldest_pending_age: Family::default(),
             backlog_read_at: Gauge::default(),
             backlog_read_errors: Counter::default(),
@@ -212,6 +222,8 @@ impl Metrics {
             oldest_published_age: Family::default(),
             log_lines_dropped: Counter::default(),
             log_lines_dropped_seen: AtomicU64::new(0),
+            spans_dropped: Counter::default(),
+            spans_dropped_seen: AtomicU64::new(0),
             sweepers: std::sync::Mutex::new(Vec::new()),
             backlog_read: tokio::sync::Mutex::new(None),
             registry: Registry::default(),
@@ -283,6 +295,11 @@ impl Metrics {
             "Parked rows, waiting for `outbox-relay retry` (counted up to 1,000,000)",
             m.parked_rows.clone(),
         );
+        registry.register(
+            "discarded_rows",
+            "Parked rows ended for good by `outbox-relay discard` (recorded in outbox_relay.discarded until an operator deletes the record)",
+            m.discarded_rows.clone(),
+        );
         registry.register_with_unit(
             "oldest_pending_age",
             "Age of the oldest pending row (0 when none)",
@@ -304,6 +321,11 @@ impl Metrics {
             "log_lines_dropped",
             "Log lines dropped: stderr refused them (its reader gone) or the log queue was full (its reader not reading); the relay goes on",
             m.log_lines_dropped.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "The relay's spans dropped instead of exported over OTLP: the export queue was full (the collector slow or down) or the collector did not take them; delivery goes on (0 while telemetry.otlp_endpoint is unset)",
+            m.spans_dropped.clone(),
         );
         registry.register(
             "reconnects",
@@ -336,7 +358,10 @@ impl Metrics {
         for server in [Server::Postgres, Server::Rabbitmq] {
             let _ = m.reconnects.get_or_create(&ServerLabels { server });
         }
-        Metrics { registry, ..m }
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// The handles one table's relay counts into; its series exist from now on (at zero).
@@ -373,6 +398,7 @@ impl Metrics {
             &self.due_rows,
             &self.held_rows,
             &self.parked_rows,
+            &self.discarded_rows,
         ] {
             let _ = gauges.get_or_create(&labels);
         }
@@ -418,6 +444,15 @@ impl Metrics {
             .inc_by(dropped.saturating_sub(counted));
     }
 
+    /// The counter catches up with the span exporter's count, as [`Self::read_dropped_log_lines`].
+    fn read_dropped_spans(&self) {
+        let dropped = crate::telemetry::otlp::dropped_spans();
+        let counted = self
+            .spans_dropped_seen
+            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
+        self.spans_dropped.inc_by(dropped.saturating_sub(counted));
+    }
+
     /// Copies the sweepers' progress into their metrics.
     fn read_sweepers(&self) {
         let Ok(sweepers) = self.sweepers.lock() else {
@@ -457,6 +492,7 @@ impl Metrics {
         self.refresh_backlog(backlog).await;
         self.read_sweepers();
         self.read_dropped_log_lines();
+        self.read_dropped_spans();
         let mut text = String::new();
         let encoded = if openmetrics {
             prometheus_client::encoding::text::encode(&mut text, &self.registry)
@@ -499,6 +535,26 @@ impl Metrics {
         };
         for b in backlog {
             self.set_backlog(&b);
+        }
+        // Discarded rows, from the relay's small record of them (one statement for all tables).
+        let names: Vec<_> = source.tables.iter().map(|t| t.table().clone()).collect();
+        match tokio::time::timeout(BACKLOG_WAIT, source.store.discarded_counts(&names)).await {
+            Ok(Ok(counts)) => {
+                for (name, count) in names.iter().zip(counts) {
+                    let labels = TableLabels {
+                        table: name.to_string(),
+                    };
+                    self.discarded_rows.get_or_create(&labels).set(count);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %format!("{e:#}"), "cannot read the discarded rows for the metrics");
+                self.backlog_read_errors.inc();
+            }
+            Err(_) => {
+                tracing::debug!("reading the discarded rows for the metrics timed out");
+                self.backlog_read_errors.inc();
+            }
         }
         self.backlog_read_at
             .set(Utc::now().timestamp_millis() as f64 / 1000.0);
@@ -592,4 +648,89 @@ pub async fn sample_blocked(
             blocked.inc_by(1.0);
         }
     }
+}
+
+/// The standard process metrics every Prometheus exporter has (the names and meanings of the
+/// Prometheus Go client's process collector): CPU seconds, resident and virtual memory, open and
+/// maximum file descriptors, threads, start time. Read from /proc at each scrape (a few
+/// microseconds); a value /proc does not give (another OS, a restricted /proc) is left out,
+/// not reported as zero.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let Ok(me) = procfs::process::Process::myself() else {
+            return Ok(());
+        };
+        let e = &mut encoder;
+        if let Ok(stat) = me.stat() {
+            let ticks = procfs::ticks_per_second() as f64;
+            let rss = (stat.rss * procfs::page_size()) as f64;
+            process_gauge(
+                e,
+                "process_resident_memory",
+                "Resident memory size",
+                Some(Unit::Bytes),
+                rss,
+            )?;
+            let vsize = stat.vsize as f64;
+            process_gauge(
+                e,
+                "process_virtual_memory",
+                "Virtual memory size",
+                Some(Unit::Bytes),
+                vsize,
+            )?;
+            let threads = stat.num_threads as f64;
+            process_gauge(
+                e,
+                "process_threads",
+                "Number of OS threads in the process",
+                None,
+                threads,
+            )?;
+            if let Ok(boot) = procfs::boot_time_secs() {
+                let start = boot as f64 + stat.starttime as f64 / ticks;
+                let help = "Start time of the process since the Unix epoch";
+                process_gauge(e, "process_start_time", help, Some(Unit::Seconds), start)?;
+            }
+            let cpu = ConstCounter::new((stat.utime + stat.stime) as f64 / ticks);
+            let help = "Total user and system CPU time spent";
+            let metric =
+                e.encode_descriptor("process_cpu", help, Some(&Unit::Seconds), cpu.metric_type())?;
+            cpu.encode(metric)?;
+        }
+        if let Ok(open) = me.fd_count() {
+            process_gauge(
+                e,
+                "process_open_fds",
+                "Number of open file descriptors",
+                None,
+                open as f64,
+            )?;
+        }
+        if let Ok(limits) = me.limits() {
+            if let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit {
+                let help = "Maximum number of open file descriptors";
+                process_gauge(e, "process_max_fds", help, None, max as f64)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn process_gauge(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(value);
+    let metric = encoder.encode_descriptor(name, help, unit.as_ref(), gauge.metric_type())?;
+    gauge.encode(metric)
 }

@@ -17,11 +17,13 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, Utc};
 use clap::{ArgGroup, Args};
 use futures::FutureExt;
 
-use crate::config::{exchange_name_problem, OutboxSettings, RabbitSettings, Settings, TableName};
+use crate::config::{
+    exchange_name_problem, OnPublished, OutboxSettings, RabbitSettings, Settings, TableName,
+};
 use crate::message::{self, OutboxRow};
 use crate::publisher::{Broker, PendingConfirm, PublishError, Publisher};
 use crate::shutdown::Shutdown;
@@ -35,7 +37,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// `outbox-relay replay`'s arguments. A range needs a start (`--from-id` or `--since`); id
 /// and time bounds may be combined, and narrow each other.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("start").required(true).multiple(true).args(["from_id", "since"])))]
+#[command(
+    group(ArgGroup::new("start").required(true).multiple(true).args(["from_id", "since"])),
+    after_help = REPLAY_EXAMPLES
+)]
 pub struct ReplayArgs {
     /// The outbox table (`schema.table`), one of the config's [[outbox]] tables.
     #[arg(long, value_parser = TableName::parse)]
@@ -46,10 +51,12 @@ pub struct ReplayArgs {
     /// Replay rows up to this id (inclusive); default: the newest row when the replay starts.
     #[arg(long, value_name = "ID")]
     pub to_id: Option<i64>,
-    /// Replay rows created at or after this time (RFC 3339, e.g. 2026-03-01T12:00:00Z).
+    /// Replay rows created at or after this time: a date (2026-12-07, its midnight), a date
+    /// and time (2026-12-07T10:00:00, 2026-12-07 10:00), both in UTC, or RFC 3339 with its
+    /// zone (2026-12-07T10:00:00+01:00).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub since: Option<DateTime<Utc>>,
-    /// Replay rows created before this time (RFC 3339).
+    /// Replay rows created before this time (the forms of --since; a bare date or time is UTC).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub until: Option<DateTime<Utc>>,
     /// Replay only the rows of this ordering key.
@@ -70,11 +77,50 @@ pub struct ReplayArgs {
     pub dry_run: bool,
 }
 
+/// A time as an operator types it: RFC 3339 with its zone (`2026-12-07T10:00:00+01:00`,
+/// `...Z`), or without a zone, read as UTC: a date (`2026-12-07`, its midnight) or a date and
+/// time (`2026-12-07T10:00:00`, `2026-12-07 10:00`, seconds and fractions optional).
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("{e}; expected an RFC 3339 time such as 2026-03-01T12:00:00Z"))
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%dT%H:%M%#z", "%Y-%m-%d %H:%M%#z"] {
+        if let Ok(t) = DateTime::parse_from_str(s, format) {
+            return Ok(t.with_timezone(&Utc));
+        }
+    }
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
+    ] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(day) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(day.and_time(NaiveTime::MIN).and_utc());
+    }
+    Err(format!(
+        "{s:?} is not a time: expected a date (2026-12-07), a date and time without a zone \
+         (2026-12-07T10:00:00, 2026-12-07 10:00; both read as UTC), or RFC 3339 with its zone \
+         (2026-12-07T10:00:00+01:00, 2026-12-07T09:00:00Z)"
+    ))
 }
+
+const REPLAY_EXAMPLES: &str = "\
+Only rows published by the replay's start are sent; rows not yet published and discarded rows
+are skipped and counted. A range is refused (exit 1) only when the relay deleted rows it reaches:
+on_published = \"delete\", or the retention sweeper's deletions before the oldest published row
+still in the table. A date or time without a zone is UTC.
+
+Examples:
+  outbox-relay replay --table public.outbox --from-id 1 --dry-run
+  outbox-relay replay --table public.outbox --since 2026-12-07 --until \"2026-12-07 12:00\"
+  outbox-relay replay --table public.outbox --since 2026-12-07T10:00:00+01:00 --key order-991 \\
+      --exchange replays --rate 200";
 
 fn parse_exchange(s: &str) -> Result<String, String> {
     match exchange_name_problem(s) {
@@ -115,7 +161,7 @@ impl ReplayError {
 }
 
 /// Runs `outbox-relay replay` and prints its outcome: the count with `--dry-run`, else what
-/// was replayed. Exit 1 (an error) when the range reaches rows no longer retained, when the
+/// was replayed. Exit 1 (an error) when the range reaches rows the relay deleted, when the
 /// broker refuses a message, or when rows vanished while the replay ran.
 pub async fn main(
     settings: &Settings,
@@ -177,12 +223,9 @@ async fn replay(
 ) -> anyhow::Result<()> {
     let name = &table.table;
     let retained = store.replay_start(name).await?;
-    let range = plan(name, args, &retained)?;
+    let range = plan(table, args, &retained)?;
     let total = count(store, &range).await?;
-    let skipped = match total.unpublished {
-        0 => String::new(),
-        n => format!("; skipped {n} row(s) of the range not yet published"),
-    };
+    let skipped = skipped_rows(total.unpublished, total.discarded);
     if args.dry_run {
         println!(
             "{name}: {} row(s) to replay{}{skipped} (dry run: nothing published)",
@@ -226,6 +269,7 @@ async fn replay(
         batch: i64::from(settings.relay.batch_size),
         window: settings.relay.max_in_flight.min(args.rate as usize).max(1),
         rate: args.rate,
+        shape: message::MessageShape::for_table(table, &settings.postgres),
     };
     let sent = sender.send_all(&mut publisher, &shutdown, &total).await;
     publisher.close().await;
@@ -239,10 +283,7 @@ async fn replay(
             total.rows
         );
     }
-    let skipped = match sent.unpublished {
-        0 => String::new(),
-        n => format!("; skipped {n} row(s) of the range not yet published"),
-    };
+    let skipped = skipped_rows(sent.unpublished, sent.discarded);
     println!(
         "{name}: replayed {} row(s){}{skipped}",
         sent.replayed,
@@ -288,38 +329,62 @@ fn stop_on_signals(table: &TableName) -> std::io::Result<Shutdown> {
     Ok(shutdown)
 }
 
-/// The rows to replay, or the refusal of a range that reaches before what the table retains.
-/// The table's retained history begins at its oldest published row still there: rows before
-/// it were deleted (retention, or `on_published = "delete"`) or never published, and a range
-/// starting before it is refused rather than replayed with a silent hole at its start.
-fn plan(table: &TableName, args: &ReplayArgs, retained: &Retained) -> anyhow::Result<ReplayRange> {
-    let Some(oldest) = retained.oldest else {
+/// The rows to replay, or the refusal of a range that reaches rows the relay deleted. The
+/// relay deletes rows in two ways only, and a range is refused only then, never because ids
+/// are sparse (the order guard draws every id, so they step by two, and rolled-back inserts
+/// leave gaps too):
+/// - `on_published = "delete"`: every row is deleted once published, so no range is kept.
+/// - the retention sweeper, which records what it deleted (`outbox_relay.deleted_history`):
+///   it deletes the oldest published rows first, so the retained history begins at the oldest
+///   published row still there, and a range starting before it is refused rather than
+///   replayed with a silent hole at its start.
+///
+/// A table whose relay never deleted a row keeps every published row: any range is served,
+/// its rows not yet published skipped and counted.
+fn plan(
+    outbox: &OutboxSettings,
+    args: &ReplayArgs,
+    retained: &Retained,
+) -> anyhow::Result<ReplayRange> {
+    let table = &outbox.table;
+    if outbox.on_published == OnPublished::Delete {
         anyhow::bail!(
-            "{table} retains no published row, so nothing can be replayed (no row was published \
-             yet, or published rows are deleted)"
+            "{table} keeps no published row to replay: on_published = \"delete\" deletes each \
+             row once the broker confirmed it"
         );
-    };
-    let narrow = format!(
-        "the oldest published row still in {table} is id {}, created {}: rows before it are no \
-         longer retained (or never existed). Narrow the range: --from-id {} or --since {}",
-        oldest.id,
-        rfc3339(oldest.created_at),
-        oldest.id,
-        rfc3339(oldest.created_at)
-    );
-    // Either start bound inside the retained history keeps the whole range inside it (the
-    // bounds narrow each other); a resumed `--since` run stays valid with its `--from-id`.
-    let id_inside = args.from_id.is_some_and(|from| from >= oldest.id);
-    let time_inside = args.since.is_some_and(|since| since >= oldest.created_at);
-    if !id_inside && !time_inside {
-        let start = [
-            args.from_id.map(|from| format!("from id {from}")),
-            args.since.map(|since| format!("since {}", rfc3339(since))),
-        ];
-        let start = start.into_iter().flatten().collect::<Vec<_>>().join(" ");
-        anyhow::bail!("cannot replay {table} {start}: {narrow}");
     }
-    let newest = retained.newest_id.unwrap_or(oldest.id);
+    if let Some(deleted) = retained.deleted {
+        let swept = format!(
+            "the retention sweeper deleted {} published row(s) of {table} (the last at {})",
+            deleted.rows,
+            rfc3339(deleted.last_deleted)
+        );
+        let Some(oldest) = retained.oldest else {
+            anyhow::bail!("cannot replay {table}: {swept}, and no published row is left");
+        };
+        // Either start bound inside the retained history keeps the whole range inside it
+        // (the bounds narrow each other); a resumed `--since` run stays valid with its
+        // `--from-id`.
+        let id_inside = args.from_id.is_some_and(|from| from >= oldest.id);
+        let time_inside = args.since.is_some_and(|since| since >= oldest.created_at);
+        if !id_inside && !time_inside {
+            let start = [
+                args.from_id.map(|from| format!("from id {from}")),
+                args.since.map(|since| format!("since {}", rfc3339(since))),
+            ];
+            let start = start.into_iter().flatten().collect::<Vec<_>>().join(" ");
+            anyhow::bail!(
+                "cannot replay {table} {start}: {swept}; the oldest published row still there is \
+                 id {}, created {}: rows before it are no longer retained. Narrow the range: \
+                 --from-id {} or --since {}",
+                oldest.id,
+                rfc3339(oldest.created_at),
+                oldest.id,
+                rfc3339(oldest.created_at)
+            );
+        }
+    }
+    let newest = retained.newest_id.unwrap_or(i64::MIN);
     Ok(ReplayRange {
         table: table.clone(),
         after: args.from_id.unwrap_or(i64::MIN).saturating_sub(1),
@@ -328,7 +393,21 @@ fn plan(table: &TableName, args: &ReplayArgs, retained: &Retained) -> anyhow::Re
         key: args.key.clone(),
         since: args.since,
         until: args.until,
+        skip_discarded: retained.discards_recorded,
     })
+}
+
+/// `; skipped ...` after a replay's count: rows of the range not yet published, and rows an
+/// operator discarded (never sent).
+fn skipped_rows(unpublished: u64, discarded: u64) -> String {
+    let mut text = String::new();
+    if unpublished > 0 {
+        text += &format!("; skipped {unpublished} row(s) of the range not yet published");
+    }
+    if discarded > 0 {
+        text += &format!("; skipped {discarded} discarded row(s)");
+    }
+    text
 }
 
 /// Counts the range chunk by chunk (the total for `--dry-run` and the progress line).
@@ -342,6 +421,7 @@ async fn count(store: &Store, range: &ReplayRange) -> anyhow::Result<CountChunk>
         };
         total.rows += chunk.rows;
         total.unpublished += chunk.unpublished;
+        total.discarded += chunk.discarded;
         total.first_id = total.first_id.or(chunk.first_id);
         total.last_id = chunk.last_id.or(total.last_id);
         after = scanned_to;
@@ -364,6 +444,8 @@ struct Sender<'a> {
     /// Unconfirmed publishes at most.
     window: usize,
     rate: u32,
+    /// The table's message format, as the relay sends it.
+    shape: message::MessageShape,
 }
 
 /// What a replay that ran to the end sent.
@@ -371,6 +453,7 @@ struct Sender<'a> {
 struct Sent {
     replayed: u64,
     unpublished: u64,
+    discarded: u64,
     first_id: Option<i64>,
     last_id: Option<i64>,
 }
@@ -403,6 +486,7 @@ impl Sender<'_> {
             };
             after = scanned_to;
             sent.unpublished += chunk.unpublished;
+            sent.discarded += chunk.discarded;
             for row in chunk.rows {
                 if shutdown.is_stopping() {
                     interrupted = true;
@@ -469,12 +553,13 @@ impl Sender<'_> {
     ) -> Result<PendingConfirm, Stop> {
         let id = row.id;
         let stop = |reason: String| Stop { id, reason };
-        let mut message = message::build(
+        let mut message = message::build_with(
             &mut row,
             &self.range.table.to_string(),
             &self.table.exchange,
+            &self.shape,
             message::BrokerLimits {
-                max_body: self.max_message_bytes,
+                max_body: message::BodyLimit::Configured(self.max_message_bytes),
                 frame_max: publisher.frame_max(),
             },
         )
@@ -725,7 +810,7 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RetainedRow;
+    use crate::store::{DeletedHistory, RetainedRow};
     use clap::Parser;
 
     #[derive(Debug, Parser)]
@@ -743,7 +828,7 @@ mod tests {
         parse_time(s).unwrap()
     }
 
-    fn retained(oldest: Option<(i64, &str)>) -> Retained {
+    fn retained(oldest: Option<(i64, &str)>, deleted: Option<i64>) -> Retained {
         Retained {
             started_at: at("2026-03-01T12:00:00Z"),
             newest_id: Some(900),
@@ -751,11 +836,37 @@ mod tests {
                 id,
                 created_at: at(t),
             }),
+            deleted: deleted.map(|rows| DeletedHistory {
+                rows,
+                last_deleted: at("2026-02-28T00:00:00Z"),
+            }),
+            discards_recorded: true,
         }
     }
 
-    fn table() -> TableName {
-        TableName::parse("public.outbox").unwrap()
+    fn table() -> OutboxSettings {
+        serde_json::from_value(serde_json::json!({"table": "outbox", "exchange": "events"}))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_time_is_a_date_a_date_and_time_in_utc_or_rfc_3339_with_its_zone() {
+        let utc = |s: &str| rfc3339(parse_time(s).unwrap());
+        assert_eq!(utc("2026-12-07"), "2026-12-07T00:00:00.000000Z");
+        assert_eq!(utc("2026-12-07T10:00:00"), "2026-12-07T10:00:00.000000Z");
+        assert_eq!(utc("2026-12-07 10:00"), "2026-12-07T10:00:00.000000Z");
+        assert_eq!(utc("2026-12-07T10:00"), "2026-12-07T10:00:00.000000Z");
+        assert_eq!(utc("2026-12-07 10:00:05.25"), "2026-12-07T10:00:05.250000Z");
+        assert_eq!(
+            utc("2026-12-07T10:00:00+01:00"),
+            "2026-12-07T09:00:00.000000Z"
+        );
+        assert_eq!(utc("2026-12-07 10:00:00Z"), "2026-12-07T10:00:00.000000Z");
+        assert_eq!(utc("2026-12-07T10:00+02:00"), "2026-12-07T08:00:00.000000Z");
+        for bad in ["yesterday", "2026-13-01", "07.12.2026", "2026-12-07T25:00"] {
+            let e = parse_time(bad).unwrap_err();
+            assert!(e.contains("RFC 3339") && e.contains("UTC"), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -792,11 +903,36 @@ mod tests {
         .unwrap();
         assert_eq!(both.since, Some(at("2025-12-31T23:00:00Z")));
         assert_eq!(both.rate, 1000);
+        let by_date = args(&["--table", "outbox", "--since", "2026-12-07"]).unwrap();
+        assert_eq!(by_date.since, Some(at("2026-12-07T00:00:00Z")));
     }
 
     #[test]
-    fn a_range_that_starts_before_the_oldest_retained_row_is_refused_naming_it() {
-        let kept = retained(Some((500, "2026-02-01T00:00:00Z")));
+    fn a_range_is_never_refused_on_a_table_whose_relay_deleted_no_row() {
+        // Ids start at 2 and step by two (the order guard draws them): id 1 never existed.
+        let kept = retained(Some((2, "2026-02-01T00:00:00Z")), None);
+        let range = plan(
+            &table(),
+            &args(&["--table", "outbox", "--from-id", "1"]).unwrap(),
+            &kept,
+        )
+        .unwrap();
+        assert_eq!((range.after, range.last), (0, 900));
+        let early = args(&["--table", "outbox", "--since", "2020-01-01"]).unwrap();
+        assert!(plan(&table(), &early, &kept).is_ok());
+        // Nothing published yet: an empty range, not a refusal.
+        let nothing = plan(
+            &table(),
+            &args(&["--table", "outbox", "--from-id", "1"]).unwrap(),
+            &retained(None, None),
+        )
+        .unwrap();
+        assert!(nothing.skip_discarded);
+    }
+
+    #[test]
+    fn a_range_that_starts_before_the_oldest_row_the_sweeper_left_is_refused_naming_it() {
+        let kept = retained(Some((500, "2026-02-01T00:00:00Z")), Some(40));
         let e = plan(
             &table(),
             &args(&["--table", "outbox", "--from-id", "1"]).unwrap(),
@@ -808,6 +944,7 @@ mod tests {
             e.contains("from id 1") && e.contains("--from-id 500"),
             "{e}"
         );
+        assert!(e.contains("deleted 40 published row(s)"), "{e}");
         assert!(e.contains("2026-02-01T00:00:00.000000Z"), "{e}");
         let e = plan(
             &table(),
@@ -837,16 +974,30 @@ mod tests {
         let e = plan(
             &table(),
             &args(&["--table", "outbox", "--from-id", "1"]).unwrap(),
-            &retained(None),
+            &retained(None, Some(40)),
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("retains no published row"), "{e}");
+        assert!(e.contains("no published row is left"), "{e}");
+    }
+
+    #[test]
+    fn every_range_of_a_table_in_delete_mode_is_refused() {
+        let mut deleting = table();
+        deleting.on_published = OnPublished::Delete;
+        let e = plan(
+            &deleting,
+            &args(&["--table", "outbox", "--from-id", "1"]).unwrap(),
+            &retained(Some((500, "2026-02-01T00:00:00Z")), None),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("on_published = \"delete\""), "{e}");
     }
 
     #[test]
     fn a_range_ends_at_the_newest_row_at_the_start_and_takes_rows_published_by_then() {
-        let kept = retained(Some((500, "2026-02-01T00:00:00Z")));
+        let kept = retained(Some((500, "2026-02-01T00:00:00Z")), Some(1));
         let open = plan(
             &table(),
             &args(&["--table", "outbox", "--from-id", "500"]).unwrap(),

@@ -67,6 +67,16 @@ impl RetryPolicy {
         base.mul_f64(1.0 - self.jitter * sample.clamp(0.0, 1.0))
     }
 
+    /// The longest a row that fails every attempt waits before it is parked: the un-jittered
+    /// delays after each failure but the last (jitter only shortens them). `None` when the
+    /// policy never parks.
+    pub fn longest_until_parked(&self) -> Option<Duration> {
+        if self.max_attempts == u32::MAX {
+            return None;
+        }
+        Some((1..self.max_attempts).map(|a| self.base_delay(a)).sum())
+    }
+
     /// The verdict after the row's `attempt`-th failure.
     pub fn after_failure(&self, attempt: u32, sample: f64) -> Verdict {
         if attempt >= self.max_attempts {
@@ -116,5 +126,19 @@ mod tests {
         let p = policy();
         assert!(matches!(p.after_failure(3, 0.0), Verdict::RetryAfter(_)));
         assert_eq!(p.after_failure(4, 0.0), Verdict::Park);
+    }
+
+    #[test]
+    fn the_default_policy_parks_a_row_within_eight_and_a_half_minutes_of_its_first_failure() {
+        let policy = RetryPolicy::from(&RetrySettings::default());
+        // 1 + 2 + 4 + ... + 256 seconds: nine delays between ten attempts.
+        assert_eq!(
+            policy.longest_until_parked(),
+            Some(Duration::from_secs(511))
+        );
+        assert_eq!(
+            RetryPolicy::outage(Duration::from_secs(30)).longest_until_parked(),
+            None
+        );
     }
 }

@@ -255,6 +255,84 @@ async fn an_unreachable_server_exits_1_without_printing_the_password() {
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
 }
 
+/// A port on 127.0.0.1 that nothing listens on (bound, then let go).
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn postgresql_refusing_the_connection_is_said_at_once_by_every_command() {
+    let port = closed_port();
+    for (url, said) in [
+        (
+            format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{port}/app"),
+            format!("connection refused: nothing listens on 127.0.0.1:{port}"),
+        ),
+        (
+            format!("postgres://postgres:{PG_PASSWORD}@obr-no-such-host.invalid:5432/app"),
+            "host not found: the name obr-no-such-host.invalid does not resolve".to_owned(),
+        ),
+        (
+            "postgres://postgres@127.0.0.1:5432/obr_no_such_database".to_owned(),
+            "no such database: database \"obr_no_such_database\" does not exist (SQLSTATE 3D000)"
+                .to_owned(),
+        ),
+    ] {
+        // The connect timeout is long: the answer must not wait for it.
+        let text = format!(
+            "[postgres]\nurl = {url:?}\nconnect_timeout = \"30s\"\n{}{OUTBOX}",
+            rabbitmq_section()
+        );
+        let file = ConfigFile::new(&text);
+        for command in ["status", "check-config", "migrate"] {
+            let started = std::time::Instant::now();
+            let out = run_cli(&file.path, &[command]).await;
+            let took = started.elapsed();
+            assert_eq!(out.code, 1, "{command}: {out:?}");
+            assert!(
+                out.stderr.contains("cannot connect to PostgreSQL at")
+                    && out.stderr.contains(&said),
+                "{command}: {said:?} not in {}",
+                out.stderr
+            );
+            assert!(
+                took < std::time::Duration::from_secs(10),
+                "{command} took {took:?} to say {said:?}"
+            );
+            assert!(!out.stderr.contains("pool timed out"), "{}", out.stderr);
+            assert!(!out.stderr.contains(PG_PASSWORD), "{}", out.stderr);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_logs_why_postgresql_cannot_be_reached_and_keeps_trying() {
+    let env = TestEnv::new(Setup::new()).await;
+    let config = std::fs::read_to_string(&env.config_path).unwrap();
+    let port = closed_port();
+    let closed = config
+        .lines()
+        .map(|line| match line.starts_with("url = \"postgres") {
+            true => format!("url = \"postgres://postgres:{PG_PASSWORD}@127.0.0.1:{port}/app\""),
+            false => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(config, closed, "the config has a postgres url line");
+    std::fs::write(&env.config_path, closed).unwrap();
+    let mut relay = env.start_relay();
+    relay
+        .wait_for_log(&format!(
+            "connection refused: nothing listens on 127.0.0.1:{port}"
+        ))
+        .await;
+    let log = relay.log();
+    assert!(relay.is_running(), "{log}");
+    assert!(!log.contains("pool timed out"), "{log}");
+    assert!(!log.contains(PG_PASSWORD), "{log}");
+}
+
 #[tokio::test]
 async fn a_postgresql_role_that_does_not_exist_exits_1_naming_the_server_and_the_role() {
     let text = format!(
@@ -413,10 +491,10 @@ async fn rows_that_can_never_be_published_are_parked_at_once_and_other_keys_flow
             r.ordering_key
         );
     }
-    let big = env.row(ids[3]).await;
+    let big = env.row(ids[3]).await.last_error.unwrap_or_default();
     assert!(
-        big.last_error.unwrap_or_default().contains("2048"),
-        "names the limit"
+        big.contains("the relay's rabbitmq.max_message_bytes is 2048") && !big.contains("broker"),
+        "names the limit, and that it was the relay's own: {big}"
     );
     env.insert(&[NewRow::new("late-good", "good-0")]).await;
     env.consumer.wait_for_id("late-good").await;

@@ -293,3 +293,62 @@ async fn a_coordination_session_terminated_right_after_it_opens_gets_ever_fewer_
     env.insert(&[NewRow::new("after", "k")]).await;
     env.consumer.wait_for_id("after").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_refusal_of_each_kind_is_logged_with_its_reason_exchange_and_row_then_counted() {
+    let env = TestEnv::new(Setup::new().set("retry", "max_attempts", "50")).await;
+    let missing = unique_name("obr_missing");
+    let unbound = unique_name("obr_unbound");
+    env.declare_exchange(&unbound).await;
+    let relay = env.start_relay();
+    let ids = env
+        .insert(&[
+            NewRow::new("to-missing-1", "k1").exchange(&missing),
+            NewRow::new("to-missing-2", "k2").exchange(&missing),
+            NewRow::new("to-unbound", "k3").exchange(&unbound),
+            NewRow::new("routed", "k4"),
+        ])
+        .await;
+    env.consumer.wait_for_id("routed").await;
+    eventually("each refused row to fail three times", || async {
+        for id in &ids[..3] {
+            if env.row(*id).await.attempts < 3 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    let log = relay.log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("the broker refused a publish"))
+        .collect();
+    assert_eq!(said.len(), 2, "one line per kind of refusal:\n{log}");
+    let no_exchange = said
+        .iter()
+        .find(|line| line.contains("no_exchange"))
+        .unwrap_or_else(|| panic!("no line for the missing exchange:\n{log}"));
+    assert!(
+        no_exchange.contains(&missing)
+            && no_exchange.contains("NOT_FOUND")
+            && (no_exchange.contains(&format!("id={}", ids[0]))
+                || no_exchange.contains(&format!("id={}", ids[1]))),
+        "the exchange, the broker's reason and the row: {no_exchange}"
+    );
+    let unroutable = said
+        .iter()
+        .find(|line| line.contains("unroutable"))
+        .unwrap_or_else(|| panic!("no line for the unroutable row:\n{log}"));
+    assert!(
+        unroutable.contains(&unbound)
+            && unroutable.contains("NO_ROUTE")
+            && unroutable.contains(&format!("id={}", ids[2])),
+        "the exchange, the broker's reason and the row: {unroutable}"
+    );
+    assert!(
+        !log.contains("publishes refused by the broker; retrying with backoff"),
+        "refusals are counted, not repeated:\n{log}"
+    );
+}

@@ -28,6 +28,27 @@ async fn metrics_count_rows_as_they_flow_fail_park_and_are_released() {
         .find(|s| s.name == "outbox_relay_build_info")
         .expect("outbox_relay_build_info");
     assert_eq!(build.labels["version"], env!("CARGO_PKG_VERSION"));
+    // The standard process metrics, as every exporter has them, unprefixed.
+    let process = |name: &str| {
+        first
+            .value(name, &[])
+            .unwrap_or_else(|| panic!("no {name} in:\n{}", first.text))
+    };
+    assert!(process("process_resident_memory_bytes") > 1024.0 * 1024.0);
+    assert!(process("process_virtual_memory_bytes") >= process("process_resident_memory_bytes"));
+    assert!(process("process_cpu_seconds_total") >= 0.0);
+    assert!(process("process_threads") >= 1.0);
+    let (open, max) = (process("process_open_fds"), process("process_max_fds"));
+    assert!(open > 0.0 && open <= max, "open fds {open}, max {max}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    let started = process("process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 600.0,
+        "the relay started at {started}, now is {now}"
+    );
     assert_eq!(first.value("outbox_relay_published_total", &t), Some(0.0));
 
     let missing = format!("{}_missing", env.name);

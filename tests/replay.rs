@@ -292,19 +292,27 @@ async fn a_dry_run_counts_without_rabbitmq_and_rows_not_yet_published_are_skippe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_range_reaching_rows_no_longer_retained_is_refused_naming_the_oldest_retained_row() {
-    let env = TestEnv::new(Setup::new()).await;
-    let _relay = env.start_relay();
-    let gone = published(&env, &rows_over_keys("gone", 2, 4)).await;
-    let kept = published(&env, &rows_over_keys("kept", 2, 6)).await;
+async fn a_range_reaching_rows_the_retention_sweeper_deleted_is_refused_naming_the_oldest_retained_row(
+) {
+    let env = TestEnv::new(Setup::new().set("outbox", "retention", "\"1m\"")).await;
+    // History published two minutes ago, before the relay starts: its sweeper deletes it.
+    let gone = env.insert(&rows_over_keys("gone", 2, 4)).await;
+    sqlx::query(
+        "UPDATE public.outbox SET published_at = now() - interval '2 minutes', \
+                created_at = now() - interval '2 minutes' WHERE id = ANY($1)",
+    )
+    .bind(&gone)
+    .execute(&env.pool)
+    .await
+    .unwrap();
     let gone_created = rfc3339(env.row(gone[0]).await.created_at);
+    let relay = env.start_relay();
+    relay
+        .wait_for_log("deleted published rows older than the retention")
+        .await;
+    let kept = published(&env, &rows_over_keys("kept", 2, 6)).await;
     let kept_created = rfc3339(env.row(kept[0]).await.created_at);
-    // What retention does: published rows deleted, oldest first.
-    sqlx::query("DELETE FROM public.outbox WHERE id <= $1")
-        .bind(gone[3])
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    assert!(env.published_ids().await.iter().all(|id| kept.contains(id)));
 
     let by_id = env
         .cli(&["replay", "--table", "outbox", "--from-id", &s(gone[0])])
@@ -312,8 +320,11 @@ async fn a_range_reaching_rows_no_longer_retained_is_refused_naming_the_oldest_r
     assert_eq!(by_id.code, 1, "{by_id:?}");
     assert!(
         by_id.stderr.contains("no longer retained")
+            && by_id
+                .stderr
+                .contains("the retention sweeper deleted 4 published row(s)")
             && by_id.stderr.contains(&format!(
-                "oldest published row still in public.outbox is id {}",
+                "the oldest published row still there is id {}",
                 kept[0]
             ))
             && by_id.stderr.contains(&format!("--from-id {}", kept[0]))
@@ -350,19 +361,129 @@ async fn a_range_reaching_rows_no_longer_retained_is_refused_naming_the_oldest_r
         kept,
         "the refused runs published nothing"
     );
+}
 
-    // A table that keeps no published row (deleted on publish) retains nothing to replay.
-    sqlx::query("DELETE FROM public.outbox")
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    let empty = env
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_never_deleted_a_row_replays_from_id_1_and_takes_dates_without_a_zone_as_utc()
+{
+    let env = TestEnv::new(Setup::new()).await;
+    let _relay = env.start_relay();
+    let ids = published(&env, &rows_over_keys("all", 2, 6)).await;
+    assert!(ids[0] > 1, "ids start above 1: {ids:?}");
+    let pending = env
+        .insert(&[NewRow::new("late", "k").exchange("nowhere")])
+        .await;
+
+    let dry = env
+        .cli(&["replay", "--table", "outbox", "--from-id", "1", "--dry-run"])
+        .await;
+    assert_eq!(dry.code, 0, "sparse ids are not deleted rows: {dry:?}");
+    assert!(
+        dry.stdout.starts_with(&format!(
+            "public.outbox: 6 row(s) to replay, ids {} to {}",
+            ids[0], ids[5]
+        )),
+        "{dry:?}"
+    );
+
+    // A bare date and a date and time without a zone are UTC: the rows were created today
+    // (UTC), so today's midnight takes them all and tomorrow's none.
+    let today = Utc::now().date_naive();
+    let tomorrow = today.succ_opt().unwrap();
+    let created = env.row(ids[0]).await.created_at;
+    let since_date = env
+        .cli(&[
+            "replay",
+            "--table",
+            "outbox",
+            "--since",
+            &today.to_string(),
+            "--dry-run",
+        ])
+        .await;
+    assert_eq!(since_date.code, 0, "{since_date:?}");
+    assert!(
+        since_date.stdout.contains("6 row(s) to replay"),
+        "{since_date:?}"
+    );
+    let until_date = env
+        .cli(&[
+            "replay",
+            "--table",
+            "outbox",
+            "--from-id",
+            "1",
+            "--until",
+            &today.to_string(),
+            "--dry-run",
+        ])
+        .await;
+    assert!(
+        until_date.code == 0 && until_date.stdout.contains("0 row(s) to replay"),
+        "{until_date:?}"
+    );
+    let minute = created.format("%Y-%m-%d %H:%M").to_string();
+    let next_minute = (created + chrono::Duration::minutes(1))
+        .format("%Y-%m-%dT%H:%M:00")
+        .to_string();
+    let in_utc = env
+        .cli(&[
+            "replay",
+            "--table",
+            "outbox",
+            "--since",
+            &minute,
+            "--until",
+            &format!("{tomorrow}"),
+            "--dry-run",
+        ])
+        .await;
+    assert!(
+        in_utc.code == 0 && in_utc.stdout.contains("6 row(s) to replay"),
+        "{minute} read as UTC: {in_utc:?}"
+    );
+    let after = env
+        .cli(&[
+            "replay",
+            "--table",
+            "outbox",
+            "--since",
+            &next_minute,
+            "--dry-run",
+        ])
+        .await;
+    assert!(
+        after.code == 0 && after.stdout.contains("0 row(s) to replay"),
+        "{next_minute} is after the rows' creation: {after:?}"
+    );
+    let bad = env
+        .cli(&["replay", "--table", "outbox", "--since", "07.12.2026"])
+        .await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("UTC"), "{bad:?}");
+
+    let out = env
         .cli(&["replay", "--table", "outbox", "--from-id", "1"])
         .await;
-    assert_eq!(empty.code, 1, "{empty:?}");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(ids_of(&wait_for_replays(&env, 6).await), ids);
+    assert!(env.row(pending[0]).await.published_at.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replay_of_a_table_in_delete_mode_is_refused() {
+    let env = TestEnv::new(Setup::new().set("outbox", "on_published", "\"delete\"")).await;
+    let _relay = env.start_relay();
+    env.insert(&rows_over_keys("d", 2, 2)).await;
+    env.consumer.wait_for(2).await;
+    let out = env
+        .cli(&["replay", "--table", "outbox", "--from-id", "1", "--dry-run"])
+        .await;
+    assert_eq!(out.code, 1, "{out:?}");
     assert!(
-        empty.stderr.contains("retains no published row"),
-        "{empty:?}"
+        out.stderr.contains("keeps no published row to replay")
+            && out.stderr.contains("on_published = \"delete\""),
+        "{out:?}"
     );
 }
 

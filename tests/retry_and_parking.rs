@@ -265,7 +265,11 @@ async fn retry_releases_parked_rows_by_id_by_key_and_all_in_order() {
 
     let out = env.cli(&["retry", "--id", &ids[0].to_string()]).await;
     assert!(
-        out.code == 0 && out.stdout.contains("released 1"),
+        out.code == 0
+            && out.stdout.contains(&format!(
+                "public.outbox: released 1 parked row(s): id {}",
+                ids[0]
+            )),
         "{out:?}"
     );
     env.consumer.wait_for(3).await;
@@ -303,12 +307,25 @@ async fn retry_releases_parked_rows_by_id_by_key_and_all_in_order() {
         "retry needs --id, --key or --all: {unselected:?}"
     );
 
+    // Nothing parked: said, and exit 1.
     let nothing = env.cli(&["retry", "--all"]).await;
     assert!(
-        nothing.code == 0 && nothing.stdout.contains("released 0"),
+        nothing.code == 1
+            && nothing
+                .stderr
+                .contains("public.outbox: no parked row to release"),
         "{nothing:?}"
     );
     env.wait_all_marked().await;
+    let published = env.cli(&["retry", "--id", &ids[0].to_string()]).await;
+    assert!(
+        published.code == 1
+            && published.stderr.contains(&format!(
+                "public.outbox: no parked row with id {} to release: it was already published at ",
+                ids[0]
+            )),
+        "{published:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

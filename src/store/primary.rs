@@ -121,7 +121,12 @@ impl Servers {
     /// own session checks it. Fails with [`DbError::NotPrimary`] when a host answered but none
     /// is the primary, else with why none answered.
     pub async fn find_primary(&self) -> Result<(), DbError> {
-        if self.hosts.len() == 1 {
+        if let [host] = self.hosts.as_slice() {
+            // Nothing to choose, but one connection says at once why the host cannot be
+            // reached: the pool would retry a refused connection until its acquire timeout and
+            // then say only that it timed out.
+            let conn = self.open(host).await?;
+            let _ = conn.close().await;
             return Ok(());
         }
         let mut answers = Vec::new();
@@ -162,21 +167,23 @@ impl Servers {
     /// `connect_timeout` (a host that does not answer at all costs no more), the question by the
     /// statement deadline.
     async fn ask(&self, host: &Server) -> Result<bool, DbError> {
-        let connect = PgConnection::connect_with(&host.options);
-        let mut conn = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(connected) => connected?,
-            Err(_) => {
-                return Err(DbError::Unavailable(format!(
-                    "no connection within {} (postgres.connect_timeout)",
-                    humantime::format_duration(self.connect_timeout)
-                )))
-            }
-        };
+        let mut conn = self.open(host).await?;
         let question = format!("SELECT {NOT_WRITABLE}");
         let asked = sqlx::query_scalar(&question).fetch_one(&mut conn);
         let read_only: bool = answered_within(self.answer_within, asked).await?;
         let _ = conn.close().await;
         Ok(!read_only)
+    }
+
+    /// A connection of its own to `host`, bounded by `connect_timeout`, or why there is none in
+    /// the relay's words ([`ConnectFailure`]).
+    async fn open(&self, host: &Server) -> Result<PgConnection, DbError> {
+        let connect = PgConnection::connect_with(&host.options);
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(ConnectFailure::of(e, &host.options).await.into()),
+            Err(_) => Err(ConnectFailure::NoAnswer(self.connect_timeout).into()),
+        }
     }
 
     fn choose(&self, index: usize) {
@@ -191,5 +198,87 @@ impl Servers {
             to = %self.hosts[index].label,
             "the primary is on another host; following it"
         );
+    }
+}
+
+/// Why a connection to a server could not be opened, decided on the driver's error variants,
+/// the I/O error kind and the SQLSTATE, never on message text: what an operator fixes
+/// differs for each.
+#[derive(Debug)]
+pub(super) enum ConnectFailure {
+    /// Nothing listens on the port (the server is down, or another port is meant).
+    Refused { host: String, port: u16 },
+    /// The host name does not resolve.
+    HostNotFound { host: String },
+    /// No connection within `postgres.connect_timeout` (a firewall dropping packets, a
+    /// server that does not answer).
+    NoAnswer(Duration),
+    /// The server refused the role or its password (SQLSTATE class 28), in its words.
+    Authentication(String),
+    /// The database of the URL does not exist (SQLSTATE 3D000), in the server's words.
+    NoDatabase(String),
+    /// Anything else (a TLS check, a server starting up, too many connections), as the
+    /// relay reports database errors.
+    Other(DbError),
+}
+
+impl ConnectFailure {
+    /// The failure of connecting with `options`. An I/O error that is neither a refusal nor a
+    /// timeout is looked at once more: when the host name does not resolve, that is the
+    /// failure (the resolver's error reaches the driver as a plain I/O error).
+    pub(super) async fn of(e: sqlx::Error, options: &PgConnectOptions) -> ConnectFailure {
+        let host = options.get_host().to_owned();
+        let port = options.get_port();
+        let socket = options.get_socket().is_some() || host.starts_with('/');
+        let unresolved = match &e {
+            sqlx::Error::Io(io)
+                if !socket
+                    && !matches!(
+                        io.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .is_err()
+            }
+            _ => false,
+        };
+        match &e {
+            sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return ConnectFailure::Refused { host, port }
+            }
+            sqlx::Error::Io(_) if unresolved => return ConnectFailure::HostNotFound { host },
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("3D000") => return ConnectFailure::NoDatabase(super::db_message(&e)),
+                Some(code) if code.starts_with("28") => {
+                    return ConnectFailure::Authentication(super::db_message(&e))
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        ConnectFailure::Other(e.into())
+    }
+}
+
+impl From<ConnectFailure> for DbError {
+    fn from(failure: ConnectFailure) -> DbError {
+        let text = match failure {
+            ConnectFailure::Other(e) => return e,
+            ConnectFailure::Refused { host, port } => {
+                format!("connection refused: nothing listens on {host}:{port}")
+            }
+            ConnectFailure::HostNotFound { host } => {
+                format!("host not found: the name {host} does not resolve")
+            }
+            ConnectFailure::NoAnswer(timeout) => format!(
+                "no connection within {} (postgres.connect_timeout)",
+                humantime::format_duration(timeout)
+            ),
+            ConnectFailure::Authentication(server) => format!("authentication failed: {server}"),
+            ConnectFailure::NoDatabase(server) => format!("no such database: {server}"),
+        };
+        DbError::Unavailable(text)
     }
 }

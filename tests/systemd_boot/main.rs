@@ -7,7 +7,8 @@
 //! skipped, loudly, only on a machine that cannot boot a container, and fails instead under
 //! CI=true.
 //!
-//! The package is the one `cargo deb` built (scripts/test and .ci/run build it first);
+//! The package is the one scripts/package built with `cargo deb` (scripts/test and .ci/run build
+//! it first);
 //! `OUTBOX_RELAY_TEST_DEB` names another. The container's tree is cached by
 //! `scripts/systemd-tree` in /var/cache/outbox-relay-test/; each boot writes to a tmpfs overlay
 //! only.
@@ -101,11 +102,28 @@ async fn the_package_runs_under_a_real_systemd_with_credentials_watchdog_drain_a
     for file in [
         "/usr/bin/outbox-relay".to_owned(),
         format!("{DOCS}/README.md"),
+        format!("{DOCS}/docs/configuration.md"),
         format!("{DOCS}/outbox-relay.env.example"),
         format!("{DOCS}/credentials.conf.example"),
+        "/usr/share/zsh/vendor-completions/_outbox-relay".to_owned(),
+        "/usr/share/fish/vendor_completions.d/outbox-relay.fish".to_owned(),
+        "/usr/share/man/man1/outbox-relay-run.1.gz".to_owned(),
     ] {
         assert!(machine.path(&file).is_file(), "the package has no {file}");
     }
+    // The completions and man pages are the binary's own (generated from its CLI definition):
+    // bash completes the commands, and the man page is the program's, in roff.
+    let completed = machine.ok(&[
+        "bash",
+        "-c",
+        ". /usr/share/bash-completion/completions/outbox-relay && complete -p outbox-relay",
+    ]);
+    assert!(completed.contains("outbox-relay"), "{completed}");
+    let man = machine.ok(&["sh", "-c", "zcat /usr/share/man/man1/outbox-relay.1.gz"]);
+    assert!(
+        man.contains(".TH outbox-relay 1") && man.contains("outbox\\-relay\\-migrate(1)"),
+        "the man page is not outbox-relay(1) listing its commands:\n{man}"
+    );
     assert_eq!(
         mode_of(&machine.path(CONFIG)),
         0o644,
@@ -400,7 +418,7 @@ impl Steps {
     }
 }
 
-/// The package `cargo deb` built for this version (or `$OUTBOX_RELAY_TEST_DEB`); fails when
+/// The package scripts/package built for this version (or `$OUTBOX_RELAY_TEST_DEB`); fails when
 /// it is missing or older than the files it is made of.
 fn package() -> PathBuf {
     if let Some(deb) = std::env::var_os("OUTBOX_RELAY_TEST_DEB") {
@@ -423,7 +441,7 @@ fn package() -> PathBuf {
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| {
             panic!(
-                "no package at {}: build it with `cargo deb` (scripts/test and .ci/run do)",
+                "no package at {}: build it with scripts/package (scripts/test and .ci/run do)",
                 deb.display()
             )
         });
@@ -432,6 +450,7 @@ fn package() -> PathBuf {
         "Cargo.toml",
         "Cargo.lock",
         "README.md",
+        "docs",
         "src",
         "systemd",
         "config",
@@ -446,7 +465,7 @@ fn package() -> PathBuf {
         .max_by_key(|(_, changed)| *changed)
     {
         panic!(
-            "{} is older than {}: rebuild it with `cargo deb`",
+            "{} is older than {}: rebuild it with scripts/package",
             deb.display(),
             newer.display()
         );
