@@ -488,7 +488,11 @@ impl Publisher {
                     {
                         Err(PublishError::Refused(
                             Refusal::NoExchange,
-                            format!("exchange {exchange:?} does not exist"),
+                            format!(
+                                "exchange {exchange:?} does not exist (the broker: {} {})",
+                                amqp.get_id(),
+                                amqp.get_message()
+                            ),
                         ))
                     }
                     _ => Err(PublishError::from_lapin(

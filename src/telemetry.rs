@@ -7,6 +7,8 @@
 //! 2>&1 | head` after `head` exits, journald restarting), is dropped and counted, never
 //! retried, never waited for and never a panic.
 
+pub mod otlp;
+
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};

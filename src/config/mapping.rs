@@ -79,6 +79,11 @@ pub struct ColumnsSettings {
     pub exchange: Option<String>,
     /// The message `timestamp`; unset, the time the relay's own column records at insert.
     pub created_at: Option<String>,
+    /// A text column holding the producer's trace context: a W3C `traceparent`, or a
+    /// serialized `java.util.Properties` with `traceparent` (and `tracestate`, `baggage`), as
+    /// Debezium's `tracingspancontext` holds it. Sent as the `traceparent`, `tracestate` and
+    /// `baggage` headers.
+    pub trace_context: Option<String>,
 }
 
 /// `[outbox.debezium]`: Debezium's outbox event router options, named as Debezium names them
@@ -103,6 +108,11 @@ pub struct DebeziumSettings {
     #[serde(default)]
     pub payload_type: PayloadType,
     pub content_type: Option<String>,
+    /// Debezium's `tracing.span.context.field`: the column holding the producer's trace
+    /// context as a serialized `java.util.Properties` (Debezium's column is
+    /// `tracingspancontext`). Unset, no trace column is read: Debezium's tables have it only
+    /// when the application writes it, and a mapped column must exist.
+    pub tracing_span_context_field: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -139,6 +149,9 @@ pub struct ColumnMap {
     pub exchange: Option<Vec<Part>>,
     /// None: the relay's own `outbox_relay_created_at`, set at insert.
     pub created_at: Option<String>,
+    /// A text column holding the producer's trace context (a `traceparent`, or Debezium's
+    /// serialized properties).
+    pub trace_context: Option<String>,
     /// (config key, column) of every mapped column, e.g. `("outbox[0].columns.payload", "body")`.
     pub keys: Vec<(String, String)>,
 }
@@ -264,6 +277,7 @@ impl ColumnsSettings {
             ("headers", &self.headers),
             ("exchange", &self.exchange),
             ("created_at", &self.created_at),
+            ("trace_context", &self.trace_context),
         ] {
             if let Some(v) = value {
                 keys.push((k(name), v.clone()));
@@ -291,6 +305,10 @@ impl ColumnsSettings {
                 .as_ref()
                 .map(|e| vec![Part::Column(c("exchange", e, out))]),
             created_at: self.created_at.as_ref().map(|t| c("created_at", t, out)),
+            trace_context: self
+                .trace_context
+                .as_ref()
+                .map(|t| c("trace_context", t, out)),
         }
     }
 }
@@ -374,6 +392,11 @@ impl DebeziumSettings {
         for (col, _) in &header_columns {
             keys.push((k("table_fields_additional_placement"), col.clone()));
         }
+        let trace_context = self.tracing_span_context_field.as_ref().map(|t| {
+            let key = k("tracing_span_context_field");
+            keys.push((key.clone(), t.clone()));
+            column(&key, t, out)
+        });
         ColumnMap {
             keys,
             dedup_key: id,
@@ -393,6 +416,7 @@ impl DebeziumSettings {
                 .table_field_event_timestamp
                 .as_ref()
                 .map(|t| column(&format!("{key}.table_field_event_timestamp"), t, out)),
+            trace_context,
         }
     }
 }

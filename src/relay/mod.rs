@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{OutboxSettings, Settings};
+use crate::message::MessageShape;
 use crate::metrics::TableMetrics;
 use crate::publisher::{Broker, PublishError};
 use crate::retry::RetryPolicy;
@@ -78,10 +79,12 @@ pub struct TableRelay {
     reporter: Reporter,
     /// `schema.table`, for the `x-outbox-table` header and the log.
     name: String,
+    /// How the table's rows become messages (decided once, from its settings).
+    shape: MessageShape,
     /// The last fetch filled its batch, or a NOTIFY came: more rows are probably due.
     more_waiting: bool,
     /// The largest body the broker takes (lowered when it refuses a message as too large).
-    max_message_bytes: usize,
+    max_message_bytes: crate::message::BodyLimit,
     outage: Outage,
     /// This relay's share of the table's partitions, and what it held last turn.
     share: Share,
@@ -119,7 +122,10 @@ impl TableRelay {
             marks: MarkPipeline::new(store.clone(), sql.clone(), mark_chunk),
             reporter: Reporter::new(table.table.to_string(), metrics),
             name: table.table.to_string(),
-            max_message_bytes: settings.rabbitmq.max_message_bytes,
+            shape: MessageShape::for_table(&table, &settings.postgres),
+            max_message_bytes: crate::message::BodyLimit::Configured(
+                settings.rabbitmq.max_message_bytes,
+            ),
             more_waiting: false,
             outage: Outage::default(),
             share,
@@ -298,11 +304,7 @@ impl TableRelay {
                 policy: &self.policy,
                 table: &self.name,
                 default_exchange: &self.table.exchange,
-                content_type: self
-                    .table
-                    .mapping
-                    .as_ref()
-                    .map_or(crate::message::JSON, |m| m.content_type.as_str()),
+                shape: &self.shape,
                 max_message_bytes: self.max_message_bytes,
                 more_waiting: self.more_waiting,
             })
@@ -318,9 +320,9 @@ impl TableRelay {
             self.window.clear();
             self.links.close_channel().await;
             if let PublishError::TooLarge { limit } = broken {
-                if limit < self.max_message_bytes {
+                if limit < self.max_message_bytes.bytes() {
                     tracing::warn!(table = %self.table.table, limit, "the broker refused a message as too large; rows above its limit will be parked");
-                    self.max_message_bytes = limit;
+                    self.max_message_bytes = crate::message::BodyLimit::Broker(limit);
                 }
             } else {
                 return self.down_broker(broken, written.err());

@@ -3,12 +3,14 @@
 //! Invariant: a state is logged when its kind changes; a new error text under the same kind
 //! (the same outage seen through another symptom) updates the state's words, not the log.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::share::Idle;
+use crate::message::OutboxRow;
 use crate::metrics::{Server, State, TableMetrics};
-use crate::publisher::PublishError;
+use crate::publisher::{PublishError, Refusal};
 use crate::store::DbError;
 use crate::tls::TlsFailure;
 
@@ -308,5 +310,51 @@ impl Heartbeat {
         self.started.elapsed().saturating_sub(Duration::from_millis(
             self.last_beat_ms.load(Ordering::Relaxed),
         ))
+    }
+}
+
+/// The broker's refusals of one table's publishes, as the log tells them. Invariant: the first
+/// refusal of each kind (unroutable, no such exchange) is logged once, with the broker's
+/// reason, the exchange and the row id, at the moment it is decided on; the later ones are
+/// counted (`outbox_relay_refused_total{reason}`), never logged again. A refused row is
+/// retried with backoff and parked after `max_attempts`, which the park itself logs.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    logged: HashSet<Refusal>,
+}
+
+impl RefusalLog {
+    /// The broker refused the publish of `row` to `exchange` for `reason` (a failed attempt
+    /// of the row's `max_attempts`).
+    pub fn refused(
+        &mut self,
+        table: &str,
+        refusal: Refusal,
+        row: &OutboxRow,
+        exchange: &str,
+        reason: &str,
+        max_attempts: u32,
+    ) {
+        if !self.logged.insert(refusal) {
+            return;
+        }
+        let attempt = row.attempts.max(0) as u32 + 1;
+        let kind = match refusal {
+            Refusal::Unroutable => "unroutable",
+            Refusal::NoExchange => "no_exchange",
+            Refusal::Nack => "nack",
+        };
+        tracing::warn!(
+            table,
+            id = row.id,
+            exchange,
+            refusal = kind,
+            reason,
+            attempt,
+            max_attempts,
+            "the broker refused a publish; the row is retried with backoff and parked after \
+             max_attempts; further refusals of this kind are counted in \
+             outbox_relay_refused_total, not logged"
+        );
     }
 }

@@ -9,23 +9,28 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::marks::MarkPipeline;
-use super::report::{Health, Reporter};
+use super::report::{Health, RefusalLog, Reporter};
 use crate::config::OnExhausted;
 use crate::dispatch::KeyQueues;
-use crate::message::{self, BrokerLimits, OutboundMessage, OutboxRow};
+use crate::message::{self, BrokerLimits, MessageShape, OutboundMessage, OutboxRow};
 use crate::metrics::{ParkReason, TableMetrics};
 use crate::publisher::{PublishError, Publisher, Refusal};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::store::{Failure, LockGuard, RowVersion, TableLock};
+use crate::telemetry::otlp::{PublishSpan, PublishSpans};
 
-type InFlight = FuturesUnordered<
-    std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = (OutboxRow, Instant, Result<(), PublishError>)> + Send,
-        >,
-    >,
->;
+/// A publish whose confirm is on its way: the row, when it was sent, its span (when spans are
+/// exported), and the broker's answer.
+type Answered = (
+    OutboxRow,
+    Instant,
+    Option<PublishSpan>,
+    Result<(), PublishError>,
+);
+
+type InFlight =
+    FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = Answered> + Send>>>;
 
 pub(crate) struct ConfirmWindow {
     /// Fetched rows by ordering key, kept across fetches so the window stays full from one
@@ -40,6 +45,9 @@ pub(crate) struct ConfirmWindow {
     silence: Duration,
     max_in_flight: usize,
     metrics: TableMetrics,
+    refusals: RefusalLog,
+    /// The publish spans' factory when spans are exported; None: no span is made.
+    spans: Option<&'static PublishSpans>,
 }
 
 /// What one [`ConfirmWindow::drive`] settled.
@@ -71,9 +79,9 @@ pub(crate) struct Drive<'a> {
     pub policy: &'a RetryPolicy,
     pub table: &'a str,
     pub default_exchange: &'a str,
-    /// The body's `content_type` (`application/json` unless an adopted table says otherwise).
-    pub content_type: &'a str,
-    pub max_message_bytes: usize,
+    /// How the table's rows become messages (content type, format, trace column).
+    pub shape: &'a MessageShape,
+    pub max_message_bytes: crate::message::BodyLimit,
     /// More rows are probably due: return as soon as a fetch fits.
     pub more_waiting: bool,
 }
@@ -86,6 +94,8 @@ impl ConfirmWindow {
             silence: Duration::ZERO,
             max_in_flight,
             metrics,
+            refusals: RefusalLog::default(),
+            spans: crate::telemetry::otlp::spans(),
         }
     }
 
@@ -133,12 +143,13 @@ impl ConfirmWindow {
             policy: d.policy,
             table: d.table,
             default_exchange: d.default_exchange,
-            content_type: d.content_type,
+            shape: d.shape,
             limits: BrokerLimits {
                 max_body: d.max_message_bytes,
                 frame_max: d.publisher.frame_max(),
             },
             until: d.until,
+            spans: self.spans,
         };
         let confirm_timeout = d.publisher.confirm_timeout();
         let mut tick = tokio::time::interval(TICK);
@@ -200,13 +211,16 @@ impl ConfirmWindow {
                     continue;
                 }
             };
-            let Some((row, sent, result)) = next else {
+            let Some((row, sent, span, result)) = next else {
                 break;
             };
             self.silence = Duration::ZERO;
             listened_at = Instant::now();
             match result {
                 Ok(()) => {
+                    if let Some(span) = span {
+                        span.confirmed();
+                    }
                     self.metrics.confirmed(sent, row.created_at);
                     d.marks.confirm(RowVersion::of(&row));
                     out.confirmed += 1;
@@ -220,6 +234,9 @@ impl ConfirmWindow {
                     // without its majority or its leader, a full queue set to reject-publish,
                     // an internal error), nothing about the row: an outage, so attempts do not
                     // count and the row goes out again, same message_id, after the backoff.
+                    if let Some(span) = span {
+                        span.lost(&reason);
+                    }
                     self.metrics.refused(Refusal::Nack);
                     self.metrics.resent(1);
                     if out.broken.is_none() {
@@ -227,7 +244,14 @@ impl ConfirmWindow {
                     }
                 }
                 Err(PublishError::Refused(refusal, reason)) => {
-                    tracing::debug!(table = d.table, id = row.id, %reason, "publish refused");
+                    self.refusals.refused(
+                        d.table,
+                        refusal,
+                        &row,
+                        row.exchange.as_deref().unwrap_or(d.default_exchange),
+                        &reason,
+                        d.policy.max_attempts,
+                    );
                     self.metrics.refused(refusal);
                     self.queues.stop_key(&row);
                     record(
@@ -236,12 +260,16 @@ impl ConfirmWindow {
                         &self.metrics,
                         &mut out,
                         &row,
+                        span,
                         reason,
                         false,
                     );
                 }
                 Err(e) => {
                     // Its outcome is lost with the channel: it goes out again.
+                    if let Some(span) = span {
+                        span.lost(&e.to_string());
+                    }
                     self.metrics.resent(1);
                     d.publisher.forget_exchanges();
                     if out.broken.is_none() {
@@ -251,7 +279,9 @@ impl ConfirmWindow {
             }
         }
         if out.failed > out.parked {
-            tracing::warn!(
+            // The first refusal of each kind was logged with its reason where it was decided
+            // on (RefusalLog); the rest are counted, and this is for debugging only.
+            tracing::debug!(
                 table = d.table,
                 failed = out.failed - out.parked,
                 "publishes refused by the broker; retrying with backoff"
@@ -269,18 +299,26 @@ impl ConfirmWindow {
         marks: &mut MarkPipeline,
         out: &mut Settled,
     ) -> Result<(), PublishError> {
-        let mut sends: Vec<(OutboxRow, OutboundMessage)> = Vec::new();
+        let mut sends: Vec<(OutboxRow, OutboundMessage, Option<PublishSpan>)> = Vec::new();
         while self.in_flight.len() + marks.pending() + sends.len() < self.max_in_flight {
             let Some(mut row) = self.queues.next_to_send() else {
                 break;
             };
-            let message = match message::build_with(
+            // With spans exported, the row's span starts here, a child of the producer's
+            // context, and the message names it as the consumer's parent.
+            let mut span = f.spans.map(|spans| {
+                message::take_trace(&mut row, f.shape);
+                spans.start(&row, f.table, message::producer_trace(&row))
+            });
+            let built = message::build_traced(
                 &mut row,
                 f.table,
                 f.default_exchange,
-                f.content_type,
+                f.shape,
                 f.limits,
-            ) {
+                span.as_ref().map(PublishSpan::traceparent),
+            );
+            let message = match built {
                 Ok(m) => m,
                 Err(unpublishable) => {
                     if f.policy.on_exhausted == OnExhausted::Skip {
@@ -289,16 +327,36 @@ impl ConfirmWindow {
                         self.queues.stop_key(&row);
                     }
                     let error = unpublishable.to_string();
-                    record(marks, f.policy, &self.metrics, out, &row, error, true);
+                    record(marks, f.policy, &self.metrics, out, &row, span, error, true);
                     continue;
                 }
             };
+            if let Some(span) = &mut span {
+                span.published(&message);
+            }
             match publisher.ensure_exchange(&message.exchange).await {
-                Ok(()) => sends.push((row, message)),
+                Ok(()) => sends.push((row, message, span)),
                 Err(PublishError::Refused(refusal, reason)) => {
+                    self.refusals.refused(
+                        f.table,
+                        refusal,
+                        &row,
+                        &message.exchange,
+                        &reason,
+                        f.policy.max_attempts,
+                    );
                     self.metrics.refused(refusal);
                     self.queues.stop_key(&row);
-                    record(marks, f.policy, &self.metrics, out, &row, reason, false);
+                    record(
+                        marks,
+                        f.policy,
+                        &self.metrics,
+                        out,
+                        &row,
+                        span,
+                        reason,
+                        false,
+                    );
                 }
                 Err(e) => {
                     self.queues.stop_key(&row);
@@ -316,8 +374,11 @@ impl ConfirmWindow {
         {
             // Not sent: their keys' rows leave the window and stay due in the table, for
             // this relay once its leases are renewed, or for the partitions' next owner.
-            for (row, _) in &sends {
-                self.queues.stop_key(row);
+            for (row, _, span) in sends {
+                self.queues.stop_key(&row);
+                if let Some(span) = span {
+                    span.lost("not sent: the partition leases ran out first");
+                }
             }
             out.lease_ran_out = true;
             return Ok(());
@@ -329,16 +390,17 @@ impl ConfirmWindow {
         // Frames (and delivery tags) keep the order of `sends`; a key has at most one message
         // in the group.
         let results =
-            futures::future::join_all(sends.iter().map(|(_, m)| publisher.publish(m))).await;
+            futures::future::join_all(sends.iter().map(|(_, m, _)| publisher.publish(m))).await;
         let mut broken = None;
-        for ((row, _), sent) in sends.into_iter().zip(results) {
+        for ((row, _, span), sent) in sends.into_iter().zip(results) {
             match sent {
-                Ok(pending) => {
-                    self.in_flight.push(Box::pin(
-                        async move { (row, sent_at, pending.wait().await) },
-                    ))
-                }
+                Ok(pending) => self.in_flight.push(Box::pin(async move {
+                    (row, sent_at, span, pending.wait().await)
+                })),
                 Err(e) => {
+                    if let Some(span) = span {
+                        span.lost(&e.to_string());
+                    }
                     broken.get_or_insert(e);
                 }
             }
@@ -355,19 +417,22 @@ struct Fill<'a> {
     policy: &'a RetryPolicy,
     table: &'a str,
     default_exchange: &'a str,
-    content_type: &'a str,
+    shape: &'a MessageShape,
     limits: BrokerLimits,
     until: Option<tokio::time::Instant>,
+    spans: Option<&'static PublishSpans>,
 }
 
 /// Hands a failed row to the mark pipeline with the policy's verdict (`park_now` for rows that
-/// can never be sent as they stand).
+/// can never be sent as they stand), and ends its span (if any) with the reason and verdict.
+#[allow(clippy::too_many_arguments)]
 fn record(
     marks: &mut MarkPipeline,
     policy: &RetryPolicy,
     metrics: &TableMetrics,
     out: &mut Settled,
     row: &OutboxRow,
+    span: Option<PublishSpan>,
     error: String,
     park_now: bool,
 ) {
@@ -381,6 +446,9 @@ fn record(
         Verdict::RetryAfter(d) => Some(d),
         Verdict::Park => None,
     };
+    if let Some(span) = span {
+        span.failed(&error, retry_after);
+    }
     out.failed += 1;
     if retry_after.is_none() {
         out.parked += 1;

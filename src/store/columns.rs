@@ -150,6 +150,17 @@ impl Columns {
                 .collect();
             headers = format!("({headers} || jsonb_build_object({}))", pairs.join(", "));
         }
+        if let Some(trace) = &m.trace_context {
+            // The raw text travels in the headers object under a name of the relay's, which
+            // building the message takes out and reads (a traceparent, or Debezium's
+            // serialized properties): parsing it is Rust's job, not the statement's.
+            headers = format!(
+                "({headers} || CASE WHEN {col} IS NULL THEN '{{}}'::jsonb \
+                 ELSE jsonb_build_object({name}, {col}::text) END)",
+                col = col(trace),
+                name = literal(crate::message::TRACE_CONTEXT_HEADER),
+            );
+        }
         let exchange = match &m.exchange {
             Some(parts) => format!("nullif({}, '')", text(parts)),
             None => "NULL::text".to_owned(),
@@ -212,6 +223,7 @@ mod tests {
             header_columns: vec!["tenant:x-tenant".into()],
             exchange: None,
             created_at: None,
+            trace_context: None,
         }
         .resolve("outbox[0].columns", &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
@@ -238,6 +250,25 @@ mod tests {
             "{select}"
         );
         assert_eq!(c.live("o"), "o.\"outbox_relay_seq\" IS NOT NULL AND ");
+    }
+
+    #[test]
+    fn a_trace_column_travels_in_the_headers_under_the_relays_name() {
+        let mut problems = Vec::new();
+        let map = DebeziumSettings {
+            tracing_span_context_field: Some("tracingspancontext".into()),
+            ..Default::default()
+        }
+        .resolve("outbox[0].debezium", &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let select = Columns::new(Some(Arc::new(map))).select_list("o");
+        assert!(
+            select.contains(
+                "('{}'::jsonb || CASE WHEN o.\"tracingspancontext\" IS NULL THEN '{}'::jsonb \
+                 ELSE jsonb_build_object('x-outbox-trace-context', o.\"tracingspancontext\"::text) END)::text AS headers"
+            ),
+            "{select}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod consumer;
 mod env;
 mod leases;
+mod otlp_sink;
 mod process;
 mod producers;
 mod raw;
@@ -52,6 +53,11 @@ Scenarios (each measures the relay and its baseline in the same run, alternating
            drain of --events rows with on_published = \"delete\" (each confirmed row deleted)
            against the same drain with on_published = \"mark\", alternating; ratio delete / mark,
            and the PostgreSQL CPU per event of each.
+  tracing  drain of --events rows with the relay exporting a span per row over OTLP/HTTP
+           ([telemetry] otlp_endpoint, to a collector in the bench that decodes and counts the
+           spans) and with export on to a collector that is down (nothing listens), against
+           the same drain with export off, alternating; ratios on / off and down / off
+           (target >= 0.9) and the spans the collector received.
   pg-only  the relay's own fetch + mark statements (library calls) on a backlog of --events rows,
            no broker: rows/s, i.e. the PostgreSQL ceiling.
   many-tables
@@ -198,6 +204,7 @@ enum Scenario {
     ManyTables,
     HeldKey,
     DeleteMode,
+    Tracing,
     ScaleOut,
     Producers,
     All,
@@ -394,6 +401,9 @@ async fn measure(env: &mut BenchEnv, plan: &Plan, scenario: Scenario) -> anyhow:
     }
     if wants(Scenario::DeleteMode) {
         report.delete_mode = Some(scenarios::delete_mode(env, plan).await?);
+    }
+    if wants(Scenario::Tracing) {
+        report.tracing = Some(scenarios::tracing(env, plan).await?);
     }
     if wants(Scenario::ScaleOut) {
         report.scale_out = Some(scale::scale_out(env, plan).await?);

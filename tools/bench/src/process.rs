@@ -27,6 +27,8 @@ pub struct RelayConfig {
     on_published: Option<&'static str>,
     /// `health.listen`, for `GET /metrics` and `GET /ready`.
     health: Option<std::net::SocketAddr>,
+    /// `telemetry.otlp_endpoint`: the relay exports a span per published row there.
+    otlp_endpoint: Option<String>,
     /// `relay.heartbeat` and `relay.lease` with the two timeouts the lease must outlast; the
     /// relay's defaults when unset.
     leases: Option<LeaseTimings>,
@@ -67,6 +69,7 @@ impl RelayConfig {
             retry: Vec::new(),
             on_published: None,
             health: None,
+            otlp_endpoint: None,
             leases: None,
             channels: None,
             notify: true,
@@ -95,6 +98,12 @@ impl RelayConfig {
     /// Serves the health endpoint (and `/metrics`) on `addr`.
     pub fn health(mut self, addr: std::net::SocketAddr) -> Self {
         self.health = Some(addr);
+        self
+    }
+
+    /// Exports the relay's spans to the OTLP/HTTP collector at `endpoint`.
+    pub fn otlp(mut self, endpoint: String) -> Self {
+        self.otlp_endpoint = Some(endpoint);
         self
     }
 
@@ -154,6 +163,9 @@ impl RelayConfig {
             relay += &format!("channels = {channels}\n");
         }
         let mut text = format!("{postgres}\n{rabbitmq}\n{relay}\n[log]\nlevel = \"info\"\n");
+        if let Some(endpoint) = &self.otlp_endpoint {
+            text += &format!("\n[telemetry]\notlp_endpoint = {}\n", s(endpoint));
+        }
         if let Some(addr) = self.health {
             text += &format!("\n[health]\nlisten = {}\n", s(&addr.to_string()));
         }

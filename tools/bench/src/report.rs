@@ -157,6 +157,84 @@ impl DeleteMode {
     }
 }
 
+/// The drain with the relay exporting its spans over OTLP against the drain without.
+#[derive(Debug, Clone)]
+pub struct Tracing {
+    pub rows: u64,
+    pub off: Vec<Run>,
+    pub on: Vec<Run>,
+    /// Export on, to a collector that is down (nothing listens on its port).
+    pub down: Vec<Run>,
+    /// Spans the bench's collector received over all the `on` rounds.
+    pub spans: u64,
+}
+
+impl Tracing {
+    /// Export on must keep at least this much of the drain without it.
+    const TARGET: f64 = 0.9;
+
+    fn events_per_s(runs: &[Run]) -> f64 {
+        median(runs.iter().map(|r| r.events_per_s))
+    }
+    fn ratio(&self) -> f64 {
+        ratio(Self::events_per_s(&self.on), Self::events_per_s(&self.off))
+    }
+    fn down_ratio(&self) -> f64 {
+        ratio(
+            Self::events_per_s(&self.down),
+            Self::events_per_s(&self.off),
+        )
+    }
+    fn json(&self) -> Value {
+        json!({
+            "ratio": round(self.ratio(), 3),
+            "down_ratio": round(self.down_ratio(), 3),
+            "down_events_per_s": round(Self::events_per_s(&self.down), 1),
+            "down_runs": runs_json(&self.down),
+            "target": Self::TARGET,
+            "on_events_per_s": round(Self::events_per_s(&self.on), 1),
+            "off_events_per_s": round(Self::events_per_s(&self.off), 1),
+            "rows": self.rows,
+            "spans_received": self.spans,
+            "rows_exported": self.rows * self.on.len() as u64,
+            "on_runs": runs_json(&self.on),
+            "off_runs": runs_json(&self.off),
+        })
+    }
+    fn table(&self, verdict: &dyn Fn(bool) -> &'static str) -> String {
+        let mut s = format!(
+            "{:<11} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= {:.2} {}\n",
+            "tracing",
+            format!("events/s, {} rows, OTLP export on (vs off)", self.rows),
+            Self::events_per_s(&self.on),
+            Self::events_per_s(&self.off),
+            self.ratio(),
+            Self::TARGET,
+            verdict(self.ratio() >= Self::TARGET)
+        );
+        s += &format!(
+            "{:<11} {:<44} {:>10.0} {:>10.0} {:>6.2}   >= {:.2} {}\n",
+            "",
+            "  export on, the collector down (vs off)",
+            Self::events_per_s(&self.down),
+            Self::events_per_s(&self.off),
+            self.down_ratio(),
+            Self::TARGET,
+            verdict(self.down_ratio() >= Self::TARGET)
+        );
+        s += &format!(
+            "{:<11} {:<44} {:>10}\n",
+            "",
+            format!(
+                "  spans received (of {} rows published)",
+                self.rows * self.on.len() as u64
+            ),
+            self.spans
+        );
+        s
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PgOnly {
     pub rows: u64,
@@ -403,6 +481,7 @@ pub struct Report {
     pub many_tables: Option<ManyTables>,
     pub held_key: Option<HeldKey>,
     pub delete_mode: Option<DeleteMode>,
+    pub tracing: Option<Tracing>,
     pub scale_out: Option<ScaleOut>,
     pub producers: Option<Producers>,
 }
@@ -823,6 +902,7 @@ impl Report {
             many_tables: None,
             held_key: None,
             delete_mode: None,
+            tracing: None,
             scale_out: None,
             producers: None,
         }
@@ -839,6 +919,9 @@ impl Report {
         }
         if let Some(d) = &self.delete_mode {
             runs.extend(d.mark.iter().chain(&d.delete));
+        }
+        if let Some(t) = &self.tracing {
+            runs.extend(t.off.iter().chain(&t.on).chain(&t.down));
         }
         if let Some(m) = &self.many_tables {
             runs.extend(m.one_table.iter().chain(&m.many).filter_map(Drained::run));
@@ -888,6 +971,11 @@ impl Report {
         if let Some(d) = &self.delete_mode {
             peaks.push(peak_rss(&d.mark));
             peaks.push(peak_rss(&d.delete));
+        }
+        if let Some(t) = &self.tracing {
+            peaks.push(peak_rss(&t.off));
+            peaks.push(peak_rss(&t.on));
+            peaks.push(peak_rss(&t.down));
         }
         peaks.extend(self.latency.as_ref().map(|l| l.usage.peak_rss_mib));
         peaks.extend(self.idle.as_ref().map(|i| i.usage.peak_rss_mib));
@@ -973,6 +1061,9 @@ impl Report {
         }
         if let Some(h) = &self.held_key {
             out.insert("held_key".into(), h.json());
+        }
+        if let Some(t) = &self.tracing {
+            out.insert("tracing".into(), t.json());
         }
         if let Some(d) = &self.delete_mode {
             out.insert("delete_mode".into(), d.json());
@@ -1128,6 +1219,9 @@ impl Report {
         }
         if let Some(d) = &self.delete_mode {
             s += &d.table();
+        }
+        if let Some(t) = &self.tracing {
+            s += &t.table(&verdict);
         }
         if let Some(o) = &self.scale_out {
             s += &o.table();

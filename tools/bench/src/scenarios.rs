@@ -17,7 +17,7 @@ use crate::consumer::Received;
 use crate::env::{self, BenchEnv};
 use crate::process::{CpuSplit, HostCpu, ProcessCpu, RelayConfig, RelayProcess, Usage};
 use crate::report::{
-    Comparison, DeleteMode, History, Idle, Latency, PgOnly, PgOnlyRun, Run, Scraped,
+    Comparison, DeleteMode, History, Idle, Latency, PgOnly, PgOnlyRun, Run, Scraped, Tracing,
 };
 use crate::workload::{self, EVENT_TYPE, ROUTING_KEY};
 use crate::{raw, Plan};
@@ -149,7 +149,7 @@ pub(crate) async fn prepare_backlog(
 /// message code, so properties and headers are identical), `window` confirms in flight.
 /// No limit: the raw baseline sends what it is given.
 const UNLIMITED: message::BrokerLimits = message::BrokerLimits {
-    max_body: usize::MAX,
+    max_body: outbox_relay::message::BodyLimit::Configured(usize::MAX),
     frame_max: usize::MAX,
 };
 
@@ -655,6 +655,45 @@ pub async fn delete_mode(env: &BenchEnv, plan: &Plan) -> anyhow::Result<DeleteMo
             }
         }
     }
+    Ok(result)
+}
+
+/// The drain with the relay exporting a span per row to an OTLP collector versus the same
+/// drain with export off, alternating, on fresh backlogs of the same table.
+pub async fn tracing(env: &BenchEnv, plan: &Plan) -> anyhow::Result<Tracing> {
+    let table = env::table(env::DRAIN_TABLE);
+    let sink = crate::otlp_sink::OtlpSink::start().await?;
+    // A collector that is down: a loopback port nothing listens on.
+    let down = format!("http://{}", free_local_addr()?);
+    let mut result = Tracing {
+        rows: plan.drain_rows,
+        off: Vec::new(),
+        on: Vec::new(),
+        down: Vec::new(),
+        spans: 0,
+    };
+    for round in 1..=plan.rounds {
+        for export in ["off", "on", "down"] {
+            let tag = format!("trace{export}{round}");
+            prepare_backlog(env, &table, &tag, plan.drain_rows, plan.ordering_keys).await?;
+            let mut config = RelayConfig::new(env, std::slice::from_ref(&table))
+                .window(plan.batch_size, plan.max_in_flight);
+            match export {
+                "on" => config = config.otlp(sink.endpoint()),
+                "down" => config = config.otlp(down.clone()),
+                _ => {}
+            }
+            let run = relay_round_with(env, config, &table, 0, &tag, plan.drain_rows).await?;
+            progress("tracing", round, plan.rounds, export, &run);
+            match export {
+                "on" => result.on.push(run),
+                "down" => result.down.push(run),
+                _ => result.off.push(run),
+            }
+        }
+    }
+    // The relay flushes its queue at exit: what the collector has now is all it got.
+    result.spans = sink.spans();
     Ok(result)
 }
 
