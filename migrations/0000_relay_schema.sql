@@ -1,4 +1,7 @@
--- The relay's own objects, shared by every outbox table. Re-applied by every `migrate`.
+-- The relay's own objects, shared by every outbox table. Re-applied by every `migrate`, beside
+-- running relays and producers: a statement that would lock an existing table (an index, a
+-- column) runs only when its object is missing, so a `migrate` with nothing to do takes no lock
+-- that a relay's or a producer's statement could wait for.
 CREATE SCHEMA IF NOT EXISTS outbox_relay;
 
 CREATE TABLE IF NOT EXISTS outbox_relay.migrations (
@@ -46,7 +49,11 @@ CREATE TABLE IF NOT EXISTS outbox_relay.held_keys (
     held_since   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_oid, ordering_key)
 );
-CREATE INDEX IF NOT EXISTS held_keys_holder ON outbox_relay.held_keys (table_oid, holder);
+DO $$ BEGIN
+    IF to_regclass('outbox_relay.held_keys_holder') IS NULL THEN
+        CREATE INDEX held_keys_holder ON outbox_relay.held_keys (table_oid, holder);
+    END IF;
+END $$;
 
 -- Version 2 of the order guard (tables at migration 2 and later): as order_guard, and a row of
 -- a held key starts out held. The advisory lock orders the check with the relay's hold and
@@ -97,7 +104,11 @@ CREATE TABLE IF NOT EXISTS outbox_relay.leases (
     changed_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_oid, partition)
 );
-CREATE INDEX IF NOT EXISTS leases_owner ON outbox_relay.leases (table_oid, owner);
+DO $$ BEGIN
+    IF to_regclass('outbox_relay.leases_owner') IS NULL THEN
+        CREATE INDEX leases_owner ON outbox_relay.leases (table_oid, owner);
+    END IF;
+END $$;
 
 -- The fence for one partition: true only while `member` holds `partition` of the table at
 -- `epoch` and is live. The relay's statements inline the same check for all the partitions
@@ -117,10 +128,15 @@ $$;
 -- The member's coordination session (the one holding the table's advisory lock, shared among
 -- relays of this release): a member whose session is gone (its process was killed) is dead at
 -- once, without waiting for its lease; a paused or cut-off one keeps its session, and waits.
-ALTER TABLE outbox_relay.members
-    ADD COLUMN IF NOT EXISTS session_pid  integer,
-    ADD COLUMN IF NOT EXISTS lock_classid bigint,
-    ADD COLUMN IF NOT EXISTS lock_objid   bigint;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'outbox_relay.members'::regclass
+                   AND attname = 'lock_objid' AND NOT attisdropped) THEN
+        ALTER TABLE outbox_relay.members
+            ADD COLUMN IF NOT EXISTS session_pid  integer,
+            ADD COLUMN IF NOT EXISTS lock_classid bigint,
+            ADD COLUMN IF NOT EXISTS lock_objid   bigint;
+    END IF;
+END $$;
 
 -- The wake-up, version 2: a producer's transaction notifies only while a relay waits for work
 -- on the table. NOTIFY is not free: PostgreSQL commits the transactions that sent one one at a
@@ -153,3 +169,39 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- Parked rows an operator ended for good with `outbox-relay discard`, per table instance
+-- (`table_oid`) and row (`row_id`: `id`, or `outbox_relay_seq` on an adopted table). The
+-- table's row goes the way a published row goes, so its ordering key moves on: marked
+-- (`published_at` set, `parked_at` cleared, `last_error` saying "discarded: <reason>") and
+-- deleted by retention like the published history, or deleted at once under
+-- `on_published = "delete"`. This record stays until an operator deletes it: the reason, the
+-- time, the row's state when it was discarded and the row itself (`row_data`, to_jsonb of the
+-- row). `replay` never sends a row recorded here; `status` counts and lists them. Written only
+-- by `discard`, under the key's order-guard lock.
+CREATE TABLE IF NOT EXISTS outbox_relay.discarded (
+    table_oid    bigint      NOT NULL,
+    row_id       bigint      NOT NULL,
+    table_name   text        NOT NULL,
+    ordering_key text        NOT NULL,
+    dedup_key    text        NOT NULL,
+    reason       text        NOT NULL CHECK (btrim(reason) <> ''),
+    discarded_at timestamptz NOT NULL DEFAULT now(),
+    parked_at    timestamptz,
+    attempts     integer     NOT NULL,
+    last_error   text,
+    row_data     jsonb       NOT NULL,
+    PRIMARY KEY (table_oid, row_id)
+);
+
+-- Published rows the retention sweeper deleted, per table instance: written in the
+-- transaction of each sweep batch that deleted rows, so it is exact for this release on.
+-- `replay` refuses a range that reaches before the oldest published row still in a table only
+-- when the relay deleted rows of that table (here, or `on_published = "delete"`), never
+-- because ids are sparse.
+CREATE TABLE IF NOT EXISTS outbox_relay.deleted_history (
+    table_oid     bigint      PRIMARY KEY,
+    rows          bigint      NOT NULL,
+    first_deleted timestamptz NOT NULL DEFAULT now(),
+    last_deleted  timestamptz NOT NULL DEFAULT now()
+);

@@ -21,7 +21,7 @@ use crate::metrics::{BacklogSource, Metrics, Server};
 use crate::publisher::Broker;
 use crate::relay::{Acks, Heartbeat, Share, Sweeper, TableRelay};
 use crate::shutdown::Shutdown;
-use crate::store::leases::Leases;
+use crate::store::leases::{Beats, Leases};
 use crate::store::{Coordination, Store, TableSql};
 
 /// The exit code after a panic: 70, EX_SOFTWARE in sysexits.h ("an internal software error").
@@ -88,10 +88,13 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     // One membership per table (its partition leases), and one relay per table and channel.
     let members_stop = tokio_util::sync::CancellationToken::new();
     let channels = settings.relay.channels;
+    // The members of all tables renew together: one statement per heartbeat for the process.
+    let rounds = Beats::start(store.clone(), settings.relay.heartbeat);
     for (index, (table, sql)) in settings.outbox.iter().zip(&sqls).enumerate() {
         let lock = coordination.lock(index);
         let membership = member::start_in(
-            Leases::on_store(store.clone(), table.table.clone(), settings.lease()),
+            Leases::on_store(store.clone(), table.table.clone(), settings.lease())
+                .in_rounds(rounds.clone()),
             MemberSettings {
                 name: member_name(),
                 partitions: table.partitions,

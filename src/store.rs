@@ -17,15 +17,19 @@ use chrono::{DateTime, Utc};
 use crate::message::{OutboxRow, Unpublishable};
 use crate::tls::TlsCheck;
 
-/// How often `migrate` tries its transaction when PostgreSQL ends it as a deadlock victim.
-const MIGRATE_ATTEMPTS: u32 = 5;
+/// How often `migrate` tries its transaction when a lock it needs is busy or PostgreSQL ends it
+/// as a deadlock victim.
+const MIGRATE_ATTEMPTS: u32 = 20;
 
-/// True when `e` is PostgreSQL ending the transaction as a deadlock victim (SQLSTATE 40P01).
-fn is_deadlock(e: &anyhow::Error) -> bool {
+/// True when `e` is a lock `migrate` could not take in time (SQLSTATE 55P03, its
+/// `lock_timeout`) or PostgreSQL ending its transaction as a deadlock victim (40P01): either
+/// way the transaction changed nothing and can be tried again. Decided on the code.
+fn is_lock_conflict(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("40P01")
+            Some(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some("40P01" | "55P03"))
         )
     })
 }
@@ -49,6 +53,16 @@ const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[
         "ordering keys longer than 1024 bytes are refused at insert",
         include_str!("../migrations/0003_ordering_key_length.sql"),
     ),
+    (
+        4,
+        "empty dedup and ordering keys are refused at insert",
+        include_str!("../migrations/0004_keys_not_empty.sql"),
+    ),
+    (
+        5,
+        "ordering keys over 1024 bytes in rows from before migration 3 can be marked",
+        include_str!("../migrations/0005_key_length_spares_old_rows.sql"),
+    ),
 ];
 
 /// The longest ordering key (in bytes) a relay-made table accepts (migration 3).
@@ -60,6 +74,7 @@ mod columns;
 pub use columns::Columns;
 mod coordination;
 pub use coordination::{Coordination, LockGuard, LockState, TableLock};
+mod beats;
 pub mod leases;
 pub use leases::Fence;
 use leases::{bind_fence, fenced, partition_of};
@@ -67,8 +82,10 @@ mod members_status;
 pub use members_status::{LiveMember, TableLeases};
 mod primary;
 pub use primary::Servers;
+mod discard;
+pub use discard::{Discard, DiscardRecord, DiscardSelector, DiscardedRow, RowFate};
 mod replay;
-pub use replay::{CountChunk, ReplayChunk, ReplayRange, Retained, RetainedRow};
+pub use replay::{CountChunk, DeletedHistory, ReplayChunk, ReplayRange, Retained, RetainedRow};
 
 /// Why a statement failed, as the relay decides on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -272,15 +289,25 @@ impl Store {
         notify: bool,
     ) -> anyhow::Result<Vec<String>> {
         let tables: Vec<TableName> = outboxes.iter().map(|o| o.table.clone()).collect();
-        // The transaction locks the relay's shared tables and each outbox table (its triggers)
-        // while relays run statements on them: PostgreSQL may end it as a deadlock victim. It
-        // changes nothing then, and is tried again.
+        // A `migrate` with nothing to do takes no lock on a table that exists. What it must
+        // change (a new table's migration, an earlier release's trigger) locks the table for
+        // milliseconds, but a lock wait could queue producers behind it: each wait is bounded
+        // by ADOPT_LOCK_TIMEOUT, and the transaction, which then changed nothing, is tried again
+        // after a pause (so is one PostgreSQL ends as a deadlock victim).
         let mut attempt = 1;
         let mut applied = loop {
             match self.migrate_tables(&tables, notify).await {
-                Err(e) if attempt < MIGRATE_ATTEMPTS && is_deadlock(&e) => {
+                Err(e) if attempt < MIGRATE_ATTEMPTS && is_lock_conflict(&e) => {
+                    tracing::info!(attempt, "a table is busy; trying the migration again");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10))))
+                        .await;
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                Err(e) if is_lock_conflict(&e) => {
+                    return Err(e.context(format!(
+                        "migrate tried {MIGRATE_ATTEMPTS} times: a long transaction holds a lock \
+                         on a table it must change (pg_locks names it); run migrate again once it ended"
+                    )))
                 }
                 outcome => break outcome?,
             }
@@ -304,6 +331,10 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         // Two `migrate` runs at once would race on CREATE OR REPLACE; serialize them.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('outbox_relay:migrate', 0))")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(ADOPT_LOCK_TIMEOUT.as_millis().to_string())
             .execute(&mut *tx)
             .await?;
         sqlx::raw_sql(RELAY_SCHEMA_SQL)
@@ -349,15 +380,32 @@ impl Store {
                 .bind(description)
                 .execute(&mut *tx)
                 .await?;
-                applied.push(format!("{table}: {version} {description}"));
+                applied.push(format!("{table}: migration {version} ({description})"));
             }
-            let trigger = quote_ident(&table.derived("notify"));
-            let mut sql = format!("DROP TRIGGER IF EXISTS {trigger} ON {};", table.quoted());
-            if notify {
-                sql += &TableSql::notify_trigger(table);
-                sql += ";";
+            // Replaced only when it is not the wanted one (an earlier release's NOTIFY from every
+            // producer transaction, or `notify` changed): CREATE TRIGGER locks the table.
+            let current: Option<bool> = sqlx::query_scalar(
+                "SELECT coalesce(tgfoid = to_regproc('outbox_relay.notify_waiting'), false) \
+                 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2",
+            )
+            .bind(table.quoted())
+            .bind(table.derived("notify"))
+            .fetch_optional(&mut *tx)
+            .await?;
+            if current != notify.then_some(true) {
+                let trigger = quote_ident(&table.derived("notify"));
+                let mut sql = format!("DROP TRIGGER IF EXISTS {trigger} ON {};", table.quoted());
+                if notify {
+                    sql += &TableSql::notify_trigger(table);
+                    sql += ";";
+                }
+                sqlx::raw_sql(&sql).execute(&mut *tx).await?;
+                applied.push(format!(
+                    "{table}: {} the wake-up trigger {}",
+                    if notify { "installed" } else { "dropped" },
+                    table.derived("notify")
+                ));
             }
-            sqlx::raw_sql(&sql).execute(&mut *tx).await?;
             if let Some(set) = set_autovacuum(&mut tx, table).await? {
                 applied.push(format!("{table}: autovacuum settings {set}"));
             }
@@ -621,6 +669,8 @@ impl Store {
                 .bind(limit as i64)
                 .fetch_one(&mut *tx)
                 .await?;
+            // What `replay` needs to know: this table's published history has holes now.
+            replay::note_deleted(&mut tx, &q.table, deleted).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(deleted.max(0) as u64)
         };
@@ -637,20 +687,38 @@ impl Store {
 
     /// Counts for `outbox-relay status`, in time that does not grow with the published
     /// history: pending, due, held and parked rows are counted on the partial indexes (which
-    /// hold unpublished rows only); published rows are counted up to [`PUBLISHED_COUNT_CAP`],
-    /// and past that estimated from PostgreSQL's live-row count.
+    /// hold unpublished rows only); discarded rows in the relay's own record of them;
+    /// published rows (discarded ones left out) are counted up to [`PUBLISHED_COUNT_CAP`], and
+    /// past that estimated from PostgreSQL's live-row count.
     pub async fn status(&self, q: &TableSql) -> anyhow::Result<TableStatus> {
         let table = &q.table;
         let t = table.quoted();
         let c = &q.columns;
         let (id, key, live) = (c.seq(""), c.key(""), c.live(""));
         let created_finite = finite_time(&c.created_at(""));
+        // A discarded row is marked like a published one (see `store/discard.rs`).
+        let (not_discarded, discarded) = if self.discards_recorded().await? {
+            (
+                format!(
+                    " AND NOT EXISTS (SELECT 1 FROM outbox_relay.discarded d \
+                     WHERE d.table_oid = o.tableoid::bigint AND d.row_id = {o_id})",
+                    o_id = c.seq("o"),
+                ),
+                format!(
+                    "(SELECT count(*) FROM outbox_relay.discarded \
+                     WHERE table_oid = '{t}'::regclass::oid::bigint)"
+                ),
+            )
+        } else {
+            (String::new(), "0::bigint".to_owned())
+        };
         let sql = format!(
             "SELECT (SELECT count(*) FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held) AS ready, \
                     (SELECT count(*) FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held AND next_attempt_at <= now()) AS due, \
                     (SELECT count(*) FROM {t} WHERE published_at IS NULL AND held) AS held, \
                     (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NOT NULL) AS parked, \
-                    (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE published_at IS NOT NULL LIMIT {PUBLISHED_COUNT_CAP}) p) AS published, \
+                    (SELECT count(*) FROM (SELECT 1 FROM {t} o WHERE published_at IS NOT NULL{not_discarded} LIMIT {PUBLISHED_COUNT_CAP}) p) AS published, \
+                    {discarded} AS discarded, \
                     greatest(pg_stat_get_live_tuples('{t}'::regclass), 0) AS live, \
                     extract(epoch FROM now() - least( \
                         (SELECT {created_finite} FROM {t} WHERE {live}published_at IS NULL AND parked_at IS NULL AND NOT held ORDER BY {id} LIMIT 1), \
@@ -668,19 +736,25 @@ impl Store {
         let ready: i64 = row.try_get("ready")?;
         let held: i64 = row.try_get("held")?;
         let parked: i64 = row.try_get("parked")?;
+        let discarded: i64 = row.try_get("discarded")?;
         let live: i64 = row.try_get("live")?;
         let counted: i64 = row.try_get("published")?;
         let published = if counted < PUBLISHED_COUNT_CAP {
             Published::Exact(counted)
         } else {
-            Published::Estimated((live - ready - held - parked).max(PUBLISHED_COUNT_CAP))
+            Published::Estimated(
+                (live - ready - held - parked - discarded).max(PUBLISHED_COUNT_CAP),
+            )
         };
+        let due: i64 = row.try_get("due")?;
         Ok(TableStatus {
             table: table.clone(),
             pending: ready + held,
-            due: row.try_get("due")?,
+            due,
+            retrying: ready - due,
             held,
             parked,
+            discarded,
             published,
             oldest_pending: row
                 .try_get::<Option<f64>, _>("oldest")?
@@ -790,8 +864,9 @@ impl Store {
             .collect()
     }
 
-    /// Un-parks the selected rows (attempts back to 0, due now) and wakes the relay.
-    pub async fn retry(&self, q: &TableSql, selector: &RetrySelector) -> anyhow::Result<u64> {
+    /// Un-parks the selected rows (attempts back to 0, due now) and wakes the relay. Returns
+    /// the ids released, in id order.
+    pub async fn retry(&self, q: &TableSql, selector: &RetrySelector) -> anyhow::Result<Vec<i64>> {
         let table = &q.table;
         let (id, key) = (q.columns.seq(""), q.columns.key(""));
         let base = format!(
@@ -811,7 +886,7 @@ impl Store {
             RetrySelector::Key(key) => query.bind(key.as_str()),
         };
         let mut tx = self.pool().begin().await?;
-        let ids = query
+        let mut ids = query
             .fetch_all(&mut *tx)
             .await
             .with_context(|| format!("releasing parked rows of {table}"))?;
@@ -820,7 +895,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(ids.len() as u64)
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     pub async fn close(&self) {
@@ -837,7 +913,7 @@ pub const SWEEP_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// sweeper never keeps a queue of other sessions waiting behind it.
 pub const SWEEP_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The storage parameters `migrate` gives every outbox table (see the README, "Autovacuum").
+/// The storage parameters `migrate` gives every outbox table (see docs/operations-and-metrics.md, "Autovacuum").
 /// A parameter the table already has (set by an operator, or by an earlier `migrate`) is left
 /// as it is. `autovacuum_vacuum_insert_scale_factor` needs PostgreSQL 13.
 pub const AUTOVACUUM: &[(&str, &str)] = &[
@@ -1171,9 +1247,13 @@ pub struct TableStatus {
     pub pending: i64,
     /// Pending rows that may go out now.
     pub due: i64,
+    /// Pending rows waiting for their retry delay (a failed attempt), not held.
+    pub retrying: i64,
     /// Pending rows waiting behind a held key.
     pub held: i64,
     pub parked: i64,
+    /// Parked rows an operator ended with `discard` (recorded in `outbox_relay.discarded`).
+    pub discarded: i64,
     pub published: Published,
     pub oldest_pending: Option<Duration>,
 }
@@ -1496,6 +1576,14 @@ impl TableSql {
             .replace(
                 "{key_check}",
                 &quote_ident(&t.derived("ordering_key_length")),
+            )
+            .replace(
+                "{dedup_key_not_empty}",
+                &quote_ident(&t.derived("dedup_key_not_empty")),
+            )
+            .replace(
+                "{ordering_key_not_empty}",
+                &quote_ident(&t.derived("ordering_key_not_empty")),
             )
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use outbox_relay::cluster::assignment::{plan, MemberId, Plan};
 use outbox_relay::config::TableName;
-use outbox_relay::store::leases::{Heartbeat, LeaseError, Leases, Member};
+use outbox_relay::store::leases::{renew_all, Heartbeat, LeaseError, Leases, Member, Renewal};
 use outbox_relay_testkit::prelude::*;
 
 const PARTITIONS: u32 = 64;
@@ -270,4 +270,75 @@ async fn a_member_of_a_table_dropped_and_made_again_is_told_so_and_registers_on_
         leases.register("a", PARTITIONS).await,
         Err(LeaseError::NoTable(_))
     ));
+}
+
+#[tokio::test]
+async fn one_statement_renews_the_members_of_many_tables_each_as_it_would_alone() {
+    let env = TestEnv::new(Setup::new()).await;
+    let names: Vec<String> = (0..3).map(|i| format!("public.{}_{i}", env.name)).collect();
+    env.add_tables(&names).await;
+    let tables: Vec<TableName> = names.iter().map(|n| TableName::parse(n).unwrap()).collect();
+    let short = Duration::from_millis(500);
+    let long = Duration::from_secs(30);
+    let on = |t: &TableName, lease| Leases::new(env.pool.clone(), t.clone(), lease);
+
+    // A live member on the first table, one whose lease runs out on the second, and one on
+    // a third table that is then dropped.
+    let live = on(&tables[0], long)
+        .register("live", PARTITIONS)
+        .await
+        .unwrap();
+    rebalance(&on(&tables[0], long), &live).await;
+    let lapsed = on(&tables[1], short)
+        .register("lapsed", PARTITIONS)
+        .await
+        .unwrap();
+    let gone = on(&tables[2], long)
+        .register("gone", PARTITIONS)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!("DROP TABLE {}", tables[2].quoted()))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    eventually("the second member's lease to run out", || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT expires_at <= clock_timestamp() FROM outbox_relay.members WHERE member = $1",
+        )
+        .bind(lapsed.id as i64)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+
+    let renewal = |t: &TableName, member: &Member, lease| Renewal {
+        table: t.clone(),
+        member: member.clone(),
+        lease,
+    };
+    let found = renew_all(
+        &env.pool,
+        &[
+            renewal(&tables[0], &live, long),
+            renewal(&tables[1], &lapsed, short),
+            renewal(&tables[2], &gone, long),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&found[0], Heartbeat::Renewed { live: l, owned } if l.len() == 1 && owned.len() == PARTITIONS as usize),
+        "{found:?}"
+    );
+    assert_eq!(found[1..], [Heartbeat::Expired, Heartbeat::Replaced]);
+    // Each answer is what the member's own heartbeat says.
+    assert_eq!(
+        on(&tables[0], long).heartbeat(&live).await.unwrap(),
+        found[0]
+    );
+    assert_eq!(
+        on(&tables[1], short).heartbeat(&lapsed).await.unwrap(),
+        Heartbeat::Expired
+    );
 }

@@ -111,6 +111,29 @@ async fn a_producer_notifies_only_while_a_relay_waits_and_a_stopped_or_killed_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_with_nothing_to_do_waits_for_no_lock_on_the_outbox_or_the_relays_tables() {
+    let env = TestEnv::new(Setup::new()).await;
+    let table = quoted_table(&env.table);
+    // Another session holds every table migrate touches in a mode that lets readers and row
+    // writers through but no DDL (CREATE TRIGGER, CREATE INDEX, ALTER TABLE).
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "LOCK TABLE {table}, outbox_relay.members, outbox_relay.leases, outbox_relay.held_keys, \
+         outbox_relay.lease_tables, outbox_relay.waiting IN EXCLUSIVE MODE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(migrated.code, 0, "{migrated:?}");
+    assert!(
+        migrated.stdout.contains("up to date"),
+        "nothing to apply: {migrated:?}"
+    );
+    holder.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_replaces_a_trigger_that_notifies_on_every_commit_and_notify_off_drops_it() {
     let env = TestEnv::new(Setup::new()).await;
     let table = quoted_table(&env.table);
@@ -129,8 +152,66 @@ async fn migrate_replaces_a_trigger_that_notifies_on_every_commit_and_notify_off
     let (mut listener, channel) = listen(&env).await;
     assert!(insert_sends_notify(&env, &mut listener, &channel, "old").await);
 
-    let migrated = env.cli(&["migrate"]).await;
+    // The upgrade while a producer's transaction stays open on the table: replacing the
+    // trigger must wait for it, and while it waits, other producers go on committing (its
+    // lock waits are bounded and retried, never a queue that producers stand in).
+    let mut long = env.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {table} (dedup_key, ordering_key, routing_key, event_type, payload) \
+         VALUES ('open', 'k', 'r', 't', '{{}}')"
+    ))
+    .execute(&mut *long)
+    .await
+    .unwrap();
+    let config = env.config_path.clone();
+    let migrating = tokio::spawn(async move { run_cli(&config, &["migrate"]).await });
+    eventually("migrate to wait for the open transaction's lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE NOT l.granted AND l.relation = to_regclass($1) AND a.datname = current_database()",
+        )
+        .bind(&table)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    for i in 0..5 {
+        let mut producer = sqlx::PgConnection::connect(env.pg_url.as_str())
+            .await
+            .unwrap();
+        sqlx::query("SET statement_timeout = '20s'")
+            .execute(&mut producer)
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "INSERT INTO {table} (dedup_key, ordering_key, routing_key, event_type, payload) \
+             VALUES ($1, 'other', 'r', 't', '{{}}')"
+        ))
+        .bind(format!("during-{i}"))
+        .execute(&mut producer)
+        .await
+        .expect("a producer commits while migrate waits to replace the trigger");
+    }
+    assert!(
+        !migrating.is_finished(),
+        "migrate waits for the open transaction"
+    );
+    long.commit().await.unwrap();
+    let migrated = migrating.await.unwrap();
     assert_eq!(migrated.code, 0, "{migrated:?}");
+    assert!(
+        migrated.stdout.contains("installed the wake-up trigger"),
+        "{migrated:?}"
+    );
+    // The old trigger's notifications of the rows above, read past.
+    sqlx::query("SELECT pg_notify($1, 'sync')")
+        .bind(&channel)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    while listener.recv().await.unwrap().payload() != "sync" {}
     let (function, deferred): (String, bool) = sqlx::query_as(
         "SELECT tgfoid::regproc::text, tginitdeferred FROM pg_trigger \
          WHERE tgrelid = to_regclass($1) AND tgname = $2",

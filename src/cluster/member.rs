@@ -164,7 +164,7 @@ impl Membership {
                 Ok(()) => {
                     self.failures = 0;
                     self.clear_problem();
-                    self.settings.heartbeat
+                    self.leases.next_heartbeat_in(self.settings.heartbeat)
                 }
                 Err(
                     e @ (LeaseError::NoTable(_)

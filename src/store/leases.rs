@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use sqlx::{PgPool, Row};
 
+pub use super::beats::Beats;
 use super::{DbError, LockGuard, Store};
 use crate::cluster::assignment::{MemberId, Partition};
 use crate::config::TableName;
@@ -213,6 +214,113 @@ pub enum Heartbeat {
     Replaced,
 }
 
+/// Runs `op` (a statement or a short transaction) within the relay's answer deadline, on
+/// the relay's store: over a network gone silent a statement would otherwise wait for TCP to
+/// give up (many minutes), and the membership with it, renewing nothing and never registering
+/// again. Past the deadline it fails as unavailable, and the pool checks its connections
+/// before the next use.
+pub(crate) async fn bounded<T, E: From<DbError>>(
+    store: &Store,
+    op: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let deadline = store.answer_within();
+    match tokio::time::timeout(deadline, op).await {
+        Ok(result) => result,
+        Err(_) => {
+            store.distrust_connections();
+            Err(E::from(DbError::from(super::no_answer(deadline))))
+        }
+    }
+}
+
+/// One member's renewal, for [`renew_all`].
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    /// The outbox table, to see whether it is still the instance the member registered on.
+    pub table: TableName,
+    pub member: Member,
+    /// How long the member stays live after this renewal.
+    pub lease: Duration,
+}
+
+/// Renews the leases of many members, of any tables, in one statement: for each, what its
+/// heartbeat finds ([`Heartbeat`]), in the order given. A member's renewal is the same as
+/// alone (renewed only while live and from the session it registered from; the live members
+/// and its partitions read in the same snapshot), so a process renews all its tables with one
+/// statement per heartbeat, however many tables it has. The lock table is read once for all
+/// of them.
+pub async fn renew_all(pool: &PgPool, renewals: &[Renewal]) -> Result<Vec<Heartbeat>, DbError> {
+    if renewals.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column = |f: &dyn Fn(&Renewal) -> Option<i64>| -> Vec<Option<i64>> {
+        renewals.iter().map(f).collect()
+    };
+    // DEAD, against the lock table read once (`held`) instead of once per member.
+    let dead = "(m.expires_at <= clock_timestamp() OR (m.session_pid IS NOT NULL AND NOT EXISTS ( \
+                SELECT 1 FROM held k WHERE k.pid = m.session_pid AND k.classid = m.lock_classid \
+                  AND k.objid = m.lock_objid)))";
+    let rows = sqlx::query(&format!(
+        "WITH held AS MATERIALIZED (
+             SELECT pid, classid::bigint AS classid, objid::bigint AS objid FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND objsubid = 1),
+         r AS (
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::int[],
+                                  $5::bigint[], $6::bigint[], $7::text[])
+                 WITH ORDINALITY AS r(table_oid, member, lease, pid, classid, objid, tname, i)),
+         renewed AS (
+             UPDATE outbox_relay.members m
+             SET expires_at = clock_timestamp() + make_interval(secs => r.lease),
+                 session_pid = r.pid, lock_classid = r.classid, lock_objid = r.objid
+             FROM r
+             WHERE m.table_oid = r.table_oid AND m.member = r.member AND NOT {dead}
+               AND m.session_pid IS NOT DISTINCT FROM r.pid
+             RETURNING m.table_oid, m.member)
+         SELECT EXISTS (SELECT 1 FROM renewed n
+                        WHERE n.table_oid = r.table_oid AND n.member = r.member) AS renewed,
+                ARRAY(SELECT m.member FROM outbox_relay.members m
+                      WHERE m.table_oid = r.table_oid AND (m.member = r.member OR NOT {dead})) AS live,
+                ARRAY(SELECT partition FROM outbox_relay.leases
+                      WHERE table_oid = r.table_oid AND owner = r.member ORDER BY partition) AS partitions,
+                ARRAY(SELECT epoch FROM outbox_relay.leases
+                      WHERE table_oid = r.table_oid AND owner = r.member ORDER BY partition) AS epochs,
+                to_regclass(r.tname)::oid::bigint AS current_oid
+         FROM r ORDER BY r.i"
+    ))
+    .bind(renewals.iter().map(|r| r.member.table_oid).collect::<Vec<_>>())
+    .bind(renewals.iter().map(|r| r.member.id as i64).collect::<Vec<_>>())
+    .bind(renewals.iter().map(|r| r.lease.as_secs_f64()).collect::<Vec<_>>())
+    .bind(renewals.iter().map(|r| r.member.session.map(|s| s.pid)).collect::<Vec<_>>())
+    .bind(column(&|r| r.member.session.map(|s| s.classid)))
+    .bind(column(&|r| r.member.session.map(|s| s.objid)))
+    .bind(renewals.iter().map(|r| r.table.quoted()).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .zip(renewals)
+        .map(|(row, renewal)| {
+            let current: Option<i64> = row.try_get("current_oid")?;
+            if current != Some(renewal.member.table_oid) {
+                return Ok(Heartbeat::Replaced);
+            }
+            if !row.try_get::<bool, _>("renewed")? {
+                return Ok(Heartbeat::Expired);
+            }
+            let live: Vec<i64> = row.try_get("live")?;
+            let partitions: Vec<i32> = row.try_get("partitions")?;
+            let epochs: Vec<i64> = row.try_get("epochs")?;
+            Ok(Heartbeat::Renewed {
+                live: live.into_iter().map(|m| m as MemberId).collect(),
+                owned: partitions
+                    .into_iter()
+                    .map(|p| p as Partition)
+                    .zip(epochs)
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
 /// The lease statements of one table.
 #[derive(Clone)]
 pub struct Leases {
@@ -220,6 +328,8 @@ pub struct Leases {
     table: TableName,
     /// How long a member stays live after its last heartbeat.
     lease: Duration,
+    /// The process's heartbeat rounds, when its tables renew together.
+    beats: Option<Beats>,
 }
 
 /// Where the statements go: a plain pool (tests, tools), or the relay's store, whose pool
@@ -236,6 +346,7 @@ impl Leases {
             pool: Pool::Plain(pool),
             table,
             lease,
+            beats: None,
         }
     }
 
@@ -245,6 +356,15 @@ impl Leases {
             pool: Pool::Store(store),
             table,
             lease,
+            beats: None,
+        }
+    }
+
+    /// These leases renewed in `beats`' rounds, with the process's other tables.
+    pub fn in_rounds(self, beats: Beats) -> Leases {
+        Leases {
+            beats: Some(beats),
+            ..self
         }
     }
 
@@ -259,26 +379,42 @@ impl Leases {
         &self.table
     }
 
-    /// Runs `op` (a statement or a short transaction) within the relay's answer deadline, on
-    /// the relay's store: over a network gone silent a statement would otherwise wait for TCP
-    /// to give up (many minutes), and the membership with it, renewing nothing and never
-    /// registering again. Past the deadline it fails as unavailable, and the pool checks its
-    /// connections before the next use.
+    /// Runs `op` (a statement or a short transaction) within the relay's answer deadline when
+    /// on the relay's store ([`bounded`]).
     async fn bounded<T, E: From<DbError>>(
         &self,
         op: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        let Pool::Store(store) = &self.pool else {
-            return op.await;
-        };
-        let deadline = store.answer_within();
-        match tokio::time::timeout(deadline, op).await {
-            Ok(result) => result,
-            Err(_) => {
-                store.distrust_connections();
-                Err(E::from(DbError::from(super::no_answer(deadline))))
-            }
+        match &self.pool {
+            Pool::Store(store) => bounded(store, op).await,
+            Pool::Plain(_) => op.await,
         }
+    }
+
+    /// Renews `member` with the process's other members when the leases have a [`Beats`]
+    /// round to join (one statement for all tables), else on its own.
+    async fn renew(&self, member: &Member) -> Result<Heartbeat, DbError> {
+        match &self.beats {
+            Some(beats) => {
+                beats
+                    .renew(Renewal {
+                        table: self.table.clone(),
+                        member: member.clone(),
+                        lease: self.lease,
+                    })
+                    .await
+            }
+            None => self.bounded(self.heartbeat_now(member)).await,
+        }
+    }
+
+    /// How long a member waits for its next heartbeat after one that went well: to the
+    /// process's next round when there is one (so every table renews in the same statement),
+    /// else `period`.
+    pub fn next_heartbeat_in(&self, period: Duration) -> Duration {
+        self.beats
+            .as_ref()
+            .map_or(period, |beats| beats.until_next_round())
     }
 
     /// Registers a new member named `name` (host and process, for `status`), live for one
@@ -415,54 +551,19 @@ impl Leases {
     /// dead too, and register again from its new session), and reads the live members and the
     /// member's own partitions: one statement.
     pub async fn heartbeat(&self, member: &Member) -> Result<Heartbeat, DbError> {
-        self.bounded(self.heartbeat_now(member)).await
+        self.renew(member).await
     }
 
     async fn heartbeat_now(&self, member: &Member) -> Result<Heartbeat, DbError> {
-        let row = sqlx::query(&format!(
-            "WITH renewed AS (
-                 UPDATE outbox_relay.members m
-                 SET expires_at = clock_timestamp() + make_interval(secs => $3),
-                     session_pid = $4, lock_classid = $5, lock_objid = $6
-                 WHERE m.table_oid = $1 AND m.member = $2 AND NOT {DEAD}
-                   AND m.session_pid IS NOT DISTINCT FROM $4
-                 RETURNING m.member)
-             SELECT EXISTS (SELECT 1 FROM renewed) AS renewed,
-                    ARRAY(SELECT m.member FROM outbox_relay.members m
-                          WHERE m.table_oid = $1 AND (m.member = $2 OR NOT {DEAD})) AS live,
-                    ARRAY(SELECT partition FROM outbox_relay.leases
-                          WHERE table_oid = $1 AND owner = $2 ORDER BY partition) AS partitions,
-                    ARRAY(SELECT epoch FROM outbox_relay.leases
-                          WHERE table_oid = $1 AND owner = $2 ORDER BY partition) AS epochs,
-                    to_regclass($7)::oid::bigint AS current_oid"
-        ))
-        .bind(member.table_oid)
-        .bind(member.id as i64)
-        .bind(self.lease.as_secs_f64())
-        .bind(member.session.map(|s| s.pid))
-        .bind(member.session.map(|s| s.classid))
-        .bind(member.session.map(|s| s.objid))
-        .bind(self.table.quoted())
-        .fetch_one(self.pool())
-        .await?;
-        let current: Option<i64> = row.try_get("current_oid")?;
-        if current != Some(member.table_oid) {
-            return Ok(Heartbeat::Replaced);
-        }
-        if !row.try_get::<bool, _>("renewed")? {
-            return Ok(Heartbeat::Expired);
-        }
-        let live: Vec<i64> = row.try_get("live")?;
-        let partitions: Vec<i32> = row.try_get("partitions")?;
-        let epochs: Vec<i64> = row.try_get("epochs")?;
-        Ok(Heartbeat::Renewed {
-            live: live.into_iter().map(|m| m as MemberId).collect(),
-            owned: partitions
-                .into_iter()
-                .map(|p| p as Partition)
-                .zip(epochs)
-                .collect(),
-        })
+        let renewal = Renewal {
+            table: self.table.clone(),
+            member: member.clone(),
+            lease: self.lease,
+        };
+        renew_all(self.pool(), std::slice::from_ref(&renewal))
+            .await?
+            .pop()
+            .ok_or_else(|| DbError::Rejected("the heartbeat statement returned no row".into()))
     }
 
     /// Takes up to `wanted` partitions nobody holds, lowest first, skipping those another
