@@ -281,6 +281,10 @@ pub struct RelaySettings {
     /// not written yet): the most a crash or a broken connection can send twice.
     #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: usize,
+    /// Rows the whole process holds in memory at most (fetched and not yet settled), shared
+    /// fairly by its tables and channels.
+    #[serde(default = "defaults::max_rows_in_memory")]
+    pub max_rows_in_memory: usize,
     /// LISTEN for the insert trigger's NOTIFY; switch off for write-heavy databases.
     #[serde(default = "defaults::yes")]
     pub notify: bool,
@@ -485,6 +489,9 @@ mod defaults {
     pub fn max_in_flight() -> usize {
         1000
     }
+    pub fn max_rows_in_memory() -> usize {
+        20_000
+    }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(10)
     }
@@ -526,6 +533,7 @@ impl Default for RelaySettings {
             batch_size: defaults::batch_size(),
             poll_interval: defaults::poll_interval(),
             max_in_flight: defaults::max_in_flight(),
+            max_rows_in_memory: defaults::max_rows_in_memory(),
             notify: true,
             shutdown_timeout: defaults::shutdown_timeout(),
             reconnect_max_delay: defaults::reconnect_max_delay(),
@@ -1473,6 +1481,12 @@ impl Settings {
             out.push(format!(
                 "relay.max_in_flight: expected 1 to 65535, got {}",
                 self.relay.max_in_flight
+            ));
+        }
+        if !(1..=10_000_000).contains(&self.relay.max_rows_in_memory) {
+            out.push(format!(
+                "relay.max_rows_in_memory: expected 1 to 10000000, got {}",
+                self.relay.max_rows_in_memory
             ));
         }
         if !(1..=64).contains(&self.relay.channels) {

@@ -165,6 +165,7 @@ pub struct Metrics {
     retention_deleted: Family<TableLabels, Counter>,
     retention_last_sweep: Family<TableLabels, F64Gauge>,
     oldest_published_age: Family<TableLabels, F64Gauge>,
+    rows_in_memory: Gauge,
     log_lines_dropped: Counter,
     /// How many of telemetry's dropped lines `log_lines_dropped` has counted so far.
     log_lines_dropped_seen: AtomicU64,
@@ -220,6 +221,7 @@ impl Metrics {
             retention_deleted: Family::default(),
             retention_last_sweep: Family::default(),
             oldest_published_age: Family::default(),
+            rows_in_memory: Gauge::default(),
             log_lines_dropped: Counter::default(),
             log_lines_dropped_seen: AtomicU64::new(0),
             spans_dropped: Counter::default(),
@@ -316,6 +318,11 @@ impl Metrics {
             "backlog_read_errors",
             "Times reading the row gauges failed (they keep their last values)",
             m.backlog_read_errors.clone(),
+        );
+        registry.register(
+            "rows_in_memory",
+            "Rows the process holds in memory (fetched and not yet settled), all tables together: at most relay.max_rows_in_memory",
+            m.rows_in_memory.clone(),
         );
         registry.register(
             "log_lines_dropped",
@@ -475,6 +482,11 @@ impl Metrics {
     }
 
     /// Counts reconnects to `server`.
+    /// The gauge of rows held in memory, all tables together (the process's row budget sets it).
+    pub fn rows_in_memory(&self) -> Gauge {
+        self.rows_in_memory.clone()
+    }
+
     pub fn reconnects(&self, server: Server) -> Counter {
         self.reconnects
             .get_or_create(&ServerLabels { server })

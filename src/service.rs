@@ -19,7 +19,7 @@ use crate::cluster::member::{self, MemberSettings};
 use crate::config::Settings;
 use crate::metrics::{BacklogSource, Metrics, Server};
 use crate::publisher::Broker;
-use crate::relay::{Acks, Heartbeat, Share, Sweeper, TableRelay};
+use crate::relay::{Acks, Heartbeat, RowBudget, Share, Sweeper, TableRelay};
 use crate::shutdown::Shutdown;
 use crate::store::leases::{Beats, Leases};
 use crate::store::{Coordination, Store, TableSql};
@@ -90,6 +90,8 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let channels = settings.relay.channels;
     // The members of all tables renew together: one statement per heartbeat for the process.
     let rounds = Beats::start(store.clone(), settings.relay.heartbeat);
+    // The rows all tables and channels hold in memory, together.
+    let rows = RowBudget::new(settings.relay.max_rows_in_memory, metrics.rows_in_memory());
     for (index, (table, sql)) in settings.outbox.iter().zip(&sqls).enumerate() {
         let lock = coordination.lock(index);
         let membership = member::start_in(
@@ -145,6 +147,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
                     table.partitions,
                 ),
                 broker.clone(),
+                &rows,
                 shutdown.clone(),
                 metrics.clone(),
             );

@@ -9,7 +9,7 @@ use outbox_relay::cluster::member::{self, MemberSettings};
 use outbox_relay::config::{OnExhausted, Settings, TableName};
 use outbox_relay::metrics::TableMetrics;
 use outbox_relay::publisher::Broker;
-use outbox_relay::relay::{Acks, MarkPipeline, Share, Step, TableRelay};
+use outbox_relay::relay::{Acks, MarkPipeline, RowBudget, Share, Step, TableRelay};
 use outbox_relay::shutdown::Shutdown;
 use outbox_relay::store::leases::Leases;
 use outbox_relay::store::{Coordination, LockState, RowVersion, Store, TableSql};
@@ -72,6 +72,7 @@ impl Driven {
             table.partitions,
         );
         let broker = Arc::new(Broker::new(&settings.rabbitmq));
+        let rows = RowBudget::new(settings.relay.max_rows_in_memory, Default::default());
         let relay = TableRelay::new(
             settings,
             table,
@@ -79,6 +80,7 @@ impl Driven {
             coordination.lock(0),
             share,
             broker.clone(),
+            &rows,
             Shutdown::new(),
             TableMetrics::unregistered(),
         );

@@ -11,6 +11,7 @@
 //! `hold_keys`). With `retention`, the table's sweeper deletes the published rows once they are
 //! older than that (`retention.rs`, `sweep_published`).
 
+mod budget;
 mod links;
 pub mod marks;
 mod report;
@@ -27,8 +28,9 @@ use crate::metrics::TableMetrics;
 use crate::publisher::{Broker, PublishError};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::store::{DbError, LockState, Store, TableLock, TableSql};
+use crate::store::{DbError, LockGuard, LockState, Store, TableLock, TableSql};
 
+pub use budget::{RowBudget, RowGrant};
 use links::{Links, Outage, Unready};
 pub use marks::MarkPipeline;
 pub use report::Heartbeat;
@@ -61,6 +63,9 @@ pub enum Step {
     Standby,
     /// The broker blocked the connection (resource alarm): fetching is paused.
     Paused,
+    /// Rows are due but the process's row budget has none free for this relay (the other
+    /// tables hold it): it waits until some are given back.
+    Starved,
     /// PostgreSQL or RabbitMQ is unreachable or refuses the table; the reason is logged once.
     Down,
 }
@@ -76,6 +81,8 @@ pub struct TableRelay {
     links: Links,
     window: ConfirmWindow,
     marks: MarkPipeline,
+    /// The rows this relay holds in memory, in the process's shared budget.
+    rows: RowGrant,
     reporter: Reporter,
     /// `schema.table`, for the `x-outbox-table` header and the log.
     name: String,
@@ -93,8 +100,8 @@ pub struct TableRelay {
 
 impl TableRelay {
     /// The relay for `table`'s partitions in `share`, under `lock` (from the process's
-    /// coordination session) and on a channel of `broker`'s connection, counting into
-    /// `metrics`.
+    /// coordination session) and on a channel of `broker`'s connection, holding rows in
+    /// `budget` (the process's) and counting into `metrics`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Arc<Settings>,
@@ -103,6 +110,7 @@ impl TableRelay {
         lock: TableLock,
         share: Share,
         broker: Arc<Broker>,
+        budget: &RowBudget,
         shutdown: Shutdown,
         metrics: TableMetrics,
     ) -> Self {
@@ -120,6 +128,7 @@ impl TableRelay {
             links: Links::new(lock, broker, declarations),
             window: ConfirmWindow::new(relay.max_in_flight, metrics.clone()),
             marks: MarkPipeline::new(store.clone(), sql.clone(), mark_chunk),
+            rows: budget.grant(),
             reporter: Reporter::new(table.table.to_string(), metrics),
             name: table.table.to_string(),
             shape: MessageShape::for_table(&table, &settings.postgres),
@@ -251,7 +260,17 @@ impl TableRelay {
                 .held_ids()
                 .chain(self.marks.pending_ids())
                 .collect();
-            let limit = self.settings.relay.batch_size;
+            // At most what the process's row budget grants this relay beside what it holds.
+            self.rows.hold(self.window.held());
+            let limit = self.rows.take(self.settings.relay.batch_size as usize) as u32;
+            if limit == 0 {
+                if self.window.is_empty() {
+                    return Step::Starved;
+                }
+                // Nothing more fits now: settle what is held (which gives rows back), waiting
+                // for its confirms rather than coming back to a fetch that cannot run.
+                return self.drive(guard, until, false).await;
+            }
             let rows = match self
                 .store
                 .fetch_due(&self.sql, &guard, &fence, limit, &exclude)
@@ -287,7 +306,20 @@ impl TableRelay {
                 return Step::Idle;
             }
             self.window.add(rows);
+            self.rows.hold(self.window.held());
         }
+        self.drive(guard, until, self.more_waiting).await
+    }
+
+    /// Sends what is ready and settles what the broker answers, then hands the settled rows
+    /// to the mark pipeline: the second half of [`TableRelay::step`]. `fetch_soon`: return
+    /// as soon as a fetch fits, with confirms outstanding.
+    async fn drive(
+        &mut self,
+        guard: LockGuard,
+        until: Option<tokio::time::Instant>,
+        fetch_soon: bool,
+    ) -> Step {
         let Some((publisher, lock)) = self.links.publisher_and_lock() else {
             return Step::Down;
         };
@@ -306,7 +338,7 @@ impl TableRelay {
                 default_exchange: &self.table.exchange,
                 shape: &self.shape,
                 max_message_bytes: self.max_message_bytes,
-                more_waiting: self.more_waiting,
+                more_waiting: fetch_soon,
             })
             .await;
         self.more_waiting |= settled.announced;
@@ -447,6 +479,16 @@ impl TableRelay {
                 break;
             }
             let step = self.step().await;
+            // Rows settled or forgotten in this step go back to the process's budget; a relay
+            // with nothing to do leaves its shares (a starved one keeps asking).
+            self.rows.hold(self.window.held());
+            if self.window.is_empty() && step != Step::Starved {
+                self.rows.rest();
+                if !matches!(step, Step::Batch { .. }) {
+                    // Quiet: give back what the queues grew to while busy.
+                    self.window.shrink_when_empty();
+                }
+            }
             // The outage count starts again only once the links stayed up for a while: a fault
             // that comes back right after each brief "recovered" keeps the backoff growing.
             if step != Step::Down {
@@ -464,6 +506,7 @@ impl TableRelay {
                 }
                 Step::Standby => self.wait_for_lock().await,
                 Step::Paused | Step::Waiting => self.pause(Duration::from_millis(250)).await,
+                Step::Starved => self.wait_for_rows().await,
                 Step::Down => {
                     let attempt = self.outage.down(tokio::time::Instant::now());
                     let delay = backoff.delay(attempt, rand::random::<f64>());
@@ -506,6 +549,17 @@ impl TableRelay {
             }
         }
         self.links.lock.set_idle(false);
+    }
+
+    /// Starved: until another relay gives rows back to the budget (or a moment passed: the
+    /// rows may have come back just before this wait began), or shutdown.
+    async fn wait_for_rows(&mut self) {
+        tokio::select! {
+            _ = self.rows.freed() => {}
+            _ = self.shutdown.stopping() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        self.reporter.beat();
     }
 
     /// Standby or connecting: until the lock's state changes (since the step read it), or

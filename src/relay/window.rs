@@ -112,6 +112,11 @@ impl ConfirmWindow {
         self.queues.held() == 0
     }
 
+    /// Rows in memory: queued or in flight.
+    pub fn held(&self) -> usize {
+        self.queues.held()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
@@ -127,6 +132,15 @@ impl ConfirmWindow {
         self.metrics.resent(self.in_flight.len());
         self.queues.clear();
         self.in_flight = FuturesUnordered::new();
+    }
+
+    /// With nothing held, gives back the memory its queues grew to (a table that was busy
+    /// once costs kilobytes while it is quiet, not the capacity of its largest batch).
+    pub fn shrink_when_empty(&mut self) {
+        if self.queues.held() == 0 && self.in_flight.is_empty() {
+            self.queues.clear();
+            self.in_flight = FuturesUnordered::new();
+        }
     }
 
     /// The silence clock starts again (the broker blocks the connection: confirms cannot come).
