@@ -62,16 +62,30 @@ END $$;
 -- then starts out not held, where the fetch still holds it back by its key (order is kept, the
 -- row only costs the fetch a probe). SECURITY DEFINER: producers need no privilege on
 -- held_keys (nor on the id sequence).
+--
+-- What a producer's row pays here is kept small (it runs in every producer transaction):
+-- - the id sequence comes from the trigger's argument (`migrate` writes the table's identity
+--   sequence there), not from pg_get_serial_sequence, which reads pg_depend on every call; a
+--   trigger without the argument (an earlier release's) or a name that no longer resolves
+--   (the schema was renamed) falls back to that lookup, so it never fails an insert;
+-- - no `SET search_path` on the function (PostgreSQL 15 recomputes the search path on each
+--   call of a function that sets it: a fifth of the guard's cost). Instead every function,
+--   operator, type and table below is qualified, so nothing a producer puts on its
+--   search_path can stand in for them while the function runs with the definer's rights.
 CREATE OR REPLACE FUNCTION outbox_relay.order_guard_v2() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock(
-        hashtext(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME),
-        hashtext(NEW.ordering_key));
-    NEW.id := nextval(pg_get_serial_sequence(format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), 'id'));
-    NEW.held := current_setting('transaction_isolation') = 'read committed'
-        AND EXISTS (SELECT 1 FROM outbox_relay.held_keys
-                    WHERE table_oid = TG_RELID::bigint AND ordering_key = NEW.ordering_key);
+    PERFORM pg_catalog.pg_advisory_xact_lock(
+        pg_catalog.hashtext(TG_TABLE_SCHEMA OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) TG_TABLE_NAME),
+        pg_catalog.hashtext(NEW.ordering_key));
+    NEW.id := pg_catalog.nextval(coalesce(
+        pg_catalog.to_regclass(TG_ARGV[0]),
+        pg_catalog.pg_get_serial_sequence(
+            pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), 'id')::pg_catalog.regclass));
+    NEW.held := pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.=) 'read committed'
+        AND EXISTS (SELECT 1 FROM outbox_relay.held_keys k
+                    WHERE k.table_oid OPERATOR(pg_catalog.=) TG_RELID::pg_catalog.int8
+                      AND k.ordering_key OPERATOR(pg_catalog.=) NEW.ordering_key);
     RETURN NEW;
 END
 $$;
@@ -159,12 +173,14 @@ CREATE UNLOGGED TABLE IF NOT EXISTS outbox_relay.waiting (
 -- commit only in the moment between this check and the commit becoming visible; the relay's
 -- poll (`poll_interval`) catches that one. Notifications with the same channel collapse into
 -- one per transaction. SECURITY DEFINER, as the order guard: producers need no privilege on
--- the relay's schema, so a database that revokes PUBLIC's rights cannot make their commits fail.
+-- the relay's schema, so a database that revokes PUBLIC's rights cannot make their commits fail
+-- (and, as there, everything is qualified instead of a `SET search_path`).
 CREATE OR REPLACE FUNCTION outbox_relay.notify_waiting() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM outbox_relay.waiting WHERE table_oid = TG_RELID::bigint) THEN
-        PERFORM pg_notify(TG_ARGV[0], '');
+    IF EXISTS (SELECT 1 FROM outbox_relay.waiting w
+               WHERE w.table_oid OPERATOR(pg_catalog.=) TG_RELID::pg_catalog.int8) THEN
+        PERFORM pg_catalog.pg_notify(TG_ARGV[0], '');
     END IF;
     RETURN NULL;
 END

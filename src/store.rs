@@ -65,6 +65,48 @@ const TABLE_MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
+/// Gives `table`'s order guard its id sequence as the trigger's argument (what
+/// `outbox_relay.order_guard_v2` draws ids from without a catalog lookup per row), when it does
+/// not name it already: a table made by an earlier release, or one whose identity sequence
+/// changed. The trigger is made again (a lock on the table for milliseconds, bounded by the
+/// transaction's lock_timeout); with its argument right, nothing is locked. Says what it did.
+async fn name_the_id_sequence(
+    tx: &mut sqlx::PgConnection,
+    table: &TableName,
+) -> anyhow::Result<Option<String>> {
+    let found: Option<(Option<String>, Vec<u8>)> = sqlx::query_as(
+        "SELECT pg_get_serial_sequence($1, 'id'), t.tgargs FROM pg_trigger t \
+         WHERE t.tgrelid = to_regclass($1) AND t.tgname = $2 \
+           AND t.tgfoid = to_regproc('outbox_relay.order_guard_v2')",
+    )
+    .bind(table.quoted())
+    .bind(table.derived("order"))
+    .fetch_optional(&mut *tx)
+    .await?;
+    // No guard of this release's kind, or no identity sequence: the guard looks it up per row.
+    let Some((Some(sequence), args)) = found else {
+        return Ok(None);
+    };
+    // pg_trigger keeps each argument followed by a zero byte.
+    if args == format!("{sequence}\0").into_bytes() {
+        return Ok(None);
+    }
+    let trigger = quote_ident(&table.derived("order"));
+    let t = table.quoted();
+    sqlx::raw_sql(&format!(
+        "DROP TRIGGER {trigger} ON {t}; \
+         CREATE TRIGGER {trigger} BEFORE INSERT ON {t} \
+             FOR EACH ROW EXECUTE FUNCTION outbox_relay.order_guard_v2({})",
+        columns::literal(&sequence)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    Ok(Some(format!(
+        "{table}: the order guard {} draws ids from {sequence} without a lookup per row",
+        table.derived("order")
+    )))
+}
+
 /// The longest ordering key (in bytes) a relay-made table accepts (migration 3).
 pub const MAX_ORDERING_KEY_BYTES: usize = 1024;
 
@@ -381,6 +423,9 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 applied.push(format!("{table}: migration {version} ({description})"));
+            }
+            if let Some(named) = name_the_id_sequence(&mut tx, table).await? {
+                applied.push(named);
             }
             // Replaced only when it is not the wanted one (an earlier release's NOTIFY from every
             // producer transaction, or `notify` changed): CREATE TRIGGER locks the table.
