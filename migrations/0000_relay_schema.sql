@@ -55,6 +55,50 @@ DO $$ BEGIN
     END IF;
 END $$;
 
+-- Whether any key of any outbox table in the database may be held: what lets the order guard
+-- skip its held_keys probe (an index scan through the executor, half of what the guard costs)
+-- on the common path, where nothing is held. A sequence, read without a query
+-- (pg_sequence_last_value) and written outside transactions: 0 = no key is held; anything
+-- else (1, or never set) = probe. Turned on by every statement that holds keys
+-- (holding_keys, before its held_keys rows can commit) and off only by clear_held_flag, when
+-- held_keys is empty; the two exclude each other by an advisory lock (shared for holds,
+-- exclusive for the check), so the flag reads 0 only while no key is held. The guard's
+-- answer is an optimisation either way: a row of a held key that starts out not held is still
+-- held back by the fetch (see order_guard_v2).
+CREATE SEQUENCE IF NOT EXISTS outbox_relay.held_flag MINVALUE 0;
+
+-- Called by the relay's hold statement (SECURITY DEFINER: the relay needs no right on the
+-- sequence); true.
+CREATE OR REPLACE FUNCTION outbox_relay.holding_keys() RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock_shared(
+        pg_catalog.hashtextextended('outbox_relay:held_flag', 0));
+    PERFORM pg_catalog.setval('outbox_relay.held_flag'::pg_catalog.regclass, 1);
+    RETURN true;
+END
+$$;
+
+-- Called by a relay whose table holds no key: sets the flag to 0 when no table holds one,
+-- unless a hold is in progress. Each query of this VOLATILE function reads what committed
+-- before it ran, so the check runs after the lock is taken. True when it cleared the flag.
+CREATE OR REPLACE FUNCTION outbox_relay.clear_held_flag() RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF pg_catalog.pg_sequence_last_value('outbox_relay.held_flag'::pg_catalog.regclass)
+           OPERATOR(pg_catalog.=) 0
+       OR NOT pg_catalog.pg_try_advisory_xact_lock(
+           pg_catalog.hashtextextended('outbox_relay:held_flag', 0)) THEN
+        RETURN false;
+    END IF;
+    IF EXISTS (SELECT 1 FROM outbox_relay.held_keys) THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_catalog.setval('outbox_relay.held_flag'::pg_catalog.regclass, 0);
+    RETURN true;
+END
+$$;
+
 -- Version 2 of the order guard (tables at migration 2 and later): as order_guard, and a row of
 -- a held key starts out held. The advisory lock orders the check with the relay's hold and
 -- release of the key (both take it), so under READ COMMITTED (PostgreSQL's default) the check
@@ -68,6 +112,7 @@ END $$;
 --   sequence there), not from pg_get_serial_sequence, which reads pg_depend on every call; a
 --   trigger without the argument (an earlier release's) or a name that no longer resolves
 --   (the schema was renamed) falls back to that lookup, so it never fails an insert;
+-- - the held_keys probe only while held_flag says a key may be held (above);
 -- - no `SET search_path` on the function (PostgreSQL 15 recomputes the search path on each
 --   call of a function that sets it: a fifth of the guard's cost). Instead every function,
 --   operator, type and table below is qualified, so nothing a producer puts on its
@@ -82,10 +127,17 @@ BEGIN
         pg_catalog.to_regclass(TG_ARGV[0]),
         pg_catalog.pg_get_serial_sequence(
             pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), 'id')::pg_catalog.regclass));
-    NEW.held := pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.=) 'read committed'
-        AND EXISTS (SELECT 1 FROM outbox_relay.held_keys k
-                    WHERE k.table_oid OPERATOR(pg_catalog.=) TG_RELID::pg_catalog.int8
-                      AND k.ordering_key OPERATOR(pg_catalog.=) NEW.ordering_key);
+    -- The probe only while some key may be held (held_flag); a producer's own value of held
+    -- is never kept.
+    IF coalesce(pg_catalog.pg_sequence_last_value('outbox_relay.held_flag'::pg_catalog.regclass), 1)
+           OPERATOR(pg_catalog.<>) 0
+       AND pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.=) 'read committed' THEN
+        NEW.held := EXISTS (SELECT 1 FROM outbox_relay.held_keys k
+                            WHERE k.table_oid OPERATOR(pg_catalog.=) TG_RELID::pg_catalog.int8
+                              AND k.ordering_key OPERATOR(pg_catalog.=) NEW.ordering_key);
+    ELSE
+        NEW.held := false;
+    END IF;
     RETURN NEW;
 END
 $$;

@@ -621,6 +621,13 @@ impl Store {
         Ok(())
     }
 
+    /// Clears held_flag when no outbox table holds a key (producers' inserts then skip the
+    /// held_keys probe): see `outbox_relay.clear_held_flag`. True when it cleared it.
+    pub async fn clear_held_flag(&self) -> Result<bool, DbError> {
+        let query = sqlx::query_scalar("SELECT outbox_relay.clear_held_flag()");
+        Ok(answered_within(self.answer_within, query.fetch_one(self.pool())).await?)
+    }
+
     /// Holds keys back behind their failed row (`(key, holder id)`): the key's later pending
     /// rows leave the due index (up to a chunk per key and call), and rows inserted for it
     /// later start out held. Each key is taken under its order-guard lock without waiting;
@@ -1456,10 +1463,13 @@ impl TableSql {
         // rows queued is held or released over many turns, each statement short); a key is
         // done when its chunk came back short. Any state in between keeps order: the fetch
         // never sends a row with a held row of its key before it.
+        // `flagged` turns held_flag on before the held_keys rows can commit (and keeps it from
+        // being cleared until then): producers' inserts probe held_keys again.
         let hold_keys = format!(
-            "WITH locked AS ( \
-                 SELECT h.key, h.holder FROM unnest($1::text[], $2::int8[]) AS h(key, holder) \
-                 WHERE {hold_fence} AND pg_try_advisory_xact_lock(hashtext($3), hashtext(h.key))), \
+            "WITH flagged AS MATERIALIZED (SELECT outbox_relay.holding_keys() AS raised), \
+             locked AS ( \
+                 SELECT h.key, h.holder FROM unnest($1::text[], $2::int8[]) AS h(key, holder), flagged f \
+                 WHERE f.raised AND {hold_fence} AND pg_try_advisory_xact_lock(hashtext($3), hashtext(h.key))), \
              noted AS ( \
                  INSERT INTO outbox_relay.held_keys (table_oid, ordering_key, holder) \
                  SELECT $4, key, holder FROM locked \

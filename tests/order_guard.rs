@@ -175,3 +175,79 @@ async fn migrate_names_the_id_sequence_in_an_earlier_guard_and_a_stale_name_fail
     let received = env.consumer.wait_for(2).await;
     assert_first_deliveries_in_id_order(&received);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_held_probe_is_skipped_only_while_no_key_is_held_and_a_producers_own_held_is_never_kept(
+) {
+    let env = TestEnv::new(Setup::new().set("outbox.retry", "max_attempts", "1")).await;
+    let table = quoted_table(&env.table);
+    // held_flag: 0 while no key of any table is held (the guard skips its held_keys probe).
+    let flag = || async {
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT pg_sequence_last_value('outbox_relay.held_flag')",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    let _relay = env.start_relay();
+    eventually("the relay to clear held_flag (no key is held)", || async {
+        flag().await == Some(0)
+    })
+    .await;
+
+    // A producer's own `held = true` is not kept: the row is due and goes out.
+    sqlx::query(&format!(
+        "INSERT INTO {table} (dedup_key, ordering_key, routing_key, event_type, payload, held) \
+         VALUES ('own-held', 'free', 'test.free', 'T', '{{}}', true)"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    env.consumer.wait_for_id("own-held").await;
+
+    // A key held by its parked head: from then on its new rows start out held.
+    let head = env
+        .insert(&[NewRow::new("head", "hot").routing_key(&"r".repeat(300))])
+        .await[0];
+    eventually("the head to be parked and its key held", || async {
+        env.row(head).await.parked_at.is_some() && flag().await != Some(0)
+    })
+    .await;
+    eventually("the key in held_keys", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_relay.held_keys")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    env.insert(&[NewRow::new("behind", "hot")]).await;
+    assert!(
+        row(&env, "behind").await.1,
+        "a row of a held key starts out held"
+    );
+    env.insert(&[NewRow::new("elsewhere", "cold")]).await;
+    assert!(
+        !row(&env, "elsewhere").await.1,
+        "other keys' rows are not held"
+    );
+    env.consumer.wait_for_id("elsewhere").await;
+
+    // Fixed and released: its queue goes out in order, and the flag is cleared again.
+    sqlx::query(&format!(
+        "UPDATE {table} SET routing_key = 'fixed' WHERE id = $1"
+    ))
+    .bind(head)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let released = env.cli(&["retry", "--key", "hot"]).await;
+    assert_eq!(released.code, 0, "{released:?}");
+    let received = env.consumer.wait_for_id("behind").await;
+    assert_first_deliveries_in_id_order(&received);
+    eventually("held_flag cleared once no key is held", || async {
+        flag().await == Some(0)
+    })
+    .await;
+}

@@ -200,6 +200,9 @@ impl MarkPipeline {
         };
         self.last_sweep = Some(std::time::Instant::now());
         let (stale, held) = self.store.stale_holds(&self.sql, fence).await?;
+        if held == 0 && (force || self.held_keys > 0) {
+            self.clear_held_flag().await;
+        }
         self.held_keys = held;
         if !stale.is_empty() {
             tracing::info!(table = %self.sql.table(), keys = stale.len(), "releasing keys whose holding row is gone");
@@ -296,9 +299,22 @@ impl MarkPipeline {
                 .store
                 .release_keys(&self.sql, &releases, &fence)
                 .await?;
+            let before = self.held_keys;
             self.held_keys = (self.held_keys - (releases.len() - unfinished.len()) as i64).max(0);
             self.releases = unfinished;
+            if before > 0 && self.held_keys == 0 {
+                self.clear_held_flag().await;
+            }
         }
         Ok(())
+    }
+
+    /// This table holds no key (any more): producers' inserts may skip the held_keys probe
+    /// once no table holds one (`Store::clear_held_flag` checks them all). Only that cost is at
+    /// stake, so a failure is logged and changes nothing else.
+    async fn clear_held_flag(&self) {
+        if let Err(e) = self.store.clear_held_flag().await {
+            tracing::debug!(table = %self.sql.table(), error = %e, "could not clear held_flag");
+        }
     }
 }
