@@ -107,6 +107,9 @@ async fn name_the_id_sequence(
     )))
 }
 
+/// SQLSTATE of a call to a function that does not exist.
+const UNDEFINED_FUNCTION: &str = "42883";
+
 /// The longest ordering key (in bytes) a relay-made table accepts (migration 3).
 pub const MAX_ORDERING_KEY_BYTES: usize = 1024;
 
@@ -645,13 +648,22 @@ impl Store {
         }
         let (keys, holders): (Vec<&str>, Vec<i64>) =
             holds.iter().map(|(k, h)| (k.as_str(), *h)).unzip();
-        let query = sqlx::query(&q.hold_keys)
-            .bind(&keys)
-            .bind(&holders)
-            .bind(q.table.to_string())
-            .bind(fence.table_oid);
-        let query = bind_fence!(query, fence);
-        let done = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
+        let hold = |sql| {
+            let query = sqlx::query(sql)
+                .bind(&keys)
+                .bind(&holders)
+                .bind(q.table.to_string())
+                .bind(fence.table_oid);
+            bind_fence!(query, fence).fetch_all(self.pool())
+        };
+        let done = match answered_within(self.answer_within, hold(&q.hold_keys)).await {
+            // A schema from before held_flag (the package restarted the relay before `migrate`
+            // ran): the keys are held all the same; that schema's guard always probes.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_FUNCTION) => {
+                answered_within(self.answer_within, hold(&q.hold_keys_unflagged)).await?
+            }
+            done => done?,
+        };
         Ok(unfinished(keys.into_iter().map(str::to_owned), &done)?)
     }
 
@@ -1359,6 +1371,7 @@ pub struct TableSql {
     oldest_published: String,
     record_failures: String,
     hold_keys: String,
+    hold_keys_unflagged: String,
     release_keys: String,
     stale_holds: String,
 }
@@ -1464,9 +1477,10 @@ impl TableSql {
         // done when its chunk came back short. Any state in between keeps order: the fetch
         // never sends a row with a held row of its key before it.
         // `flagged` turns held_flag on before the held_keys rows can commit (and keeps it from
-        // being cleared until then): producers' inserts probe held_keys again.
-        let hold_keys = format!(
-            "WITH flagged AS MATERIALIZED (SELECT outbox_relay.holding_keys() AS raised), \
+        // being cleared until then): producers' inserts probe held_keys again. Without it, for
+        // a schema from before held_flag.
+        let hold_keys_unflagged = format!(
+            "WITH flagged AS MATERIALIZED (SELECT true AS raised), \
              locked AS ( \
                  SELECT h.key, h.holder FROM unnest($1::text[], $2::int8[]) AS h(key, holder), flagged f \
                  WHERE f.raised AND {hold_fence} AND pg_try_advisory_xact_lock(hashtext($3), hashtext(h.key))), \
@@ -1487,6 +1501,11 @@ impl TableSql {
              LEFT JOIN (SELECT ordering_key, count(*) AS rows FROM moved GROUP BY 1) c USING (ordering_key) \
              UNION ALL SELECT h.key, true FROM unnest($1::text[]) AS h(key) WHERE NOT {hold_fence}",
             hold_fence = fenced("h.key", 5),
+        );
+        let hold_keys = hold_keys_unflagged.replacen(
+            "SELECT true AS raised",
+            "SELECT outbox_relay.holding_keys() AS raised",
+            1,
         );
         let release_keys = format!(
             "WITH locked AS ( \
@@ -1530,6 +1549,7 @@ impl TableSql {
             oldest_published,
             record_failures,
             hold_keys,
+            hold_keys_unflagged,
             release_keys,
             stale_holds,
         }

@@ -251,3 +251,54 @@ async fn the_held_probe_is_skipped_only_while_no_key_is_held_and_a_producers_own
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_before_migrate_brought_held_flag_still_holds_keys() {
+    let env = TestEnv::new(Setup::new().set("outbox.retry", "max_attempts", "1")).await;
+    // The schema of the release before held_flag, as a package upgrade that restarts the relay
+    // before `migrate` runs leaves it: no function that raises the flag.
+    sqlx::raw_sql("DROP FUNCTION outbox_relay.holding_keys()")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let _relay = env.start_relay();
+    let head = env
+        .insert(&[NewRow::new("head", "hot").routing_key(&"r".repeat(300))])
+        .await[0];
+    eventually("the head to be parked and its key held", || async {
+        env.row(head).await.parked_at.is_some()
+            && sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_relay.held_keys")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap()
+                == 1
+    })
+    .await;
+    // The table goes on: another key's row flows, the held key's row waits behind its head.
+    env.insert(&[NewRow::new("behind", "hot"), NewRow::new("other", "cold")])
+        .await;
+    env.consumer.wait_for_id("other").await;
+    assert!(
+        env.consumer
+            .received()
+            .iter()
+            .all(|r| r.message_id != "behind"),
+        "a row of the held key went out before its head"
+    );
+
+    // Migrated and released: the head, then the row behind it.
+    let migrated = env.cli(&["migrate"]).await;
+    assert_eq!(migrated.code, 0, "{migrated:?}");
+    sqlx::query(&format!(
+        "UPDATE {} SET routing_key = 'fixed' WHERE id = $1",
+        quoted_table(&env.table)
+    ))
+    .bind(head)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let released = env.cli(&["retry", "--key", "hot"]).await;
+    assert_eq!(released.code, 0, "{released:?}");
+    let received = env.consumer.wait_for_id("behind").await;
+    assert_first_deliveries_in_id_order(&received);
+}
