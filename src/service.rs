@@ -144,7 +144,6 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
                     acks.clone(),
                     channel,
                     channels,
-                    table.partitions,
                 ),
                 broker.clone(),
                 &rows,

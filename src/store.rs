@@ -555,11 +555,11 @@ impl Store {
             // Rows above every excluded id skip the (linear, in a generic plan) array check.
             .bind(exclude.iter().copied().max().unwrap_or(i64::MIN))
             .bind(only)
-            .bind(fence.partitions as i32)
+            .bind(fence.partitions() as i32)
             // Only the table instance the leases are for: a table dropped and created again
             // is relayed once the membership registered on it anew (a member of the old
             // instance and one of the new would otherwise both think they hold every row).
-            .bind(fence.table_oid);
+            .bind(fence.table_oid());
         let rows = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(rows
             .iter()
@@ -583,7 +583,7 @@ impl Store {
         let query = bind_fence!(
             sqlx::query(&q.mark_published)
                 .bind(ids)
-                .bind(fence.table_oid),
+                .bind(fence.table_oid()),
             fence
         )
         .bind(versions);
@@ -618,7 +618,7 @@ impl Store {
             .bind(&errors)
             .bind(&delays)
             .bind(&parks)
-            .bind(fence.table_oid);
+            .bind(fence.table_oid());
         let query = bind_fence!(query, fence).bind(&versions);
         answered_within(self.answer_within, query.execute(self.pool())).await?;
         Ok(())
@@ -653,7 +653,7 @@ impl Store {
                 .bind(&keys)
                 .bind(&holders)
                 .bind(q.table.to_string())
-                .bind(fence.table_oid);
+                .bind(fence.table_oid());
             bind_fence!(query, fence).fetch_all(self.pool())
         };
         let done = match answered_within(self.answer_within, hold(&q.hold_keys)).await {
@@ -682,7 +682,7 @@ impl Store {
         let query = sqlx::query(&q.release_keys)
             .bind(keys)
             .bind(q.table.to_string())
-            .bind(fence.table_oid);
+            .bind(fence.table_oid());
         let query = bind_fence!(query, fence);
         let done = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         Ok(unfinished(keys.iter().cloned(), &done)?)
@@ -696,7 +696,7 @@ impl Store {
         q: &TableSql,
         fence: &Fence,
     ) -> Result<(Vec<String>, i64), DbError> {
-        let query = bind_fence!(sqlx::query(&q.stale_holds).bind(fence.table_oid), fence);
+        let query = bind_fence!(sqlx::query(&q.stale_holds).bind(fence.table_oid()), fence);
         let rows = answered_within(self.answer_within, query.fetch_all(self.pool())).await?;
         let mut stale = Vec::new();
         let mut held = 0;

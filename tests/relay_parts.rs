@@ -64,13 +64,7 @@ impl Driven {
             .wait_for(|o| o.partitions.len() as u32 == table.partitions)
             .await
             .unwrap();
-        let share = Share::new(
-            handle.ownership,
-            Acks::new(1, handle.settled),
-            0,
-            1,
-            table.partitions,
-        );
+        let share = Share::new(handle.ownership, Acks::new(1, handle.settled), 0, 1);
         let broker = Arc::new(Broker::new(&settings.rabbitmq));
         let rows = RowBudget::new(settings.relay.max_rows_in_memory, Default::default());
         let relay = TableRelay::new(

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::assignment::{plan, MemberId, Partition, Plan};
 use crate::retry::RetryPolicy;
-use crate::store::leases::{Heartbeat, LeaseError, Leases, Member};
+use crate::store::leases::{Fence, Heartbeat, LeaseError, Leases, Member};
 use crate::store::{DbError, LockGuard, LockState, TableLock};
 
 /// The timings and identity of a membership.
@@ -62,10 +62,11 @@ impl MemberSettings {
 pub struct Ownership {
     /// The member this process is on the table, while registered.
     pub member: Option<MemberId>,
-    /// The table's oid when the member registered (what its leases are for).
-    pub table_oid: i64,
     /// The partitions the relay may fetch and publish, each with its epoch.
     pub partitions: BTreeMap<Partition, i64>,
+    /// The fence over them, built from the registered member and its claims (None while not
+    /// registered): what the relay's statements carry.
+    pub fence: Option<Fence>,
     /// The table's live members at the last heartbeat, this one included (0 while it is not
     /// registered): a relay that owns nothing is a standby only when there are others.
     pub members: usize,
@@ -307,7 +308,10 @@ impl Membership {
         members: usize,
     ) {
         let member = self.member.as_ref().map(|m| m.id);
-        let table_oid = self.member.as_ref().map_or(0, |m| m.table_oid);
+        let fence = self
+            .member
+            .as_ref()
+            .map(|m| Fence::new(m, partitions.iter().map(|(p, e)| (*p, *e))));
         let session = self.member.as_ref().and_then(|m| m.session);
         self.ownership.send_if_modified(|now| {
             let lost = now.partitions.keys().any(|p| !partitions.contains_key(p));
@@ -318,14 +322,14 @@ impl Membership {
             let changed = lost
                 || stopped
                 || now.member != member
-                || now.table_oid != table_oid
+                || now.fence != fence
                 || now.session != session
                 || now.partitions != partitions
                 || now.members != members;
             now.member = member;
             now.members = members;
             now.session = session;
-            now.table_oid = table_oid;
+            now.fence = fence;
             now.partitions = partitions;
             now.until = until;
             changed

@@ -89,7 +89,7 @@ impl MarkPipeline {
         let replaced = self
             .fence
             .replace(fence.clone())
-            .is_some_and(|old| old.table_oid != fence.table_oid);
+            .is_some_and(|old| old.table_oid() != fence.table_oid());
         if replaced {
             self.confirmed.clear();
             self.unmarked.clear();

@@ -232,10 +232,12 @@ impl TableRelay {
             // may be sent.
             self.window.clear();
         }
-        let gained = self
-            .turn
-            .as_ref()
-            .is_none_or(|t| turn.fence.owned.iter().any(|p| !t.fence.owned.contains(p)));
+        let gained = self.turn.as_ref().is_none_or(|t| {
+            turn.fence
+                .owned()
+                .iter()
+                .any(|p| !t.fence.owned().contains(p))
+        });
         if self.marks.set_fence(&turn.fence) {
             tracing::warn!(table = %self.table.table, "the outbox table was created anew; forgetting the old table's unsettled rows");
             self.window.clear();

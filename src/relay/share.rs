@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::cluster::assignment::{MemberId, Partition};
+use crate::cluster::assignment::MemberId;
 use crate::cluster::member::Ownership;
 use crate::store::{Fence, LockGuard};
 
@@ -90,8 +90,6 @@ pub struct Share {
     acks: Arc<Acks>,
     channel: u32,
     channels: u32,
-    /// The table's partition count.
-    partitions: u32,
     acked: u64,
     /// The membership was registered at some point: a membership seen unregistered after that
     /// was lost, not yet to come.
@@ -99,20 +97,18 @@ pub struct Share {
 }
 
 impl Share {
-    /// The share of channel `channel` of `channels` of a table of `partitions` partitions.
+    /// The share of channel `channel` of `channels` of a table's partitions.
     pub fn new(
         ownership: watch::Receiver<Ownership>,
         acks: Arc<Acks>,
         channel: u32,
         channels: u32,
-        partitions: u32,
     ) -> Share {
         Share {
             ownership,
             acks,
             channel,
             channels,
-            partitions,
             acked: 0,
             was_member: false,
         }
@@ -126,19 +122,15 @@ impl Share {
         if let Some(problem) = &own.problem {
             return ShareState::Unusable(problem.clone());
         }
-        let Some(member) = own.member else {
+        let (Some(member), Some(all)) = (own.member, own.fence.as_ref()) else {
             return ShareState::Registering {
                 again: self.was_member,
             };
         };
         self.was_member = true;
-        let owned: Vec<(Partition, i64)> = own
-            .partitions
-            .iter()
-            .filter(|(p, _)| **p % channels == channel)
-            .map(|(p, e)| (*p, *e))
-            .collect();
-        if owned.is_empty() {
+        // The membership's fence (the database's answers), narrowed to this channel.
+        let fence = all.only(|p| p % channels == channel);
+        if fence.owned().is_empty() {
             let others = own.members.saturating_sub(1);
             return ShareState::Nothing(if !own.partitions.is_empty() {
                 Idle::OtherChannels
@@ -151,13 +143,7 @@ impl Share {
         match own.until {
             Some(until) if Instant::now() < until => ShareState::Owns(Turn {
                 member,
-                fence: Fence {
-                    table_oid: own.table_oid,
-                    member: member as i64,
-                    partitions: self.partitions,
-                    owned: owned.iter().map(|(p, _)| *p as i32).collect(),
-                    epochs: owned.iter().map(|(_, e)| *e).collect(),
-                },
+                fence,
                 until,
                 session: own.session,
                 generation: own.generation,
@@ -204,14 +190,24 @@ mod tests {
     fn share_of(channel: u32, channels: u32) -> (watch::Sender<Ownership>, Share) {
         let (tx, rx) = watch::channel(Ownership::default());
         let acks = Acks::new(channels, watch::channel(0).0);
-        (tx, Share::new(rx, acks, channel, channels, 4))
+        (tx, Share::new(rx, acks, channel, channels))
+    }
+
+    /// What the membership publishes for `member` (None: not registered) holding the
+    /// ownership's partitions of a table of 4.
+    fn member_is(o: &mut Ownership, member: Option<MemberId>) {
+        o.member = member;
+        o.fence = member.map(|id| {
+            let m = crate::store::leases::Member::registered_for_tests(id, 42, 4);
+            Fence::new(&m, o.partitions.iter().map(|(p, e)| (*p, *e)))
+        });
     }
 
     #[test]
     fn owning_nothing_is_a_standby_only_beside_live_owners() {
         let (tx, mut share) = share_of(1, 2);
         tx.send_modify(|o| {
-            o.member = Some(7);
+            member_is(o, Some(7));
             o.members = 1;
         });
         assert_eq!(share.state(), ShareState::Nothing(Idle::Claiming));
@@ -224,6 +220,7 @@ mod tests {
         tx.send_modify(|o| {
             o.members = 1;
             o.partitions.insert(0, 1);
+            member_is(o, Some(7));
         });
         assert_eq!(share.state(), ShareState::Nothing(Idle::OtherChannels));
     }
@@ -233,12 +230,12 @@ mod tests {
         let (tx, mut share) = share_of(0, 1);
         assert_eq!(share.state(), ShareState::Registering { again: false });
         tx.send_modify(|o| {
-            o.member = Some(7);
+            member_is(o, Some(7));
             o.members = 1;
         });
         share.state();
         tx.send_modify(|o| {
-            o.member = None;
+            member_is(o, None);
             o.members = 0;
         });
         assert_eq!(share.state(), ShareState::Registering { again: true });

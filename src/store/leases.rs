@@ -57,6 +57,26 @@ pub struct Member {
     /// only the lease's expiry ends the membership; once it is gone (the process was killed),
     /// the others take the partitions at once.
     pub session: Option<LockGuard>,
+    /// Only [`Leases::register`] makes a member: from the row the database inserted.
+    registered: Registered,
+}
+
+/// Proof that a [`Member`] was registered by the database (it has no other constructor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Registered;
+
+#[cfg(test)]
+impl Member {
+    /// A member as [`Leases::register`] would answer, for the unit tests of what reads one.
+    pub(crate) fn registered_for_tests(id: MemberId, table_oid: i64, partitions: u32) -> Member {
+        Member {
+            table_oid,
+            id,
+            partitions,
+            session: None,
+            registered: Registered,
+        }
+    }
 }
 
 /// A member is dead (its partitions free) once its lease ran out, or once the coordination
@@ -71,21 +91,48 @@ const DEAD: &str =
 /// The writer's proof that it holds its partitions: ANDed into every statement that changes a
 /// row's state for the relay (mark, failure record, park, hold, release), so a member that
 /// was deposed (a new epoch) or whose lease ran out changes nothing, however late its
-/// statement arrives. Built from what the membership last claimed; there is no default fence
-/// (one with no table and no partitions must not exist: see [`fenced`]).
+/// statement arrives. Built only from a registered [`Member`] and what it claimed (the
+/// database's answers), or narrowed from such a fence: there is no default fence and no
+/// other constructor, and its fields cannot be changed (one with no table and no partitions
+/// must not exist; an empty one refuses: see [`fenced`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     /// The table whose leases these are (its oid when the member registered).
-    pub table_oid: i64,
-    pub member: i64,
+    table_oid: i64,
+    member: i64,
     /// The table's partition count: a key's partition depends on it.
-    pub partitions: u32,
+    partitions: u32,
     /// The partitions held, ascending, and the epoch each was claimed at.
-    pub owned: Vec<i32>,
-    pub epochs: Vec<i64>,
+    owned: Vec<i32>,
+    epochs: Vec<i64>,
 }
 
 impl Fence {
+    /// The table (its oid when the member registered) whose leases these are.
+    pub fn table_oid(&self) -> i64 {
+        self.table_oid
+    }
+
+    /// The member holding them.
+    pub fn member(&self) -> i64 {
+        self.member
+    }
+
+    /// The table's partition count.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The partitions held, ascending.
+    pub fn owned(&self) -> &[i32] {
+        &self.owned
+    }
+
+    /// The epoch each partition of [`Fence::owned`] was claimed at.
+    pub fn epochs(&self) -> &[i64] {
+        &self.epochs
+    }
+
     /// `member`'s fence over `owned` (partition, epoch) pairs.
     pub fn new(member: &Member, owned: impl IntoIterator<Item = (Partition, i64)>) -> Fence {
         let (owned, epochs) = owned.into_iter().map(|(p, e)| (p as i32, e)).unzip();
@@ -188,10 +235,10 @@ pub(crate) fn fenced(key: &str, first: usize) -> String {
 macro_rules! bind_fence {
     ($query:expr, $fence:expr) => {
         $query
-            .bind($fence.table_oid)
-            .bind($fence.member)
+            .bind($fence.table_oid())
+            .bind($fence.member())
             .bind($fence.epochs_by_partition())
-            .bind($fence.partitions as i32)
+            .bind($fence.partitions() as i32)
     };
 }
 pub(crate) use bind_fence;
@@ -526,6 +573,7 @@ impl Leases {
             id: id as MemberId,
             partitions,
             session,
+            registered: Registered,
         })
     }
 
