@@ -19,6 +19,41 @@ async fn row(env: &TestEnv, dedup: &str) -> (i64, bool) {
     .unwrap()
 }
 
+/// Inserts a row of `key` the broker can never take (a routing key over 255 bytes: parked at
+/// once under `max_attempts = 1`) and waits until it is parked and its key held. Its id.
+async fn park_head(env: &TestEnv, key: &str) -> i64 {
+    let head = env
+        .insert(&[NewRow::new(&format!("{key}-head"), key).routing_key(&"r".repeat(300))])
+        .await[0];
+    eventually("the head to be parked and its key held", || async {
+        env.row(head).await.parked_at.is_some()
+            && sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_relay.held_keys")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap()
+                == 1
+    })
+    .await;
+    head
+}
+
+/// Mends the parked `head` of `key` and releases the key (`retry --key`); waits for `last`
+/// and checks that every key's rows arrived in id order.
+async fn release_head(env: &TestEnv, head: i64, key: &str, last: &str) {
+    sqlx::query(&format!(
+        "UPDATE {} SET routing_key = 'fixed' WHERE id = $1",
+        quoted_table(&env.table)
+    ))
+    .bind(head)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let released = env.cli(&["retry", "--key", key]).await;
+    assert_eq!(released.code, 0, "{released:?}");
+    let received = env.consumer.wait_for_id(last).await;
+    assert_first_deliveries_in_id_order(&received);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producers_search_path_cannot_stand_in_for_what_the_triggers_call() {
     let env = TestEnv::new(Setup::new().set("relay", "poll_interval", "\"1h\"")).await;
@@ -207,21 +242,8 @@ async fn the_held_probe_is_skipped_only_while_no_key_is_held_and_a_producers_own
     env.consumer.wait_for_id("own-held").await;
 
     // A key held by its parked head: from then on its new rows start out held.
-    let head = env
-        .insert(&[NewRow::new("head", "hot").routing_key(&"r".repeat(300))])
-        .await[0];
-    eventually("the head to be parked and its key held", || async {
-        env.row(head).await.parked_at.is_some() && flag().await != Some(0)
-    })
-    .await;
-    eventually("the key in held_keys", || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_relay.held_keys")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap()
-            == 1
-    })
-    .await;
+    let head = park_head(&env, "hot").await;
+    assert_ne!(flag().await, Some(0), "a key is held");
     env.insert(&[NewRow::new("behind", "hot")]).await;
     assert!(
         row(&env, "behind").await.1,
@@ -235,17 +257,7 @@ async fn the_held_probe_is_skipped_only_while_no_key_is_held_and_a_producers_own
     env.consumer.wait_for_id("elsewhere").await;
 
     // Fixed and released: its queue goes out in order, and the flag is cleared again.
-    sqlx::query(&format!(
-        "UPDATE {table} SET routing_key = 'fixed' WHERE id = $1"
-    ))
-    .bind(head)
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    let released = env.cli(&["retry", "--key", "hot"]).await;
-    assert_eq!(released.code, 0, "{released:?}");
-    let received = env.consumer.wait_for_id("behind").await;
-    assert_first_deliveries_in_id_order(&received);
+    release_head(&env, head, "hot", "behind").await;
     eventually("held_flag cleared once no key is held", || async {
         flag().await == Some(0)
     })
@@ -262,18 +274,7 @@ async fn a_relay_started_before_migrate_brought_held_flag_still_holds_keys() {
         .await
         .unwrap();
     let _relay = env.start_relay();
-    let head = env
-        .insert(&[NewRow::new("head", "hot").routing_key(&"r".repeat(300))])
-        .await[0];
-    eventually("the head to be parked and its key held", || async {
-        env.row(head).await.parked_at.is_some()
-            && sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_relay.held_keys")
-                .fetch_one(&env.pool)
-                .await
-                .unwrap()
-                == 1
-    })
-    .await;
+    let head = park_head(&env, "hot").await;
     // The table goes on: another key's row flows, the held key's row waits behind its head.
     env.insert(&[NewRow::new("behind", "hot"), NewRow::new("other", "cold")])
         .await;
@@ -289,16 +290,5 @@ async fn a_relay_started_before_migrate_brought_held_flag_still_holds_keys() {
     // Migrated and released: the head, then the row behind it.
     let migrated = env.cli(&["migrate"]).await;
     assert_eq!(migrated.code, 0, "{migrated:?}");
-    sqlx::query(&format!(
-        "UPDATE {} SET routing_key = 'fixed' WHERE id = $1",
-        quoted_table(&env.table)
-    ))
-    .bind(head)
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    let released = env.cli(&["retry", "--key", "hot"]).await;
-    assert_eq!(released.code, 0, "{released:?}");
-    let received = env.consumer.wait_for_id("behind").await;
-    assert_first_deliveries_in_id_order(&received);
+    release_head(&env, head, "hot", "behind").await;
 }
