@@ -23,7 +23,7 @@ async fn row(env: &TestEnv, dedup: &str) -> (i64, bool) {
 /// once under `max_attempts = 1`) and waits until it is parked and its key held. Its id.
 async fn park_head(env: &TestEnv, key: &str) -> i64 {
     let head = env
-        .insert(&[NewRow::new(&format!("{key}-head"), key).routing_key(&"r".repeat(300))])
+        .insert(&[NewRow::new(format!("{key}-head"), key).routing_key(&"r".repeat(300))])
         .await[0];
     eventually("the head to be parked and its key held", || async {
         env.row(head).await.parked_at.is_some()
