@@ -338,7 +338,15 @@ async fn with_skip_and_in_delete_mode_discard_by_key_ends_every_parked_row_of_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_parked_rows_are_discarded_and_a_command_that_matched_nothing_says_why_and_exits_1() {
-    let env = TestEnv::new(Setup::new().set("retry", "max_attempts", "5")).await;
+    // The failing row must stay pending (not parked) through the whole test, however slow the
+    // machine: one attempt, then an hour until the next.
+    let env = TestEnv::new(
+        Setup::new()
+            .set("retry", "max_attempts", "5")
+            .set("retry", "initial_delay", "\"1h\"")
+            .set("retry", "max_delay", "\"1h\""),
+    )
+    .await;
     let _relay = env.start_relay();
     let late = format!("{}_late", env.name);
     let ids = env

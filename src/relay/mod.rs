@@ -257,11 +257,6 @@ impl TableRelay {
             return self.give_up().await;
         }
         if until.is_some() && self.window.has_room_to_fetch() && !self.shutdown.is_stopping() {
-            let exclude: Vec<i64> = self
-                .window
-                .held_ids()
-                .chain(self.marks.pending_ids())
-                .collect();
             // At most what the process's row budget grants this relay beside what it holds.
             self.rows.hold(self.window.held());
             let limit = self.rows.take(self.settings.relay.batch_size as usize) as u32;
@@ -273,6 +268,11 @@ impl TableRelay {
                 // for its confirms rather than coming back to a fetch that cannot run.
                 return self.drive(guard, until, false).await;
             }
+            let exclude: Vec<i64> = self
+                .window
+                .held_ids()
+                .chain(self.marks.pending_ids())
+                .collect();
             let rows = match self
                 .store
                 .fetch_due(&self.sql, &guard, &fence, limit, &exclude)
